@@ -15,9 +15,10 @@ LINEARS = {
 }
 
 
-def make_linear(name: str, **kwargs):
+def make_linear(name: str, /, **kwargs):
   """Build the linear layer registered as ``name`` with constructor kwargs.
 
+  ``name`` is positional-only, so ``name=`` in kwargs is the module's name.
   Example: ``make_linear("monarch", features=1024, nblocks=4, name="up")``.
   """
   if name not in LINEARS:

@@ -1,0 +1,171 @@
+"""LLaMA-style decoder whose attention and MLP linears are structured.
+
+RMSNorm, rotary embeddings, SwiGLU MLP, causal multi-head attention with
+optional grouped KV heads, tied or untied embeddings. Every attention and MLP
+linear is built by ``make_linear`` from the config (one structure for all
+sites, with per-site overrides); embeddings and the head stay dense.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from structmat.layers import make_linear
+
+SITES = ("q", "k", "v", "o", "gate", "up", "down")
+ATTN_SITES, MLP_SITES = SITES[:4], SITES[4:]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Model hyper-parameters; ``linear`` names a structure in the registry.
+
+  linear_kwargs: kwargs for every structured site, e.g. (("rank", 128),).
+  overrides: per-site (site, linear name, kwargs) that replace the default,
+    e.g. (("q", "dense", ()),) keeps the query projection dense.
+  """
+  vocab_size: int = 32000
+  d_model: int = 512
+  n_layers: int = 8
+  n_heads: int = 8
+  n_kv_heads: int | None = None
+  d_ff: int = 1376
+  max_len: int = 1024
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  linear: str = "dense"
+  linear_kwargs: tuple = ()
+  overrides: tuple = ()
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  def linear_for(self, site: str) -> tuple[str, dict]:
+    """The (registry name, kwargs) of a site after overrides."""
+    for s, name, kwargs in self.overrides:
+      if s == site:
+        return name, dict(kwargs)
+    return self.linear, dict(self.linear_kwargs)
+
+  def validate(self) -> None:
+    if self.d_model % self.n_heads:
+      raise ValueError(f"d_model={self.d_model} must be divisible by "
+                       f"n_heads={self.n_heads}.")
+    if self.n_heads % self.kv_heads:
+      raise ValueError(f"n_heads={self.n_heads} must be a multiple of "
+                       f"n_kv_heads={self.kv_heads}.")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for rotary "
+                       "embeddings; change d_model or n_heads.")
+    unknown = {s for s, _, _ in self.overrides} - set(SITES)
+    if unknown:
+      raise ValueError(f"overrides name unknown sites {sorted(unknown)}; "
+                       f"sites are {SITES}.")
+
+
+def _linear(cfg: LlamaConfig, site: str, features: int, axes, **extra):
+  name, kwargs = cfg.linear_for(site)
+  return make_linear(name, features=features, use_bias=False, dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, kernel_axes=axes, name=site,
+                     **kwargs, **extra)
+
+
+def rotary(x, positions, theta: float):
+  """Rotate (..., length, heads, head_dim) by position (half-split convention)."""
+  half = x.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions[..., :, None, None].astype(jnp.float32) * freqs
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin],
+                         axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions):
+    cfg = self.cfg
+    b, t, _ = x.shape
+    hd = cfg.head_dim
+    q = _linear(cfg, "q", cfg.n_heads * hd, ("embed", "heads"))(x)
+    k = _linear(cfg, "k", cfg.kv_heads * hd, ("embed", "kv_heads"))(x)
+    v = _linear(cfg, "v", cfg.kv_heads * hd, ("embed", "kv_heads"))(x)
+    q = rotary(q.reshape(b, t, cfg.n_heads, hd), positions, cfg.rope_theta)
+    k = rotary(k.reshape(b, t, cfg.kv_heads, hd), positions, cfg.rope_theta)
+    v = v.reshape(b, t, cfg.kv_heads, hd)
+    group = cfg.n_heads // cfg.kv_heads
+    q = q.reshape(b, t, cfg.kv_heads, group, hd)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32)
+    logits = logits / jnp.sqrt(hd).astype(jnp.float32)
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, t, -1)
+    return _linear(cfg, "o", cfg.d_model, ("heads", "embed"))(out)
+
+
+class MLP(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    gate = _linear(cfg, "gate", cfg.d_ff, ("embed", "mlp"))(x)
+    up = _linear(cfg, "up", cfg.d_ff, ("embed", "mlp"))(x)
+    return _linear(cfg, "down", cfg.d_model, ("mlp", "embed"))(
+        nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions):
+    cfg = self.cfg
+    norm = lambda name: nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype,
+                                   param_dtype=cfg.param_dtype, name=name)
+    x = x + Attention(cfg, name="attn")(norm("attn_norm")(x), positions)
+    return x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
+
+
+class Llama(nn.Module):
+  """tokens (batch, length) int -> logits (batch, length, vocab) float32."""
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions=None):
+    cfg = self.cfg
+    cfg.validate()
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype,
+                     embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(0.02), ("vocab", "embed")),
+                     name="embed")
+    x = embed(tokens)
+    for i in range(cfg.n_layers):
+      x = Block(cfg, name=f"layer_{i}")(x, positions)
+    x = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype,
+                   param_dtype=cfg.param_dtype, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+                        param_dtype=cfg.param_dtype,
+                        kernel_init=nn.with_logical_partitioning(
+                            nn.initializers.normal(0.02), ("embed", "vocab")),
+                        name="head")(x)
+    return logits.astype(jnp.float32)

@@ -1,0 +1,58 @@
+"""Size presets (GaLore/SLTrain LLaMA shapes) and per-size structure defaults."""
+import dataclasses
+
+from structmat.models.llama import LlamaConfig
+
+# (d_model, d_ff, n_layers, n_heads)
+SIZES = {
+    "llama_tiny": (64, 172, 2, 4),        # CPU tests: seconds per step
+    "llama_small": (128, 344, 4, 4),      # laptop CPU studies
+    "llama_20m": (256, 688, 4, 4),
+    "llama_60m": (512, 1376, 8, 8),
+    "llama_130m": (768, 2048, 12, 12),
+    "llama_350m": (1024, 2736, 24, 16),
+    "llama_1b": (2048, 5461, 24, 32),
+    "llama_7b": (4096, 11008, 32, 32),
+}
+# Papers' per-size structure settings (GaLore/SLTrain): rank, SLTrain alpha.
+RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256,
+         "llama_1b": 512, "llama_7b": 1024}
+SLTRAIN_ALPHA = {"llama_60m": 32.0, "llama_130m": 16.0, "llama_350m": 16.0,
+                 "llama_1b": 8.0, "llama_7b": 8.0}
+
+
+def default_linear_kwargs(preset: str, linear: str) -> dict:
+  """The papers' hyper-parameters for ``linear`` at ``preset``'s size."""
+  d_model = SIZES[preset][0]
+  rank = RANKS.get(preset, max(8, d_model // 4))
+  if linear == "lowrank":
+    return {"rank": rank}
+  if linear == "sltrain":
+    return {"rank": rank, "density": 0.03,
+            "alpha": SLTRAIN_ALPHA.get(preset, 32.0)}
+  if linear == "monarch":
+    return {"nblocks": 4}
+  if linear == "btt":
+    return {"nblocks": 4, "rank": 4}
+  if linear == "phm":
+    return {"n": 4, "rank": None, "rule_init_std": 0.5}
+  return {}
+
+
+def llama_config(preset: str, linear: str = "dense", vocab_size: int = 32000,
+                 max_len: int = 1024, **overrides) -> LlamaConfig:
+  """A LlamaConfig for a size preset; structure kwargs in ``overrides`` win.
+
+  Example: ``llama_config("llama_60m", "sltrain", rank=64)``.
+  """
+  if preset not in SIZES:
+    raise ValueError(f"model={preset!r} is not a preset; use one of "
+                     f"{sorted(SIZES)}.")
+  d_model, d_ff, n_layers, n_heads = SIZES[preset]
+  model_fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+  model_over = {k: v for k, v in overrides.items() if k in model_fields}
+  kwargs = default_linear_kwargs(preset, linear)
+  kwargs.update({k: v for k, v in overrides.items() if k not in model_fields})
+  return LlamaConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                     n_heads=n_heads, d_ff=d_ff, max_len=max_len, linear=linear,
+                     linear_kwargs=tuple(sorted(kwargs.items())), **model_over)

@@ -1,0 +1,74 @@
+"""LLaMA model: shapes and parameter counts per preset and structure (no allocation)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from structmat.layers import LINEARS
+from structmat.models import Llama, llama_config
+from structmat.models.llama import SITES
+
+
+def count(cfg, length=8):
+  shapes = jax.eval_shape(Llama(cfg).init, jax.random.key(0),
+                          jnp.ones((1, length), jnp.int32))
+  return sum(int(np.prod(l.shape)) for l in jax.tree.leaves(nn.unbox(shapes["params"])))
+
+
+@pytest.mark.parametrize("linear,expected", [
+    ("dense", 58.1e6), ("lowrank", 42.8e6), ("sltrain", 43.5e6)])
+def test_60m_counts_match_official(linear, expected):
+  n = count(llama_config("llama_60m", linear))
+  assert round(n / 1e6, 1) == round(expected / 1e6, 1), n
+
+
+@pytest.mark.parametrize("preset,full,lowrank,sltrain", [
+    ("llama_130m", 134.1e6, 94.0e6, 96.5e6),
+    ("llama_350m", 368.0e6, 185.2e6, 194.3e6),
+    ("llama_1b", 1339.1e6, 609.3e6, 645.5e6)])
+def test_larger_presets_match_official(preset, full, lowrank, sltrain):
+  for linear, expected in (("dense", full), ("lowrank", lowrank),
+                           ("sltrain", sltrain)):
+    n = count(llama_config(preset, linear))
+    assert abs(n - expected) / expected < 2e-3, (preset, linear, n)
+
+
+@pytest.mark.parametrize("linear", sorted(LINEARS))
+@pytest.mark.parametrize("preset", ["llama_tiny", "llama_60m", "llama_7b"])
+def test_every_family_builds(preset, linear):
+  cfg = llama_config(preset, linear, vocab_size=256 if preset == "llama_tiny" else 32000)
+  out = jax.eval_shape(lambda: Llama(cfg).init_with_output(
+      jax.random.key(0), jnp.ones((2, 8), jnp.int32))[0])
+  assert out.shape == (2, 8, cfg.vocab_size)
+  if linear != "dense":
+    assert count(cfg) < count(llama_config(preset, "dense", vocab_size=cfg.vocab_size))
+
+
+def test_overrides_and_grouped_kv():
+  cfg = llama_config("llama_tiny", "monarch", vocab_size=64, n_kv_heads=2,
+                     overrides=tuple((s, "dense", ()) for s in SITES[:4]))
+  p = nn.unbox(jax.eval_shape(Llama(cfg).init, jax.random.key(0),
+                              jnp.ones((1, 4), jnp.int32))["params"])
+  attn, mlp = p["layer_0"]["attn"], p["layer_0"]["mlp"]
+  assert set(attn["q"]) == {"kernel"} and attn["k"]["kernel"].shape == (64, 32)
+  assert set(mlp["up"]) == {"w1", "w2"}
+
+
+def test_forward_is_causal():
+  cfg = llama_config("llama_tiny", "monarch", vocab_size=64)
+  model = Llama(cfg)
+  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 64)
+  v = model.init(jax.random.key(1), tokens)
+  a = model.apply(v, tokens)
+  b = model.apply(v, tokens.at[:, 7:].set(3))
+  np.testing.assert_allclose(a[:, :7], b[:, :7], atol=1e-5)
+  assert not np.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="model="):
+    llama_config("llama_3m")
+  with pytest.raises(ValueError, match="n_kv_heads"):
+    cfg = llama_config("llama_tiny", vocab_size=64, n_kv_heads=3)
+    jax.eval_shape(Llama(cfg).init, jax.random.key(0), jnp.ones((1, 4), jnp.int32))
