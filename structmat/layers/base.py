@@ -104,7 +104,12 @@ class StructuredLinear(nn.Module):
     p = {k: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
          for k, v in p.items()}
     bias = self._bias(in_features).astype(dtype) if self.use_bias else None
-    return self.compute_with_bias(x.astype(dtype), p, bias)
+    # Ops see 2-D (tokens, in): XLA:CPU runs a weight gradient that contracts
+    # over several batch dims on a slow path (6x the forward for the MLP).
+    batch_shape = x.shape[:-1]
+    y = self.compute_with_bias(x.reshape(-1, in_features).astype(dtype), p,
+                               bias)
+    return y.reshape(*batch_shape, y.shape[-1])
 
   def compute_with_bias(self, x: Array, p: dict[str, Array],
                         bias: Array | None) -> Array:

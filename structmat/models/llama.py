@@ -106,13 +106,14 @@ class Attention(nn.Module):
     k = rotary(k.reshape(b, t, cfg.kv_heads, hd), positions, cfg.rope_theta)
     v = v.reshape(b, t, cfg.kv_heads, hd)
     group = cfg.n_heads // cfg.kv_heads
-    q = q.reshape(b, t, cfg.kv_heads, group, hd)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32)
-    logits = logits / jnp.sqrt(hd).astype(jnp.float32)
+    if group > 1:  # grouped KV heads: each KV head serves `group` query heads
+      k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    q = q * (hd ** -0.5)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
     mask = jnp.tril(jnp.ones((t, t), bool))
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, t, -1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, -1)
     return _linear(cfg, "o", cfg.d_model, ("heads", "embed"))(out)
 
 

@@ -1,0 +1,108 @@
+r"""Pretraining throughput per linear family: tokens/s, MFU and step memory.
+
+  python -m experiments.benchmark_pretrain                      # CPU: llama_small
+  python -m experiments.benchmark_pretrain --presets=llama_60m,llama_130m \
+      --dtype=bfloat16 --batch_size=256 --seq_len=256           # GPU
+
+Synthetic token batches (throughput does not depend on the text). Memory is
+XLA's compiled memory analysis of the train step (arguments + outputs +
+temporaries - aliased), available on every backend; on GPUs the allocator's
+peak is reported too. MFU uses --peak_tflops (989: the H100/H200 bf16
+datasheet). A table is printed last and JSON written to --output.
+"""
+import functools
+import json
+import os
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import optax
+
+from structmat.models import Llama, llama_config
+from structmat.models.flops import train_flops_per_token
+from structmat.train import steps
+from structmat.train.params import count_params
+from structmat.train.state import create_state
+from structmat.utils.timing import format_table, time_fn
+
+_PRESETS = flags.DEFINE_list("presets", ["llama_small"], "Model presets.")
+_LINEARS = flags.DEFINE_list(
+    "linears", ["dense", "lowrank", "monarch", "btt", "phm", "sltrain"],
+    "Linear families.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
+_SEQ = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 2048, "Vocabulary (32000 for "
+                              "paper presets).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps.")
+_PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Accelerator peak for MFU.")
+_OUTPUT = flags.DEFINE_string("output", "runs/benchmark_pretrain.json", "JSON.")
+
+
+def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops):
+  cfg = llama_config(preset, linear, vocab_size=vocab, max_len=seq,
+                     dtype=jnp.dtype(dtype))
+  model = Llama(cfg)
+  tx = optax.adamw(1e-4)
+  tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, vocab)
+  state = create_state(model, tx, 0, tokens[:1, :-1])
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+                                   pad_id=-1), donate_argnums=0)
+  mem = step.lower(state, tokens).compile().memory_analysis()
+  step_bytes = None
+  if mem is not None:
+    step_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                  + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  holder = {"state": state}
+
+  def run(tokens):
+    holder["state"], metrics = step(holder["state"], tokens)
+    return metrics["train_loss"]
+
+  seconds = time_fn(run, tokens, repeats=repeats)
+  tps = batch * seq / seconds
+  flops = train_flops_per_token(cfg, seq)
+  on_accel = jax.default_backend() != "cpu"
+  row = {"preset": preset, "linear": linear, "params": count_params(state.params),
+         "step_ms": 1e3 * seconds, "tokens_per_sec": tps,
+         "gflops_per_token": flops / 1e9,
+         "achieved_tflops": tps * flops / 1e12,
+         "mfu": tps * flops / (peak_tflops * 1e12) if on_accel else None,
+         "step_memory_mb": step_bytes / 2**20 if step_bytes else None}
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    row["peak_memory_mb"] = stats["peak_bytes_in_use"] / 2**20
+  return row
+
+
+def main(argv):
+  del argv
+  rows = []
+  for preset in _PRESETS.value:
+    for linear in _LINEARS.value:
+      logging.info("%s %s", preset, linear)
+      row = bench(preset, linear, _BATCH.value, _SEQ.value, _VOCAB.value,
+                  _DTYPE.value, _REPEATS.value, _PEAK.value)
+      dense = next((r for r in rows if r["preset"] == preset
+                    and r["linear"] == "dense"), None)
+      row["step_vs_dense"] = row["step_ms"] / dense["step_ms"] if dense else 1.0
+      print(f"  {preset} {linear}: {row['tokens_per_sec']:,.0f} tokens/s",
+            flush=True)
+      rows.append(row)
+  meta = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+          "jax": jax.__version__, "dtype": _DTYPE.value, "batch": _BATCH.value,
+          "seq_len": _SEQ.value, "vocab": _VOCAB.value}
+  os.makedirs(os.path.dirname(_OUTPUT.value) or ".", exist_ok=True)
+  with open(_OUTPUT.value, "w") as f:
+    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  print(f"\n{meta}\n")
+  print(format_table(rows, ["preset", "linear", "params", "step_ms",
+                            "tokens_per_sec", "gflops_per_token",
+                            "achieved_tflops", "mfu", "step_memory_mb",
+                            "step_vs_dense"]))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,35 @@
+r"""Pretraining launcher.
+
+  python -m experiments.pretrain --config=configs/pretrain.py --workdir=runs/pretrain
+  python -m experiments.pretrain --config=configs/pretrain.py:model=llama_60m,linear=monarch --dry_run
+
+See configs/pretrain.py for the variants and expected results.
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from structmat.train import loop
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/pretrain.py", "Config file (path[:args]).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/pretrain",
+                               "Checkpoints, metrics and summary go here; a "
+                               "run resumes from its latest checkpoint.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the parameter table "
+                             "and exit without training.")
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    # orbax and jax log a lot at INFO; progress lines are printed anyway.
+    logging.set_verbosity(logging.WARNING)
+  if _DRY_RUN.value:
+    loop.dry_run(_CONFIG.value)
+    return
+  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,115 @@
+"""Tokenizers: byte-level, and sentencepiece trained offline (cached) or loaded.
+
+Every tokenizer has ``vocab_size``, ``pad_id`` (0), ``eos_id``, ``encode(str)
+-> list[int]`` and ``decode(list[int]) -> str``.
+"""
+import hashlib
+import os
+import tempfile
+
+from absl import logging
+import numpy as np
+import sentencepiece as spm
+
+
+class ByteTokenizer:
+  """UTF-8 bytes shifted by 3: pad 0, bos 1, eos 2; vocab 259."""
+  pad_id, bos_id, eos_id, offset = 0, 1, 2, 3
+  vocab_size = 259
+
+  def encode(self, text: str) -> list[int]:
+    return [b + self.offset for b in text.encode("utf-8")]
+
+  def decode(self, ids) -> str:
+    return bytes(int(i) - self.offset for i in ids
+                 if int(i) >= self.offset).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+  """A sentencepiece model; pad 0, unk 1, bos 2, eos 3 when trained here."""
+
+  def __init__(self, model_file: str):
+    if not os.path.exists(model_file):
+      raise FileNotFoundError(f"data.tokenizer_model={model_file!r} does not "
+                              "exist; give an existing sentencepiece .model.")
+    self.model_file = model_file
+    self._sp = spm.SentencePieceProcessor(model_file=model_file)
+    self.vocab_size = self._sp.get_piece_size()
+    self.eos_id = self._sp.eos_id()
+    self.bos_id = self._sp.bos_id()
+    # Models trained elsewhere (T5, LLaMA) may have no pad piece (-1): use 0,
+    # which the loss mask then skips; T5's pad is 0 already.
+    self.pad_id = max(self._sp.pad_id(), 0)
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def decode(self, ids) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+
+def _training_lines(source, max_chars: int, seed: int):
+  """Lines of documents in a seeded order until max_chars characters."""
+  order = np.random.default_rng(seed).permutation(len(source))
+  total = 0
+  for i in order:
+    for line in source[i].splitlines():
+      if line.strip():
+        total += len(line)
+        yield line
+    if total >= max_chars:
+      return
+
+
+def train_sentencepiece(source, vocab_size: int, model_file: str,
+                        max_chars: int = 20_000_000, seed: int = 0) -> str:
+  """Train a unigram model on ``source`` texts; written atomically to model_file.
+
+  Code-friendly settings: whitespace kept as is (indentation is signal),
+  byte fallback (no unknown characters), newline and tab as symbols.
+  """
+  os.makedirs(os.path.dirname(model_file) or ".", exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(model_file) or ".") as tmp:
+    prefix = os.path.join(tmp, "sp")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_lines(source, max_chars, seed),
+        model_prefix=prefix, vocab_size=vocab_size, model_type="unigram",
+        character_coverage=1.0, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True,
+        user_defined_symbols=["\n", "\t"], max_sentence_length=16384,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=os.cpu_count(),
+        hard_vocab_limit=False,  # small corpora: at most vocab_size pieces
+        minloglevel=2)
+    os.replace(prefix + ".model", model_file)
+  return model_file
+
+
+def make_tokenizer(kind: str, vocab_size: int = 0, model_file: str = "",
+                   source=None, cache_dir: str = "", cache_key: str = ""):
+  """Build the tokenizer a config asks for.
+
+  Args:
+    kind: "byte" or "sentencepiece".
+    vocab_size: sentencepiece vocabulary when training one.
+    model_file: an existing sentencepiece model (T5/LLaMA tokenizers); when
+      empty, one is trained on ``source`` and cached in ``cache_dir``.
+    source: training texts (a TextSource), only needed to train.
+    cache_dir, cache_key: where trained models are cached, and a name that
+      identifies the training data (dataset and split).
+  """
+  if kind == "byte":
+    return ByteTokenizer()
+  if kind != "sentencepiece":
+    raise ValueError(f"data.tokenizer={kind!r}; use 'byte' or 'sentencepiece'.")
+  if model_file:
+    return SentencePieceTokenizer(model_file)
+  if vocab_size < 300:
+    raise ValueError(f"data.vocab_size={vocab_size} is too small for "
+                     "sentencepiece with byte fallback; use >= 300.")
+  tag = hashlib.sha1(cache_key.encode()).hexdigest()[:10]
+  path = os.path.join(cache_dir, f"sp_{vocab_size}_{tag}.model")
+  if not os.path.exists(path):
+    logging.info("Training a %d-piece sentencepiece model -> %s", vocab_size, path)
+    train_sentencepiece(source, vocab_size, path)
+  return SentencePieceTokenizer(path)

@@ -1,0 +1,1 @@
+"""Training: state, step functions, checkpoints, metrics and the loop."""

@@ -1,0 +1,275 @@
+"""The standard train loop: data -> model -> AdamW -> eval -> checkpoints.
+
+Resume order: the workdir's latest checkpoint, else scratch. The data position
+and RNG live in the checkpoint, so a run killed at any moment and restarted
+reproduces the uninterrupted run's losses.
+"""
+import functools
+import json
+import math
+import os
+import resource
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from structmat import data as sm_data
+from structmat.data.pipeline import unigram_log_perplexity
+from structmat.models import Llama, llama_config
+from structmat.optim import make_optimizer
+from structmat.train import densify, steps
+from structmat.train.checkpoint import Checkpointer
+from structmat.train.metrics import MetricWriter, Progress
+from structmat.train.params import count_params, param_rows, param_table
+from structmat.train.state import create_state
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DATASETS = {"c4": "c4/en", "lm1b": "lm1b", "stdlib": "stdlib"}
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+def validate_config(config) -> None:
+  """Raise ValueError naming the config field and the fix."""
+  def need(cond, msg):
+    if not cond:
+      raise ValueError(f"config.{msg}")
+  need(config.total_steps > 0, f"total_steps={config.total_steps} must be > 0.")
+  need(config.batch_size > 0, f"batch_size={config.batch_size} must be > 0.")
+  need(config.seq_len > 1, f"seq_len={config.seq_len} must be > 1.")
+  need(config.lr > 0, f"lr={config.lr} must be > 0.")
+  need(0 <= config.warmup_steps <= config.total_steps,
+       f"warmup_steps={config.warmup_steps} must be in [0, total_steps].")
+  need(config.compute_dtype in DTYPES,
+       f"compute_dtype={config.compute_dtype!r}; use one of {list(DTYPES)}.")
+  need(0.0 <= config.densify_at < 1.0,
+       f"densify_at={config.densify_at} must be in [0, 1) (0 disables).")
+  need(config.eval_every_steps >= 0 and config.checkpoint_every_steps >= 0,
+       "eval_every_steps / checkpoint_every_steps must be >= 0.")
+
+
+def model_config(config, vocab_size: int):
+  overrides = tuple((site, name, tuple(sorted(dict(kw).items())))
+                    for site, name, kw in _parse_overrides(config.overrides))
+  return llama_config(config.model, config.linear, vocab_size=vocab_size,
+                      max_len=config.seq_len,
+                      dtype=DTYPES[config.compute_dtype],
+                      n_kv_heads=config.n_kv_heads or None,
+                      tie_embeddings=config.tie_embeddings,
+                      overrides=overrides, **dict(config.linear_kwargs))
+
+
+def _parse_overrides(spec: str):
+  """"q=dense,k=dense,up=lowrank:rank=64" -> [(site, name, kwargs)]."""
+  out = []
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    site, _, rest = item.partition("=")
+    name, *kv = rest.split(":")
+    kwargs = {}
+    for pair in kv:
+      k, _, v = pair.partition("=")
+      kwargs[k] = float(v) if "." in v else int(v)
+    if not name:
+      raise ValueError(f"config.overrides item {item!r}: use site=structure.")
+    out.append((site, name, kwargs))
+  return out
+
+
+def build_data(config):
+  """(tokenizer, train source, eval source) for the config's dataset."""
+  dc = config.data
+  name = DATASETS.get(dc.name, dc.name)
+  data_dir = dc.data_dir or None
+  train_src = sm_data.open_split(name, dc.train_split, data_dir,
+                                 jax.process_index(), jax.process_count(),
+                                 dc.loader, dc.text_key)
+  eval_src = sm_data.open_split(name, dc.eval_split, data_dir, 0, 1,
+                                dc.loader, dc.text_key)
+  cache = os.path.join(data_dir or sm_data.sources.default_data_dir(),
+                       "tokenizers")
+  tok = sm_data.make_tokenizer(dc.tokenizer, dc.vocab_size, dc.tokenizer_model,
+                               train_src, cache, f"{name}/{dc.train_split}")
+  return tok, train_src, eval_src
+
+
+def peak_memory_bytes() -> int:
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"])
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # host RSS
+
+
+def _densify_step(config) -> int:
+  if config.linear != "monarch" and "monarch" not in config.overrides:
+    return 0
+  return int(config.densify_at * config.total_steps) if config.densify_at else 0
+
+
+def _compile(model, tx, pad_id):
+  train = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+                                    pad_id=pad_id), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(steps.eval_step, model=model,
+                                       pad_id=pad_id))
+  return train, evaluate
+
+
+def evaluate_loss(eval_fn, state, batches) -> float:
+  total, count = 0.0, 0.0
+  for b in batches:
+    t, c = eval_fn(state.params, state.structure, b)
+    total, count = total + float(t), count + float(c)
+  return total / max(count, 1.0)
+
+
+def dry_run(config) -> int:
+  """Build the model abstractly, print the parameter table, return the total."""
+  validate_config(config)
+  vocab = config.data.vocab_size if config.data.tokenizer == "sentencepiece" else 259
+  cfg = model_config(config, vocab)
+  shapes = jax.eval_shape(Llama(cfg).init, jax.random.key(0),
+                          jnp.ones((1, config.seq_len), jnp.int32))
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  params = nn.unbox(shapes["params"])
+  print(param_table(params))
+  return count_params(params)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Train per ``config``; returns the final summary (also summary.json)."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+  tok, train_src, eval_src = build_data(config)
+  cfg = model_config(config, tok.vocab_size)
+  tx = make_optimizer(config)
+  ckpt = Checkpointer(workdir, config.checkpoint_every_steps,
+                      config.keep_checkpoints)
+  densify_step = _densify_step(config)
+  model = Llama(cfg)
+  example = jnp.ones((1, config.seq_len), jnp.int32)
+  state = create_state(model, tx, config.seed, example)
+  data_state = None
+  start = ckpt.latest_step()
+  if start is not None:
+    # A checkpoint at densify_step itself was saved before the switch.
+    if densify_step and start > densify_step:
+      cfg = densify.densified_config(cfg)
+      model = Llama(cfg)
+      state = create_state(model, tx, config.seed, example)
+    state, data_state = ckpt.restore(start, state)
+    logging.info("Resumed from step %d in %s", start, workdir)
+    print(f"resumed from step {start}", flush=True)
+  batches = sm_data.PackedBatches(train_src, tok, config.batch_size,
+                                  config.seq_len, seed=config.seed,
+                                  state=data_state)
+  eval_list = sm_data.eval_batches(eval_src, tok, config.batch_size,
+                                   config.seq_len, config.eval_batches)
+  train_fn, eval_fn = _compile(model, tx, tok.pad_id)
+  writer = MetricWriter(workdir)
+  step = int(state.step)
+  print(param_table(state.params), flush=True)
+  progress = Progress(config.total_steps, step,
+                      config.batch_size * config.seq_len)
+  prev = None  # (step, metrics) of the previous step: checked one step late
+  eval_loss = float("nan")
+  try:
+    while step < config.total_steps:
+      if densify_step and step == densify_step:
+        cfg, model, state = _densify(cfg, tx, state)
+        train_fn, eval_fn = _compile(model, tx, tok.pad_id)
+        print(f"step {step}: Monarch layers switched to dense", flush=True)
+      state, metrics = train_fn(state, jnp.asarray(next(batches)))
+      step += 1
+      if prev is not None:
+        _check_finite(*prev)
+      prev = (step, metrics)
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        _check_finite(*prev)
+        m = jax.device_get(metrics)
+        m["lr"] = float(make_lr(config)(step - 1))
+        m["tokens_per_sec"] = progress.tokens_per_sec(step)
+        writer.write(step, m)
+        print(progress.line(step, float(m["train_loss"])), flush=True)
+      if (config.eval_every_steps and step % config.eval_every_steps == 0
+          ) or step == config.total_steps:
+        eval_loss = evaluate_loss(eval_fn, state, eval_list)
+        writer.write(step, {"eval_loss": eval_loss,
+                            "eval_perplexity": math.exp(min(eval_loss, 50))})
+        print(f"step {step}: eval loss {eval_loss:.4f} perplexity "
+              f"{math.exp(min(eval_loss, 50)):.2f}", flush=True)
+      if ckpt.save(step, state, batches.state(),
+                   force=step == config.total_steps):
+        _check_finite(*prev)
+      if config.stop_after_steps and step >= config.stop_after_steps:
+        logging.warning("stop_after_steps=%d: stopping as if killed.", step)
+        ckpt.manager.wait_until_finished()
+        os._exit(3)  # pylint: disable=protected-access
+  except NonFiniteLoss as e:
+    print(str(e), flush=True)
+    ckpt.close()
+    writer.close()
+    raise
+  ckpt.close()
+  if math.isnan(eval_loss):  # resumed at total_steps: evaluate the final state
+    eval_loss = evaluate_loss(eval_fn, state, eval_list)
+  summary = _summary(config, workdir, state, step, progress, eval_loss, train_src, tok,
+                     eval_list)
+  writer.close()
+  return summary
+
+
+def make_lr(config):
+  from structmat.optim import make_schedule  # pylint: disable=import-outside-toplevel
+  return make_schedule(config.lr, config.total_steps, config.warmup_steps,
+                       config.min_lr_ratio)
+
+
+def _check_finite(step, metrics):
+  loss = float(metrics["train_loss"])
+  if not np.isfinite(loss):
+    raise NonFiniteLoss(
+        f"non-finite train loss ({loss}) at step {step}; stopping. The last "
+        "good checkpoint is kept (it was saved before this step). Lower "
+        "config.lr or enable config.grad_clip.")
+
+
+def _densify(cfg, tx, state):
+  new_cfg = densify.densified_config(cfg)
+  params = densify.densify_params(cfg, state.params)
+  opt_state = densify.carry_opt_state(tx.init(params), state.opt_state)
+  return new_cfg, Llama(new_cfg), state.replace(params=params,
+                                                opt_state=opt_state)
+
+
+def _summary(config, workdir, state, step, progress, eval_loss, train_src,
+             tok, eval_list):
+  sample = sm_data.PackedBatches(train_src, tok, config.batch_size,
+                                 config.seq_len, seed=config.seed + 1)
+  unigram = unigram_log_perplexity((next(sample) for _ in range(100)),
+                                   eval_list, tok.vocab_size, tok.pad_id)
+  summary = {
+      "step": step,
+      "parameters": count_params(state.params),
+      "parameters_by_kind": param_rows(state.params),
+      "tokens_seen": step * config.batch_size * config.seq_len,
+      "eval_loss": eval_loss,
+      "eval_perplexity": math.exp(min(eval_loss, 50)),
+      "unigram_perplexity": math.exp(unigram),
+      "tokens_per_sec_this_run": progress.tokens_per_sec(step),
+      "peak_memory_bytes": peak_memory_bytes(),
+      "backend": jax.default_backend(),
+  }
+  print("\n== summary ==")
+  for k, v in summary.items():
+    if k != "parameters_by_kind":
+      print(f"{k}: {v:,.4g}" if isinstance(v, float) else f"{k}: {v}")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+  return summary

@@ -1,0 +1,37 @@
+"""Pure step functions: token-weighted cross-entropy, train_step, eval_step."""
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def token_loss(logits, targets, pad_id: int):
+  """(sum of token losses, number of tokens), padding excluded."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  mask = (targets != pad_id).astype(jnp.float32)
+  return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def train_step(state, batch, *, model, tx, pad_id: int):
+  """One AdamW step on batch (B, L+1) int32. Returns (state, metrics)."""
+  inputs, targets = batch[:, :-1], batch[:, 1:]
+
+  def loss_fn(params):
+    logits = model.apply({"params": params, **state.structure}, inputs)
+    total, count = token_loss(logits, targets, pad_id)
+    return total / jnp.maximum(count, 1.0), count
+
+  (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"train_loss": loss, "tokens": count,
+             "grad_norm": optax.tree.norm(grads),
+             "update_norm": optax.tree.norm(updates),
+             "param_norm": optax.tree.norm(params)}
+  return state.replace(step=state.step + 1, params=params,
+                       opt_state=opt_state), metrics
+
+
+def eval_step(params, structure, batch, *, model, pad_id: int):
+  """(sum of token losses, number of tokens) on one batch."""
+  logits = model.apply({"params": params, **structure}, batch[:, :-1])
+  return token_loss(logits, batch[:, 1:], pad_id)
