@@ -20,9 +20,10 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict, force: bool = False):
-    if not force and (not self.every or step % self.every):
-      return False
+  def due(self, step: int) -> bool:
+    return bool(self.every) and step % self.every == 0
+
+  def save(self, step: int, state, data_state: dict):
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state)), force=True)

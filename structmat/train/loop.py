@@ -203,9 +203,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             "eval_perplexity": math.exp(min(eval_loss, 50))})
         print(f"step {step}: eval loss {eval_loss:.4f} perplexity "
               f"{math.exp(min(eval_loss, 50)):.2f}", flush=True)
-      if ckpt.save(step, state, batches.state(),
-                   force=step == config.total_steps):
-        _check_finite(*prev)
+      if ckpt.due(step) or step == config.total_steps:
+        _check_finite(*prev)  # never checkpoint a non-finite state
+        ckpt.save(step, state, batches.state())
       if config.stop_after_steps and step >= config.stop_after_steps:
         logging.warning("stop_after_steps=%d: stopping as if killed.", step)
         ckpt.manager.wait_until_finished()
@@ -231,12 +231,14 @@ def make_lr(config):
 
 
 def _check_finite(step, metrics):
+  """Raise unless the step's loss and its updated parameters are finite."""
   loss = float(metrics["train_loss"])
-  if not np.isfinite(loss):
+  if not (np.isfinite(loss) and np.isfinite(float(metrics["param_norm"]))):
     raise NonFiniteLoss(
-        f"non-finite train loss ({loss}) at step {step}; stopping. The last "
-        "good checkpoint is kept (it was saved before this step). Lower "
-        "config.lr or enable config.grad_clip.")
+        f"non-finite train loss ({loss}) or parameters at step {step}; "
+        "stopping. The last good checkpoint is kept (checkpoints are written "
+        "only after their step passed this check). Lower config.lr or enable "
+        "config.grad_clip.")
 
 
 def _densify(cfg, tx, state):
