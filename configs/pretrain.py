@@ -16,7 +16,8 @@ Variants by name after the colon (comma-separated key=value):
   --config=configs/pretrain.py:linear=monarch,nblocks=8,overrides=q=dense;k=dense
 
 Keys: model (preset), linear (registry name), data (stdlib | c4 | lm1b | any
-tfds name), rank / density / alpha / nblocks / n (structure hyper-parameters;
+tfds name), optimizer (adamw | galore), galore_rank, svd (full | randomized),
+rank / density / alpha / nblocks / n (structure hyper-parameters;
 default per preset to the papers' settings), overrides (per-site structures,
 ';'-separated site=name[:k=v] items), steps, tiny (a seconds-long smoke config).
 Everything else: --config.field=value, e.g. --config.total_steps=100.
@@ -73,6 +74,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.min_lr_ratio = 0.1
   c.b1, c.b2, c.eps = 0.9, 0.999, 1e-8
   c.weight_decay = 0.0
+  c.optimizer = args.pop("optimizer", "adamw")   # or "galore"
+  c.galore = ml_collections.ConfigDict(dict(
+      rank=128, update_proj_gap=200, scale=0.25, proj_type="std",
+      svd="full", structured="factors"))
+  if "galore_rank" in args:
+    c.galore.rank = int(args.pop("galore_rank"))
+  if "svd" in args:
+    c.galore.svd = args.pop("svd")
   c.grad_clip = 1.0
   c.compute_dtype = "float32"     # "bfloat16" on accelerators
   c.seed = 0
@@ -106,5 +115,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval_batches = 2
   if args:
     raise ValueError(f"unknown config argument(s) {sorted(args)}; known: model, "
-                     f"linear, data, overrides, steps, tiny, {STRUCTURE_KEYS}.")
+                     f"linear, data, optimizer, galore_rank, svd, overrides, "
+                     f"steps, tiny, {STRUCTURE_KEYS}.")
   return c

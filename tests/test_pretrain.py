@@ -58,6 +58,25 @@ def test_every_family_trains(linear, tmp_path, data_dir):
   assert os.listdir(tmp_path / "tensorboard")
 
 
+def test_galore_trains_and_resumes(tmp_path, data_dir):
+  del data_dir
+  c = tiny(optimizer="galore", log_every_steps=1, total_steps=8, lr=1e-2)
+  c.galore.rank, c.galore.update_proj_gap = 4, 3
+  loop.train_and_evaluate(c, str(tmp_path / "a"))
+  train = losses(str(tmp_path / "a"))
+  assert np.mean([train[7], train[8]]) < train[1], train
+  args = ["--config=configs/pretrain.py:tiny=1,optimizer=galore,galore_rank=4",
+          "--config.galore.update_proj_gap=3", "--config.checkpoint_every_steps=4"]
+  rc, out = _run(tmp_path / "ref", *args)
+  assert rc == 0, out
+  for stop in ("5", "0"):  # crash mid-gap (checkpoint at 4, refreshes at 0, 3, 6)
+    rc, out = _run(tmp_path / "crash", *args, f"--config.stop_after_steps={stop}")
+  assert rc == 0, out
+  ref, got = losses(tmp_path / "ref"), losses(tmp_path / "crash")
+  np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref],
+                             rtol=1e-6)
+
+
 def _launch(workdir, *args):
   config = [a for a in args if a.startswith("--config=")]
   args = [a for a in args if not a.startswith("--config=")]
