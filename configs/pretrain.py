@@ -52,6 +52,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.linear_kwargs = ml_collections.ConfigDict(
       {k: _number(args.pop(k)) for k in STRUCTURE_KEYS if k in args})
   c.overrides = args.pop("overrides", "").replace(";", ",")
+  c.trainable = ""                # regex over "a/b/c" param paths; "" = all
   c.n_kv_heads = 0                # grouped KV heads (0: as many as query heads)
   c.tie_embeddings = False
 

@@ -16,6 +16,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "runs/pretrain",
                                "Checkpoints, metrics and summary go here; a "
                                "run resumes from its latest checkpoint.")
+_INIT = flags.DEFINE_string("init", "", "Start from these parameters when the "
+                            "workdir has no checkpoint: an init directory "
+                            "written by experiments.compress, or another "
+                            "run's workdir.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the parameter table "
                              "and exit without training.")
 
@@ -28,7 +32,7 @@ def main(argv):
   if _DRY_RUN.value:
     loop.dry_run(_CONFIG.value)
     return
-  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _INIT.value)
 
 
 if __name__ == "__main__":

@@ -50,12 +50,19 @@ class LlamaConfig:
   def head_dim(self) -> int:
     return self.d_model // self.n_heads
 
-  def linear_for(self, site: str) -> tuple[str, dict]:
-    """The (registry name, kwargs) of a site after overrides."""
+  def linear_for(self, site: str, layer: int | None = None) -> tuple[str, dict]:
+    """The (registry name, kwargs) of a site after overrides.
+
+    An override keyed "3.q" (layer 3 only) wins over one keyed "q" (every
+    layer); WeLore's per-matrix ranks use the layer-specific form.
+    """
+    found = None
     for s, name, kwargs in self.overrides:
-      if s == site:
+      if layer is not None and s == f"{layer}.{site}":
         return name, dict(kwargs)
-    return self.linear, dict(self.linear_kwargs)
+      if s == site:
+        found = (name, dict(kwargs))
+    return found or (self.linear, dict(self.linear_kwargs))
 
   def validate(self) -> None:
     if self.d_model % self.n_heads:
@@ -67,14 +74,28 @@ class LlamaConfig:
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for rotary "
                        "embeddings; change d_model or n_heads.")
-    unknown = {s for s, _, _ in self.overrides} - set(SITES)
+    unknown = {s for s, _, _ in self.overrides
+               if s.rpartition(".")[2] not in SITES
+               or (s.count(".") and not s.partition(".")[0].isdigit())}
     if unknown:
       raise ValueError(f"overrides name unknown sites {sorted(unknown)}; "
                        f"sites are {SITES}.")
 
 
-def _linear(cfg: LlamaConfig, site: str, features: int, axes, **extra):
-  name, kwargs = cfg.linear_for(site)
+def site_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
+  """site -> (in_features, out_features) of its linear."""
+  hd = cfg.head_dim
+  return {"q": (cfg.d_model, cfg.n_heads * hd),
+          "k": (cfg.d_model, cfg.kv_heads * hd),
+          "v": (cfg.d_model, cfg.kv_heads * hd),
+          "o": (cfg.n_heads * hd, cfg.d_model),
+          "gate": (cfg.d_model, cfg.d_ff), "up": (cfg.d_model, cfg.d_ff),
+          "down": (cfg.d_ff, cfg.d_model)}
+
+
+def _linear(cfg: LlamaConfig, layer: int, site: str, features: int, axes,
+            **extra):
+  name, kwargs = cfg.linear_for(site, layer)
   return make_linear(name, features=features, use_bias=False, dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, kernel_axes=axes, name=site,
                      **kwargs, **extra)
@@ -93,15 +114,16 @@ def rotary(x, positions, theta: float):
 
 class Attention(nn.Module):
   cfg: LlamaConfig
+  layer: int = 0
 
   @nn.compact
   def __call__(self, x, positions):
     cfg = self.cfg
     b, t, _ = x.shape
     hd = cfg.head_dim
-    q = _linear(cfg, "q", cfg.n_heads * hd, ("embed", "heads"))(x)
-    k = _linear(cfg, "k", cfg.kv_heads * hd, ("embed", "kv_heads"))(x)
-    v = _linear(cfg, "v", cfg.kv_heads * hd, ("embed", "kv_heads"))(x)
+    q = _linear(cfg, self.layer, "q", cfg.n_heads * hd, ("embed", "heads"))(x)
+    k = _linear(cfg, self.layer, "k", cfg.kv_heads * hd, ("embed", "kv_heads"))(x)
+    v = _linear(cfg, self.layer, "v", cfg.kv_heads * hd, ("embed", "kv_heads"))(x)
     q = rotary(q.reshape(b, t, cfg.n_heads, hd), positions, cfg.rope_theta)
     k = rotary(k.reshape(b, t, cfg.kv_heads, hd), positions, cfg.rope_theta)
     v = v.reshape(b, t, cfg.kv_heads, hd)
@@ -114,31 +136,34 @@ class Attention(nn.Module):
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, -1)
-    return _linear(cfg, "o", cfg.d_model, ("heads", "embed"))(out)
+    return _linear(cfg, self.layer, "o", cfg.d_model, ("heads", "embed"))(out)
 
 
 class MLP(nn.Module):
   cfg: LlamaConfig
+  layer: int = 0
 
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    gate = _linear(cfg, "gate", cfg.d_ff, ("embed", "mlp"))(x)
-    up = _linear(cfg, "up", cfg.d_ff, ("embed", "mlp"))(x)
-    return _linear(cfg, "down", cfg.d_model, ("mlp", "embed"))(
+    gate = _linear(cfg, self.layer, "gate", cfg.d_ff, ("embed", "mlp"))(x)
+    up = _linear(cfg, self.layer, "up", cfg.d_ff, ("embed", "mlp"))(x)
+    return _linear(cfg, self.layer, "down", cfg.d_model, ("mlp", "embed"))(
         nn.silu(gate) * up)
 
 
 class Block(nn.Module):
   cfg: LlamaConfig
+  layer: int = 0
 
   @nn.compact
   def __call__(self, x, positions):
     cfg = self.cfg
     norm = lambda name: nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype,
                                    param_dtype=cfg.param_dtype, name=name)
-    x = x + Attention(cfg, name="attn")(norm("attn_norm")(x), positions)
-    return x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
+    x = x + Attention(cfg, self.layer, name="attn")(norm("attn_norm")(x),
+                                                positions)
+    return x + MLP(cfg, self.layer, name="mlp")(norm("mlp_norm")(x))
 
 
 class Llama(nn.Module):
@@ -158,7 +183,7 @@ class Llama(nn.Module):
                      name="embed")
     x = embed(tokens)
     for i in range(cfg.n_layers):
-      x = Block(cfg, name=f"layer_{i}")(x, positions)
+      x = Block(cfg, i, name=f"layer_{i}")(x, positions)
     x = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype,
                    param_dtype=cfg.param_dtype, name="final_norm")(x)
     if cfg.tie_embeddings:

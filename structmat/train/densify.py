@@ -9,40 +9,32 @@ import dataclasses
 import jax
 
 from structmat.layers import make_linear
-from structmat.models.llama import ATTN_SITES, SITES
+from structmat.models.llama import ATTN_SITES, SITES, site_shapes
 
 
-def monarch_sites(cfg) -> list[str]:
-  return [s for s in SITES if cfg.linear_for(s)[0] == "monarch"]
+def monarch_sites(cfg) -> list[tuple[int, str]]:
+  """(layer, site) of every Monarch linear."""
+  return [(i, s) for i in range(cfg.n_layers) for s in SITES
+          if cfg.linear_for(s, i)[0] == "monarch"]
 
 
 def densified_config(cfg):
-  """The model config with every Monarch site made dense."""
-  over = tuple(o for o in cfg.overrides if o[0] not in monarch_sites(cfg))
-  over += tuple((s, "dense", ()) for s in monarch_sites(cfg))
+  """The model config with every Monarch linear made dense."""
+  over = cfg.overrides + tuple((f"{i}.{s}", "dense", ())
+                               for i, s in monarch_sites(cfg))
   return dataclasses.replace(cfg, overrides=over)
 
 
-def _in_features(cfg, site):
-  return cfg.d_ff if site == "down" else cfg.d_model
-
-
 def densify_params(cfg, params):
-  """Replace each Monarch site's {w1, w2} by its materialized {kernel}."""
-  params = jax.tree.map(lambda x: x, params)  # shallow copy of the dict tree
-  for i in range(cfg.n_layers):
-    for site in monarch_sites(cfg):
-      group = "attn" if site in ATTN_SITES else "mlp"
-      leaf = params[f"layer_{i}"][group][site]
-      name, kwargs = cfg.linear_for(site)
-      features = {"q": cfg.n_heads * cfg.head_dim,
-                  "k": cfg.kv_heads * cfg.head_dim,
-                  "v": cfg.kv_heads * cfg.head_dim, "o": cfg.d_model,
-                  "gate": cfg.d_ff, "up": cfg.d_ff, "down": cfg.d_model}[site]
-      layer = make_linear(name, features=features, use_bias=False, **kwargs)
-      kernel = layer.apply({"params": leaf}, _in_features(cfg, site),
-                           method="to_dense")
-      params[f"layer_{i}"][group][site] = {"kernel": kernel}
+  """Replace each Monarch linear's {w1, w2} by its materialized {kernel}."""
+  params = jax.tree.map(lambda x: x, params)  # new dicts: safe to mutate
+  for i, site in monarch_sites(cfg):
+    group = params[f"layer_{i}"]["attn" if site in ATTN_SITES else "mlp"]
+    name, kwargs = cfg.linear_for(site, i)
+    d_in, d_out = site_shapes(cfg)[site]
+    layer = make_linear(name, features=d_out, use_bias=False, **kwargs)
+    group[site] = {"kernel": layer.apply({"params": group[site]}, d_in,
+                                         method="to_dense")}
   return params
 
 

@@ -19,7 +19,8 @@ from structmat import data as sm_data
 from structmat.data.pipeline import unigram_log_perplexity
 from structmat.models import Llama, llama_config
 from structmat.optim import make_optimizer
-from structmat.train import densify, steps
+from structmat.train import densify, init_ckpt, steps
+from structmat.train.partition import partition
 from structmat.train.checkpoint import Checkpointer
 from structmat.train.metrics import MetricWriter, Progress
 from structmat.train.params import count_params, param_rows, param_table
@@ -120,7 +121,7 @@ def _compile(model, tx, pad_id):
 def evaluate_loss(eval_fn, state, batches) -> float:
   total, count = 0.0, 0.0
   for b in batches:
-    t, c = eval_fn(state.params, state.structure, b)
+    t, c = eval_fn(state, b)
     total, count = total + float(t), count + float(c)
   return total / max(count, 1.0)
 
@@ -138,10 +139,31 @@ def dry_run(config) -> int:
   return count_params(params)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Train per ``config``; returns the final summary (also summary.json)."""
+def apply_init_meta(config, meta: dict):
+  """A copy of config with an init checkpoint's overrides and trainable set."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    items = [f"{site}={name}" + "".join(f":{k}={v}" for k, v in kwargs)
+             for site, name, kwargs in meta.get("overrides", [])]
+    config.overrides = ",".join(filter(None, [config.overrides] + items))
+    if meta.get("trainable") and not config.trainable:
+      config.trainable = meta["trainable"]
+  return config
+
+
+def train_and_evaluate(config, workdir: str, init: str = "") -> dict:
+  """Train per ``config``; returns the final summary (also summary.json).
+
+  Resume order: the workdir's latest checkpoint, else ``init`` (an init
+  directory from experiments.compress or another run's workdir: parameters
+  only, fresh optimizer, step 0), else scratch.
+  """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
+  init_params = init_structure = None
+  if init:
+    init_params, init_structure, meta = init_ckpt.load_init(init)
+    config = apply_init_meta(config, meta)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
@@ -153,15 +175,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
   densify_step = _densify_step(config)
   model = Llama(cfg)
   example = jnp.ones((1, config.seq_len), jnp.int32)
-  state = create_state(model, tx, config.seed, example)
+  new_state = functools.partial(create_state, tx=tx, seed=config.seed,
+                                example_tokens=example,
+                                trainable=config.trainable)
   data_state = None
   start = ckpt.latest_step()
+  if start is None and init_params is not None:
+    abstract = jax.eval_shape(lambda: new_state(model).all_params())
+    init_ckpt.check_compatible(abstract, init_params)
+    state = new_state(model, params=jax.tree.map(jnp.asarray, init_params))
+    if init_structure:
+      state = state.replace(structure=jax.tree.map(jnp.asarray, init_structure))
+    print(f"initialized from {init}", flush=True)
+  else:
+    state = new_state(model)
   if start is not None:
     # A checkpoint at densify_step itself was saved before the switch.
     if densify_step and start > densify_step:
       cfg = densify.densified_config(cfg)
       model = Llama(cfg)
-      state = create_state(model, tx, config.seed, example)
+      state = new_state(model)
     state, data_state = ckpt.restore(start, state)
     logging.info("Resumed from step %d in %s", start, workdir)
     print(f"resumed from step {start}", flush=True)
@@ -173,7 +206,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_fn, eval_fn = _compile(model, tx, tok.pad_id)
   writer = MetricWriter(workdir)
   step = int(state.step)
-  print(param_table(state.params), flush=True)
+  print(param_table(state.all_params()), flush=True)
+  n_train, n_all = count_params(state.params), count_params(state.all_params())
+  print(f"trainable parameters: {n_train} ({100 * n_train / n_all:.2f}%)",
+        flush=True)
   progress = Progress(config.total_steps, step,
                       config.batch_size * config.seq_len)
   prev = None  # (step, metrics) of the previous step: checked one step late
@@ -181,7 +217,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     while step < config.total_steps:
       if densify_step and step == densify_step:
-        cfg, model, state = _densify(cfg, tx, state)
+        cfg, model, state = _densify(cfg, tx, state, config.trainable)
         train_fn, eval_fn = _compile(model, tx, tok.pad_id)
         print(f"step {step}: Monarch layers switched to dense", flush=True)
       state, metrics = train_fn(state, jnp.asarray(next(batches)))
@@ -241,11 +277,12 @@ def _check_finite(step, metrics):
         "config.grad_clip.")
 
 
-def _densify(cfg, tx, state):
+def _densify(cfg, tx, state, trainable: str = ""):
   new_cfg = densify.densified_config(cfg)
-  params = densify.densify_params(cfg, state.params)
+  params, frozen = partition(densify.densify_params(cfg, state.all_params()),
+                             trainable)
   opt_state = densify.carry_opt_state(tx.init(params), state.opt_state)
-  return new_cfg, Llama(new_cfg), state.replace(params=params,
+  return new_cfg, Llama(new_cfg), state.replace(params=params, frozen=frozen,
                                                 opt_state=opt_state)
 
 
@@ -257,8 +294,9 @@ def _summary(config, workdir, state, step, progress, eval_loss, train_src,
                                    eval_list, tok.vocab_size, tok.pad_id)
   summary = {
       "step": step,
-      "parameters": count_params(state.params),
-      "parameters_by_kind": param_rows(state.params),
+      "parameters": count_params(state.all_params()),
+      "trainable_parameters": count_params(state.params),
+      "parameters_by_kind": param_rows(state.all_params()),
       "tokens_seen": step * config.batch_size * config.seq_len,
       "eval_loss": eval_loss,
       "eval_perplexity": math.exp(min(eval_loss, 50)),

@@ -6,20 +6,33 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from structmat.train.partition import merge, partition
+
 
 class TrainState(flax.struct.PyTreeNode):
   step: jax.Array
-  params: Any
+  params: Any       # trainable parameters
+  frozen: Any       # frozen parameters: no gradients, no optimizer state
   opt_state: Any
   structure: Any    # non-trainable collections (SLTrain support, NOLA keys)
   rng: jax.Array    # uint32 key data; per-step keys are fold_in(rng, step)
 
+  def all_params(self):
+    return merge(self.params, self.frozen)
 
-def create_state(model, tx, seed: int, example_tokens) -> TrainState:
-  """Initialize params and optimizer state (unboxed; logical axes dropped)."""
+
+def create_state(model, tx, seed: int, example_tokens, trainable: str = "",
+                 params=None) -> TrainState:
+  """Initialize (or take ``params``), split by ``trainable``, init the optimizer.
+
+  Parameters are unboxed (logical axes dropped).
+  """
   key = jax.random.key(seed)
   variables = dict(nn.unbox(jax.jit(model.init)(key, example_tokens)))
-  params = variables.pop("params")
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params), structure=variables,
+  init_params = variables.pop("params")
+  train, frozen = partition(init_params if params is None else params,
+                            trainable)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=train,
+                    frozen=frozen, opt_state=tx.init(train),
+                    structure=variables,
                     rng=jax.random.key_data(jax.random.fold_in(key, 1)))

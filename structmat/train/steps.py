@@ -3,6 +3,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from structmat.train.partition import merge
+
 
 def token_loss(logits, targets, pad_id: int):
   """(sum of token losses, number of tokens), padding excluded."""
@@ -16,7 +18,8 @@ def train_step(state, batch, *, model, tx, pad_id: int):
   inputs, targets = batch[:, :-1], batch[:, 1:]
 
   def loss_fn(params):
-    logits = model.apply({"params": params, **state.structure}, inputs)
+    logits = model.apply({"params": merge(params, state.frozen),
+                          **state.structure}, inputs)
     total, count = token_loss(logits, targets, pad_id)
     return total / jnp.maximum(count, 1.0), count
 
@@ -31,7 +34,8 @@ def train_step(state, batch, *, model, tx, pad_id: int):
                        opt_state=opt_state), metrics
 
 
-def eval_step(params, structure, batch, *, model, pad_id: int):
+def eval_step(state, batch, *, model, pad_id: int):
   """(sum of token losses, number of tokens) on one batch."""
-  logits = model.apply({"params": params, **structure}, batch[:, :-1])
+  logits = model.apply({"params": state.all_params(), **state.structure},
+                       batch[:, :-1])
   return token_loss(logits, batch[:, 1:], pad_id)
