@@ -296,6 +296,8 @@ def _summary(config, workdir, state, step, progress, eval_loss, train_src,
       "step": step,
       "parameters": count_params(state.all_params()),
       "trainable_parameters": count_params(state.params),
+      "optimizer_state_bytes": sum(
+          l.nbytes for l in jax.tree.leaves(state.opt_state)),
       "parameters_by_kind": param_rows(state.all_params()),
       "tokens_seen": step * config.batch_size * config.seq_len,
       "eval_loss": eval_loss,
