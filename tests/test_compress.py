@@ -135,3 +135,13 @@ def test_compress_launcher_then_lrc_only_training(tmp_path, data_dir):
   changed = {k for k in flat_a if not np.array_equal(flat_a[k], flat_b[k])}
   assert changed and all(rx.fullmatch(k) for k in changed)
   assert any(not rx.fullmatch(k) for k in flat_a)  # something stayed frozen
+
+
+def test_study_config_subsets():
+  from configs.studies import pretrain_methods
+  c = pretrain_methods.get_config("tiny=1,runs=dense+galore")
+  assert [r[0] for r in c.runs] == ["dense", "galore"]
+  with pytest.raises(ValueError, match="include dense"):
+    pretrain_methods.get_config("runs=galore")
+  with pytest.raises(ValueError, match="unknown study argument"):
+    pretrain_methods.get_config("steps=3")

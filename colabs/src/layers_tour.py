@@ -6,12 +6,16 @@
 # Opens in Colab; the first cell installs structmat from the repository.
 
 # %%
-# Install structmat (Colab); skipped where it is already importable.
-import importlib.util, subprocess, sys
-STRUCTMAT_REPO = "git+https://github.com/structmat/structmat"  # or your fork
+# Install structmat (Colab): clone the repository (the launchers and configs
+# live beside the package) and install it; skipped where it is importable.
+import importlib.util, os, subprocess, sys
+STRUCTMAT_REPO = "https://github.com/structmat/structmat"  # or your fork
 if importlib.util.find_spec("structmat") is None:
-  subprocess.check_call([sys.executable, "-m", "pip", "install", "-q",
-                         f"structmat[notebooks] @ {STRUCTMAT_REPO}"])
+  subprocess.check_call(["git", "clone", "-q", STRUCTMAT_REPO, "structmat"])
+  subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e",
+                         "structmat[notebooks]"])
+  os.chdir("structmat")
+  sys.path.insert(0, os.getcwd())
 
 # %%
 import os

@@ -14,7 +14,12 @@ import ml_collections
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  tiny = arg == "tiny=1"
+  """arg: "tiny=1" (seconds-long runs), "runs=dense+lowrank" (a subset)."""
+  args = dict(item.split("=", 1) for item in (arg or "").split(",") if item)
+  tiny = args.pop("tiny", "0") == "1"
+  only = args.pop("runs", "")
+  if args:
+    raise ValueError(f"unknown study argument(s) {sorted(args)}; known: tiny, runs.")
   c = ml_collections.ConfigDict()
   base = "tiny=1" if tiny else "model=llama_small"
   c.steps = 8 if tiny else 300
@@ -35,5 +40,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       ("monarch", f"{base},linear=monarch,nblocks=4", {}),
       ("btt", f"{base},linear=btt,nblocks=4,rank=4", {}),
   ]
+  if only:
+    keep = only.split("+")
+    unknown = set(keep) - {r[0] for r in c.runs}
+    if unknown or "dense" not in keep:
+      raise ValueError(f"runs={only!r}: names must come from "
+                       f"{[r[0] for r in c.runs]} and include dense (the "
+                       "compressions start from it).")
+    c.runs = [r for r in c.runs if r[0] in keep]
   c.compressions = [("welore50", "welore"), ("lowrank50", "lowrank")]
   return c
