@@ -24,6 +24,8 @@ Everything else: --config.field=value, e.g. --config.total_steps=100.
 """
 import ml_collections
 
+from structmat.train import sharding
+
 STRUCTURE_KEYS = ("rank", "density", "alpha", "nblocks", "n")
 
 
@@ -86,6 +88,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.grad_clip = 1.0
   c.compute_dtype = "float32"     # "bfloat16" on accelerators
   c.seed = 0
+
+  # Mesh (-1 fills with the remaining devices) and logical-axis rules.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
+                                          num_devices=0))  # 0: all devices
+  c.logical_rules = [list(r) for r in sharding.DEFAULT_RULES]
 
   c.log_every_steps = 25
   c.eval_every_steps = 200

@@ -84,11 +84,13 @@ class PackedBatches:
 
 
 def eval_batches(source, tokenizer, batch_size: int, seq_len: int,
-                 max_batches: int) -> list[np.ndarray]:
+                 max_batches: int, exact: bool = False) -> list[np.ndarray]:
   """Fixed validation batches: one pass in natural order, padded with pad_id.
 
   Stops after ``max_batches`` batches or at the end of the split (the last
-  batch padded), never wrapping around, so each token is counted once.
+  batch padded), never wrapping around, so each token is counted once. With
+  ``exact`` the list is padded with all-pad batches to exactly max_batches
+  (every process of a multi-host run must run the same number of steps).
   """
   stream = PackedBatches(source, tokenizer, 1, seq_len, shuffle=False)
   total = sum(len(tokenizer.encode(source[i])) + 1 for i in range(len(source)))
@@ -97,7 +99,11 @@ def eval_batches(source, tokenizer, batch_size: int, seq_len: int,
   pad = (-len(rows)) % batch_size
   rows += [np.full(seq_len + 1, tokenizer.pad_id, np.int32)] * pad
   arr = np.stack(rows)
-  return [arr[i:i + batch_size] for i in range(0, len(arr), batch_size)]
+  out = [arr[i:i + batch_size] for i in range(0, len(arr), batch_size)]
+  if exact:
+    out = out[:max_batches]
+    out += [np.full_like(out[0], tokenizer.pad_id)] * (max_batches - len(out))
+  return out
 
 
 def unigram_log_perplexity(train_batches, eval_batch_list, vocab_size: int,

@@ -6,6 +6,7 @@ linear is built by ``make_linear`` from the config (one structure for all
 sites, with per-site overrides); embeddings and the head stay dense.
 """
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -112,6 +113,13 @@ def rotary(x, positions, theta: float):
                          axis=-1).astype(x.dtype)
 
 
+def rms_norm(cfg: LlamaConfig, name: str) -> nn.Module:
+  return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype,
+                    param_dtype=cfg.param_dtype, name=name,
+                    scale_init=nn.with_logical_partitioning(
+                        nn.initializers.ones, ("norm",)))
+
+
 class Attention(nn.Module):
   cfg: LlamaConfig
   layer: int = 0
@@ -121,9 +129,10 @@ class Attention(nn.Module):
     cfg = self.cfg
     b, t, _ = x.shape
     hd = cfg.head_dim
-    q = _linear(cfg, self.layer, "q", cfg.n_heads * hd, ("embed", "heads"))(x)
-    k = _linear(cfg, self.layer, "k", cfg.kv_heads * hd, ("embed", "kv_heads"))(x)
-    v = _linear(cfg, self.layer, "v", cfg.kv_heads * hd, ("embed", "kv_heads"))(x)
+    lin = functools.partial(_linear, cfg, self.layer)
+    q = lin("q", cfg.n_heads * hd, ("embed", "heads"))(x)
+    k = lin("k", cfg.kv_heads * hd, ("embed", "kv_heads"))(x)
+    v = lin("v", cfg.kv_heads * hd, ("embed", "kv_heads"))(x)
     q = rotary(q.reshape(b, t, cfg.n_heads, hd), positions, cfg.rope_theta)
     k = rotary(k.reshape(b, t, cfg.kv_heads, hd), positions, cfg.rope_theta)
     v = v.reshape(b, t, cfg.kv_heads, hd)
@@ -136,7 +145,7 @@ class Attention(nn.Module):
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, -1)
-    return _linear(cfg, self.layer, "o", cfg.d_model, ("heads", "embed"))(out)
+    return lin("o", cfg.d_model, ("heads", "embed"))(out)
 
 
 class MLP(nn.Module):
@@ -146,10 +155,10 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    gate = _linear(cfg, self.layer, "gate", cfg.d_ff, ("embed", "mlp"))(x)
-    up = _linear(cfg, self.layer, "up", cfg.d_ff, ("embed", "mlp"))(x)
-    return _linear(cfg, self.layer, "down", cfg.d_model, ("mlp", "embed"))(
-        nn.silu(gate) * up)
+    lin = functools.partial(_linear, cfg, self.layer)
+    gate = lin("gate", cfg.d_ff, ("embed", "mlp"))(x)
+    up = lin("up", cfg.d_ff, ("embed", "mlp"))(x)
+    return lin("down", cfg.d_model, ("mlp", "embed"))(nn.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -159,10 +168,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, positions):
     cfg = self.cfg
-    norm = lambda name: nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype,
-                                   param_dtype=cfg.param_dtype, name=name)
-    x = x + Attention(cfg, self.layer, name="attn")(norm("attn_norm")(x),
-                                                positions)
+    norm = lambda name: rms_norm(cfg, name)
+    attn = Attention(cfg, self.layer, name="attn")
+    x = x + attn(norm("attn_norm")(x), positions)
     return x + MLP(cfg, self.layer, name="mlp")(norm("mlp_norm")(x))
 
 
@@ -184,8 +192,7 @@ class Llama(nn.Module):
     x = embed(tokens)
     for i in range(cfg.n_layers):
       x = Block(cfg, i, name=f"layer_{i}")(x, positions)
-    x = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype,
-                   param_dtype=cfg.param_dtype, name="final_norm")(x)
+    x = rms_norm(cfg, "final_norm")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:

@@ -29,6 +29,8 @@ class Checkpointer:
         data=ocp.args.JsonSave(data_state)), force=True)
 
   def restore(self, step: int, abstract_state):
+    """Restore onto the shardings of ``abstract_state`` (ShapeDtypeStructs or
+    arrays): a checkpoint saved on one mesh restores onto another."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract),

@@ -14,12 +14,14 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from structmat import data as sm_data
 from structmat.data.pipeline import unigram_log_perplexity
 from structmat.models import Llama, llama_config
 from structmat.optim import make_optimizer
-from structmat.train import densify, init_ckpt, steps
+from structmat.train import densify, init_ckpt, sharding, steps
 from structmat.train.partition import partition
 from structmat.train.checkpoint import Checkpointer
 from structmat.train.metrics import MetricWriter, Progress
@@ -85,15 +87,24 @@ def build_data(config):
   dc = config.data
   name = DATASETS.get(dc.name, dc.name)
   data_dir = dc.data_dir or None
-  train_src = sm_data.open_split(name, dc.train_split, data_dir,
-                                 jax.process_index(), jax.process_count(),
+  index, count = jax.process_index(), jax.process_count()
+  train_src = sm_data.open_split(name, dc.train_split, data_dir, index, count,
                                  dc.loader, dc.text_key)
-  eval_src = sm_data.open_split(name, dc.eval_split, data_dir, 0, 1,
+  eval_src = sm_data.open_split(name, dc.eval_split, data_dir, index, count,
                                 dc.loader, dc.text_key)
   cache = os.path.join(data_dir or sm_data.sources.default_data_dir(),
                        "tokenizers")
-  tok = sm_data.make_tokenizer(dc.tokenizer, dc.vocab_size, dc.tokenizer_model,
-                               train_src, cache, f"{name}/{dc.train_split}")
+  make = lambda: sm_data.make_tokenizer(
+      dc.tokenizer, dc.vocab_size, dc.tokenizer_model,
+      sm_data.open_split(name, dc.train_split, data_dir, 0, 1, dc.loader,
+                         dc.text_key), cache, f"{name}/{dc.train_split}")
+  if count > 1:
+    # One tokenizer for every host: process 0 trains it (once, cached on the
+    # shared data_dir); the others load the file after the barrier.
+    if index == 0:
+      make()
+    multihost_utils.sync_global_devices("structmat_tokenizer")
+  tok = make()
   return tok, train_src, eval_src
 
 
@@ -110,12 +121,68 @@ def _densify_step(config) -> int:
   return int(config.densify_at * config.total_steps) if config.densify_at else 0
 
 
-def _compile(model, tx, pad_id):
-  train = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
-                                    pad_id=pad_id), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(steps.eval_step, model=model,
-                                       pad_id=pad_id))
-  return train, evaluate
+class Placement:
+  """Mesh, logical rules and the shardings of states and batches."""
+
+  def __init__(self, config, new_state, example):
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                       for k, v in config.logical_rules)
+    self.batch = sharding.batch_sharding(self.mesh, self.rules)
+    self.replicated = NamedSharding(self.mesh, P())
+    self.new_state, self.example, self.trainable = (new_state, example,
+                                                    config.trainable)
+    rows = config.batch_size // jax.process_count()
+    shards = self.batch.mesh.shape["data"] * self.batch.mesh.shape["fsdp"]
+    if config.batch_size % jax.process_count() or config.batch_size % shards:
+      raise ValueError(f"config.batch_size={config.batch_size} must be "
+                       f"divisible by the process count "
+                       f"({jax.process_count()}) and by data x fsdp ({shards}).")
+    self.local_batch = rows
+
+  def state_shardings(self, model):
+    """TrainState of NamedShardings, derived abstractly (nothing allocated)."""
+    boxed = jax.eval_shape(model.init, jax.random.key(0), self.example)
+    full = sharding.logical_shardings(dict(boxed), self.mesh, self.rules)
+    abstract = jax.eval_shape(lambda: self.new_state(model))
+    train_sh, frozen_sh = partition(full["params"], self.trainable)
+    return abstract.replace(
+        step=self.replicated, params=train_sh, frozen=frozen_sh,
+        opt_state=sharding.follow_params(abstract.opt_state, train_sh,
+                                         abstract.params, self.mesh),
+        structure={k: v for k, v in full.items() if k != "params"},
+        rng=self.replicated)
+
+  def init(self, model, params=None):
+    """Initialize directly into the shardings (no host holds the full model)."""
+    sh = self.state_shardings(model)
+    if params is None:
+      return jax.jit(lambda: self.new_state(model), out_shardings=sh)()
+    return jax.jit(lambda p: self.new_state(model, params=p),
+                   out_shardings=sh)(params)
+
+  def abstract(self, model):
+    """ShapeDtypeStructs with shardings: a restore target."""
+    sh = self.state_shardings(model)
+    shapes = jax.eval_shape(lambda: self.new_state(model))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                          sharding=s),
+                        shapes, sh)
+
+  def compile(self, model, tx, pad_id):
+    sh = self.state_shardings(model)
+    train = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+                                      pad_id=pad_id), donate_argnums=0,
+                    in_shardings=(sh, self.batch),
+                    out_shardings=(sh, self.replicated))
+    evaluate = jax.jit(functools.partial(steps.eval_step, model=model,
+                                         pad_id=pad_id),
+                       in_shardings=(sh, self.batch),
+                       out_shardings=self.replicated)
+    return train, evaluate
+
+  def put_batch(self, local):
+    return sharding.global_batch(local, self.batch)
 
 
 def evaluate_loss(eval_fn, state, batches) -> float:
@@ -178,32 +245,36 @@ def train_and_evaluate(config, workdir: str, init: str = "") -> dict:
   new_state = functools.partial(create_state, tx=tx, seed=config.seed,
                                 example_tokens=example,
                                 trainable=config.trainable)
+  place = Placement(config, new_state, example)
   data_state = None
   start = ckpt.latest_step()
-  if start is None and init_params is not None:
-    abstract = jax.eval_shape(lambda: new_state(model).all_params())
-    init_ckpt.check_compatible(abstract, init_params)
-    state = new_state(model, params=jax.tree.map(jnp.asarray, init_params))
-    if init_structure:
-      state = state.replace(structure=jax.tree.map(jnp.asarray, init_structure))
-    print(f"initialized from {init}", flush=True)
-  else:
-    state = new_state(model)
   if start is not None:
     # A checkpoint at densify_step itself was saved before the switch.
     if densify_step and start > densify_step:
       cfg = densify.densified_config(cfg)
       model = Llama(cfg)
-      state = new_state(model)
-    state, data_state = ckpt.restore(start, state)
+    state, data_state = ckpt.restore(start, place.abstract(model))
     logging.info("Resumed from step %d in %s", start, workdir)
     print(f"resumed from step {start}", flush=True)
-  batches = sm_data.PackedBatches(train_src, tok, config.batch_size,
+  elif init_params is not None:
+    abstract = jax.eval_shape(lambda: new_state(model).all_params())
+    init_ckpt.check_compatible(abstract, init_params)
+    state = place.init(model, init_params)
+    if init_structure:
+      state = state.replace(structure=jax.device_put(
+          init_structure, place.state_shardings(model).structure))
+    print(f"initialized from {init}", flush=True)
+  else:
+    state = place.init(model)
+  process_split = (jax.process_index(), jax.process_count())
+  batches = sm_data.PackedBatches(train_src, tok, place.local_batch,
                                   config.seq_len, seed=config.seed,
                                   state=data_state)
-  eval_list = sm_data.eval_batches(eval_src, tok, config.batch_size,
-                                   config.seq_len, config.eval_batches)
-  train_fn, eval_fn = _compile(model, tx, tok.pad_id)
+  eval_list = sm_data.eval_batches(eval_src, tok, place.local_batch,
+                                   config.seq_len, config.eval_batches,
+                                   exact=process_split[1] > 1)
+  eval_list = [place.put_batch(b) for b in eval_list]
+  train_fn, eval_fn = place.compile(model, tx, tok.pad_id)
   writer = MetricWriter(workdir)
   step = int(state.step)
   print(param_table(state.all_params()), flush=True)
@@ -218,9 +289,10 @@ def train_and_evaluate(config, workdir: str, init: str = "") -> dict:
     while step < config.total_steps:
       if densify_step and step == densify_step:
         cfg, model, state = _densify(cfg, tx, state, config.trainable)
-        train_fn, eval_fn = _compile(model, tx, tok.pad_id)
+        state = jax.device_put(state, place.state_shardings(model))
+        train_fn, eval_fn = place.compile(model, tx, tok.pad_id)
         print(f"step {step}: Monarch layers switched to dense", flush=True)
-      state, metrics = train_fn(state, jnp.asarray(next(batches)))
+      state, metrics = train_fn(state, place.put_batch(next(batches)))
       step += 1
       if prev is not None:
         _check_finite(*prev)

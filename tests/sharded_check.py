@@ -1,0 +1,86 @@
+"""Sharded vs single-device training on fake CPU devices (run in a subprocess).
+
+  python tests/sharded_check.py WORKDIR
+
+Sets 8 host devices before importing jax. For each structure and optimizer, a
+data x fsdp x tensor = 2 x 2 x 2 run must give the single-device losses within
+float32 tolerance, and parameters must be sharded as the rules say.
+"""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import pretrain as pretrain_config  # noqa: E402
+from structmat.models import Llama  # noqa: E402
+from structmat.train import loop  # noqa: E402
+from structmat.train.state import create_state  # noqa: E402
+
+CASES = [("dense", "adamw"), ("monarch", "adamw"), ("phm", "adamw"),
+         ("sltrain", "galore"), ("dense", "galore")]
+EXPECTED_SPECS = {  # (linear, path) -> spec under the default rules
+    ("dense", ("layer_0", "mlp", "up", "kernel")): P("fsdp", "tensor"),
+    ("dense", ("layer_0", "mlp", "down", "kernel")): P("tensor", "fsdp"),
+    ("dense", ("embed", "embedding")): P(None, "fsdp"),  # vocab 259: odd
+    ("monarch", ("layer_0", "mlp", "up", "w1")): P("tensor", None, None),
+    ("sltrain", ("layer_0", "mlp", "up", "lora_a")): P("fsdp", None),
+    # d_ff/n = 43 is odd: that dimension falls back to replication.
+    ("phm", ("layer_0", "mlp", "up", "w")): P(None, "fsdp", None),
+}
+
+
+def config(linear, optimizer, mesh):
+  c = pretrain_config.get_config(f"tiny=1,linear={linear},optimizer={optimizer}")
+  c.total_steps, c.log_every_steps = 3, 1
+  c.eval_every_steps = c.checkpoint_every_steps = 0
+  c.galore.rank, c.galore.update_proj_gap = 4, 2
+  c.mesh.update(mesh)
+  return c
+
+
+def losses(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return [r["train_loss"] for r in rows if "train_loss" in r]
+
+
+def main(root):
+  assert jax.device_count() == 8
+  for linear, opt in CASES:
+    single = config(linear, opt, dict(data=1, fsdp=1, tensor=1, num_devices=1))
+    sharded = config(linear, opt, dict(data=2, fsdp=2, tensor=2))
+    a = os.path.join(root, f"{linear}_{opt}_1")
+    b = os.path.join(root, f"{linear}_{opt}_8")
+    loop.train_and_evaluate(single, a)
+    loop.train_and_evaluate(sharded, b)
+    np.testing.assert_allclose(losses(b), losses(a), rtol=2e-5,
+                               err_msg=f"{linear} {opt}")
+    print(f"OK losses {linear} {opt}: {losses(b)}", flush=True)
+    # Parameters really are sharded as the rules say.
+    cfg = loop.model_config(sharded, 259)
+    model = Llama(cfg)
+    tx = loop.make_optimizer(sharded)
+    example = jax.numpy.ones((1, sharded.seq_len), jax.numpy.int32)
+    new_state = lambda m, **kw: create_state(m, tx, 0, example, **kw)
+    place = loop.Placement(sharded, new_state, example)
+    state = place.init(model)
+    for (lin, path), spec in EXPECTED_SPECS.items():
+      if lin != linear:
+        continue
+      leaf = state.params
+      for k in path:
+        leaf = leaf[k]
+      assert leaf.sharding.spec == spec, (path, leaf.sharding.spec, spec)
+      assert len(leaf.addressable_shards) == 8
+    print(f"OK shardings {linear} {opt}", flush=True)
+  print("ALL OK")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
