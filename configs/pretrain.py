@@ -65,6 +65,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.data_dir = ""            # default: $STRUCTMAT_DATA_DIR or ~/.cache/structmat/tfds
   c.data.loader = "data_source"   # or "tfds_load" for tfrecord (TensorFlow extra)
   c.data.text_key = "text"
+  c.data.host_shards = 0          # data shards (0: one per process)
   c.data.tokenizer = "sentencepiece"  # or "byte"
   c.data.vocab_size = 2048
   c.data.tokenizer_model = ""     # an existing .model (T5 / LLaMA tokenizers)

@@ -5,7 +5,10 @@ r"""Pretraining launcher.
 
 See configs/pretrain.py for the variants and expected results.
 """
+import os
+
 from absl import app, flags, logging
+import jax
 from ml_collections import config_flags
 
 from structmat.train import loop
@@ -20,12 +23,33 @@ _INIT = flags.DEFINE_string("init", "", "Start from these parameters when the "
                             "workdir has no checkpoint: an init directory "
                             "written by experiments.compress, or another "
                             "run's workdir.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "host:port of process 0 for a multi-process "
+    "run (multi-GPU hosts, clusters); TPU pods and SLURM are detected without.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "With "
+                                      "--coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "With "
+                                   "--coordinator_address.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the parameter table "
                              "and exit without training.")
 
 
+def _multi_process_env() -> bool:
+  """True where jax.distributed can find its peers by itself."""
+  env = os.environ
+  return ("," in env.get("TPU_WORKER_HOSTNAMES", "")
+          or int(env.get("SLURM_NTASKS", "1")) > 1
+          or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+          or bool(env.get("JAX_COORDINATOR_ADDRESS")))
+
+
 def main(argv):
   del argv
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+  elif _multi_process_env():
+    jax.distributed.initialize()
   if not flags.FLAGS["verbosity"].present:
     # orbax and jax log a lot at INFO; progress lines are printed anyway.
     logging.set_verbosity(logging.WARNING)

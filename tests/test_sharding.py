@@ -103,3 +103,45 @@ def test_checkpoint_saved_on_8_devices_resumes_on_4(tmp_path, data_dir):
   assert sorted(got) == sorted(ref) == list(range(1, 9))
   np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref],
                              rtol=2e-5)
+
+
+def test_two_processes_match_single_process(tmp_path, data_dir):
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  base = [sys.executable, "-m", "experiments.pretrain",
+          "--config=configs/pretrain.py:tiny=1", "--config.log_every_steps=1",
+          "--config.total_steps=4", "--config.checkpoint_every_steps=2",
+          "--config.eval_every_steps=4"]
+  env = dict(os.environ, STRUCTMAT_DATA_DIR=data_dir,
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  # Reference: one process reading the two host shards itself.
+  ref = subprocess.run(base + [f"--workdir={tmp_path / 'ref'}",
+                               "--config.data.host_shards=2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  procs = [subprocess.Popen(
+      base + [f"--workdir={tmp_path / 'multi'}",
+              f"--coordinator_address=localhost:{port}", "--num_processes=2",
+              f"--process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      outs.append(p.communicate(timeout=600)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  ref_l, got = _losses(tmp_path / "ref"), _losses(tmp_path / "multi")
+  assert sorted(got) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in ref_l], [ref_l[s] for s in ref_l],
+                             rtol=2e-5)
+  # Only process 0 wrote logs: one line per step.
+  lines = [l for l in open(tmp_path / "multi" / "metrics.jsonl") if "train_loss" in l]
+  assert len(lines) == 4

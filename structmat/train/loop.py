@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from structmat import data as sm_data
+from structmat.data import hosts
 from structmat.data.pipeline import unigram_log_perplexity
 from structmat.models import Llama, llama_config
 from structmat.optim import make_optimizer
@@ -83,21 +84,27 @@ def _parse_overrides(spec: str):
 
 
 def build_data(config):
-  """(tokenizer, train source, eval source) for the config's dataset."""
+  """(tokenizer, train sources, eval sources): this process's data shards."""
   dc = config.data
   name = DATASETS.get(dc.name, dc.name)
   data_dir = dc.data_dir or None
   index, count = jax.process_index(), jax.process_count()
-  train_src = sm_data.open_split(name, dc.train_split, data_dir, index, count,
-                                 dc.loader, dc.text_key)
-  eval_src = sm_data.open_split(name, dc.eval_split, data_dir, index, count,
-                                dc.loader, dc.text_key)
+  shards = hosts.my_shards(dc.get("host_shards", 0))
+  n_shards = (dc.get("host_shards", 0) or count)
+  if count > 1 and index != 0:  # process 0 builds the embedded corpus first
+    multihost_utils.sync_global_devices("structmat_corpus")
+  open_ = lambda split, i, n: sm_data.open_split(
+      name, split, data_dir, i, n, dc.loader, dc.text_key)
+  full_train = open_(dc.train_split, 0, 1)
+  if count > 1 and index == 0:
+    multihost_utils.sync_global_devices("structmat_corpus")
+  train_src = [open_(dc.train_split, i, n_shards) for i in shards]
+  eval_src = [open_(dc.eval_split, i, n_shards) for i in shards]
   cache = os.path.join(data_dir or sm_data.sources.default_data_dir(),
                        "tokenizers")
   make = lambda: sm_data.make_tokenizer(
-      dc.tokenizer, dc.vocab_size, dc.tokenizer_model,
-      sm_data.open_split(name, dc.train_split, data_dir, 0, 1, dc.loader,
-                         dc.text_key), cache, f"{name}/{dc.train_split}")
+      dc.tokenizer, dc.vocab_size, dc.tokenizer_model, full_train, cache,
+      f"{name}/{dc.train_split}")
   if count > 1:
     # One tokenizer for every host: process 0 trains it (once, cached on the
     # shared data_dir); the others load the file after the barrier.
@@ -109,7 +116,7 @@ def build_data(config):
 
 
 def peak_memory_bytes() -> int:
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     return int(stats["peak_bytes_in_use"])
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # host RSS
@@ -253,7 +260,8 @@ def train_and_evaluate(config, workdir: str, init: str = "") -> dict:
     if densify_step and start > densify_step:
       cfg = densify.densified_config(cfg)
       model = Llama(cfg)
-    state, data_state = ckpt.restore(start, place.abstract(model))
+    state, data_states = ckpt.restore(start, place.abstract(model))
+    data_state = data_states["processes"][jax.process_index()]
     logging.info("Resumed from step %d in %s", start, workdir)
     print(f"resumed from step {start}", flush=True)
   elif init_params is not None:
@@ -266,14 +274,14 @@ def train_and_evaluate(config, workdir: str, init: str = "") -> dict:
     print(f"initialized from {init}", flush=True)
   else:
     state = place.init(model)
-  process_split = (jax.process_index(), jax.process_count())
-  batches = sm_data.PackedBatches(train_src, tok, place.local_batch,
-                                  config.seq_len, seed=config.seed,
-                                  state=data_state)
-  eval_list = sm_data.eval_batches(eval_src, tok, place.local_batch,
-                                   config.seq_len, config.eval_batches,
-                                   exact=process_split[1] > 1)
-  eval_list = [place.put_batch(b) for b in eval_list]
+  batches = hosts.HostBatches(train_src, tok, place.local_batch,
+                              config.seq_len, config.seed, data_state)
+  rows = place.local_batch // len(eval_src)
+  eval_parts = [sm_data.eval_batches(src, tok, rows, config.seq_len,
+                                     config.eval_batches, exact=True)
+                for src in eval_src]
+  eval_local = [np.concatenate(parts) for parts in zip(*eval_parts)]
+  eval_list = [place.put_batch(b) for b in eval_local]
   train_fn, eval_fn = place.compile(model, tx, tok.pad_id)
   writer = MetricWriter(workdir)
   step = int(state.step)
@@ -313,7 +321,8 @@ def train_and_evaluate(config, workdir: str, init: str = "") -> dict:
               f"{math.exp(min(eval_loss, 50)):.2f}", flush=True)
       if ckpt.due(step) or step == config.total_steps:
         _check_finite(*prev)  # never checkpoint a non-finite state
-        ckpt.save(step, state, batches.state())
+        ckpt.save(step, state,
+                  {"processes": hosts.gather_states(batches.state())})
       if config.stop_after_steps and step >= config.stop_after_steps:
         logging.warning("stop_after_steps=%d: stopping as if killed.", step)
         ckpt.manager.wait_until_finished()
@@ -326,8 +335,8 @@ def train_and_evaluate(config, workdir: str, init: str = "") -> dict:
   ckpt.close()
   if math.isnan(eval_loss):  # resumed at total_steps: evaluate the final state
     eval_loss = evaluate_loss(eval_fn, state, eval_list)
-  summary = _summary(config, workdir, state, step, progress, eval_loss, train_src, tok,
-                     eval_list)
+  summary = _summary(config, workdir, state, step, progress, eval_loss,
+                     train_src, tok, eval_local)
   writer.close()
   return summary
 
@@ -360,7 +369,7 @@ def _densify(cfg, tx, state, trainable: str = ""):
 
 def _summary(config, workdir, state, step, progress, eval_loss, train_src,
              tok, eval_list):
-  sample = sm_data.PackedBatches(train_src, tok, config.batch_size,
+  sample = sm_data.PackedBatches(train_src[0], tok, config.batch_size,
                                  config.seq_len, seed=config.seed + 1)
   unigram = unigram_log_perplexity((next(sample) for _ in range(100)),
                                    eval_list, tok.vocab_size, tok.pad_id)
