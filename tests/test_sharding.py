@@ -145,3 +145,18 @@ def test_two_processes_match_single_process(tmp_path, data_dir):
   # Only process 0 wrote logs: one line per step.
   lines = [l for l in open(tmp_path / "multi" / "metrics.jsonl") if "train_loss" in l]
   assert len(lines) == 4
+
+
+def test_memory_estimate_tracks_xla_and_shards():
+  from configs import pretrain as pretrain_config
+  from experiments import memory_estimate as me
+  c = pretrain_config.get_config("tiny=1")
+  est, meas = me.estimate(c, 1, 259), me.measure(c, 259)
+  assert 0.5 < est["total_GB"] / meas["xla_total_GB"] < 2.0, (est, meas)
+  big = pretrain_config.get_config("model=llama_60m")
+  one = me.estimate(big, 1, 32000)
+  big.mesh.update(dict(data=1, fsdp=8, tensor=1))
+  eight = me.estimate(big, 8, 32000)
+  np.testing.assert_allclose(eight["params_GB"], one["params_GB"] / 8, rtol=0.01)
+  np.testing.assert_allclose(eight["activations_GB"], one["activations_GB"] / 8,
+                             rtol=0.01)

@@ -1,0 +1,124 @@
+r"""Per-device memory estimate of a pretraining config: parameters, gradients,
+optimizer state, activations; optionally next to XLA's measurement on CPU.
+
+  python -m experiments.memory_estimate --config=configs/pretrain.py:model=llama_1b \
+      --config.mesh.data=1 --config.mesh.fsdp=8 --devices=8
+  python -m experiments.memory_estimate --config=configs/pretrain.py --measure
+
+Shards are computed from the config's mesh and logical rules by arithmetic (no
+devices needed): a dimension is split when the rules map it to mesh axes whose
+size divides it. Activations follow Korthikanti et al. (2022) for a layer
+without recomputation, 34*s*b*h + 5*a*s^2*b bytes at 2 bytes per value, scaled
+to the compute dtype, plus the logits and their gradient in float32.
+--measure compiles one train step on this machine (all of it on one device)
+and prints XLA's memory analysis for comparison.
+"""
+import functools
+import math
+
+from absl import app, flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+from structmat.models import Llama
+from structmat.optim import make_optimizer
+from structmat.train import sharding, steps
+from structmat.train.loop import model_config
+from structmat.train.partition import partition
+from structmat.train.state import create_state
+from structmat.utils.timing import format_table
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py",
+                                          "Pretraining config.")
+_DEVICES = flags.DEFINE_integer("devices", 1, "Devices the mesh spans.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary (0: the config's).")
+_MEASURE = flags.DEFINE_bool("measure", False, "Also compile a step here and "
+                             "print XLA's memory analysis.")
+
+GB = 2**30
+
+
+def _shard_bytes(shape, dtype, names, mesh_sizes, rules) -> float:
+  size = math.prod(shape) * jnp.dtype(dtype).itemsize
+  if names is None:
+    return size
+  spec = nn.logical_to_mesh_axes(names, rules)
+  for dim, axes in zip(shape, tuple(spec) + (None,) * len(shape)):
+    if axes is None:
+      continue
+    axes = (axes,) if isinstance(axes, str) else axes
+    n = math.prod(mesh_sizes[a] for a in axes)
+    if dim % n == 0:
+      size /= n
+  return size
+
+
+def estimate(config, devices: int, vocab: int) -> dict:
+  mesh_sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
+      {k: config.mesh[k] for k in sharding.MESH_AXES}, devices)))
+  rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                for k, v in config.logical_rules)
+  cfg = model_config(config, vocab)
+  example = jnp.ones((1, config.seq_len), jnp.int32)
+  boxed = jax.eval_shape(Llama(cfg).init, jax.random.key(0), example)["params"]
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  param_bytes = sum(_shard_bytes(l.value.shape, l.value.dtype, l.names,
+                                 mesh_sizes, rules) for l in leaves)
+  n_params = sum(math.prod(l.value.shape) for l in leaves)
+  tx = make_optimizer(config)
+  abstract = jax.eval_shape(lambda: create_state(Llama(cfg), tx, 0, example,
+                                                 config.trainable))
+  trainable = sum(math.prod(l.shape) for l in jax.tree.leaves(abstract.params))
+  opt_elems = sum(math.prod(l.shape) for l in jax.tree.leaves(abstract.opt_state))
+  # Optimizer state and gradients shard like the parameters they belong to.
+  shard_ratio = param_bytes / (n_params * 4)
+  opt_bytes = opt_elems * 4 * shard_ratio
+  grad_bytes = trainable * 4 * shard_ratio
+  data_par = mesh_sizes["data"] * mesh_sizes["fsdp"]
+  b = config.batch_size / data_par
+  s, h, a, L = config.seq_len, cfg.d_model, cfg.n_heads, cfg.n_layers
+  scale = jnp.dtype(cfg.dtype).itemsize / 2
+  act_layer = (34 * s * b * h + 5 * a * s * s * b) * scale / mesh_sizes["tensor"]
+  logits = 2 * b * s * cfg.vocab_size * 4 / mesh_sizes["tensor"]
+  act = L * act_layer + logits
+  return {"model": config.model, "linear": config.linear,
+          "optimizer": config.get("optimizer", "adamw"),
+          "mesh": "x".join(str(mesh_sizes[k]) for k in sharding.MESH_AXES),
+          "params": n_params, "params_GB": param_bytes / GB,
+          "grads_GB": grad_bytes / GB, "opt_state_GB": opt_bytes / GB,
+          "activations_GB": act / GB,
+          "total_GB": (param_bytes + grad_bytes + opt_bytes + act) / GB}
+
+
+def measure(config, vocab: int) -> dict:
+  cfg = model_config(config, vocab)
+  model, tx = Llama(cfg), make_optimizer(config)
+  example = jnp.ones((1, config.seq_len), jnp.int32)
+  state = jax.eval_shape(lambda: create_state(model, tx, 0, example,
+                                              config.trainable))
+  batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32)
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+                                   pad_id=0), donate_argnums=0)
+  m = step.lower(state, batch).compile().memory_analysis()
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes
+           + m.temp_size_in_bytes - m.alias_size_in_bytes)
+  return {"xla_arguments_GB": m.argument_size_in_bytes / GB,
+          "xla_temporaries_GB": m.temp_size_in_bytes / GB,
+          "xla_total_GB": total / GB}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  vocab = _VOCAB.value or (config.data.vocab_size
+                           if config.data.tokenizer == "sentencepiece" else 259)
+  row = estimate(config, _DEVICES.value, vocab)
+  if _MEASURE.value:
+    row.update(measure(config, vocab))
+  print(format_table([row], list(row)))
+
+
+if __name__ == "__main__":
+  app.run(main)
