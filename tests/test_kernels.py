@@ -86,3 +86,87 @@ def test_supported_names_the_constraint():
   assert "(8, 128)" in supported(256, (4, 64, 64), 64, "tpu")
   assert "multiple" in supported(100, (4, 32, 32), 64, "gpu")
   assert supported(100, (4, 24, 32), 4, "cpu") is None
+
+
+from structmat.kernels import monarch as mk  # noqa: E402
+
+MONARCH_SHAPES = [  # (tokens, block_tokens, w1 shape, w2 shape)
+    (64, 32, (4, 16, 16), (4, 16, 16)),     # square, n = 64, 4 blocks
+    (32, 16, (4, 8, 16), (4, 12, 8)),       # rectangular 64 -> 48
+    (16, 8, (2, 8, 8), (4, 6, 4)),          # k != l
+    (128, 64, (8, 64, 32), (8, 128, 64)),   # 256 -> 1024 (in_ext < out_ext rule)
+    (48, 16, (4, 32, 32), (4, 32, 32)),     # 48 tokens: 3 tiles
+]
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("tokens,bt,s1,s2", MONARCH_SHAPES)
+def test_monarch_kernel_matches_reference(tokens, bt, s1, s2, dtype, tol):
+  keys = jax.random.split(jax.random.key(tokens + sum(s1)), 4)
+  x = jax.random.normal(keys[0], (tokens, s1[0] * s1[2])).astype(dtype)
+  w1 = (jax.random.normal(keys[1], s1) / np.sqrt(s1[2])).astype(dtype)
+  w2 = (jax.random.normal(keys[2], s2) / np.sqrt(s2[2])).astype(dtype)
+  g = jax.random.normal(keys[3], (tokens, s2[0] * s2[1])).astype(dtype)
+  f32 = lambda *a: [v.astype(jnp.float32) for v in a]
+  ref = lambda x, w1, w2: ops.monarch_matmul(*f32(x, w1, w2))
+  ker = lambda x, w1, w2: mk.monarch_matmul_pallas(x, w1, w2, block_tokens=bt,
+                                                   interpret=True)
+  y = ker(x, w1, w2)
+  assert y.dtype == dtype
+  r = ref(x, w1, w2)
+  np.testing.assert_allclose(np.asarray(y, np.float32), r, rtol=tol,
+                             atol=tol * 4 * float(jnp.abs(r).max()))
+  loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * g)
+  ga = jax.grad(loss(ker), argnums=(0, 1, 2))(x, w1, w2)
+  gb = jax.grad(loss(ref), argnums=(0, 1, 2))(x, w1, w2)
+  for a, b, name in zip(ga, gb, ("dx", "dw1", "dw2")):
+    scale = float(jnp.abs(b).max())
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b),
+                               rtol=tol, atol=tol * 4 * scale, err_msg=name)
+
+
+def test_monarch_gathered_weights_roundtrip():
+  w1 = jax.random.normal(jax.random.key(0), (4, 8, 16))
+  w2 = jax.random.normal(jax.random.key(1), (4, 12, 8))
+  a, b = mk.gather_weights(w1, w2)
+  back1, back2 = mk.scatter_weight_grads(a, b)
+  np.testing.assert_array_equal(back1, w1)
+  np.testing.assert_array_equal(back2, w2)
+
+
+def _lower_monarch(platform, kind, tokens, s1, s2, bt, grad):
+  ad = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1,
+                                   platform=platform)
+  mesh = jax.sharding.AbstractMesh((1,), ("x",),
+                                   (jax.sharding.AxisType.Explicit,),
+                                   abstract_device=ad)
+  fwd = lambda *a: mk.monarch_matmul_pallas(*a, block_tokens=bt,
+                                            interpret=False, platform=platform)
+  f = fwd
+  if grad:
+    f = jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)),
+                 argnums=(0, 1, 2))
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16)
+          for s in ((tokens, s1[0] * s1[2]), s1, s2)]
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))
+
+
+@pytest.mark.parametrize("platform,kind,tokens,s1,s2,bt", [
+    ("cuda", "NVIDIA H100 80GB HBM3", 256, (4, 64, 64), (4, 64, 64), 64),
+    ("cuda", "NVIDIA H100 80GB HBM3", 512, (4, 128, 128), (4, 256, 128), 128),
+    ("tpu", "TPU v5 lite", 256, (4, 512, 512), (4, 512, 512), 64),
+])
+@pytest.mark.parametrize("grad", [False, True])
+def test_monarch_cross_lowering(platform, kind, tokens, s1, s2, bt, grad):
+  assert mk.supported(tokens, s1, s2, bt, platform) is None
+  assert _lower_monarch(platform, kind, tokens, s1, s2, bt, grad).as_text()
+
+
+def test_monarch_supported_names_the_constraint():
+  assert "divisible" in mk.supported(64, (4, 6, 16), (4, 16, 6), 16, "gpu")
+  assert "power-of-two" in mk.supported(64, (32, 32, 32), (32, 32, 32), 64, "gpu")
+  assert mk.supported(64, (32, 32, 32), (32, 32, 32), 64, "cpu") is None
+  with pytest.raises(ValueError, match="cannot run"):
+    mk.monarch_matmul_pallas(jnp.ones((8, 24)), jnp.ones((4, 6, 6)),
+                             jnp.ones((4, 6, 6)), interpret=True)

@@ -1,0 +1,241 @@
+"""Fused Monarch product as a portable Pallas kernel (Triton on GPU, Mosaic on TPU).
+
+The intermediate never goes to device memory. With w1 (k, q, p) and w2 (l, s, r)
+in fly's layout and q divisible by l, the permutation P1 sends columns
+q_i = l_i (mod l) of stage-1 block k to stage-2 block l_i, at the contiguous
+r-range [k*q/l, (k+1)*q/l). Gathering the weights once (weight-sized, cheap)
+into A[l, k] = w1[k, l::l] (q/l, p) and B[l, k] = w2[l][:, k*q/l:(k+1)*q/l]
+(s, q/l) makes every step a plain 2-D matmul on contiguous blocks:
+
+    o_l = sum_k (x_k @ A[l, k]^T) @ B[l, k]^T
+
+Forward: one program per token tile loops over (l, k) and writes o_l into a
+block-major (l, tokens, s) output; the final permutation P2 (index s*l + l) is
+an XLA transpose. Backward: dx per (token tile, k) program; dA, dB per (l, k)
+program looping over token tiles (accumulating across grid programs would race
+on Triton). Reference: ``structmat.ops.monarch_matmul``.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from structmat.kernels.blockdiag import _pow2, compiler_params
+
+
+def gather_weights(w1, w2):
+  """(A, B): A (l, k, q/l, p), B (l, k, s, q/l) as described in the docstring."""
+  k, q, p = w1.shape
+  l, s, r = w2.shape
+  g = q // l
+  a = w1.reshape(k, g, l, p).transpose(2, 0, 1, 3)        # A[l, k] = w1[k, l::l]
+  b = w2.reshape(l, s, k, g).transpose(0, 2, 1, 3)        # B[l, k] = w2[l][:, k-range]
+  return a, b
+
+
+def scatter_weight_grads(da, db):
+  """Inverse of gather_weights for gradients: (dw1, dw2)."""
+  l, k, g, p = da.shape
+  s = db.shape[2]
+  dw1 = da.transpose(1, 2, 0, 3).reshape(k, g * l, p)
+  dw2 = db.transpose(0, 2, 1, 3).reshape(l, s, k * g)
+  return dw1, dw2
+
+
+def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
+              platform: str) -> str | None:
+  """None if the fused kernel runs these shapes on ``platform``, else why not."""
+  k, q, p = w1_shape
+  l, s, r = w2_shape
+  if l * r != k * q:
+    return "w2 does not match w1"
+  if q % l:
+    return f"q={q} not divisible by l={l} (the gathered layout needs it)"
+  if tokens % block_tokens:
+    return f"tokens {tokens} not a multiple of block_tokens {block_tokens}"
+  g = q // l
+  if platform in ("gpu", "cuda", "rocm"):
+    bad = [n for n in (block_tokens, p, g, s) if not _pow2(n) or n < 16]
+    if bad:
+      return f"Triton needs power-of-two block sizes >= 16, got {bad}"
+  if platform == "tpu":
+    if p % 128 or g % 128 or s % 128 or block_tokens % 8:
+      return "Mosaic TPU needs block dims multiple of (8, 128)"
+  return None
+
+
+def _dot_t(a, b):
+  """a @ b^T with float32 accumulation (2-D)."""
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+  """a^T @ b (contract the token axis)."""
+  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, l, p):
+  for li in range(l):
+    acc = None
+    for ki in range(k):
+      h = _dot_t(x_ref[:, pl.ds(ki * p, p)], a_ref[li, ki]).astype(x_ref.dtype)
+      part = _dot_t(h, b_ref[li, ki])
+      acc = part if acc is None else acc + part
+    o_ref[li] = acc.astype(o_ref.dtype)
+
+
+def _call_fwd(x, a, b, block_tokens, interpret, platform):
+  tokens, n = x.shape
+  l, k, g, p = a.shape
+  s = b.shape[2]
+  kernel = functools.partial(_fwd_kernel, k=k, l=l, p=p)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((l, tokens, s), x.dtype),
+      grid=(tokens // block_tokens,),
+      in_specs=[pl.BlockSpec((block_tokens, n), lambda i: (i, 0)),
+                pl.BlockSpec((l, k, g, p), lambda i: (0, 0, 0, 0)),
+                pl.BlockSpec((l, k, s, g), lambda i: (0, 0, 0, 0))],
+      out_specs=pl.BlockSpec((l, block_tokens, s), lambda i: (0, i, 0)),
+      interpret=interpret,
+      compiler_params=None if interpret else compiler_params(platform, 1),
+      name="monarch_fwd",
+  )(x, a, b)
+
+
+def _dx_kernel(do_ref, a_ref, b_ref, dx_ref, *, l):
+  acc = None
+  for li in range(l):
+    dh = _dot(do_ref[li], b_ref[li]).astype(do_ref.dtype)   # (bt, g)
+    part = _dot(dh, a_ref[li])                             # (bt, p)
+    acc = part if acc is None else acc + part
+  dx_ref[...] = acc.astype(dx_ref.dtype)
+
+
+def _call_dx(do, a, b, block_tokens, interpret, platform):
+  l, tokens, s = do.shape
+  _, k, g, p = a.shape
+  return pl.pallas_call(
+      functools.partial(_dx_kernel, l=l),
+      out_shape=jax.ShapeDtypeStruct((tokens, k * p), do.dtype),
+      grid=(tokens // block_tokens, k),
+      in_specs=[pl.BlockSpec((l, block_tokens, s), lambda i, j: (0, i, 0)),
+                pl.BlockSpec((l, None, g, p), lambda i, j: (0, j, 0, 0)),
+                pl.BlockSpec((l, None, s, g), lambda i, j: (0, j, 0, 0))],
+      out_specs=pl.BlockSpec((block_tokens, p), lambda i, j: (i, j)),
+      interpret=interpret,
+      compiler_params=None if interpret else compiler_params(platform, 2),
+      name="monarch_dx",
+  )(do, a, b)
+
+
+def _dw_kernel(x_ref, do_ref, a_ref, b_ref, da_ref, db_ref, *, bt, n_tiles):
+  g, p = a_ref.shape
+  s = b_ref.shape[0]
+
+  def body(t, carry):
+    da, db = carry
+    rows = pl.ds(t * bt, bt)
+    x = x_ref[rows, :]                                     # (bt, p)
+    do = do_ref[rows, :]                                   # (bt, s)
+    h = _dot_t(x, a_ref[...]).astype(x.dtype)              # (bt, g)
+    dh = _dot(do, b_ref[...]).astype(x.dtype)              # (bt, g)
+    return da + _dot_tn(dh, x), db + _dot_tn(do, h)
+
+  da, db = jax.lax.fori_loop(0, n_tiles, body,
+                             (jnp.zeros((g, p), jnp.float32),
+                              jnp.zeros((s, g), jnp.float32)))
+  da_ref[...] = da.astype(da_ref.dtype)
+  db_ref[...] = db.astype(db_ref.dtype)
+
+
+def _call_dw(x, do, a, b, block_tokens, interpret, platform):
+  tokens = x.shape[0]
+  l, k, g, p = a.shape
+  s = b.shape[2]
+  kernel = functools.partial(_dw_kernel, bt=block_tokens,
+                             n_tiles=tokens // block_tokens)
+  return pl.pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct(a.shape, a.dtype),
+                 jax.ShapeDtypeStruct(b.shape, b.dtype)),
+      grid=(l, k),
+      in_specs=[pl.BlockSpec((tokens, p), lambda i, j: (0, j)),
+                pl.BlockSpec((None, tokens, s), lambda i, j: (i, 0, 0)),
+                pl.BlockSpec((None, None, g, p), lambda i, j: (i, j, 0, 0)),
+                pl.BlockSpec((None, None, s, g), lambda i, j: (i, j, 0, 0))],
+      out_specs=(pl.BlockSpec((None, None, g, p), lambda i, j: (i, j, 0, 0)),
+                 pl.BlockSpec((None, None, s, g), lambda i, j: (i, j, 0, 0))),
+      interpret=interpret,
+      compiler_params=None if interpret else compiler_params(platform, 2),
+      name="monarch_dw",
+  )(x, do, a, b)
+
+
+def _to_output(o):
+  """(l, tokens, s) -> (tokens, s*l): P2, output index s_idx*l + l_idx."""
+  l, tokens, s = o.shape
+  return o.transpose(1, 2, 0).reshape(tokens, s * l)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _monarch(x, w1, w2, block_tokens, interpret, platform):
+  a, b = gather_weights(w1, w2)
+  return _to_output(_call_fwd(x, a, b, block_tokens, interpret, platform))
+
+
+def _vjp_fwd(x, w1, w2, block_tokens, interpret, platform):
+  return _monarch(x, w1, w2, block_tokens, interpret, platform), (x, w1, w2)
+
+
+def _vjp_bwd(block_tokens, interpret, platform, res, dy):
+  x, w1, w2 = res
+  l, s, _ = w2.shape
+  a, b = gather_weights(w1, w2)
+  do = dy.reshape(dy.shape[0], s, l).transpose(2, 0, 1)   # (l, tokens, s)
+  dx = _call_dx(do, a, b, block_tokens, interpret, platform)
+  da, db = _call_dw(x, do, a, b, block_tokens, interpret, platform)
+  dw1, dw2 = scatter_weight_grads(da, db)
+  return dx, dw1.astype(w1.dtype), dw2.astype(w2.dtype)
+
+
+_monarch.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
+                          interpret: bool | None = None,
+                          platform: str | None = None):
+  """Fused Monarch product, same contract as ``ops.monarch_matmul`` (no bias).
+
+  Args:
+    x: (..., k*p). w1: (k, q, p). w2: (l, s, r) with l*r = k*q and q % l == 0.
+    block_tokens: tokens per program.
+    interpret: interpret mode (default: on the CPU).
+    platform: backend to compile for (default: the default backend).
+
+  Returns:
+    (..., l*s).
+  """
+  from structmat.ops.monarch import _check  # the reference's shape checks
+  _check(x.shape[-1], w1, w2)
+  platform = platform or jax.default_backend()
+  if interpret is None:
+    interpret = platform == "cpu"
+  batch_shape = x.shape[:-1]
+  x2 = x.reshape(-1, x.shape[-1])
+  block_tokens = min(block_tokens, x2.shape[0])
+  why = supported(x2.shape[0], w1.shape, w2.shape, block_tokens,
+                  "cpu" if interpret else platform)
+  if why:
+    raise ValueError(f"the fused Monarch kernel cannot run these shapes: {why}")
+  y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), block_tokens,
+               interpret, platform)
+  return y.reshape(*batch_shape, y.shape[-1])
