@@ -20,6 +20,7 @@ class Monarch(StructuredLinear):
   else out_blk), each ~ U(+-1/sqrt(block fan-in)); bias U(+-1/sqrt(out)).
   """
   nblocks: int = 4
+  impl: str = "xla"  # "auto" | "xla" | "pallas": see structmat.kernels.dispatch
 
   def inner(self, in_features: int) -> int | None:
     """Per-block intermediate size q; None: fly's rule."""
@@ -57,7 +58,7 @@ class Monarch(StructuredLinear):
       x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
     if bias is not None and out_ext > self.features:
       bias = jnp.pad(bias, (0, out_ext - self.features))
-    y = ops.monarch_matmul(x, p["w1"], p["w2"], bias)
+    y = ops.monarch_matmul(x, p["w1"], p["w2"], bias, impl=self.impl)
     return y[..., :self.features] if out_ext > self.features else y
 
   def kernel_from(self, p, in_features):

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from structmat.layers import make_linear
+from structmat.layers import LINEARS, make_linear
 
 SITES = ("q", "k", "v", "o", "gate", "up", "down")
 ATTN_SITES, MLP_SITES = SITES[:4], SITES[4:]
@@ -42,6 +42,7 @@ class LlamaConfig:
   overrides: tuple = ()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  impl: str = "xla"  # kernels for the layers that have them (Monarch, BTT)
 
   @property
   def kv_heads(self) -> int:
@@ -97,6 +98,8 @@ def site_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
 def _linear(cfg: LlamaConfig, layer: int, site: str, features: int, axes,
             **extra):
   name, kwargs = cfg.linear_for(site, layer)
+  if "impl" in LINEARS[name].__dataclass_fields__:
+    kwargs.setdefault("impl", cfg.impl)
   return make_linear(name, features=features, use_bias=False, dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, kernel_axes=axes, name=site,
                      **kwargs, **extra)

@@ -37,17 +37,21 @@ def check_blockdiag(x_features: int, w, name: str = "w"):
         f"== {x_features}.")
 
 
-def blockdiag_matmul(x, w):
+def blockdiag_matmul(x, w, impl: str = "xla"):
   """Block-diagonal product y[..., k, q] = sum_p w[k, q, p] x[..., k, p].
 
   Args:
     x: (..., nblocks * in_block) input.
     w: (nblocks, out_block, in_block) blocks.
+    impl: "xla", "pallas" or "auto" (``structmat.kernels.dispatch``).
 
   Returns:
     (..., nblocks * out_block).
   """
   check_blockdiag(x.shape[-1], w)
+  if impl != "xla":
+    from structmat.kernels import dispatch  # pylint: disable=import-outside-toplevel
+    return dispatch.blockdiag(x, w, impl)
   batch_shape = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
   h = bmm(to_block_major(x2, w.shape[0]), w, 2, 2)  # [k, batch, q]

@@ -105,7 +105,7 @@ def _monarch_2d(x, w1, w2, bias):
 _monarch_2d.defvjp(_fwd, _bwd)
 
 
-def monarch_matmul(x, w1, w2, bias=None):
+def monarch_matmul(x, w1, w2, bias=None, impl: str = "xla"):
   """Monarch product, fly's ``blockdiag_butterfly_multiply(x, w1, w2)``.
 
   Args:
@@ -114,11 +114,17 @@ def monarch_matmul(x, w1, w2, bias=None):
     w2: (l, s, r) second factor, l*r = k*q.
     bias: optional (l*s,) added to the output (fused, cheaper than adding it
       afterwards).
+    impl: "xla" (this function), "pallas" (the fused kernel, interpret mode on
+      the CPU) or "auto" (the kernel on GPU/TPU where the shapes fit it); see
+      ``structmat.kernels.dispatch``.
 
   Returns:
     (..., l*s). Differentiable in all arguments (reverse mode).
   """
   _check(x.shape[-1], w1, w2)
+  if impl != "xla":
+    from structmat.kernels import dispatch  # pylint: disable=import-outside-toplevel
+    return dispatch.monarch(x, w1, w2, bias, impl)
   dtype = jnp.result_type(x, w1, w2)
   batch_shape = x.shape[:-1]
   n_out = w2.shape[0] * w2.shape[1]

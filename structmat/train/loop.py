@@ -64,6 +64,7 @@ def model_config(config, vocab_size: int):
                       dtype=DTYPES[config.compute_dtype],
                       n_kv_heads=config.n_kv_heads or None,
                       tie_embeddings=config.tie_embeddings,
+                      impl=config.get("impl", "xla"),
                       overrides=overrides, **dict(config.linear_kwargs))
 
 

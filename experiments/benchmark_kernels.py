@@ -1,0 +1,133 @@
+r"""Kernel benchmark (GPU/TPU): dense, XLA Monarch, ragged_dot Monarch, Pallas kernels.
+
+  python -m experiments.benchmark_kernels --output_dir=$OUT          # full sweep
+  python -m experiments.benchmark_kernels --sizes=256 --tokens=256 --dtypes=float32 --quick
+
+For each n in --sizes, token count in --tokens and dtype: forward and
+forward+backward time of a dense n x n matmul, the XLA Monarch path
+(``ops.monarch_matmul``, 4 blocks), Monarch through ``jax.lax.ragged_dot``, the
+fused Pallas Monarch kernel and the Pallas block-diagonal kernel; the bytes
+each must move (x, y and weights once), achieved bandwidth, and its share of
+the measured copy bandwidth (a copy of x, timed in the same run). Every row
+checks its numbers against the float32 XLA reference first (Triton has
+miscompiled before). Table last; JSON in --output_dir. On the CPU the Pallas
+rows run in interpret mode only with --interpret (slow; for smoke tests).
+"""
+import json
+import os
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from structmat import ops
+from structmat.kernels import blockdiag_matmul_pallas
+from structmat.kernels import monarch as mk
+from structmat.utils.timing import format_table, time_fn
+
+_SIZES = flags.DEFINE_list("sizes", ["1024", "4096", "8192"], "n (square).")
+_TOKENS = flags.DEFINE_list("tokens", ["16384", "512"], "Token counts.")
+_DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "dtypes.")
+_NBLOCKS = flags.DEFINE_integer("nblocks", 4, "Monarch blocks.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls.")
+_QUICK = flags.DEFINE_bool("quick", False, "Few repeats (smoke test).")
+_INTERPRET = flags.DEFINE_bool("interpret", False, "Run Pallas rows on the CPU "
+                               "in interpret mode.")
+_OUT = flags.DEFINE_string("output_dir", "runs/benchmark_kernels", "JSON dir.")
+
+
+def ragged_monarch(x, w1, w2):
+  """Monarch through jax.lax.ragged_dot (grouped matmuls), for comparison."""
+  k, q, p = w1.shape
+  l, s, r = w2.shape
+  b = x.shape[0]
+  xt = x.reshape(b, k, p).transpose(1, 0, 2).reshape(k * b, p)
+  sizes = jnp.full((k,), b, jnp.int32)
+  h = jax.lax.ragged_dot(xt, w1.transpose(0, 2, 1), sizes).reshape(k, b, q)
+  z = h.transpose(1, 0, 2).reshape(b, r, l).transpose(2, 0, 1).reshape(l * b, r)
+  o = jax.lax.ragged_dot(z, w2.transpose(0, 2, 1), jnp.full((l,), b, jnp.int32))
+  return o.reshape(l, b, s).transpose(1, 2, 0).reshape(b, s * l)
+
+
+def rows_for(n, tokens, dtype, repeats, interpret):
+  keys = jax.random.split(jax.random.key(n + tokens), 4)
+  nb = _NBLOCKS.value
+  blk = n // nb
+  x = jax.random.normal(keys[0], (tokens, n), dtype)
+  w = (jax.random.normal(keys[1], (n, n)) / np.sqrt(n)).astype(dtype)
+  w1 = (jax.random.normal(keys[2], (nb, blk, blk)) / np.sqrt(blk)).astype(dtype)
+  w2 = (jax.random.normal(keys[3], (nb, blk, blk)) / np.sqrt(blk)).astype(dtype)
+  wb = w1  # block-diagonal: the first Monarch factor alone
+  itemsize = jnp.dtype(dtype).itemsize
+  copy_s = time_fn(jax.jit(lambda x: x + 1), x, repeats=repeats)
+  copy_bw = 2 * x.size * itemsize / copy_s
+  pallas_ok = jax.default_backend() != "cpu" or interpret
+  bt = min(128, tokens)
+  # (name, fn(x, *weights), weights): forward+backward differentiates the
+  # input and every weight against a random cotangent (a constant cotangent
+  # lets XLA skip work).
+  cases = [
+      ("dense", lambda x, w: x @ w, (w,)),
+      ("monarch xla", ops.monarch_matmul, (w1, w2)),
+      ("monarch ragged_dot", ragged_monarch, (w1, w2)),
+      ("blockdiag xla", ops.blockdiag_matmul, (wb,)),
+  ]
+  if pallas_ok:
+    interp = interpret or None
+    cases += [
+        ("monarch pallas", lambda x, a, b: mk.monarch_matmul_pallas(
+            x, a, b, block_tokens=bt, interpret=interp), (w1, w2)),
+        ("blockdiag pallas", lambda x, a: blockdiag_matmul_pallas(
+            x, a, block_tokens=bt, interpret=interp), (wb,)),
+    ]
+  f32 = lambda a: a.astype(jnp.float32)
+  refs = {"dense": f32(x) @ f32(w),
+          "monarch": ops.monarch_matmul(f32(x), f32(w1), f32(w2)),
+          "blockdiag": ops.blockdiag_matmul(f32(x), f32(wb))}
+  rows = []
+  for name, fn, weights in cases:
+    ref = refs[name.split()[0]]
+    out = jax.jit(fn)(x, *weights)
+    err = float(jnp.max(jnp.abs(f32(out) - ref)) / jnp.max(jnp.abs(ref)))
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3
+    fwd_s = time_fn(jax.jit(fn), x, *weights, repeats=repeats)
+    g = jax.random.normal(jax.random.key(7), out.shape, dtype)
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(f32(fn(*a) * g)),
+                            argnums=tuple(range(1 + len(weights)))))
+    bwd_s = time_fn(grad, x, *weights, repeats=repeats)
+    moved = (x.size + out.size + sum(v.size for v in weights)) * itemsize
+    rows.append({"n": n, "tokens": tokens, "dtype": jnp.dtype(dtype).name,
+                 "impl": name, "max_rel_err": err, "numerics_ok": err < tol,
+                 "fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * bwd_s,
+                 "bytes_MB": moved / 2**20, "GB_per_s": moved / fwd_s / 1e9,
+                 "pct_copy_roofline": 100 * moved / fwd_s / copy_bw,
+                 "copy_GB_per_s": copy_bw / 1e9})
+    print(f"  n={n} tokens={tokens} {rows[-1]['dtype']} {name}: "
+          f"{rows[-1]['fwd_ms']:.3f} / {rows[-1]['fwd_bwd_ms']:.3f} ms, "
+          f"err {err:.1e}", flush=True)
+  return rows
+
+
+def main(argv):
+  del argv
+  repeats = 2 if _QUICK.value else _REPEATS.value
+  rows = []
+  for dtype in _DTYPES.value:
+    for n in map(int, _SIZES.value):
+      for tokens in map(int, _TOKENS.value):
+        rows += rows_for(n, tokens, jnp.dtype(dtype), repeats, _INTERPRET.value)
+  meta = {"backend": jax.default_backend(),
+          "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "nblocks": _NBLOCKS.value}
+  os.makedirs(_OUT.value, exist_ok=True)
+  with open(os.path.join(_OUT.value, "benchmark_kernels.json"), "w") as f:
+    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  print(f"\n{meta}\n")
+  print(format_table(rows, ["n", "tokens", "dtype", "impl", "numerics_ok",
+                            "fwd_ms", "fwd_bwd_ms", "GB_per_s",
+                            "pct_copy_roofline"]))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,53 @@
+"""impl = "auto" | "xla" | "pallas": which implementation an op runs.
+
+"xla" is the reference in ``structmat.ops``; "pallas" runs the kernel (in
+interpret mode on the CPU) and raises if the shapes do not fit it; "auto" runs
+the kernel on GPU/TPU when the shapes meet its constraints and XLA otherwise
+(the CPU always gets XLA: interpret mode is for testing), logging the reason
+at debug level.
+"""
+from absl import logging
+import jax
+
+IMPLS = ("auto", "xla", "pallas")
+
+
+def choose(impl: str, why_not) -> bool:
+  """True to run the kernel. ``why_not(platform)`` -> None or a reason."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r}; use one of {IMPLS}.")
+  if impl == "xla":
+    return False
+  platform = jax.default_backend()
+  if impl == "pallas":
+    return True
+  if platform == "cpu":
+    logging.debug("impl=auto: XLA on the CPU (kernels run only interpreted)")
+    return False
+  reason = why_not(platform)
+  if reason:
+    logging.debug("impl=auto: XLA fallback: %s", reason)
+    return False
+  return True
+
+
+def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
+  from structmat.kernels import monarch as mk  # pylint: disable=import-outside-toplevel
+  from structmat.ops import monarch as ref  # pylint: disable=import-outside-toplevel
+  tokens = x.size // x.shape[-1]
+  bt = min(block_tokens, tokens)
+  if not choose(impl, lambda plat: mk.supported(tokens, w1.shape, w2.shape,
+                                                bt, plat)):
+    return ref.monarch_matmul(x, w1, w2, bias)
+  y = mk.monarch_matmul_pallas(x, w1, w2, block_tokens=bt)
+  return y if bias is None else y + bias.astype(y.dtype)
+
+
+def blockdiag(x, w, impl: str, block_tokens: int = 128):
+  from structmat.kernels import blockdiag as bk  # pylint: disable=import-outside-toplevel
+  from structmat.ops import blockdiag as ref  # pylint: disable=import-outside-toplevel
+  tokens = x.size // x.shape[-1]
+  bt = min(block_tokens, tokens)
+  if not choose(impl, lambda plat: bk.supported(tokens, w.shape, bt, plat)):
+    return ref.blockdiag_matmul(x, w)
+  return bk.blockdiag_matmul_pallas(x, w, block_tokens=bt)
