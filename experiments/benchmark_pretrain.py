@@ -39,11 +39,14 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps.")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Accelerator peak for MFU.")
 _OUTPUT = flags.DEFINE_string("output", "runs/benchmark_pretrain.json", "JSON.")
+_IMPL = flags.DEFINE_enum("impl", "xla", ["xla", "auto", "pallas"],
+                          "Monarch/BTT implementation.")
 
 
-def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops):
+def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
+          impl="xla"):
   cfg = llama_config(preset, linear, vocab_size=vocab, max_len=seq,
-                     dtype=jnp.dtype(dtype))
+                     dtype=jnp.dtype(dtype), impl=impl)
   model = Llama(cfg)
   tx = optax.adamw(1e-4)
   tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, vocab)
@@ -84,7 +87,7 @@ def main(argv):
     for linear in _LINEARS.value:
       logging.info("%s %s", preset, linear)
       row = bench(preset, linear, _BATCH.value, _SEQ.value, _VOCAB.value,
-                  _DTYPE.value, _REPEATS.value, _PEAK.value)
+                  _DTYPE.value, _REPEATS.value, _PEAK.value, _IMPL.value)
       dense = next((r for r in rows if r["preset"] == preset
                     and r["linear"] == "dense"), None)
       row["step_vs_dense"] = row["step_ms"] / dense["step_ms"] if dense else 1.0
@@ -93,7 +96,7 @@ def main(argv):
       rows.append(row)
   meta = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
           "jax": jax.__version__, "dtype": _DTYPE.value, "batch": _BATCH.value,
-          "seq_len": _SEQ.value, "vocab": _VOCAB.value}
+          "seq_len": _SEQ.value, "vocab": _VOCAB.value, "impl": _IMPL.value}
   os.makedirs(os.path.dirname(_OUTPUT.value) or ".", exist_ok=True)
   with open(_OUTPUT.value, "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
