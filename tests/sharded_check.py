@@ -24,7 +24,7 @@ from structmat.train import loop  # noqa: E402
 from structmat.train.state import create_state  # noqa: E402
 
 CASES = [("dense", "adamw"), ("monarch", "adamw"), ("phm", "adamw"),
-         ("sltrain", "galore"), ("dense", "galore")]
+         ("nola", "adamw"), ("sltrain", "galore"), ("dense", "galore")]
 EXPECTED_SPECS = {  # (linear, path) -> spec under the default rules
     ("dense", ("layer_0", "mlp", "up", "kernel")): P("fsdp", "tensor"),
     ("dense", ("layer_0", "mlp", "down", "kernel")): P("tensor", "fsdp"),
@@ -33,6 +33,7 @@ EXPECTED_SPECS = {  # (linear, path) -> spec under the default rules
     ("sltrain", ("layer_0", "mlp", "up", "lora_a")): P("fsdp", None),
     # d_ff/n = 43 is odd: that dimension falls back to replication.
     ("phm", ("layer_0", "mlp", "up", "w")): P(None, "fsdp", None),
+    ("nola", ("layer_0", "mlp", "up", "nola", "coef_a")): P(None),
 }
 
 
@@ -41,6 +42,8 @@ def config(linear, optimizer, mesh):
   c.total_steps, c.log_every_steps = 3, 1
   c.eval_every_steps = c.checkpoint_every_steps = 0
   c.galore.rank, c.galore.update_proj_gap = 4, 2
+  if linear == "nola":  # fine-tuning style: only NOLA coefficients and norms
+    c.trainable = ".*coef_.*|.*norm.*"
   c.mesh.update(mesh)
   return c
 
@@ -67,7 +70,8 @@ def main(root):
     model = Llama(cfg)
     tx = loop.make_optimizer(sharded)
     example = jax.numpy.ones((1, sharded.seq_len), jax.numpy.int32)
-    new_state = lambda m, **kw: create_state(m, tx, 0, example, **kw)
+    new_state = lambda m, **kw: create_state(m, tx, 0, example,
+                                             sharded.trainable, **kw)
     place = loop.Placement(sharded, new_state, example)
     state = place.init(model)
     for (lin, path), spec in EXPECTED_SPECS.items():

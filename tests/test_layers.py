@@ -18,6 +18,7 @@ LINEAR_CASES = [
     ("phm", dict(n=4, rank=None, rule_init_std=1.0)),
     ("phm", dict(n=4, rank=2, rule_init_std=1.0)),
     ("sltrain", dict(rank=4, density=0.1, alpha=8.0)),
+    ("nola", dict(rank=4, num_basis=16, variant="basis")),
 ]
 SHAPES = [((5, 48), 40), ((2, 3, 40), 64), ((7, 64), 64)]
 
@@ -79,7 +80,7 @@ def test_param_count_and_logical_axes(name, kw, d_in, features):
   count = sum(int(np.prod(b.value.shape)) for b in boxed)
   assert count == module.param_count(d_in)
   assert module.flops_per_token(d_in) > 0
-  if name != "dense":
+  if name not in ("dense", "nola"):  # nola = dense base + coefficients
     dense = L.make_linear("dense", features=features)
     assert module.param_count(d_in) < dense.param_count(d_in)
 

@@ -1,6 +1,6 @@
 """Linen modules: one file per structure, a registry, adapters and inits."""
 from structmat.layers.adapters import (NOLA, AdaptedLinear, CompacterAdapter,
-                                       LoRA)
+                                       LoRA, NOLALinear)
 from structmat.layers.base import StructuredLinear
 from structmat.layers.dense import Dense
 from structmat.layers.lowrank import LowRank

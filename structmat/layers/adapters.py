@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from structmat import ops
 from structmat.layers import init as sm_init
-from structmat.layers.base import require
+from structmat.layers.base import StructuredLinear, require
 from structmat.layers.phm import PHMLinear, PHMRule
 
 NOLA_VARIANTS = ("offset", "basis")
@@ -231,3 +231,53 @@ class CompacterAdapter(nn.Module):
     kw = dict(n=self.n, rank=self.rank, rule=PHMRule(self.n, parent=None))
     return (PHMLinear(b, **kw, parent=None).param_count(d)
             + PHMLinear(d, **kw, parent=None).param_count(b))
+
+
+class NOLALinear(StructuredLinear):
+  """A dense base kernel plus a NOLA delta, as one linear for the registry.
+
+  ``make_linear("nola", ...)`` builds LLaMA models whose linears carry NOLA
+  adapters; freeze the base with ``config.trainable=".*coef_.*|.*norm.*"``.
+  Params: ``kernel`` (in, out) and ``nola/coef_a``, ``nola/coef_b``; the key
+  lives in ``structure/nola/nola_key``.
+  """
+  rank: int = 8
+  num_basis: int | tuple[int, int] = 64
+  alpha: float | None = None
+  variant: str = "offset"
+  chunk: int = 32
+
+  def _nola(self, **kw):
+    return NOLA(self.features, self.rank, self.num_basis, self.alpha,
+                self.variant, self.chunk, self.dtype, self.param_dtype, **kw)
+
+  def make_params(self, in_features):
+    bound = 1 / math.sqrt(in_features)
+    return {"kernel": self.factor("kernel", (in_features, self.features),
+                                  self.kernel_axes, sm_init.uniform(bound),
+                                  in_features, self.features)}
+
+  def compute(self, x, p):
+    return x @ p["kernel"] + self._nola(name="nola")(x).astype(x.dtype)
+
+  def to_dense(self, in_features):
+    params = self.variables["params"]
+    delta = self._nola(parent=None).apply(
+        {"params": params["nola"],
+         "structure": self.variables["structure"]["nola"]},
+        in_features, method="to_dense")
+    return _unbox(params["kernel"]) + delta
+
+  def kernel_from(self, p, in_features):
+    raise NotImplementedError("NOLALinear.to_dense reads its submodule.")
+
+  @nn.nowrap
+  def param_count(self, in_features):
+    return (in_features * self.features + sum(
+        NOLA(self.features, self.rank, self.num_basis, parent=None).counts())
+        + self.bias_count())
+
+  @nn.nowrap
+  def flops_per_token(self, in_features):
+    return 2 * in_features * self.features + 2 * self.rank * (
+        in_features + self.features)

@@ -1,4 +1,5 @@
 """make_linear: the one place that maps a structure name to a layer."""
+from structmat.layers.adapters import NOLALinear
 from structmat.layers.dense import Dense
 from structmat.layers.lowrank import LowRank
 from structmat.layers.monarch import BTT, Monarch
@@ -12,6 +13,7 @@ LINEARS = {
     "btt": BTT,
     "phm": PHMLinear,
     "sltrain": SparsePlusLowRank,
+    "nola": NOLALinear,  # dense base + NOLA delta (fine-tuning)
 }
 
 

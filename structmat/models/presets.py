@@ -34,6 +34,8 @@ def default_linear_kwargs(preset: str, linear: str) -> dict:
     return {"nblocks": 4}
   if linear == "btt":
     return {"nblocks": 4, "rank": 4}
+  if linear == "nola":
+    return {"rank": 8, "num_basis": 64}
   if linear == "phm":
     return {"n": 4, "rank": None, "rule_init_std": 0.5}
   return {}
