@@ -51,7 +51,8 @@ def run_compress(cc, init: str, workdir: str) -> dict:
     raise ValueError(f"--init={init} has no config.json: give a "
                      "pretraining workdir.")
   source = loop.apply_init_meta(source_config(meta["config"]), meta)
-  tok, _, eval_src = loop.build_data(source)
+  tok, _, eval_srcs = loop.build_data(source)
+  eval_src = eval_srcs[0]  # one process, one shard: the whole split
   cfg = loop.model_config(source, tok.vocab_size)
   params = jax.tree.map(jnp.asarray, params)
   structure = jax.tree.map(jnp.asarray, structure)

@@ -97,7 +97,7 @@ MONARCH_SHAPES = [  # (tokens, block_tokens, w1 shape, w2 shape)
     (64, 32, (4, 16, 16), (4, 16, 16)),     # square, n = 64, 4 blocks
     (32, 16, (4, 8, 16), (4, 12, 8)),       # rectangular 64 -> 48
     (16, 8, (2, 8, 8), (4, 6, 4)),          # k != l
-    (128, 64, (8, 64, 32), (8, 128, 64)),   # 256 -> 1024 (in_ext < out_ext rule)
+    (32, 32, (8, 64, 32), (8, 128, 64)),    # 256 -> 1024 (in_ext < out_ext rule)
     (48, 16, (4, 32, 32), (4, 32, 32)),     # 48 tokens: 3 tiles
 ]
 

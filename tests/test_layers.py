@@ -271,7 +271,7 @@ def test_nola_keys_differ_per_layer_and_no_basis_in_params():
       return (L.NOLA(8, rank=2, num_basis=16, name="q")(x)
               + L.NOLA(8, rank=2, num_basis=16, name="v")(x))
   v = Two().init(jax.random.key(0), jnp.ones((1, 32)))
-  s = v["structure"]
+  s = nn.unbox(v["structure"])
   assert not np.array_equal(s["q"]["nola_key"], s["v"]["nola_key"])
   assert max(l.size for l in jax.tree.leaves(nn.unbox(v["params"]))) == 16
 

@@ -1,4 +1,5 @@
 """Pretraining launcher: every linear family trains, resume equivalence, errors."""
+import functools
 import json
 import re
 import os
@@ -203,7 +204,9 @@ def test_densify_preserves_function_and_moments():
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 259)
   tx = loop.make_optimizer(c)
   state = create_state(model, tx, 0, tokens)
-  state, _ = steps.train_step(state, tokens, model=model, tx=tx, pad_id=0)
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+                                   pad_id=0))
+  state, _ = step(state, tokens)
   new_cfg, new_model, new_state = loop._densify(cfg, tx, state)  # pylint: disable=protected-access
   assert densify.monarch_sites(new_cfg) == []
   assert set(new_state.params["layer_0"]["mlp"]["up"]) == {"kernel"}

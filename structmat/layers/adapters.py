@@ -122,9 +122,9 @@ class NOLA(nn.Module):
         init_a, ("nola_basis",)), (k,), self.param_dtype)
     cb = self.param("coef_b", nn.with_logical_partitioning(
         init_b, ("nola_basis",)), (l,), self.param_dtype)
-    key = self.variable("structure", "nola_key",
-                        lambda: jax.random.key_data(self.make_rng("params")))
-    return self._combine(ca, cb, key.value, in_features)
+    key = self.variable("structure", "nola_key", lambda: nn.LogicallyPartitioned(
+        jax.random.key_data(self.make_rng("params")), ("nola_key",)))
+    return self._combine(ca, cb, _unbox(key.value), in_features)
 
   def _combine(self, ca, cb, key_data, in_features):
     keys = [jax.random.key_data(jax.random.fold_in(
@@ -155,7 +155,8 @@ class NOLA(nn.Module):
     """The (in, features) delta kernel."""
     p = self.variables["params"]
     a, b = self._combine(_unbox(p["coef_a"]), _unbox(p["coef_b"]),
-                         self.variables["structure"]["nola_key"], in_features)
+                         _unbox(self.variables["structure"]["nola_key"]),
+                         in_features)
     return (a @ b) * self.scale()
 
   @nn.nowrap

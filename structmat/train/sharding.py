@@ -32,6 +32,7 @@ DEFAULT_RULES = (
     ("rank", None),
     ("sparse", "fsdp"),             # SLTrain values and their int32 support
     ("nola_basis", None),
+    ("nola_key", None),
     ("adapter", None),
     ("norm", None),
 )
