@@ -20,6 +20,15 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 
 
+def prepare(x, block_tokens: int, interpret, platform):
+  """Shared wrapper prologue: (x as 2-D, block_tokens, interpret, platform)."""
+  platform = platform or jax.default_backend()
+  if interpret is None:
+    interpret = platform == "cpu"
+  x2 = x.reshape(-1, x.shape[-1])
+  return x2, min(block_tokens, x2.shape[0]), interpret, platform
+
+
 def _pow2(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
@@ -149,15 +158,11 @@ def blockdiag_matmul_pallas(x, w, *, block_tokens: int = 128,
   """
   from structmat.ops.blockdiag import check_blockdiag  # the reference's checks
   check_blockdiag(x.shape[-1], w)
-  platform = platform or jax.default_backend()
-  if interpret is None:
-    interpret = platform == "cpu"
-  batch_shape = x.shape[:-1]
-  x2 = x.reshape(-1, x.shape[-1])
-  block_tokens = min(block_tokens, x2.shape[0])
+  x2, block_tokens, interpret, platform = prepare(x, block_tokens, interpret,
+                                                  platform)
   if x2.shape[0] % block_tokens:
     raise ValueError(f"{x2.shape[0]} tokens are not a multiple of "
                      f"block_tokens={block_tokens}; pad the batch or pick a "
                      "divisor.")
   y = _blockdiag(x2, w.astype(x.dtype), block_tokens, interpret, platform)
-  return y.reshape(*batch_shape, y.shape[-1])
+  return y.reshape(*x.shape[:-1], y.shape[-1])

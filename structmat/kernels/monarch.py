@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from structmat.kernels.blockdiag import _pow2, compiler_params
+from structmat.kernels.blockdiag import _pow2, compiler_params, prepare
 
 
 def gather_weights(w1, w2):
@@ -226,16 +226,12 @@ def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
   """
   from structmat.ops.monarch import _check  # the reference's shape checks
   _check(x.shape[-1], w1, w2)
-  platform = platform or jax.default_backend()
-  if interpret is None:
-    interpret = platform == "cpu"
-  batch_shape = x.shape[:-1]
-  x2 = x.reshape(-1, x.shape[-1])
-  block_tokens = min(block_tokens, x2.shape[0])
+  x2, block_tokens, interpret, platform = prepare(x, block_tokens, interpret,
+                                                  platform)
   why = supported(x2.shape[0], w1.shape, w2.shape, block_tokens,
                   "cpu" if interpret else platform)
   if why:
     raise ValueError(f"the fused Monarch kernel cannot run these shapes: {why}")
   y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), block_tokens,
                interpret, platform)
-  return y.reshape(*batch_shape, y.shape[-1])
+  return y.reshape(*x.shape[:-1], y.shape[-1])
