@@ -223,10 +223,3 @@ def test_densify_preserves_function_and_moments():
   assert float(jnp.abs(adam_new.mu["layer_0"]["mlp"]["up"]["kernel"]).max()) == 0
 
 
-def test_densify_during_training(tmp_path, data_dir):
-  del data_dir
-  c = tiny(linear="monarch", densify_at=0.5, log_every_steps=1,
-           checkpoint_every_steps=2)
-  loop.train_and_evaluate(c, str(tmp_path))
-  train = losses(str(tmp_path))
-  assert sorted(train) == list(range(1, 9)) and np.all(np.isfinite(list(train.values())))
