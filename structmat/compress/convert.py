@@ -10,7 +10,7 @@ import numpy as np
 
 from structmat import ops
 from structmat.compress import welore
-from structmat.models.llama import ATTN_SITES, SITES
+from structmat.models.llama import SITES, site_params
 
 METHODS = ("welore", "monarch", "lowrank")
 
@@ -20,8 +20,7 @@ def linear_paths(cfg, params, pattern: str = ".*"):
   out = []
   for i in range(cfg.n_layers):
     for site in SITES:
-      group = params[f"layer_{i}"]["attn" if site in ATTN_SITES else "mlp"]
-      leaf = group[site]
+      leaf = site_params(params, i, site)[site]
       if "kernel" in leaf and re.fullmatch(pattern, f"{i}.{site}"):
         out.append((i, site, np.asarray(leaf["kernel"], np.float32)))
   return out
@@ -34,8 +33,7 @@ def spectra_of(linears) -> dict:
 
 
 def _set(params, layer, site, value):
-  group = params[f"layer_{layer}"]["attn" if site in ATTN_SITES else "mlp"]
-  group[site] = value
+  site_params(params, layer, site)[site] = value
 
 
 def convert(cfg, params, method: str, reduction: float = 0.5,

@@ -95,6 +95,11 @@ def site_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
           "down": (cfg.d_ff, cfg.d_model)}
 
 
+def site_params(params, layer: int, site: str) -> dict:
+  """The parameter dict holding linear ``site`` of block ``layer``."""
+  return params[f"layer_{layer}"]["attn" if site in ATTN_SITES else "mlp"]
+
+
 def _linear(cfg: LlamaConfig, layer: int, site: str, features: int, axes,
             **extra):
   name, kwargs = cfg.linear_for(site, layer)

@@ -9,7 +9,7 @@ import dataclasses
 import jax
 
 from structmat.layers import make_linear
-from structmat.models.llama import ATTN_SITES, SITES, site_shapes
+from structmat.models.llama import SITES, site_params, site_shapes
 
 
 def monarch_sites(cfg) -> list[tuple[int, str]]:
@@ -29,7 +29,7 @@ def densify_params(cfg, params):
   """Replace each Monarch linear's {w1, w2} by its materialized {kernel}."""
   params = jax.tree.map(lambda x: x, params)  # new dicts: safe to mutate
   for i, site in monarch_sites(cfg):
-    group = params[f"layer_{i}"]["attn" if site in ATTN_SITES else "mlp"]
+    group = site_params(params, i, site)
     name, kwargs = cfg.linear_for(site, i)
     d_in, d_out = site_shapes(cfg)[site]
     layer = make_linear(name, features=d_out, use_bias=False, **kwargs)
