@@ -29,7 +29,9 @@ from structmat.utils.timing import format_table, time_fn
 _SIZES = flags.DEFINE_list("sizes", ["1024", "4096", "8192"], "n (square).")
 _TOKENS = flags.DEFINE_list("tokens", ["16384", "512"], "Token counts.")
 _DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "dtypes.")
-_NBLOCKS = flags.DEFINE_integer("nblocks", 4, "Monarch blocks.")
+_NBLOCKS = flags.DEFINE_list("nblocks", ["4", "16", "64"], "Monarch blocks "
+                              "(4: compute-bound at large n; 64 = sqrt(4096): "
+                              "memory-bound).")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls.")
 _QUICK = flags.DEFINE_bool("quick", False, "Few repeats (smoke test).")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Run Pallas rows on the CPU "
@@ -50,9 +52,8 @@ def ragged_monarch(x, w1, w2):
   return o.reshape(l, b, s).transpose(1, 2, 0).reshape(b, s * l)
 
 
-def rows_for(n, tokens, dtype, repeats, interpret):
+def rows_for(n, tokens, dtype, nb, repeats, interpret):
   keys = jax.random.split(jax.random.key(n + tokens), 4)
-  nb = _NBLOCKS.value
   blk = n // nb
   x = jax.random.normal(keys[0], (tokens, n), dtype)
   w = (jax.random.normal(keys[1], (n, n)) / np.sqrt(n)).astype(dtype)
@@ -60,7 +61,8 @@ def rows_for(n, tokens, dtype, repeats, interpret):
   w2 = (jax.random.normal(keys[3], (nb, blk, blk)) / np.sqrt(blk)).astype(dtype)
   wb = w1  # block-diagonal: the first Monarch factor alone
   itemsize = jnp.dtype(dtype).itemsize
-  copy_s = time_fn(jax.jit(lambda x: x + 1), x, repeats=repeats)
+  inner = 1 if jax.default_backend() == "cpu" else 10
+  copy_s = time_fn(jax.jit(lambda x: x + 1), x, repeats=repeats, inner=inner)
   copy_bw = 2 * x.size * itemsize / copy_s
   pallas_ok = jax.default_backend() != "cpu" or interpret
   bt = min(128, tokens)
@@ -78,6 +80,8 @@ def rows_for(n, tokens, dtype, repeats, interpret):
     cases += [
         ("monarch pallas", lambda x, a, b: mk.monarch_matmul_pallas(
             x, a, b, block_tokens=bt, interpret=interp), (w1, w2)),
+        ("monarch pallas bt64", lambda x, a, b: mk.monarch_matmul_pallas(
+            x, a, b, block_tokens=min(64, tokens), interpret=interp), (w1, w2)),
         ("blockdiag pallas", lambda x, a: blockdiag_matmul_pallas(
             x, a, block_tokens=bt, interpret=interp), (wb,)),
     ]
@@ -87,46 +91,66 @@ def rows_for(n, tokens, dtype, repeats, interpret):
           "blockdiag": ops.blockdiag_matmul(f32(x), f32(wb))}
   rows = []
   for name, fn, weights in cases:
-    ref = refs[name.split()[0]]
-    out = jax.jit(fn)(x, *weights)
-    err = float(jnp.max(jnp.abs(f32(out) - ref)) / jnp.max(jnp.abs(ref)))
-    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3
-    fwd_s = time_fn(jax.jit(fn), x, *weights, repeats=repeats)
-    g = jax.random.normal(jax.random.key(7), out.shape, dtype)
-    grad = jax.jit(jax.grad(lambda *a: jnp.sum(f32(fn(*a) * g)),
-                            argnums=tuple(range(1 + len(weights)))))
-    bwd_s = time_fn(grad, x, *weights, repeats=repeats)
-    moved = (x.size + out.size + sum(v.size for v in weights)) * itemsize
-    rows.append({"n": n, "tokens": tokens, "dtype": jnp.dtype(dtype).name,
-                 "impl": name, "max_rel_err": err, "numerics_ok": err < tol,
-                 "fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * bwd_s,
-                 "bytes_MB": moved / 2**20, "GB_per_s": moved / fwd_s / 1e9,
-                 "pct_copy_roofline": 100 * moved / fwd_s / copy_bw,
-                 "copy_GB_per_s": copy_bw / 1e9})
-    print(f"  n={n} tokens={tokens} {rows[-1]['dtype']} {name}: "
-          f"{rows[-1]['fwd_ms']:.3f} / {rows[-1]['fwd_bwd_ms']:.3f} ms, "
-          f"err {err:.1e}", flush=True)
+    try:
+      rows.append(_measure(name, fn, x, weights, refs[name.split()[0]], dtype,
+                           repeats, inner, copy_bw))
+    except Exception as e:  # pylint: disable=broad-except
+      # A kernel that cannot compile for a shape is a row, not a crash: the
+      # sweep is one device call.
+      rows.append({"impl": name, "error": f"{type(e).__name__}: {e}"[:300]})
+    rows[-1].update(n=n, tokens=tokens, nblocks=nb,
+                    dtype=jnp.dtype(dtype).name)
+    r = rows[-1]
+    print(f"  n={n} nb={nb} tokens={tokens} {r['dtype']} {name}: " + (
+        f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f} ms, err "
+        f"{r['max_rel_err']:.1e}" if "error" not in r else r["error"]),
+          flush=True)
   return rows
+
+
+def _measure(name, fn, x, weights, ref, dtype, repeats, inner, copy_bw):
+  """One row: numerics against ``ref``, forward and forward+backward time."""
+  f32 = lambda a: a.astype(jnp.float32)
+  itemsize = jnp.dtype(dtype).itemsize
+  out = jax.jit(fn)(x, *weights)
+  err = float(jnp.max(jnp.abs(f32(out) - ref)) / jnp.max(jnp.abs(ref)))
+  tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3
+  fwd_s = time_fn(jax.jit(fn), x, *weights, repeats=repeats, inner=inner)
+  g = jax.random.normal(jax.random.key(7), out.shape, dtype)
+  grad = jax.jit(jax.grad(lambda *a: jnp.sum(f32(fn(*a) * g)),
+                          argnums=tuple(range(1 + len(weights)))))
+  bwd_s = time_fn(grad, x, *weights, repeats=repeats, inner=inner)
+  moved = (x.size + out.size + sum(v.size for v in weights)) * itemsize
+  return {"impl": name, "max_rel_err": err, "numerics_ok": err < tol,
+          "fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * bwd_s,
+          "bytes_MB": moved / 2**20, "GB_per_s": moved / fwd_s / 1e9,
+          "pct_copy_roofline": 100 * moved / fwd_s / copy_bw,
+          "copy_GB_per_s": copy_bw / 1e9}
 
 
 def main(argv):
   del argv
   repeats = 2 if _QUICK.value else _REPEATS.value
   rows = []
+  meta = {"backend": jax.default_backend(),
+          "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+  os.makedirs(_OUT.value, exist_ok=True)
   for dtype in _DTYPES.value:
     for n in map(int, _SIZES.value):
       for tokens in map(int, _TOKENS.value):
-        rows += rows_for(n, tokens, jnp.dtype(dtype), repeats, _INTERPRET.value)
-  meta = {"backend": jax.default_backend(),
-          "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-          "nblocks": _NBLOCKS.value}
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "benchmark_kernels.json"), "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        for nb in map(int, _NBLOCKS.value):
+          if n % nb:
+            continue
+          rows += rows_for(n, tokens, jnp.dtype(dtype), nb, repeats,
+                           _INTERPRET.value)
+          # Written after every configuration: a timed-out sweep keeps data.
+          with open(os.path.join(_OUT.value, "benchmark_kernels.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
   print(f"\n{meta}\n")
-  print(format_table(rows, ["n", "tokens", "dtype", "impl", "numerics_ok",
+  print(format_table(rows, ["n", "nblocks", "tokens", "dtype", "impl",
+                            "numerics_ok",
                             "fwd_ms", "fwd_bwd_ms", "GB_per_s",
-                            "pct_copy_roofline"]))
+                            "pct_copy_roofline", "error"]))
 
 
 if __name__ == "__main__":

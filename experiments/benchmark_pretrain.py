@@ -41,12 +41,15 @@ _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Accelerator peak for MFU.")
 _OUTPUT = flags.DEFINE_string("output", "runs/benchmark_pretrain.json", "JSON.")
 _IMPL = flags.DEFINE_enum("impl", "xla", ["xla", "auto", "pallas"],
                           "Monarch/BTT implementation.")
+_ATTENTION = flags.DEFINE_enum("attention", "auto",
+                               ["auto", "naive", "xla", "cudnn"],
+                               "Attention implementation (LlamaConfig).")
 
 
 def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
-          impl="xla"):
+          impl="xla", attention="auto"):
   cfg = llama_config(preset, linear, vocab_size=vocab, max_len=seq,
-                     dtype=jnp.dtype(dtype), impl=impl)
+                     dtype=jnp.dtype(dtype), impl=impl, attention=attention)
   model = Llama(cfg)
   tx = optax.adamw(1e-4)
   tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, vocab)
@@ -59,9 +62,11 @@ def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
     step_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                   + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
   holder = {"state": state}
+  losses = []
 
   def run(tokens):
     holder["state"], metrics = step(holder["state"], tokens)
+    losses.append(metrics["train_loss"])
     return metrics["train_loss"]
 
   seconds = time_fn(run, tokens, repeats=repeats)
@@ -73,7 +78,9 @@ def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
          "gflops_per_token": flops / 1e9,
          "achieved_tflops": tps * flops / 1e12,
          "mfu": tps * flops / (peak_tflops * 1e12) if on_accel else None,
-         "step_memory_mb": step_bytes / 2**20 if step_bytes else None}
+         "step_memory_mb": step_bytes / 2**20 if step_bytes else None,
+         # Same init and batch for every impl: compare these across --impl.
+         "losses": [float(v) for v in losses]}
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     row["peak_memory_mb"] = stats["peak_bytes_in_use"] / 2**20
@@ -87,7 +94,8 @@ def main(argv):
     for linear in _LINEARS.value:
       logging.info("%s %s", preset, linear)
       row = bench(preset, linear, _BATCH.value, _SEQ.value, _VOCAB.value,
-                  _DTYPE.value, _REPEATS.value, _PEAK.value, _IMPL.value)
+                  _DTYPE.value, _REPEATS.value, _PEAK.value, _IMPL.value,
+                  _ATTENTION.value)
       dense = next((r for r in rows if r["preset"] == preset
                     and r["linear"] == "dense"), None)
       row["step_vs_dense"] = row["step_ms"] / dense["step_ms"] if dense else 1.0
@@ -96,7 +104,8 @@ def main(argv):
       rows.append(row)
   meta = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
           "jax": jax.__version__, "dtype": _DTYPE.value, "batch": _BATCH.value,
-          "seq_len": _SEQ.value, "vocab": _VOCAB.value, "impl": _IMPL.value}
+          "seq_len": _SEQ.value, "vocab": _VOCAB.value, "impl": _IMPL.value,
+          "attention": _ATTENTION.value}
   os.makedirs(os.path.dirname(_OUTPUT.value) or ".", exist_ok=True)
   with open(_OUTPUT.value, "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)

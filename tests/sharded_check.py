@@ -23,23 +23,28 @@ from structmat.models import Llama  # noqa: E402
 from structmat.train import loop  # noqa: E402
 from structmat.train.state import create_state  # noqa: E402
 
-# Every structure once, both optimizers (five pairs keep the suite short).
-CASES = [("dense", "galore"), ("monarch", "adamw"), ("phm", "adamw"),
-         ("nola", "adamw"), ("sltrain", "galore")]
+# Every structure once, both optimizers, in two runs (each run costs two
+# compilations and trainings): one model mixes dense attention with Monarch,
+# SLTrain and PHM MLP sites under GaLore; NOLA (a frozen base) runs alone.
+MIXED = "up=monarch;gate=sltrain:rank=8;down=phm"
+CASES = [("dense", "galore", MIXED), ("nola", "adamw", "")]
 EXPECTED_SPECS = {  # (linear, path) -> spec under the default rules
-    ("dense", ("layer_0", "mlp", "up", "kernel")): P("fsdp", "tensor"),
-    ("dense", ("layer_0", "mlp", "down", "kernel")): P("tensor", "fsdp"),
+    ("dense", ("layer_0", "attn", "q", "kernel")): P("fsdp", "tensor"),
     ("dense", ("embed", "embedding")): P(None, "fsdp"),  # vocab 259: odd
-    ("monarch", ("layer_0", "mlp", "up", "w1")): P("tensor", None, None),
-    ("sltrain", ("layer_0", "mlp", "up", "lora_a")): P("fsdp", None),
-    # d_ff/n = 43 is odd: that dimension falls back to replication.
-    ("phm", ("layer_0", "mlp", "up", "w")): P(None, "fsdp", None),
+    ("dense", ("layer_0", "attn", "o", "kernel")): P("tensor", "fsdp"),
+    ("dense", ("layer_0", "mlp", "up", "w1")): P("tensor", None, None),
+    ("dense", ("layer_0", "mlp", "gate", "lora_a")): P("fsdp", None),
+    # PHM (rank-1 factors): d_ff/n = 43 is odd, so 'mlp' falls back to
+    # replication; 'embed' (16) shards.
+    ("dense", ("layer_0", "mlp", "down", "s")): P(None, None, None),
+    ("dense", ("layer_0", "mlp", "down", "t")): P(None, None, "fsdp"),
     ("nola", ("layer_0", "mlp", "up", "nola", "coef_a")): P(None),
 }
 
 
-def config(linear, optimizer, mesh):
-  c = pretrain_config.get_config(f"tiny=1,linear={linear},optimizer={optimizer}")
+def config(linear, optimizer, overrides, mesh):
+  c = pretrain_config.get_config(f"tiny=1,linear={linear},optimizer={optimizer}"
+                                 f",overrides={overrides}")
   c.total_steps, c.log_every_steps = 3, 1
   c.eval_every_steps = c.checkpoint_every_steps = 0
   c.galore.rank, c.galore.update_proj_gap = 4, 2
@@ -56,9 +61,10 @@ def losses(workdir):
 
 def main(root):
   assert jax.device_count() == 8
-  for linear, opt in CASES:
-    single = config(linear, opt, dict(data=1, fsdp=1, tensor=1, num_devices=1))
-    sharded = config(linear, opt, dict(data=2, fsdp=2, tensor=2))
+  for linear, opt, over in CASES:
+    single = config(linear, opt, over,
+                    dict(data=1, fsdp=1, tensor=1, num_devices=1))
+    sharded = config(linear, opt, over, dict(data=2, fsdp=2, tensor=2))
     a = os.path.join(root, f"{linear}_{opt}_1")
     b = os.path.join(root, f"{linear}_{opt}_8")
     loop.train_and_evaluate(single, a)
@@ -75,6 +81,7 @@ def main(root):
                                              sharded.trainable, **kw)
     place = loop.Placement(sharded, new_state, example)
     state = place.init(model)
+    checked = 0
     for (lin, path), spec in EXPECTED_SPECS.items():
       if lin != linear:
         continue
@@ -82,7 +89,9 @@ def main(root):
       for k in path:
         leaf = leaf[k]
       assert leaf.sharding.spec == spec, (path, leaf.sharding.spec, spec)
+      checked += 1
       assert len(leaf.addressable_shards) == 8
+    assert checked == sum(lin == linear for lin, _ in EXPECTED_SPECS)
     print(f"OK shardings {linear} {opt}", flush=True)
   print("ALL OK")
 

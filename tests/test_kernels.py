@@ -218,11 +218,11 @@ def test_benchmark_kernels_smoke(tmp_path):
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   p = subprocess.run([sys.executable, "-m", "experiments.benchmark_kernels",
-                      "--sizes=128", "--tokens=128", "--dtypes=float32",
+                      "--sizes=128", "--tokens=128", "--dtypes=float32", "--nblocks=4",
                       "--quick", "--interpret", f"--output_dir={tmp_path}"],
                      cwd=root, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   rows = json.load(open(tmp_path / "benchmark_kernels.json"))["rows"]
   assert {r["impl"] for r in rows} >= {"monarch pallas", "blockdiag pallas",
                                        "monarch xla", "dense"}
-  assert all(r["numerics_ok"] for r in rows)
+  assert all(r.get("numerics_ok") for r in rows), rows

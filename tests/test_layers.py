@@ -19,6 +19,7 @@ LINEAR_CASES = [
     ("phm", dict(n=4, rank=2, rule_init_std=1.0)),
     ("sltrain", dict(rank=4, density=0.1, alpha=8.0)),
     ("nola", dict(rank=4, num_basis=16, variant="basis")),
+    ("lora", dict(rank=3, alpha=6.0)),
 ]
 SHAPES = [((5, 48), 40), ((2, 3, 40), 64), ((7, 64), 64)]
 
@@ -80,7 +81,7 @@ def test_param_count_and_logical_axes(name, kw, d_in, features):
   count = sum(int(np.prod(b.value.shape)) for b in boxed)
   assert count == module.param_count(d_in)
   assert module.flops_per_token(d_in) > 0
-  if name not in ("dense", "nola"):  # nola = dense base + coefficients
+  if name not in ("dense", "nola", "lora"):  # adapters: dense base + delta
     dense = L.make_linear("dense", features=features)
     assert module.param_count(d_in) < dense.param_count(d_in)
 

@@ -72,3 +72,17 @@ def test_config_errors_name_the_field():
   with pytest.raises(ValueError, match="n_kv_heads"):
     cfg = llama_config("llama_tiny", vocab_size=64, n_kv_heads=3)
     jax.eval_shape(Llama(cfg).init, jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_attention_impls_agree(heads, kv_heads):
+  from structmat.models.llama import attend
+  k = jax.random.split(jax.random.key(heads + kv_heads), 3)
+  q = jax.random.normal(k[0], (2, 9, heads, 8))
+  kk = jax.random.normal(k[1], (2, 9, kv_heads, 8))
+  v = jax.random.normal(k[2], (2, 9, kv_heads, 8))
+  ref = attend(q, kk, v, "naive")
+  np.testing.assert_allclose(attend(q, kk, v, "xla"), ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(attend(q, kk, v, "auto"), ref, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="attention"):
+    attend(q, kk, v, "flash")

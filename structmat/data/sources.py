@@ -16,9 +16,9 @@ EMBEDDED = "stdlib"
 
 
 def default_data_dir() -> str:
-  return os.environ.get("STRUCTMAT_DATA_DIR",
-                        os.path.join(os.path.expanduser("~"), ".cache",
-                                     "structmat", "tfds"))
+  # An empty variable counts as unset (not as the current directory).
+  return os.environ.get("STRUCTMAT_DATA_DIR") or os.path.join(
+      os.path.expanduser("~"), ".cache", "structmat", "tfds")
 
 
 def as_text(value) -> str:

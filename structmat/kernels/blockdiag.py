@@ -33,6 +33,16 @@ def _pow2(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
 
+def split_count(n_tiles: int, programs: int, target: int = 264) -> int:
+  """How many token chunks a weight-gradient kernel splits its n_tiles into:
+  the largest power-of-two divisor of n_tiles up to target / programs (two
+  programs per multiprocessor on a 132-SM Hopper), at least 1."""
+  chunks = 1
+  while (n_tiles % (2 * chunks) == 0 and 2 * chunks * programs <= target):
+    chunks *= 2
+  return chunks
+
+
 def supported(batch: int, w_shape, block_tokens: int, platform: str) -> str | None:
   """None if the kernel can run these shapes on ``platform``, else why not."""
   k, q, p = w_shape
@@ -50,10 +60,10 @@ def supported(batch: int, w_shape, block_tokens: int, platform: str) -> str | No
   return None
 
 
-def compiler_params(platform: str | None, n_grid_axes: int):
+def compiler_params(platform: str | None, n_grid_axes: int, num_warps: int = 4):
   """The backend's compiler parameters: Triton on GPUs, Mosaic on TPUs."""
   if platform in ("gpu", "cuda", "rocm"):
-    return plt.CompilerParams(num_warps=4, num_stages=3)
+    return plt.CompilerParams(num_warps=num_warps, num_stages=3)
   if platform == "tpu":
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_grid_axes)
   return None
@@ -100,26 +110,31 @@ def _dw_kernel(dy_ref, x_ref, dw_ref, *, block_tokens, n_tiles):
         dy_ref[rows, :], x_ref[rows, :], (((0,), (0,)), ((), ())),
         preferred_element_type=jnp.float32)
 
-  acc = jax.lax.fori_loop(0, n_tiles, body, jnp.zeros((q, p), jnp.float32))
-  dw_ref[...] = acc.astype(dw_ref.dtype)
+  dw_ref[...] = jax.lax.fori_loop(0, n_tiles, body,
+                                  jnp.zeros((q, p), jnp.float32))
 
 
 def _call_dw(dy, x, w_shape, dtype, block_tokens, interpret, platform):
+  """dw: one program per (block, token chunk) writes a float32 partial that
+  XLA sums (accumulating across programs would race on Triton)."""
   b = x.shape[0]
   k, q, p = w_shape
+  chunks = split_count(b // block_tokens, k)
+  rows = b // chunks
   kernel = functools.partial(_dw_kernel, block_tokens=block_tokens,
-                             n_tiles=b // block_tokens)
-  return pl.pallas_call(
+                             n_tiles=rows // block_tokens)
+  dw = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((k, q, p), dtype),
-      grid=(k,),
-      in_specs=[pl.BlockSpec((b, q), lambda j: (0, j)),
-                pl.BlockSpec((b, p), lambda j: (0, j))],
-      out_specs=pl.BlockSpec((None, q, p), lambda j: (j, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((chunks, k, q, p), jnp.float32),
+      grid=(k, chunks),
+      in_specs=[pl.BlockSpec((rows, q), lambda j, c: (c, j)),
+                pl.BlockSpec((rows, p), lambda j, c: (c, j))],
+      out_specs=pl.BlockSpec((None, None, q, p), lambda j, c: (c, j, 0, 0)),
       interpret=interpret,
-      compiler_params=None if interpret else compiler_params(platform, 1),
+      compiler_params=None if interpret else compiler_params(platform, 2),
       name="blockdiag_dw",
   )(dy, x)
+  return dw.sum(0).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

@@ -21,7 +21,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from structmat.kernels.blockdiag import _pow2, compiler_params, prepare
+from structmat.kernels.blockdiag import (_pow2, compiler_params, prepare,
+                                         split_count)
+
+
+MAX_TRITON_BLOCK = 256
 
 
 def gather_weights(w1, w2):
@@ -59,6 +63,10 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
     bad = [n for n in (block_tokens, p, g, s) if not _pow2(n) or n < 16]
     if bad:
       return f"Triton needs power-of-two block sizes >= 16, got {bad}"
+    if max(p, g, s) > MAX_TRITON_BLOCK:
+      # Whole (g, p) and (block_tokens, s) tiles live in registers/SMEM;
+      # blocks this big are compute-bound, where XLA's matmuls already win.
+      return f"blocks above {MAX_TRITON_BLOCK} ({p=}, {g=}, {s=}) exceed a Triton tile"
   if platform == "tpu":
     if p % 128 or g % 128 or s % 128 or block_tokens % 8:
       return "Mosaic TPU needs block dims multiple of (8, 128)"
@@ -82,31 +90,35 @@ def _dot_tn(a, b):
                              preferred_element_type=jnp.float32)
 
 
-def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, l, p):
-  for li in range(l):
-    acc = None
-    for ki in range(k):
-      h = _dot_t(x_ref[:, pl.ds(ki * p, p)], a_ref[li, ki]).astype(x_ref.dtype)
-      part = _dot_t(h, b_ref[li, ki])
-      acc = part if acc is None else acc + part
-    o_ref[li] = acc.astype(o_ref.dtype)
+def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, p):
+  acc = None
+  for ki in range(k):
+    h = _dot_t(x_ref[:, pl.ds(ki * p, p)], a_ref[ki]).astype(x_ref.dtype)
+    part = _dot_t(h, b_ref[ki])
+    acc = part if acc is None else acc + part
+  o_ref[...] = acc.astype(o_ref.dtype)
 
 
 def _call_fwd(x, a, b, block_tokens, interpret, platform):
+  # One program per (token tile, output block l): tiles x l programs keep a
+  # GPU busy even at a few hundred tokens; x tiles are re-read per l from L2.
   tokens, n = x.shape
   l, k, g, p = a.shape
   s = b.shape[2]
-  kernel = functools.partial(_fwd_kernel, k=k, l=l, p=p)
+  kernel = functools.partial(_fwd_kernel, k=k, p=p)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((l, tokens, s), x.dtype),
-      grid=(tokens // block_tokens,),
-      in_specs=[pl.BlockSpec((block_tokens, n), lambda i: (i, 0)),
-                pl.BlockSpec((l, k, g, p), lambda i: (0, 0, 0, 0)),
-                pl.BlockSpec((l, k, s, g), lambda i: (0, 0, 0, 0))],
-      out_specs=pl.BlockSpec((l, block_tokens, s), lambda i: (0, i, 0)),
+      grid=(tokens // block_tokens, l),
+      in_specs=[pl.BlockSpec((block_tokens, n), lambda i, j: (i, 0)),
+                pl.BlockSpec((None, k, g, p), lambda i, j: (j, 0, 0, 0)),
+                pl.BlockSpec((None, k, s, g), lambda i, j: (j, 0, 0, 0))],
+      out_specs=pl.BlockSpec((None, block_tokens, s), lambda i, j: (j, i, 0)),
       interpret=interpret,
-      compiler_params=None if interpret else compiler_params(platform, 1),
+      # 8 warps once the float32 accumulator passes 64 KB (128 registers per
+      # thread at 4 warps): fewer spills.
+      compiler_params=None if interpret else compiler_params(
+          platform, 2, 8 if block_tokens * s > 16384 else 4),
       name="monarch_fwd",
   )(x, a, b)
 
@@ -153,31 +165,39 @@ def _dw_kernel(x_ref, do_ref, a_ref, b_ref, da_ref, db_ref, *, bt, n_tiles):
   da, db = jax.lax.fori_loop(0, n_tiles, body,
                              (jnp.zeros((g, p), jnp.float32),
                               jnp.zeros((s, g), jnp.float32)))
-  da_ref[...] = da.astype(da_ref.dtype)
-  db_ref[...] = db.astype(db_ref.dtype)
+  da_ref[...] = da
+  db_ref[...] = db
 
 
 def _call_dw(x, do, a, b, block_tokens, interpret, platform):
+  """(dA, dB): each program sums one token chunk of one (l, k) pair into a
+  float32 partial (programs must not accumulate into a shared block on
+  Triton); XLA adds the partials. The chunks fill the GPU when l*k is small."""
   tokens = x.shape[0]
   l, k, g, p = a.shape
   s = b.shape[2]
+  chunks = split_count(tokens // block_tokens, l * k)
+  rows = tokens // chunks
   kernel = functools.partial(_dw_kernel, bt=block_tokens,
-                             n_tiles=tokens // block_tokens)
-  return pl.pallas_call(
+                             n_tiles=rows // block_tokens)
+  da, db = pl.pallas_call(
       kernel,
-      out_shape=(jax.ShapeDtypeStruct(a.shape, a.dtype),
-                 jax.ShapeDtypeStruct(b.shape, b.dtype)),
-      grid=(l, k),
-      in_specs=[pl.BlockSpec((tokens, p), lambda i, j: (0, j)),
-                pl.BlockSpec((None, tokens, s), lambda i, j: (i, 0, 0)),
-                pl.BlockSpec((None, None, g, p), lambda i, j: (i, j, 0, 0)),
-                pl.BlockSpec((None, None, s, g), lambda i, j: (i, j, 0, 0))],
-      out_specs=(pl.BlockSpec((None, None, g, p), lambda i, j: (i, j, 0, 0)),
-                 pl.BlockSpec((None, None, s, g), lambda i, j: (i, j, 0, 0))),
+      out_shape=(jax.ShapeDtypeStruct((chunks,) + a.shape, jnp.float32),
+                 jax.ShapeDtypeStruct((chunks,) + b.shape, jnp.float32)),
+      grid=(l, k, chunks),
+      in_specs=[pl.BlockSpec((rows, p), lambda i, j, c: (c, j)),
+                pl.BlockSpec((None, rows, s), lambda i, j, c: (i, c, 0)),
+                pl.BlockSpec((None, None, g, p), lambda i, j, c: (i, j, 0, 0)),
+                pl.BlockSpec((None, None, s, g), lambda i, j, c: (i, j, 0, 0))],
+      out_specs=(pl.BlockSpec((None, None, None, g, p),
+                              lambda i, j, c: (c, i, j, 0, 0)),
+                 pl.BlockSpec((None, None, None, s, g),
+                              lambda i, j, c: (c, i, j, 0, 0))),
       interpret=interpret,
-      compiler_params=None if interpret else compiler_params(platform, 2),
+      compiler_params=None if interpret else compiler_params(platform, 3),
       name="monarch_dw",
   )(x, do, a, b)
+  return da.sum(0).astype(a.dtype), db.sum(0).astype(b.dtype)
 
 
 def _to_output(o):

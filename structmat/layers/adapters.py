@@ -282,3 +282,46 @@ class NOLALinear(StructuredLinear):
   def flops_per_token(self, in_features):
     return 2 * in_features * self.features + 2 * self.rank * (
         in_features + self.features)
+
+
+class LoRALinear(StructuredLinear):
+  """A dense base kernel plus a LoRA delta, as one linear for the registry.
+
+  Params: ``kernel`` (in, out) and ``lora/lora_a`` (in, rank), ``lora/lora_b``
+  (rank, out), B = 0 at init so the model starts as its base. Freeze the base
+  with a trainable regex such as ``.*lora_.*``.
+  """
+  rank: int = 8
+  alpha: float = 16.0
+
+  def _lora(self, **kw):
+    return LoRA(self.features, self.rank, self.alpha, self.dtype,
+                self.param_dtype, self.kernel_axes, **kw)
+
+  def make_params(self, in_features):
+    bound = 1 / math.sqrt(in_features)
+    return {"kernel": self.factor("kernel", (in_features, self.features),
+                                  self.kernel_axes, sm_init.uniform(bound),
+                                  in_features, self.features)}
+
+  def compute(self, x, p):
+    return x @ p["kernel"] + self._lora(name="lora")(x).astype(x.dtype)
+
+  def to_dense(self, in_features):
+    params = self.variables["params"]
+    delta = self._lora(parent=None).apply({"params": params["lora"]},
+                                          in_features, method="to_dense")
+    return _unbox(params["kernel"]) + delta
+
+  def kernel_from(self, p, in_features):
+    raise NotImplementedError("LoRALinear.to_dense reads its submodule.")
+
+  @nn.nowrap
+  def param_count(self, in_features):
+    return (in_features * self.features
+            + self.rank * (in_features + self.features) + self.bias_count())
+
+  @nn.nowrap
+  def flops_per_token(self, in_features):
+    return 2 * in_features * self.features + 2 * self.rank * (
+        in_features + self.features)

@@ -1,5 +1,5 @@
 """make_linear: the one place that maps a structure name to a layer."""
-from structmat.layers.adapters import NOLALinear
+from structmat.layers.adapters import LoRALinear, NOLALinear
 from structmat.layers.dense import Dense
 from structmat.layers.lowrank import LowRank
 from structmat.layers.monarch import BTT, Monarch
@@ -14,6 +14,7 @@ LINEARS = {
     "phm": PHMLinear,
     "sltrain": SparsePlusLowRank,
     "nola": NOLALinear,  # dense base + NOLA delta (fine-tuning)
+    "lora": LoRALinear,  # dense base + LoRA delta (fine-tuning)
 }
 
 

@@ -35,6 +35,10 @@ class LlamaConfig:
   d_ff: int = 1376
   max_len: int = 1024
   rope_theta: float = 10000.0
+  # Hugging Face's rope_scaling as sorted (key, value) pairs, () for none:
+  # rope_type "linear" (factor) or "llama3" (factor, low_freq_factor,
+  # high_freq_factor, original_max_position_embeddings).
+  rope_scaling: tuple = ()
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
   linear: str = "dense"
@@ -43,6 +47,7 @@ class LlamaConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   impl: str = "xla"  # kernels for the layers that have them (Monarch, BTT)
+  attention: str = "auto"  # see ATTENTION_IMPLS / attend()
 
   @property
   def kv_heads(self) -> int:
@@ -105,15 +110,43 @@ def _linear(cfg: LlamaConfig, layer: int, site: str, features: int, axes,
   name, kwargs = cfg.linear_for(site, layer)
   if "impl" in LINEARS[name].__dataclass_fields__:
     kwargs.setdefault("impl", cfg.impl)
-  return make_linear(name, features=features, use_bias=False, dtype=cfg.dtype,
-                     param_dtype=cfg.param_dtype, kernel_axes=axes, name=site,
-                     **kwargs, **extra)
+  use_bias = extra.pop("use_bias", False)
+  return make_linear(name, features=features, use_bias=use_bias,
+                     dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                     kernel_axes=axes, name=site, **kwargs, **extra)
 
 
-def rotary(x, positions, theta: float):
-  """Rotate (..., length, heads, head_dim) by position (half-split convention)."""
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()):
+  """(head_dim/2,) inverse frequencies theta^(-i/half), rescaled as HF does."""
+  half = head_dim // 2
+  inv = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  sc = dict(scaling)
+  kind = sc.get("rope_type", sc.get("type", "default"))
+  if kind not in ROPE_TYPES:
+    raise ValueError(f"rope_scaling type {kind!r} is not supported; use one "
+                     f"of {ROPE_TYPES}.")
+  if kind == "linear":
+    return inv / sc["factor"]
+  if kind == "llama3":  # smooth interpolation between low and high bands
+    factor, old = sc["factor"], sc["original_max_position_embeddings"]
+    low, high = sc["low_freq_factor"], sc["high_freq_factor"]
+    wavelen = 2 * jnp.pi / inv
+    scaled = jnp.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return jnp.where(medium, mid, scaled)
+  return inv
+
+
+def rotary(x, positions, theta: float, scaling: tuple = ()):
+  """Rotate (..., length, heads, head_dim) by position (half-split convention,
+  as Hugging Face LLaMA checkpoints expect)."""
   half = x.shape[-1] // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  freqs = rope_frequencies(x.shape[-1], theta, scaling)
   angles = positions[..., :, None, None].astype(jnp.float32) * freqs
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
@@ -126,6 +159,44 @@ def rms_norm(cfg: LlamaConfig, name: str) -> nn.Module:
                     param_dtype=cfg.param_dtype, name=name,
                     scale_init=nn.with_logical_partitioning(
                         nn.initializers.ones, ("norm",)))
+
+
+ATTENTION_IMPLS = ("auto", "naive", "xla", "cudnn")
+
+
+def attention_impl(name: str, dtype, head_dim: int) -> str:
+  """Resolve "auto": cuDNN's fused (flash) attention on GPUs in 16-bit dtypes
+  with head_dim a multiple of 8 up to 128 (its constraints), XLA otherwise."""
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"attention={name!r}; use one of {ATTENTION_IMPLS}.")
+  if name != "auto":
+    return name
+  if (jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
+      and head_dim % 8 == 0 and head_dim <= 128):
+    return "cudnn"
+  return "xla"
+
+
+def attend(q, k, v, impl: str = "auto"):
+  """Causal attention. q (b, t, heads, d); k, v (b, t, kv_heads, d) with
+  kv_heads dividing heads (grouped KV heads) -> (b, t, heads, d).
+
+  "naive" writes the float32 score matrix out (the readable reference);
+  "xla" / "cudnn" go through ``jax.nn.dot_product_attention``.
+  """
+  impl = attention_impl(impl, q.dtype, q.shape[-1])
+  if impl != "naive":
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                        implementation=impl)
+  t, hd = q.shape[1], q.shape[-1]
+  group = q.shape[2] // k.shape[2]
+  if group > 1:  # grouped KV heads: each KV head serves `group` query heads
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd ** -0.5), k).astype(jnp.float32)
+  mask = jnp.tril(jnp.ones((t, t), bool))
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 class Attention(nn.Module):
@@ -141,18 +212,12 @@ class Attention(nn.Module):
     q = lin("q", cfg.n_heads * hd, ("embed", "heads"))(x)
     k = lin("k", cfg.kv_heads * hd, ("embed", "kv_heads"))(x)
     v = lin("v", cfg.kv_heads * hd, ("embed", "kv_heads"))(x)
-    q = rotary(q.reshape(b, t, cfg.n_heads, hd), positions, cfg.rope_theta)
-    k = rotary(k.reshape(b, t, cfg.kv_heads, hd), positions, cfg.rope_theta)
+    q = rotary(q.reshape(b, t, cfg.n_heads, hd), positions, cfg.rope_theta,
+               cfg.rope_scaling)
+    k = rotary(k.reshape(b, t, cfg.kv_heads, hd), positions, cfg.rope_theta,
+               cfg.rope_scaling)
     v = v.reshape(b, t, cfg.kv_heads, hd)
-    group = cfg.n_heads // cfg.kv_heads
-    if group > 1:  # grouped KV heads: each KV head serves `group` query heads
-      k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    q = q * (hd ** -0.5)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    mask = jnp.tril(jnp.ones((t, t), bool))
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, -1)
+    out = attend(q, k, v, cfg.attention).reshape(b, t, -1)
     return lin("o", cfg.d_model, ("heads", "embed"))(out)
 
 

@@ -5,15 +5,23 @@ import time
 import jax
 
 
-def time_fn(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
-  """Median seconds of ``fn(*args)`` after compilation and ``warmup`` calls."""
+def time_fn(fn, *args, repeats: int = 5, warmup: int = 1,
+            inner: int = 1) -> float:
+  """Median seconds of ``fn(*args)`` after compilation and ``warmup`` calls.
+
+  ``inner`` > 1 times that many back-to-back calls per sample and divides:
+  on an accelerator, asynchronous dispatch then hides the host's launch
+  overhead, which would otherwise dominate sub-millisecond kernels.
+  """
   for _ in range(warmup + 1):
     jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
+    for _ in range(inner - 1):
+      fn(*args)
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
+    times.append((time.perf_counter() - t0) / inner)
   return statistics.median(times)
 
 

@@ -1,0 +1,194 @@
+"""Load Hugging Face-format checkpoints (config.json + safetensors) into
+structmat's LLaMA and GPT-2 models.
+
+    model, params = load_hf("path/to/dir")
+    logits = model.apply({"params": params}, tokens)   # (batch, length, vocab)
+
+Every linear is loaded dense (PyTorch's (out, in) weights transposed to flax's
+(in, out) kernels; GPT-2's Conv1D weights already are (in, out), and its fused
+c_attn is split into q, k, v). Turning the dense linears into a structure or
+adding adapters is the fine-tuning methods' job (``structmat.finetune``).
+Shapes are checked tensor by tensor: an error names the tensor, its shape and
+the shape the config implies.
+"""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from structmat.models.gpt2 import GPT2, GPT2Config
+from structmat.models.llama import Llama, LlamaConfig
+from structmat.utils import safetensors
+
+# Buffers some checkpoints carry that hold no parameters.
+_IGNORED = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+
+
+def read_config(path: str) -> dict:
+  with open(os.path.join(path, "config.json")) as f:
+    return json.load(f)
+
+
+def llama_config_from_hf(c: dict, **overrides) -> LlamaConfig:
+  """LlamaConfig for a HF LLaMA-family config.json (llama, mistral-style)."""
+  if c.get("attention_bias") or c.get("mlp_bias"):
+    raise ValueError("attention_bias / mlp_bias checkpoints are not supported "
+                     "(structmat's LLaMA linears have no bias).")
+  if c.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"hidden_act={c['hidden_act']!r}: only silu (SwiGLU).")
+  heads = c["num_attention_heads"]
+  if c.get("head_dim") not in (None, c["hidden_size"] // heads):
+    raise ValueError(f"head_dim={c['head_dim']} differs from hidden_size / "
+                     f"num_attention_heads = {c['hidden_size'] // heads}; "
+                     "not supported.")
+  # transformers >= 5 keeps theta and scaling in rope_parameters.
+  rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+  theta = c.get("rope_theta", rope.pop("rope_theta", 10000.0))
+  rope.pop("rope_theta", None)
+  if rope.get("rope_type", rope.get("type")) == "default":
+    rope = {}
+  kw = dict(vocab_size=c["vocab_size"], d_model=c["hidden_size"],
+            n_layers=c["num_hidden_layers"], n_heads=heads,
+            n_kv_heads=c.get("num_key_value_heads") or heads,
+            d_ff=c["intermediate_size"],
+            max_len=c.get("max_position_embeddings", 2048),
+            rope_theta=float(theta), norm_eps=c.get("rms_norm_eps", 1e-6),
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            rope_scaling=tuple(sorted(rope.items())))
+  kw.update(overrides)
+  return LlamaConfig(**kw)
+
+
+def gpt2_config_from_hf(c: dict, **overrides) -> GPT2Config:
+  act = c.get("activation_function", "gelu_new")
+  if act not in ("gelu_new", "gelu_pytorch_tanh"):
+    raise ValueError(f"activation_function={act!r}: only the tanh GELU.")
+  kw = dict(vocab_size=c["vocab_size"], d_model=c["n_embd"],
+            n_layers=c["n_layer"], n_heads=c["n_head"],
+            d_ff=c.get("n_inner") or 4 * c["n_embd"],
+            max_len=c["n_positions"],
+            norm_eps=c.get("layer_norm_epsilon", 1e-5))
+  kw.update(overrides)
+  return GPT2Config(**kw)
+
+
+def _llama_tensors(t: dict, cfg: LlamaConfig) -> dict:
+  """our param path (tuple) -> (HF name, array in our layout)."""
+  out = {("embed", "embedding"): "model.embed_tokens.weight",
+         ("final_norm", "scale"): "model.norm.weight"}
+  if not cfg.tie_embeddings:
+    out[("head", "kernel")] = "lm_head.weight"
+  for i in range(cfg.n_layers):
+    pre = f"model.layers.{i}."
+    for site in ("q", "k", "v", "o"):
+      out[(f"layer_{i}", "attn", site, "kernel")] = f"{pre}self_attn.{site}_proj.weight"
+    for site in ("gate", "up", "down"):
+      out[(f"layer_{i}", "mlp", site, "kernel")] = f"{pre}mlp.{site}_proj.weight"
+    out[(f"layer_{i}", "attn_norm", "scale")] = f"{pre}input_layernorm.weight"
+    out[(f"layer_{i}", "mlp_norm", "scale")] = f"{pre}post_attention_layernorm.weight"
+  transposed = lambda path: path[-1] == "kernel"
+  return {p: (name, _get(t, name).T if transposed(p) else _get(t, name))
+          for p, name in out.items()}
+
+
+def _gpt2_tensors(t: dict, cfg: GPT2Config) -> dict:
+  d = cfg.d_model
+  out = {("wte", "embedding"): ("transformer.wte.weight", None),
+         ("wpe", "embedding"): ("transformer.wpe.weight", None),
+         ("ln_f", "scale"): ("transformer.ln_f.weight", None),
+         ("ln_f", "bias"): ("transformer.ln_f.bias", None)}
+  for i in range(cfg.n_layers):
+    pre = f"transformer.h.{i}."
+    for ln in ("ln_1", "ln_2"):
+      out[(f"layer_{i}", ln, "scale")] = (f"{pre}{ln}.weight", None)
+      out[(f"layer_{i}", ln, "bias")] = (f"{pre}{ln}.bias", None)
+    for j, site in enumerate(("q", "k", "v")):  # fused c_attn: columns q|k|v
+      cols = slice(j * d, (j + 1) * d)
+      out[(f"layer_{i}", "attn", site, "kernel")] = (f"{pre}attn.c_attn.weight",
+                                                     (slice(None), cols))
+      out[(f"layer_{i}", "attn", site, "bias")] = (f"{pre}attn.c_attn.bias", cols)
+    for site, hf in (("o", "attn.c_proj"), ("fc", "mlp.c_fc"),
+                     ("proj", "mlp.c_proj")):
+      group = "attn" if site == "o" else "mlp"
+      out[(f"layer_{i}", group, site, "kernel")] = (f"{pre}{hf}.weight", None)
+      out[(f"layer_{i}", group, site, "bias")] = (f"{pre}{hf}.bias", None)
+  res = {}
+  for p, (name, idx) in out.items():
+    a = _get(t, name)
+    res[p] = (name, a if idx is None else a[idx])
+  return res
+
+
+def _get(t: dict, name: str):
+  if name not in t:
+    close = [k for k in t if k.split(".")[-2:] == name.split(".")[-2:]][:3]
+    raise KeyError(f"tensor {name!r} is missing from the checkpoint"
+                   + (f" (similar: {close})" if close else "") + ".")
+  return t[name]
+
+
+def _normalize_names(t: dict, model_type: str) -> dict:
+  """Accept checkpoints saved from the bare model (no 'model.' or
+  'transformer.' prefix) as well as from the *ForCausalLM class."""
+  prefix = "transformer." if model_type == "gpt2" else "model."
+  out = {}
+  for k, v in t.items():
+    if k.endswith(_IGNORED):
+      continue
+    if not k.startswith(prefix) and not k.startswith("lm_head."):
+      k = prefix + k
+    out[k] = v
+  return out
+
+
+def load_hf(path: str, dtype=jnp.float32, param_dtype=jnp.float32,
+            **overrides):
+  """(model, params) from a HF directory: config.json + model.safetensors (or
+  shards with model.safetensors.index.json). LLaMA-family and GPT-2.
+
+  ``overrides`` replace config fields (e.g. ``attention="naive"``).
+  """
+  c = read_config(path)
+  kind = c.get("model_type")
+  cfg_kw = dict(dtype=dtype, param_dtype=param_dtype, **overrides)
+  if kind in ("llama", "mistral"):
+    cfg = llama_config_from_hf(c, **cfg_kw)
+    model, mapper = Llama(cfg), _llama_tensors
+  elif kind == "gpt2":
+    cfg = gpt2_config_from_hf(c, **cfg_kw)
+    model, mapper = GPT2(cfg), _gpt2_tensors
+  else:
+    raise ValueError(f"{path}: model_type={kind!r}; load_hf reads llama, "
+                     "mistral and gpt2 checkpoints.")
+  tensors = _normalize_names(safetensors.load_dir(path), kind)
+  mapped = mapper(tensors, cfg)
+  if kind == "gpt2":  # the tied head may or may not be saved
+    tensors.pop("lm_head.weight", None)
+  used = {name for name, _ in mapped.values()}
+  unused = sorted(set(tensors) - used)
+  if unused:
+    raise ValueError(f"{path}: tensors the {kind} model does not use: "
+                     f"{unused[:8]}{' ...' if len(unused) > 8 else ''}; "
+                     "check config.json matches the weights.")
+  shapes = nn.unbox(jax.eval_shape(
+      model.init, jax.random.key(0), jnp.ones((1, 2), jnp.int32)))["params"]
+  flat = {tuple(getattr(k, "key", k) for k in path): v
+          for path, v in jax.tree_util.tree_leaves_with_path(shapes)}
+  missing = sorted(set(flat) - set(mapped))
+  if missing:
+    raise ValueError(f"no checkpoint tensor for parameters {missing[:8]}.")
+  params = {}
+  for p, spec in flat.items():
+    name, a = mapped[p]
+    if tuple(a.shape) != tuple(spec.shape):
+      raise ValueError(f"tensor {name!r} has shape {tuple(a.shape)}; "
+                       f"parameter {'/'.join(p)} expects {tuple(spec.shape)} "
+                       "(in flax (in, out) layout) from config.json.")
+    node = params
+    for k in p[:-1]:
+      node = node.setdefault(k, {})
+    node[p[-1]] = jnp.asarray(np.asarray(a, np.float32), param_dtype)
+  return model, params

@@ -1,0 +1,91 @@
+"""load_hf against the transformers implementation on tiny random models.
+
+torch and transformers are test-only extras (``pip install -e '.[test]'``).
+Models are created offline here with random weights; logits must agree to a
+relative error below 1e-4 in float32.
+"""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from structmat.models import load_hf  # noqa: E402
+
+TOKENS = np.array([[1, 5, 9, 3, 7, 2, 8, 4, 6, 11, 13, 0],
+                   [4, 4, 2, 19, 1, 0, 3, 17, 5, 5, 9, 12]])
+
+LLAMA = dict(vocab_size=37, hidden_size=32, intermediate_size=48,
+             num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64, rms_norm_eps=1e-5)
+LLAMA_CASES = {
+    "mha_untied": dict(num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa_tied": dict(num_key_value_heads=2, tie_word_embeddings=True,
+                     rope_theta=500.0),
+    "rope_linear": dict(num_key_value_heads=1,
+                        rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "rope_llama3": dict(num_key_value_heads=2, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+}
+
+
+def _save(model, path, shard=False):
+  torch.manual_seed(0)
+  with torch.no_grad():  # random everything, norms included (never ones)
+    for p in model.parameters():
+      p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
+  model.save_pretrained(path, safe_serialization=True,
+                        max_shard_size="20KB" if shard else "10GB")
+  with torch.no_grad():
+    return model(torch.tensor(TOKENS)).logits.float().numpy()
+
+
+def _rel(a, b):
+  return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("case", sorted(LLAMA_CASES))
+def test_llama_matches_transformers(case, tmp_path):
+  cfg = transformers.LlamaConfig(**LLAMA, **LLAMA_CASES[case])
+  ref = _save(transformers.LlamaForCausalLM(cfg).eval(), tmp_path,
+              shard=case == "gqa_tied")
+  model, params = load_hf(str(tmp_path), attention="naive")
+  logits = model.apply({"params": params}, jnp.asarray(TOKENS))
+  assert logits.shape == ref.shape
+  assert _rel(logits, ref) < 1e-4
+
+
+def test_sharded_checkpoint_is_read(tmp_path):
+  cfg = transformers.LlamaConfig(**LLAMA, num_key_value_heads=2)
+  _save(transformers.LlamaForCausalLM(cfg), tmp_path, shard=True)
+  assert os.path.exists(tmp_path / "model.safetensors.index.json")
+  load_hf(str(tmp_path))
+
+
+def test_gpt2_matches_transformers(tmp_path):
+  cfg = transformers.GPT2Config(vocab_size=37, n_embd=32, n_layer=2, n_head=4,
+                                n_positions=32, bos_token_id=0, eos_token_id=0)
+  ref = _save(transformers.GPT2LMHeadModel(cfg).eval(), tmp_path)
+  model, params = load_hf(str(tmp_path))
+  logits = model.apply({"params": params}, jnp.asarray(TOKENS))
+  assert logits.shape == ref.shape
+  assert _rel(logits, ref) < 1e-4
+
+
+def test_conversion_errors_name_the_tensor(tmp_path):
+  cfg = transformers.LlamaConfig(**LLAMA, num_key_value_heads=2)
+  _save(transformers.LlamaForCausalLM(cfg), tmp_path)
+  c = json.load(open(tmp_path / "config.json"))
+  c["intermediate_size"] = 40  # config no longer matches the weights
+  json.dump(c, open(tmp_path / "config.json", "w"))
+  with pytest.raises(ValueError, match=r"mlp\.(gate|up|down)_proj\.weight.*expects"):
+    load_hf(str(tmp_path))
+  c["model_type"] = "bert"
+  json.dump(c, open(tmp_path / "config.json", "w"))
+  with pytest.raises(ValueError, match="model_type"):
+    load_hf(str(tmp_path))
