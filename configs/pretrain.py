@@ -55,6 +55,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       {k: _number(args.pop(k)) for k in STRUCTURE_KEYS if k in args})
   c.overrides = args.pop("overrides", "").replace(";", ",")
   c.trainable = ""                # regex over "a/b/c" param paths; "" = all
+  # Compacter adapters after sublayers ("" none), e.g.
+  # "after=attn+mlp;n=4;rank=1;reduction_factor=32" (fine-tuning sets it).
+  c.adapters = ""
   c.n_kv_heads = 0                # grouped KV heads (0: as many as query heads)
   c.tie_embeddings = False
 

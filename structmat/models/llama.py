@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from structmat.layers import LINEARS, make_linear
+from structmat.layers.adapters import CompacterAdapter
+from structmat.layers.phm import PHMRule
 
 SITES = ("q", "k", "v", "o", "gate", "up", "down")
 ATTN_SITES, MLP_SITES = SITES[:4], SITES[4:]
@@ -48,6 +50,10 @@ class LlamaConfig:
   param_dtype: Any = jnp.float32
   impl: str = "xla"  # kernels for the layers that have them (Monarch, BTT)
   attention: str = "auto"  # see ATTENTION_IMPLS / attend()
+  # Compacter-style bottleneck adapters inserted after sublayers, as sorted
+  # (key, value) pairs, () for none: after ("attn,mlp" or "mlp"), n, rank
+  # (None: full PHM slices), reduction_factor. One PHM rule is shared by all.
+  adapters: tuple = ()
 
   @property
   def kv_heads(self) -> int:
@@ -237,14 +243,27 @@ class MLP(nn.Module):
 class Block(nn.Module):
   cfg: LlamaConfig
   layer: int = 0
+  rule: nn.Module | None = None  # the model's shared PHM rule (adapters)
+
+  def _adapt(self, h, where: str):
+    """Compacter: a residual PHM bottleneck on the sublayer's output."""
+    ad = dict(self.cfg.adapters)
+    if where not in ad.get("after", "").split(","):
+      return h
+    return CompacterAdapter(ad.get("reduction_factor", 32), ad.get("n", 4),
+                            ad.get("rank", 1), rule=self.rule,
+                            dtype=self.cfg.dtype,
+                            param_dtype=self.cfg.param_dtype,
+                            name=f"{where}_adapter")(h)
 
   @nn.compact
   def __call__(self, x, positions):
     cfg = self.cfg
     norm = lambda name: rms_norm(cfg, name)
     attn = Attention(cfg, self.layer, name="attn")
-    x = x + attn(norm("attn_norm")(x), positions)
-    return x + MLP(cfg, self.layer, name="mlp")(norm("mlp_norm")(x))
+    x = x + self._adapt(attn(norm("attn_norm")(x), positions), "attn")
+    return x + self._adapt(MLP(cfg, self.layer, name="mlp")(
+        norm("mlp_norm")(x)), "mlp")
 
 
 class Llama(nn.Module):
@@ -263,8 +282,12 @@ class Llama(nn.Module):
                          nn.initializers.normal(0.02), ("vocab", "embed")),
                      name="embed")
     x = embed(tokens)
+    rule = None
+    if cfg.adapters:  # one rule tensor shared by every adapter (Compacter)
+      rule = PHMRule(dict(cfg.adapters).get("n", 4),
+                     param_dtype=cfg.param_dtype, name="phm_rule")
     for i in range(cfg.n_layers):
-      x = Block(cfg, i, name=f"layer_{i}")(x, positions)
+      x = Block(cfg, i, rule=rule, name=f"layer_{i}")(x, positions)
     x = rms_norm(cfg, "final_norm")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)

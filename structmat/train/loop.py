@@ -65,7 +65,30 @@ def model_config(config, vocab_size: int):
                       n_kv_heads=config.n_kv_heads or None,
                       tie_embeddings=config.tie_embeddings,
                       impl=config.get("impl", "xla"),
+                      adapters=parse_adapters(config.get("adapters", "")),
                       overrides=overrides, **dict(config.linear_kwargs))
+
+
+def _value(v: str):
+  for cast in (int, float):
+    try:
+      return cast(v)
+    except ValueError:
+      pass
+  return None if v.lower() == "none" else v
+
+
+def parse_adapters(spec: str) -> tuple:
+  """"after=attn+mlp;n=4;rank=1;reduction_factor=32" -> LlamaConfig.adapters."""
+  out = {}
+  for item in filter(None, (s.strip() for s in spec.split(";"))):
+    k, _, v = item.partition("=")
+    out[k] = v.replace("+", ",") if k == "after" else _value(v)
+  if out and (not out.get("after")
+              or set(out["after"].split(",")) - {"attn", "mlp"}):
+    raise ValueError(f"config.adapters={spec!r}: after= must list attn "
+                     "and/or mlp joined by '+'.")
+  return tuple(sorted(out.items()))
 
 
 def _parse_overrides(spec: str):
@@ -77,7 +100,7 @@ def _parse_overrides(spec: str):
     kwargs = {}
     for pair in kv:
       k, _, v = pair.partition("=")
-      kwargs[k] = float(v) if "." in v else int(v)
+      kwargs[k] = _value(v)
     if not name:
       raise ValueError(f"config.overrides item {item!r}: use site=structure.")
     out.append((site, name, kwargs))
@@ -223,6 +246,8 @@ def apply_init_meta(config, meta: dict):
     config.overrides = ",".join(filter(None, [config.overrides] + items))
     if meta.get("trainable") and not config.trainable:
       config.trainable = meta["trainable"]
+    if meta.get("adapters"):
+      config.adapters = meta["adapters"]
   return config
 
 

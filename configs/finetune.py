@@ -1,0 +1,49 @@
+r"""Fine-tuning config: ``--config=configs/finetune.py:method=lora,rank=8``.
+
+  python -m experiments.finetune --config=configs/finetune.py:method=compacter \
+      --init=runs/pretrain --workdir=runs/ft_compacter
+
+Keys: method (full | lora | nola | monarch | welore | compacter | compacter++ |
+phm_adapter), target (regex over "layer.site" names such as "0.q"; default q
+and v for lora/nola, every linear otherwise), rank, alpha, num_basis, variant,
+nblocks, reduction, n, n_phm, reduction_factor, steps, lr, data.
+Everything else: --config.field=value. The model, tokenizer and data settings
+come from the --init run's config.json; ``data`` replaces its dataset.
+"""
+import ml_collections
+
+from structmat.finetune import METHODS
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  args = dict(kv.split("=", 1) for kv in filter(None, arg.split(",")))
+  c = ml_collections.ConfigDict()
+  c.method = args.pop("method", "lora")
+  if c.method not in METHODS:
+    raise ValueError(f"method={c.method!r}; use one of {METHODS}.")
+  adapter_like = c.method in ("lora", "nola")
+  c.target = args.pop("target", r"\d+\.(q|v)" if adapter_like else r".*")
+  c.rank = int(args.pop("rank", 8))
+  c.alpha = float(args.pop("alpha", 16.0))
+  c.num_basis = int(args.pop("num_basis", 64))
+  c.variant = args.pop("variant", "offset")
+  c.nblocks = int(args.pop("nblocks", 4))
+  c.reduction = float(args.pop("reduction", 0.5))
+  c.n = int(args.pop("n", 4))                 # Compacter's PHM n
+  c.n_phm = int(args.pop("n_phm", 12))        # phm_adapter's n (paper: 12)
+  c.reduction_factor = int(args.pop("reduction_factor", 32))
+  c.seed = 0
+  # Training (the rest of the loop's fields come from the source run).
+  c.total_steps = int(args.pop("steps", 200))
+  c.warmup_steps = max(1, c.total_steps // 10)
+  # Adapters start at (or near) the base: a higher rate than full tuning.
+  c.lr = float(args.pop("lr", 3e-4 if c.method == "full" else 3e-3))
+  c.data = args.pop("data", "")             # "" = the source run's dataset
+  c.eval_every_steps = 100
+  c.checkpoint_every_steps = 100
+  c.log_every_steps = 20
+  if args:
+    raise ValueError(f"unknown config keys {sorted(args)}; use method, target, "
+                     "rank, alpha, num_basis, variant, nblocks, reduction, n, "
+                     "n_phm, reduction_factor, steps, lr, data.")
+  return c

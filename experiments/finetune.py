@@ -1,0 +1,31 @@
+r"""Fine-tune a pretrained structmat run with one PEFT method.
+
+  python -m experiments.finetune --config=configs/finetune.py:method=compacter \
+      --init=runs/pretrain --workdir=runs/ft_compacter
+
+See configs/finetune.py for the methods and keys. Prints the trainable
+parameter count (absolute and %), then trains with the standard loop
+(checkpoints, resume, metrics.jsonl); WORKDIR/finetune_summary.json at the end.
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments.finetune_lib import run_finetune
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/finetune.py",
+                                          "Fine-tuning config.", lock_config=True)
+_INIT = flags.DEFINE_string("init", None, "The pretrained run's workdir.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+flags.mark_flags_as_required(["init", "workdir"])
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  s = run_finetune(_CONFIG.value, _INIT.value, _WORKDIR.value)
+  print(f"done: validation loss {s.get('eval_loss')}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,144 @@
+"""Fine-tuning methods: preparation, frozen parameters, counts, the launcher."""
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import finetune as finetune_config
+from structmat.finetune import METHODS, prepare
+from structmat.models import GPT2, GPT2Config, Llama, llama_config
+from structmat.train import loop
+from structmat.train.params import count_params
+from structmat.train.partition import partition
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENS = jnp.array([[3, 9, 1, 7, 2, 8, 5, 4], [6, 6, 0, 1, 3, 2, 9, 7]])
+
+
+def _base(seed=0):
+  cfg = llama_config("llama_tiny", "dense", vocab_size=16, max_len=8)
+  v = nn.unbox(Llama(cfg).init(jax.random.key(seed), TOKENS))
+  # Norm scales away from one, so "left unchanged" is a real check.
+  v = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(
+      jax.random.key(7), a.shape), v)
+  return cfg, v["params"]
+
+
+def _apply(cfg, prep):
+  cfg = loop.model_config(_loop_config(cfg, prep), cfg.vocab_size)
+  variables = {"params": prep.params}
+  if prep.structure:
+    variables["structure"] = prep.structure
+  return Llama(cfg).apply(variables, TOKENS), cfg
+
+
+def _loop_config(cfg, prep):
+  from configs import pretrain as pretrain_config  # pylint: disable=import-outside-toplevel
+  c = pretrain_config.get_config("tiny=1")
+  meta = {"overrides": prep.overrides, "trainable": prep.trainable,
+          "adapters": prep.adapters}
+  return loop.apply_init_meta(c, meta)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prepare_every_method(method):
+  cfg, params = _base()
+  fc = finetune_config.get_config(f"method={method},rank=4,num_basis=16,"
+                                  "reduction_factor=8,n_phm=4")
+  prep = prepare(method, cfg, params, {}, fc)
+  logits, new_cfg = _apply(cfg, prep)
+  base = Llama(cfg).apply({"params": params}, TOKENS)
+  train, frozen = partition(prep.params, prep.trainable)
+  n_train, n_all = count_params(train), count_params(prep.params)
+  assert 0 < n_train <= n_all
+  if method == "full":
+    assert n_train == n_all
+  else:
+    # Monarch trains every projected linear, WeLore every LRC (random weights
+    # have flat spectra, so every matrix is one): nearly all parameters here.
+    limit = 1.0 if method in ("monarch", "welore") else 0.6
+    assert n_train < limit * n_all, (method, n_train, n_all)
+    # The pretrained weights are frozen and carried over unchanged.
+    np.testing.assert_array_equal(frozen["embed"]["embedding"],
+                                  params["embed"]["embedding"])
+  if method in ("full", "lora", "nola"):
+    # B = 0 (LoRA) / zero coefficients (NOLA offset): the base function.
+    np.testing.assert_allclose(logits, base, rtol=1e-5, atol=1e-5)
+  elif method in ("compacter", "compacter++", "phm_adapter"):
+    # Adapters start near the identity (rule std 1e-4) but are not zero.
+    assert 0 < float(jnp.abs(logits - base).max()) < 1e-2
+  else:  # monarch projection / WeLore truncation change the function
+    assert float(jnp.abs(logits - base).max()) > 1e-4
+  if method == "lora":
+    assert set(train["layer_0"]["attn"]) == {"q", "v"}
+    assert set(train["layer_0"]["attn"]["q"]["lora"]) == {"lora_a", "lora_b"}
+
+
+def test_bad_target_names_the_field():
+  cfg, params = _base()
+  fc = finetune_config.get_config(r"method=lora,target=\d+\.qkv")
+  with pytest.raises(ValueError, match="target"):
+    prepare("lora", cfg, params, {}, fc)
+  with pytest.raises(ValueError, match="method"):
+    finetune_config.get_config("method=prefix")
+
+
+def _adapter_count(after, n=4, rank=1, reduction_factor=32):
+  # A T5-base-shaped adapter set: d=768, 12 encoder + 12 decoder blocks.
+  cfg = llama_config("llama_tiny", "dense", vocab_size=8, max_len=4)
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(cfg, d_model=768, n_heads=12, d_ff=64, n_layers=24,
+                            adapters=loop.parse_adapters(
+                                f"after={after};n={n};rank={rank};"
+                                f"reduction_factor={reduction_factor}"))
+  p = nn.unbox(jax.eval_shape(Llama(cfg).init, jax.random.key(0),
+                              jnp.ones((1, 4), jnp.int32)))["params"]
+  train, _ = partition(p, r".*_adapter/.*|phm_rule/.*")
+  return count_params(train)
+
+
+def test_compacter_counts_match_the_paper():
+  # METHODS.md: Compacter 114,112 and Compacter++ 57,088 adapter parameters
+  # (2,376 per adapter at d=768, plus one shared 64-entry rule).
+  assert _adapter_count("attn+mlp") == 114_112
+  assert _adapter_count("mlp") == 57_088
+
+
+def test_nola_gpt2_medium_q_v_count():
+  over = tuple((s, "nola", (("num_basis", 512), ("rank", 8)))
+               for s in ("q", "v"))
+  cfg = GPT2Config(d_model=1024, n_layers=24, n_heads=16, d_ff=4096,
+                   overrides=over)
+  v = jax.eval_shape(GPT2(cfg).init, jax.random.key(0),
+                     jnp.ones((1, 4), jnp.int32))
+  train, _ = partition(nn.unbox(v["params"]), r".*nola/coef_.*")
+  assert count_params(train) == 49_152
+
+
+def test_finetune_launcher_trains_only_adapters(tmp_path, data_dir):
+  env = dict(os.environ, STRUCTMAT_DATA_DIR=data_dir)
+  base = tmp_path / "base"
+  p = subprocess.run([sys.executable, "-m", "experiments.pretrain",
+                      "--config=configs/pretrain.py:tiny=1,steps=4",
+                      f"--workdir={base}"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  ft = tmp_path / "ft"
+  p = subprocess.run([sys.executable, "-m", "experiments.finetune",
+                      "--config=configs/finetune.py:method=compacter,steps=3,"
+                      "reduction_factor=8", f"--init={base}",
+                      f"--workdir={ft}"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "trainable parameters" in p.stdout and "%)" in p.stdout
+  s = json.load(open(ft / "finetune_summary.json"))
+  assert s["method"] == "compacter" and s["step"] == 3
+  assert s["trainable_parameters"] == s["trainable_params"] < s["parameters"]
+  # AdamW keeps two moments per trainable parameter and nothing for frozen.
+  assert s["optimizer_state_bytes"] < 3 * 4 * s["trainable_params"] + 1024
