@@ -6,7 +6,8 @@ r"""Fine-tuning config: ``--config=configs/finetune.py:method=lora,rank=8``.
 Keys: method (full | lora | nola | monarch | welore | compacter | compacter++ |
 phm_adapter), target (regex over "layer.site" names such as "0.q"; default q
 and v for lora/nola, every linear otherwise), rank, alpha, num_basis, variant,
-nblocks, reduction, n, n_phm, reduction_factor, steps, lr, data.
+nblocks, reduction, n, n_phm, reduction_factor, steps, lr, data, task
+(lm | stdlib_topic | glue/sst2 | glue/mrpc | ...).
 Everything else: --config.field=value. The model, tokenizer and data settings
 come from the --init run's config.json; ``data`` replaces its dataset.
 """
@@ -39,11 +40,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Adapters start at (or near) the base: a higher rate than full tuning.
   c.lr = float(args.pop("lr", 3e-4 if c.method == "full" else 3e-3))
   c.data = args.pop("data", "")             # "" = the source run's dataset
+  # "lm" (causal LM on data) or a classification task: glue/sst2, glue/mrpc,
+  # ..., or the embedded stdlib_topic (see structmat.finetune.classify).
+  c.task = args.pop("task", "lm")
+  c.max_train_examples = 0                  # 0: the whole split
+  c.max_eval_examples = 0
   c.eval_every_steps = 100
   c.checkpoint_every_steps = 100
   c.log_every_steps = 20
   if args:
     raise ValueError(f"unknown config keys {sorted(args)}; use method, target, "
                      "rank, alpha, num_basis, variant, nblocks, reduction, n, "
-                     "n_phm, reduction_factor, steps, lr, data.")
+                     "n_phm, reduction_factor, steps, lr, data, task.")
   return c

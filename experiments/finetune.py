@@ -24,7 +24,8 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   s = run_finetune(_CONFIG.value, _INIT.value, _WORKDIR.value)
-  print(f"done: validation loss {s.get('eval_loss')}")
+  keys = ("eval_loss", "eval_perplexity", "accuracy", "f1", "mcc")
+  print("done: " + ", ".join(f"{k} {s[k]:.4f}" for k in keys if k in s))
 
 
 if __name__ == "__main__":

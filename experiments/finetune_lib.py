@@ -2,11 +2,15 @@
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from experiments.compress_lib import source_config
-from structmat.finetune import prepare
+from structmat.data import sources
+from structmat.finetune import classify, prepare
+from structmat.finetune.methods import graft
+from structmat.models import LlamaClassifier
 from structmat.train import init_ckpt, loop
 from structmat.train.params import count_params
 from structmat.train.partition import partition
@@ -52,15 +56,48 @@ def run_finetune(fc, init: str, workdir: str) -> dict:
         f"{report['trainable_params']:,} of {report['total_params']:,} "
         f"({report['trainable_pct']:.3f}%)", flush=True)
   config = source.copy_and_resolve_references()
+  # The base model's tokenizer, whatever the fine-tuning data: a tokenizer
+  # trained on the new text would scramble the pretrained embeddings.
+  tok = loop.build_data(source)[0]
   with config.unlocked():
     for k in _TRAIN_FIELDS:
       config[k] = fc[k]
     config.overrides = ""  # the init's overrides are re-applied below
+    if getattr(tok, "model_file", ""):
+      config.data.tokenizer_model = tok.model_file
     if fc.data:
       config.data.name = fc.data
       config.data.eval_split = "test" if fc.data == "lm1b" else "validation"
-  summary = loop.train_and_evaluate(config, workdir, init=init_dir)
-  summary.update(report, method=fc.method)
+  if fc.task == "lm":
+    summary = loop.train_and_evaluate(config, workdir, init=init_dir)
+  else:
+    summary = _classify(fc, config, init_dir, tok, vocab, workdir)
+  summary.update(report, method=fc.method, task=fc.task)
   with open(os.path.join(workdir, "finetune_summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   return summary
+
+
+def _classify(fc, config, init_dir, tok, vocab, workdir) -> dict:
+  keys, num_classes, eval_split = classify.task_info(fc.task)
+  params, structure, meta = init_ckpt.load_init(init_dir)
+  config = loop.apply_init_meta(config, meta)
+  model = LlamaClassifier(loop.model_config(config, vocab), num_classes)
+  data_dir = config.data.data_dir or None
+  data = {split: classify.encode(
+      sources.open_records(fc.task, split, data_dir), keys, tok,
+      config.seq_len, limit)
+          for split, limit in (("train", fc.max_train_examples),
+                               (eval_split, fc.max_eval_examples))}
+  example = jnp.asarray(data["train"][0][:1])
+  fresh = nn.unbox(model.init(jax.random.key(config.seed), example))["params"]
+  params = graft(fresh, params)   # the base weights; a new cls_head
+  trainable = meta["trainable"]
+  if trainable:
+    trainable += "|cls_head/.*"
+  print(f"task {fc.task}: {len(data['train'][2])} train / "
+        f"{len(data[eval_split][2])} {eval_split} examples, "
+        f"{num_classes} classes", flush=True)
+  return classify.train_classifier(
+      config, model, params, jax.tree.map(jnp.asarray, structure), trainable,
+      data["train"], data[eval_split], num_classes, workdir)

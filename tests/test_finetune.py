@@ -121,19 +121,26 @@ def test_nola_gpt2_medium_q_v_count():
   assert count_params(train) == 49_152
 
 
-def test_finetune_launcher_trains_only_adapters(tmp_path, data_dir):
-  env = dict(os.environ, STRUCTMAT_DATA_DIR=data_dir)
-  base = tmp_path / "base"
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, data_dir):
+  """A few steps of the tiny pretraining config: the base to fine-tune."""
+  base = tmp_path_factory.mktemp("base")
   p = subprocess.run([sys.executable, "-m", "experiments.pretrain",
                       "--config=configs/pretrain.py:tiny=1,steps=4",
-                      f"--workdir={base}"], cwd=ROOT, env=env,
+                      f"--workdir={base}"], cwd=ROOT,
+                     env=dict(os.environ, STRUCTMAT_DATA_DIR=data_dir),
                      capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
+  return str(base)
+
+
+def test_finetune_launcher_trains_only_adapters(tmp_path, data_dir, tiny_base):
   ft = tmp_path / "ft"
   p = subprocess.run([sys.executable, "-m", "experiments.finetune",
                       "--config=configs/finetune.py:method=compacter,steps=3,"
-                      "reduction_factor=8", f"--init={base}",
-                      f"--workdir={ft}"], cwd=ROOT, env=env,
+                      "reduction_factor=8,data=stdlib_docs",
+                      f"--init={tiny_base}", f"--workdir={ft}"], cwd=ROOT,
+                     env=dict(os.environ, STRUCTMAT_DATA_DIR=data_dir),
                      capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   assert "trainable parameters" in p.stdout and "%)" in p.stdout
@@ -142,3 +149,44 @@ def test_finetune_launcher_trains_only_adapters(tmp_path, data_dir):
   assert s["trainable_parameters"] == s["trainable_params"] < s["parameters"]
   # AdamW keeps two moments per trainable parameter and nothing for frozen.
   assert s["optimizer_state_bytes"] < 3 * 4 * s["trainable_params"] + 1024
+
+
+def test_glue_metrics():
+  from structmat.finetune.classify import glue_metrics  # pylint: disable=import-outside-toplevel
+  preds, labels = [1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0]
+  m = glue_metrics(preds, labels, 2)
+  tp, tn, fp, fn = 2, 2, 1, 1
+  assert m["accuracy"] == pytest.approx(4 / 6)
+  assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+  assert m["mcc"] == pytest.approx((tp * tn - fp * fn) / np.sqrt(
+      (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+  assert glue_metrics([0, 1, 2], [0, 1, 2], 3)["mcc"] == pytest.approx(1.0)
+  assert glue_metrics([0, 0, 0], [0, 1, 1], 2)["mcc"] == 0.0  # constant
+
+
+@pytest.mark.parametrize("task", ["glue/mrpc", "glue/sst2"])
+def test_glue_classification_with_mock_data(task, tmp_path, tiny_base):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from experiments.finetune_lib import run_finetune  # pylint: disable=import-outside-toplevel
+  fc = finetune_config.get_config(f"method=lora,rank=2,steps=2,task={task}")
+  with fc.unlocked():
+    fc.eval_every_steps = 0
+  with tfds.testing.mock_data(num_examples=12):
+    s = run_finetune(fc, tiny_base, str(tmp_path / "ft"))
+  assert s["step"] == 2 and s["task"] == task
+  for k in ("accuracy", "f1", "mcc"):
+    assert np.isfinite(s[k])
+  assert 0 <= s["accuracy"] <= 1
+
+
+def test_embedded_downstream_tasks(data_dir):
+  from structmat.data import downstream, sources  # pylint: disable=import-outside-toplevel
+  src = 'def f():\n  """Docs here."""\n  x = 1  # a comment\n  return x\n'
+  assert downstream.prose_of(src) == "Docs here.\na comment"
+  train = sources.open_records("stdlib_topic", "train", data_dir)
+  val = sources.open_records("stdlib_topic", "validation", data_dir)
+  labels = [int(train[i]["label"]) for i in range(len(train))]
+  assert labels.count(0) == labels.count(1) > 50   # balanced
+  assert len(val) > 20
+  docs = sources.open_split("stdlib_docs", "train", data_dir)
+  assert len(docs) > 100 and "import " not in docs[0].split("\n")[0]

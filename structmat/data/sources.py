@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 from structmat.data.corpus import StructmatStdlib
 
 EMBEDDED = "stdlib"
+EMBEDDED_NAMES = (EMBEDDED, "stdlib_docs", "stdlib_topic")
 
 
 def default_data_dir() -> str:
@@ -59,11 +60,35 @@ class _TFDSLoadRecords:
     return self._rows[i]
 
 
-def build_embedded(data_dir: str) -> None:
-  builder = StructmatStdlib(data_dir=data_dir, file_format="array_record")
+def _builders():
+  from structmat.data import downstream  # pylint: disable=import-outside-toplevel
+  return {EMBEDDED: StructmatStdlib, "stdlib_docs": downstream.StructmatStdlibDocs,
+          "stdlib_topic": downstream.StructmatStdlibTopic}
+
+
+def build_embedded(data_dir: str, name: str = EMBEDDED) -> str:
+  """Build an embedded dataset once (array_record); returns its tfds name."""
+  cls = _builders()[name]
+  builder = cls(data_dir=data_dir, file_format="array_record")
   if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-    logging.info("Building the embedded stdlib corpus in %s", builder.data_dir)
+    logging.info("Building the embedded dataset %s in %s", name,
+                 builder.data_dir)
     builder.download_and_prepare()
+  return cls.name
+
+
+def open_records(name: str, split: str, data_dir: str | None = None,
+                 loader: str = "data_source"):
+  """Random-access records (dicts) of a split: embedded names
+  ("stdlib", "stdlib_docs", "stdlib_topic") or any tfds name."""
+  data_dir = data_dir or default_data_dir()
+  if name in EMBEDDED_NAMES:
+    name = build_embedded(data_dir, name)
+  if loader == "data_source":
+    return tfds.data_source(name, split=split, data_dir=data_dir)
+  if loader == "tfds_load":
+    return _TFDSLoadRecords(name, split, data_dir)
+  raise ValueError(f"data.loader={loader!r}; use 'data_source' or 'tfds_load'.")
 
 
 def open_split(name: str, split: str, data_dir: str | None = None,
@@ -72,7 +97,8 @@ def open_split(name: str, split: str, data_dir: str | None = None,
   """One host's shard of ``split`` of dataset ``name`` ("stdlib" or a tfds name).
 
   Args:
-    name: "stdlib" (embedded corpus) or a tfds name such as "c4/en", "lm1b".
+    name: "stdlib" (embedded corpus), "stdlib_docs" (its prose, for
+      fine-tuning) or a tfds name such as "c4/en", "lm1b".
     split: tfds split, e.g. "train", "validation".
     data_dir: tfds data directory (default $STRUCTMAT_DATA_DIR or
       ~/.cache/structmat/tfds).
@@ -81,16 +107,6 @@ def open_split(name: str, split: str, data_dir: str | None = None,
       needs TensorFlow).
     text_key: the feature holding the text.
   """
-  data_dir = data_dir or default_data_dir()
   if process_count > 1:
     split = tfds.even_splits(split, process_count)[process_index]
-  if name == EMBEDDED:
-    build_embedded(data_dir)
-    name = StructmatStdlib.name
-  if loader == "data_source":
-    records = tfds.data_source(name, split=split, data_dir=data_dir)
-  elif loader == "tfds_load":
-    records = _TFDSLoadRecords(name, split, data_dir)
-  else:
-    raise ValueError(f"data.loader={loader!r}; use 'data_source' or 'tfds_load'.")
-  return TextSource(records, text_key)
+  return TextSource(open_records(name, split, data_dir, loader), text_key)

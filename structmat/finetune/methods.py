@@ -67,11 +67,11 @@ def _site_regex(sites: list[str], leaf: str) -> str:
   return "|".join(parts)
 
 
-def _graft(new, base):
+def graft(new, base):
   """``new``'s tree with every leaf that ``base`` has (same path and shape)
   taken from ``base``: the pretrained weights under the method's additions."""
   if isinstance(new, dict):
-    return {k: _graft(v, base.get(k) if isinstance(base, dict) else None)
+    return {k: graft(v, base.get(k) if isinstance(base, dict) else None)
             for k, v in new.items()}
   if base is not None and np.shape(base) == np.shape(new):
     return jnp.asarray(base, new.dtype)
@@ -83,8 +83,8 @@ def _init_with(cfg, params, structure, seed: int):
   example = jnp.ones((1, 8), jnp.int32)
   v = nn.unbox(Llama(cfg).init(jax.random.key(seed), example))
   new_structure = dict(v.get("structure", {}))
-  new_structure = _graft(new_structure, structure) if structure else new_structure
-  return _graft(v["params"], params), new_structure
+  new_structure = graft(new_structure, structure) if structure else new_structure
+  return graft(v["params"], params), new_structure
 
 
 def prepare(method: str, cfg, params, structure, hp) -> Prepared:

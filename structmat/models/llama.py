@@ -266,6 +266,31 @@ class Block(nn.Module):
         norm("mlp_norm")(x)), "mlp")
 
 
+def _backbone(cfg: LlamaConfig, tokens, positions):
+  """(embedding module, final normed hidden (batch, length, d_model)).
+
+  Called from a compact ``__call__``: the submodules it creates belong to the
+  caller, so Llama and LlamaClassifier share parameter paths (embed, layer_i,
+  final_norm, phm_rule) and checkpoints move between them.
+  """
+  cfg.validate()
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
+  embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+                   param_dtype=cfg.param_dtype,
+                   embedding_init=nn.with_logical_partitioning(
+                       nn.initializers.normal(0.02), ("vocab", "embed")),
+                   name="embed")
+  x = embed(tokens)
+  rule = None
+  if cfg.adapters:  # one rule tensor shared by every adapter (Compacter)
+    rule = PHMRule(dict(cfg.adapters).get("n", 4),
+                   param_dtype=cfg.param_dtype, name="phm_rule")
+  for i in range(cfg.n_layers):
+    x = Block(cfg, i, rule=rule, name=f"layer_{i}")(x, positions)
+  return embed, rms_norm(cfg, "final_norm")(x)
+
+
 class Llama(nn.Module):
   """tokens (batch, length) int -> logits (batch, length, vocab) float32."""
   cfg: LlamaConfig
@@ -273,22 +298,7 @@ class Llama(nn.Module):
   @nn.compact
   def __call__(self, tokens, positions=None):
     cfg = self.cfg
-    cfg.validate()
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
-                     param_dtype=cfg.param_dtype,
-                     embedding_init=nn.with_logical_partitioning(
-                         nn.initializers.normal(0.02), ("vocab", "embed")),
-                     name="embed")
-    x = embed(tokens)
-    rule = None
-    if cfg.adapters:  # one rule tensor shared by every adapter (Compacter)
-      rule = PHMRule(dict(cfg.adapters).get("n", 4),
-                     param_dtype=cfg.param_dtype, name="phm_rule")
-    for i in range(cfg.n_layers):
-      x = Block(cfg, i, rule=rule, name=f"layer_{i}")(x, positions)
-    x = rms_norm(cfg, "final_norm")(x)
+    embed, x = _backbone(cfg, tokens, positions)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
@@ -298,3 +308,29 @@ class Llama(nn.Module):
                             nn.initializers.normal(0.02), ("embed", "vocab")),
                         name="head")(x)
     return logits.astype(jnp.float32)
+
+
+class LlamaClassifier(nn.Module):
+  """Sequence classification on the LLaMA backbone (HF's
+  LlamaForSequenceClassification): the final hidden state of each sequence's
+  last real token through a linear head ``cls_head``.
+
+  tokens (batch, length) int, lengths (batch,) int (default: full length)
+  -> logits (batch, num_classes) float32. Causal attention means right
+  padding never reaches the pooled position, so no attention mask is needed.
+  """
+  cfg: LlamaConfig
+  num_classes: int = 2
+
+  @nn.compact
+  def __call__(self, tokens, lengths=None):
+    _, x = _backbone(self.cfg, tokens, None)
+    if lengths is None:
+      lengths = jnp.full(tokens.shape[:1], tokens.shape[1])
+    last = jnp.take_along_axis(
+        x, (jnp.maximum(lengths, 1) - 1)[:, None, None], axis=1)[:, 0]
+    return nn.Dense(self.num_classes, dtype=self.cfg.dtype,
+                    param_dtype=self.cfg.param_dtype,
+                    kernel_init=nn.with_logical_partitioning(
+                        nn.initializers.normal(0.02), ("embed", None)),
+                    name="cls_head")(last).astype(jnp.float32)
