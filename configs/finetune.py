@@ -44,6 +44,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # ..., or the embedded stdlib_topic (see structmat.finetune.classify).
   c.task = args.pop("task", "lm")
   c.max_train_examples = 0                  # 0: the whole split
+  # Also write WORKDIR/merged: the fine-tuned model as a plain dense init
+  # directory (PEFT's merge_and_unload; not for Compacter adapters).
+  c.export_merged = False
   c.max_eval_examples = 0
   c.eval_every_steps = 100
   c.checkpoint_every_steps = 100

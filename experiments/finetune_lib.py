@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from experiments.compress_lib import source_config
 from structmat.data import sources
-from structmat.finetune import classify, prepare
+from structmat.finetune import classify, export, prepare
 from structmat.finetune.methods import graft
 from structmat.models import LlamaClassifier
 from structmat.train import init_ckpt, loop
@@ -73,6 +73,7 @@ def run_finetune(fc, init: str, workdir: str) -> dict:
   else:
     summary = _classify(fc, config, init_dir, tok, vocab, workdir)
   summary.update(report, method=fc.method, task=fc.task)
+  summary.update(_export(fc, workdir, init_dir, source, vocab))
   with open(os.path.join(workdir, "finetune_summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   return summary
@@ -101,3 +102,26 @@ def _classify(fc, config, init_dir, tok, vocab, workdir) -> dict:
   return classify.train_classifier(
       config, model, params, jax.tree.map(jnp.asarray, structure), trainable,
       data["train"], data[eval_split], num_classes, workdir)
+
+
+def _export(fc, workdir, init_dir, source, vocab) -> dict:
+  """The adapter file (trainable parameters only), the PEFT format for LoRA,
+  and, with fc.export_merged, a merged dense init directory."""
+  with open(os.path.join(init_dir, "model.json")) as f:
+    meta = json.load(f)
+  if not meta["trainable"]:
+    return {}
+  params, structure, _ = init_ckpt.load_init(workdir)   # the final step
+  out = {"adapter_bytes": export.save_adapter(
+      os.path.join(workdir, "adapter"), params, structure, meta)}
+  print(f"adapter: {out['adapter_bytes']:,} bytes in {workdir}/adapter",
+        flush=True)
+  cfg = export.method_config(loop.model_config(source, vocab), meta)
+  if fc.method == "lora" and fc.task == "lm":
+    export.export_peft_lora(os.path.join(workdir, "peft"), cfg, params)
+  if fc.export_merged and not meta["adapters"]:
+    _, dense = export.merge_to_dense(cfg, params, structure)
+    init_ckpt.save_init(os.path.join(workdir, "merged"), dense, {}, {
+        "overrides": [], "trainable": "", "config": meta["config"]})
+    out["merged"] = os.path.join(workdir, "merged")
+  return out

@@ -32,9 +32,7 @@ def _base(seed=0):
 
 def _apply(cfg, prep):
   cfg = loop.model_config(_loop_config(cfg, prep), cfg.vocab_size)
-  variables = {"params": prep.params}
-  if prep.structure:
-    variables["structure"] = prep.structure
+  variables = {"params": prep.params, **prep.structure}
   return Llama(cfg).apply(variables, TOKENS), cfg
 
 
@@ -149,6 +147,7 @@ def test_finetune_launcher_trains_only_adapters(tmp_path, data_dir, tiny_base):
   assert s["trainable_parameters"] == s["trainable_params"] < s["parameters"]
   # AdamW keeps two moments per trainable parameter and nothing for frozen.
   assert s["optimizer_state_bytes"] < 3 * 4 * s["trainable_params"] + 1024
+  assert s["adapter_bytes"] > 0 and (ft / "adapter" / "adapter.json").exists()
 
 
 def test_glue_metrics():
@@ -190,3 +189,70 @@ def test_embedded_downstream_tasks(data_dir):
   assert len(val) > 20
   docs = sources.open_split("stdlib_docs", "train", data_dir)
   assert len(docs) > 100 and "import " not in docs[0].split("\n")[0]
+
+
+def _randomize(tree, regex, seed=3):
+  """Trainable leaves random (never zeros): LoRA's B = 0 would hide bugs."""
+  import re  # pylint: disable=import-outside-toplevel
+  from structmat.train.partition import path_str  # pylint: disable=import-outside-toplevel
+  keys = iter(jax.random.split(jax.random.key(seed), 1000))
+  return jax.tree_util.tree_map_with_path(
+      lambda p, l: l + 0.1 * jax.random.normal(next(keys), l.shape)
+      if re.fullmatch(regex, path_str(p)) else l, tree)
+
+
+@pytest.mark.parametrize("method", ["lora", "nola", "monarch", "compacter"])
+def test_adapter_files_load_and_merge(method, tmp_path):
+  from structmat.finetune import export  # pylint: disable=import-outside-toplevel
+  cfg, params = _base()
+  fc = finetune_config.get_config(f"method={method},rank=4,num_basis=16,"
+                                  "reduction_factor=8")
+  prep = prepare(method, cfg, params, {}, fc)
+  tuned = _randomize(prep.params, prep.trainable)
+  meta = {"trainable": prep.trainable, "overrides": prep.overrides,
+          "adapters": prep.adapters, "method": method}
+  size = export.save_adapter(str(tmp_path), tuned, prep.structure, meta)
+  full = sum(l.nbytes for l in jax.tree.leaves(tuned))
+  new_cfg, loaded, structure = export.load_adapter(str(tmp_path), cfg, params)
+  want = Llama(new_cfg).apply({"params": tuned, **prep.structure}, TOKENS)
+  got = Llama(new_cfg).apply({"params": loaded, **structure}, TOKENS)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  if method in ("lora", "nola", "compacter"):
+    assert size < 0.2 * full, (size, full)   # the adapter is small
+  if method == "compacter":
+    with pytest.raises(ValueError, match="cannot be merged"):
+      export.merge_to_dense(new_cfg, loaded, structure)
+    return
+  dense_cfg, dense = export.merge_to_dense(new_cfg, loaded, structure)
+  assert set(dense["layer_0"]["attn"]["q"]) == {"kernel"}
+  merged = Llama(dense_cfg).apply({"params": dense}, TOKENS)
+  np.testing.assert_allclose(merged, want, rtol=1e-4, atol=1e-4)
+
+
+def test_peft_lora_format_matches_peft(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  torch = pytest.importorskip("torch")
+  from structmat.finetune import export  # pylint: disable=import-outside-toplevel
+  from structmat.models import load_hf  # pylint: disable=import-outside-toplevel
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=16, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+  torch.manual_seed(0)
+  hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+  hf.save_pretrained(tmp_path / "base", safe_serialization=True)
+  model, params = load_hf(str(tmp_path / "base"), attention="naive")
+  cfg = model.cfg
+  fc = finetune_config.get_config("method=lora,rank=4,alpha=8")
+  prep = prepare("lora", cfg, params, {}, fc)
+  tuned = _randomize(prep.params, prep.trainable)
+  new_cfg = export.method_config(cfg, {"overrides": prep.overrides})
+  ours = Llama(new_cfg).apply({"params": tuned}, TOKENS)
+  export.export_peft_lora(str(tmp_path / "peft"), new_cfg, tuned)
+  peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
+  with torch.no_grad():
+    ref = peft_model(torch.tensor(np.asarray(TOKENS))).logits.numpy()
+  assert np.linalg.norm(np.asarray(ours) - ref) / np.linalg.norm(ref) < 1e-4
+  back_cfg, back = export.import_peft_lora(str(tmp_path / "peft"), cfg, params)
+  again = Llama(back_cfg).apply({"params": back}, TOKENS)
+  np.testing.assert_allclose(again, ours, rtol=1e-5, atol=1e-5)

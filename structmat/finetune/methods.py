@@ -81,10 +81,11 @@ def graft(new, base):
 def _init_with(cfg, params, structure, seed: int):
   """Initialize the method's model and graft the pretrained weights in."""
   example = jnp.ones((1, 8), jnp.int32)
-  v = nn.unbox(Llama(cfg).init(jax.random.key(seed), example))
-  new_structure = dict(v.get("structure", {}))
-  new_structure = graft(new_structure, structure) if structure else new_structure
-  return graft(v["params"], params), new_structure
+  v = dict(nn.unbox(Llama(cfg).init(jax.random.key(seed), example)))
+  new_params = v.pop("params")
+  # Non-parameter collections ({"structure": ...}: SLTrain supports, NOLA
+  # keys), the base's kept where it has them.
+  return graft(new_params, params), graft(v, structure or {})
 
 
 def prepare(method: str, cfg, params, structure, hp) -> Prepared:
@@ -93,7 +94,8 @@ def prepare(method: str, cfg, params, structure, hp) -> Prepared:
   Args:
     method: one of METHODS.
     cfg: the pretrained model's LlamaConfig (selected linears dense).
-    params, structure: its parameters and "structure" collection.
+    params: its parameters; structure: its other collections
+      ({"structure": tree} or {}), as TrainState.structure holds them.
     hp: hyper-parameters (a ConfigDict or object with attributes): target,
       rank, alpha, num_basis, variant, nblocks, reduction, n, reduction_factor,
       seed.

@@ -12,29 +12,43 @@ from structmat.layers import make_linear
 from structmat.models.llama import SITES, site_params, site_shapes
 
 
+def structured_sites(cfg, names=None) -> list[tuple[int, str]]:
+  """(layer, site) of every non-dense linear (of the given structure names)."""
+  return [(i, s) for i in range(cfg.n_layers) for s in SITES
+          if cfg.linear_for(s, i)[0] != "dense"
+          and (names is None or cfg.linear_for(s, i)[0] in names)]
+
+
 def monarch_sites(cfg) -> list[tuple[int, str]]:
   """(layer, site) of every Monarch linear."""
-  return [(i, s) for i in range(cfg.n_layers) for s in SITES
-          if cfg.linear_for(s, i)[0] == "monarch"]
+  return structured_sites(cfg, ("monarch",))
 
 
-def densified_config(cfg):
-  """The model config with every Monarch linear made dense."""
-  over = cfg.overrides + tuple((f"{i}.{s}", "dense", ())
-                               for i, s in monarch_sites(cfg))
+def densified_config(cfg, sites=None):
+  """The model config with the given linears (default: Monarch) made dense."""
+  sites = monarch_sites(cfg) if sites is None else sites
+  over = cfg.overrides + tuple((f"{i}.{s}", "dense", ()) for i, s in sites)
   return dataclasses.replace(cfg, overrides=over)
 
 
-def densify_params(cfg, params):
-  """Replace each Monarch linear's {w1, w2} by its materialized {kernel}."""
+def densify_params(cfg, params, sites=None, structure=None):
+  """Replace each given linear's parameters (default: Monarch's {w1, w2}) by
+  its materialized {kernel} (the layer's own ``to_dense``); adapters such as
+  LoRA and NOLA merge their delta into the base kernel this way.
+  ``structure``: the model's non-parameter collections ({"structure": ...},
+  as TrainState.structure), needed by NOLA's regenerated bases."""
   params = jax.tree.map(lambda x: x, params)  # new dicts: safe to mutate
-  for i, site in monarch_sites(cfg):
+  for i, site in monarch_sites(cfg) if sites is None else sites:
     group = site_params(params, i, site)
     name, kwargs = cfg.linear_for(site, i)
     d_in, d_out = site_shapes(cfg)[site]
     layer = make_linear(name, features=d_out, use_bias=False, **kwargs)
-    group[site] = {"kernel": layer.apply({"params": group[site]}, d_in,
-                                         method="to_dense")}
+    variables = {"params": group[site]}
+    if structure and structure.get("structure"):  # TrainState.structure
+      sub = site_params(structure["structure"], i, site).get(site)
+      if sub:
+        variables["structure"] = sub
+    group[site] = {"kernel": layer.apply(variables, d_in, method="to_dense")}
   return params
 
 

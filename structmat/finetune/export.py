@@ -1,0 +1,200 @@
+"""Adapter files, merging, and the PEFT LoRA format.
+
+- ``save_adapter`` / ``load_adapter``: only the trainable parameters (and the
+  small non-parameter collections, e.g. NOLA keys) go to
+  ``adapter.safetensors``; ``adapter.json`` records the method's model changes
+  so the adapter can be put back onto any copy of the base weights.
+- ``merge_to_dense``: every structured or adapted linear materialized into a
+  plain dense kernel (PEFT's merge_and_unload): the result is a checkpoint of
+  the base architecture. Compacter-style bottleneck adapters are nonlinear and
+  cannot be merged; that raises.
+- ``export_peft_lora`` / ``import_peft_lora``: LoRA adapters as PEFT writes
+  them (adapter_config.json + adapter_model.safetensors, keys such as
+  ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` holding
+  (rank, in) and lora_B (out, rank); scaling lora_alpha / r, as here).
+"""
+import dataclasses
+import json
+import os
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from structmat.finetune.methods import graft
+from structmat.models import Llama
+from structmat.models.llama import site_params
+from structmat.train.densify import densify_params, structured_sites
+from structmat.train.partition import partition, path_str
+from structmat.utils import safetensors
+
+HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj",
+              "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+              "down": "mlp.down_proj"}
+
+
+def _flat(tree, prefix=""):
+  return {prefix + path_str(p): np.asarray(l) for p, l in
+          jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflat(flat: dict, prefix: str = ""):
+  out = {}
+  for key, value in flat.items():
+    if not key.startswith(prefix):
+      continue
+    node, parts = out, key[len(prefix):].split("/")
+    for k in parts[:-1]:
+      node = node.setdefault(k, {})
+    node[parts[-1]] = value
+  return out
+
+
+def save_adapter(directory: str, params, structure, meta: dict) -> int:
+  """Write the trainable parameters (``meta["trainable"]``) and the
+  collections; returns the bytes written. ``meta`` needs "trainable",
+  "overrides", "adapters" (as ``methods.Prepared``) and may hold anything
+  JSON (method, base run)."""
+  os.makedirs(directory, exist_ok=True)
+  if not meta.get("trainable"):
+    raise ValueError("meta['trainable'] is empty: full fine-tuning has no "
+                     "adapter; save the whole checkpoint instead.")
+  train, _ = partition(params, meta["trainable"])
+  tensors = {**_flat(train, "params/"), **_flat(structure or {}, "collections/")}
+  path = os.path.join(directory, "adapter.safetensors")
+  safetensors.save_file(tensors, path)
+  with open(os.path.join(directory, "adapter.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+  return os.path.getsize(path)
+
+
+def method_config(cfg, meta: dict):
+  """The base LlamaConfig with an adapter's overrides and adapters applied."""
+  from structmat.train.loop import parse_adapters  # pylint: disable=import-outside-toplevel
+  over = tuple((s, n, tuple(tuple(kv) for kv in k))
+               for s, n, k in meta.get("overrides", []))
+  return dataclasses.replace(cfg, overrides=cfg.overrides + over,
+                             adapters=parse_adapters(meta.get("adapters", "")))
+
+
+def load_adapter(directory: str, cfg, base_params):
+  """(method cfg, params, structure): the adapter put onto ``base_params``.
+
+  Every parameter of the method's model comes from the adapter file or, with
+  the same path and shape, from the base; anything else raises, naming it.
+  """
+  with open(os.path.join(directory, "adapter.json")) as f:
+    meta = json.load(f)
+  tensors = safetensors.load_file(os.path.join(directory, "adapter.safetensors"))
+  new_cfg = method_config(cfg, meta)
+  shapes = nn.unbox(jax.eval_shape(Llama(new_cfg).init, jax.random.key(0),
+                                   jnp.ones((1, 2), jnp.int32)))
+  adapter = _unflat(tensors, "params/")
+  merged = graft(shapes["params"], base_params)
+  merged = graft(merged, adapter)
+  _check_complete(merged, directory)
+  return new_cfg, merged, _unflat(tensors, "collections/")
+
+
+def _flat_shapes(tree):
+  return {path_str(p): l for p, l in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))[0]}
+
+
+def merge_to_dense(cfg, params, structure=None):
+  """(dense cfg, params): every non-dense linear materialized (its layer's
+  to_dense: LoRA/NOLA deltas added to the base kernel, Monarch and low-rank
+  factors multiplied out). The cfg keeps no overrides or adapters."""
+  if cfg.adapters:
+    raise ValueError("Compacter-style adapters (config.adapters) are "
+                     "nonlinear bottlenecks and cannot be merged into dense "
+                     "weights; keep the adapter file, or use lora/nola.")
+  sites = structured_sites(cfg)
+  dense = densify_params(cfg, params, sites, structure)
+  return dataclasses.replace(cfg, overrides=(), linear="dense",
+                             linear_kwargs=()), dense
+
+
+def export_peft_lora(directory: str, cfg, params, base_model: str = "") -> None:
+  """Write a LoRA model's adapters in PEFT's format."""
+  sites = structured_sites(cfg, ("lora",))
+  if not sites:
+    raise ValueError("the model has no LoRA linears to export.")
+  kwargs = {tuple(sorted(cfg.linear_for(s, i)[1].items())) for i, s in sites}
+  if len(kwargs) != 1:
+    raise ValueError("PEFT needs one rank and alpha for every LoRA module; "
+                     f"found {sorted(kwargs)}.")
+  kw = dict(kwargs.pop())
+  tensors, modules = {}, []
+  for i, s in sites:
+    lora = site_params(params, i, s)[s]["lora"]
+    name = f"base_model.model.model.layers.{i}.{HF_MODULES[s]}"
+    tensors[f"{name}.lora_A.weight"] = np.asarray(lora["lora_a"], np.float32).T
+    tensors[f"{name}.lora_B.weight"] = np.asarray(lora["lora_b"], np.float32).T
+    modules.append(f"model.layers.{i}.{HF_MODULES[s]}")
+  os.makedirs(directory, exist_ok=True)
+  safetensors.save_file(tensors, os.path.join(directory,
+                                              "adapter_model.safetensors"))
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model, "r": int(kw["rank"]),
+            "lora_alpha": float(kw["alpha"]), "lora_dropout": 0.0,
+            "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+            # A regex over full module names: exactly the exported modules.
+            "target_modules": "(" + "|".join(re.escape(m) for m in modules)
+                              + ")"}
+  with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=1)
+
+
+_KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(\w+\.\w+)"
+                  r"\.lora_([AB])(?:\.default)?\.weight")
+
+
+def import_peft_lora(directory: str, cfg, base_params):
+  """(LoRA cfg, params) from a PEFT LoRA directory onto dense base params."""
+  with open(os.path.join(directory, "adapter_config.json")) as f:
+    pc = json.load(f)
+  if pc.get("peft_type", "LORA") != "LORA":
+    raise ValueError(f"{directory}: peft_type={pc.get('peft_type')!r}, not LORA.")
+  if pc.get("use_dora") or pc.get("use_rslora"):
+    raise ValueError(f"{directory}: DoRA / rsLoRA adapters are not supported.")
+  tensors = safetensors.load_file(os.path.join(directory,
+                                               "adapter_model.safetensors"))
+  by_module = {v: k for k, v in HF_MODULES.items()}
+  found = {}
+  for key, value in tensors.items():
+    m = _KEY.fullmatch(key)
+    if not m or m.group(2) not in by_module:
+      raise ValueError(f"{directory}: tensor {key!r} is not a LoRA weight of "
+                       "a LLaMA attention or MLP projection.")
+    found.setdefault((int(m.group(1)), by_module[m.group(2)]), {})[
+        m.group(3)] = value
+  kw = (("alpha", float(pc["lora_alpha"])), ("rank", int(pc["r"])))
+  over = [(f"{i}.{s}", "lora", [list(x) for x in kw]) for i, s in sorted(found)]
+  new_cfg = method_config(cfg, {"overrides": over})
+  shapes = nn.unbox(jax.eval_shape(Llama(new_cfg).init, jax.random.key(0),
+                                   jnp.ones((1, 2), jnp.int32)))["params"]
+  params = graft(shapes, base_params)
+  for (i, s), ab in sorted(found.items()):
+    if set(ab) != {"A", "B"}:
+      raise ValueError(f"{directory}: layer {i} {s} lacks lora_A or lora_B.")
+    group = site_params(params, i, s)[s]["lora"]
+    for name, arr in (("lora_a", ab["A"].T), ("lora_b", ab["B"].T)):
+      if arr.shape != group[name].shape:
+        raise ValueError(f"{directory}: layer {i} {HF_MODULES[s]} lora_"
+                         f"{name[-1].upper()} has shape {arr.T.shape}; the "
+                         f"model expects {group[name].shape[::-1]}.")
+      group[name] = jnp.asarray(arr, group[name].dtype)
+  _check_complete(params, directory)
+  return new_cfg, params
+
+
+def _check_complete(params, where):
+  missing = [p for p, l in _flat_shapes(params).items()
+             if isinstance(l, jax.ShapeDtypeStruct)]
+  if missing:
+    raise ValueError(f"{where}: neither the adapter nor the base has "
+                     f"parameter(s) {missing[:5]}; is this the right base?")
