@@ -172,6 +172,8 @@ def train_classifier(config, model, params, structure, trainable, train_data,
   writer.close()
   steady = times[len(times) // 2:] or [0.0]
   result.update(step=int(state.step), step_seconds=float(np.median(steady)),
+                trainable_parameters=sum(  # the new head included
+                    l.size for l in jax.tree.leaves(state.params)),
                 optimizer_state_bytes=sum(
                     l.nbytes for l in jax.tree.leaves(state.opt_state)))
   return result
