@@ -5,8 +5,10 @@ r"""Kernel benchmark (GPU/TPU): dense, XLA Monarch, ragged_dot Monarch, Pallas k
 
 For each n in --sizes, token count in --tokens and dtype: forward and
 forward+backward time of a dense n x n matmul, the XLA Monarch path
-(``ops.monarch_matmul``, 4 blocks), Monarch through ``jax.lax.ragged_dot``, the
-fused Pallas Monarch kernel and the Pallas block-diagonal kernel; the bytes
+(``ops.monarch_matmul``), Monarch through ``jax.lax.ragged_dot``, the fused
+Pallas Monarch kernel, the Pallas block-diagonal kernel, and SLTrain (rank
+n/32, 3% support) through XLA (dense W materialized) and the Pallas
+reconstruct-and-multiply kernel; the bytes
 each must move (x, y and weights once), achieved bandwidth, and its share of
 the measured copy bandwidth (a copy of x, timed in the same run). Every row
 checks its numbers against the float32 XLA reference first (Triton has
@@ -24,6 +26,7 @@ import numpy as np
 from structmat import ops
 from structmat.kernels import blockdiag_matmul_pallas
 from structmat.kernels import monarch as mk
+from structmat.kernels import sltrain as sk
 from structmat.utils.timing import format_table, time_fn
 
 _SIZES = flags.DEFINE_list("sizes", ["1024", "4096", "8192"], "n (square).")
@@ -60,6 +63,12 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
   w1 = (jax.random.normal(keys[2], (nb, blk, blk)) / np.sqrt(blk)).astype(dtype)
   w2 = (jax.random.normal(keys[3], (nb, blk, blk)) / np.sqrt(blk)).astype(dtype)
   wb = w1  # block-diagonal: the first Monarch factor alone
+  # SLTrain at the paper's settings: rank n/32 (128 at 4096), 3% support.
+  rank = max(16, n // 32)
+  sa = (jax.random.normal(keys[1], (n, rank)) / np.sqrt(n)).astype(dtype)
+  sb = (jax.random.normal(keys[2], (rank, n)) / np.sqrt(rank)).astype(dtype)
+  sidx = ops.draw_support(keys[3], n, n, 0.03)
+  sv = (jax.random.normal(keys[0], sidx.shape) / np.sqrt(n)).astype(dtype)
   itemsize = jnp.dtype(dtype).itemsize
   inner = 1 if jax.default_backend() == "cpu" else 10
   copy_s = time_fn(jax.jit(lambda x: x + 1), x, repeats=repeats, inner=inner)
@@ -74,6 +83,8 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
       ("monarch xla", ops.monarch_matmul, (w1, w2)),
       ("monarch ragged_dot", ragged_monarch, (w1, w2)),
       ("blockdiag xla", ops.blockdiag_matmul, (wb,)),
+      ("sltrain xla", lambda x, a, b, v: ops.sltrain_matmul(x, a, b, v, sidx,
+                                                            1.0), (sa, sb, sv)),
   ]
   if pallas_ok:
     interp = interpret or None
@@ -84,11 +95,16 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
             x, a, b, block_tokens=min(64, tokens), interpret=interp), (w1, w2)),
         ("blockdiag pallas", lambda x, a: blockdiag_matmul_pallas(
             x, a, block_tokens=bt, interpret=interp), (wb,)),
+        ("sltrain pallas", lambda x, a, b, v: sk.sltrain_matmul_pallas(
+            x, a, b, v, sidx, 1.0, block_tokens=bt, interpret=interp),
+         (sa, sb, sv)),
     ]
   f32 = lambda a: a.astype(jnp.float32)
   refs = {"dense": f32(x) @ f32(w),
           "monarch": ops.monarch_matmul(f32(x), f32(w1), f32(w2)),
-          "blockdiag": ops.blockdiag_matmul(f32(x), f32(wb))}
+          "blockdiag": ops.blockdiag_matmul(f32(x), f32(wb)),
+          "sltrain": ops.sltrain_matmul(f32(x), f32(sa), f32(sb), f32(sv),
+                                        sidx, 1.0)}
   rows = []
   for name, fn, weights in cases:
     try:

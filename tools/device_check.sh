@@ -56,6 +56,32 @@ for dtype, tol in ((jnp.float32, 2e-3), (jnp.bfloat16, 2e-2)):
       except Exception as ex:  # a shape the kernel cannot compile: report, go on
         print(name, jnp.dtype(dtype).name, f"n={n} nb={nb} t={t}", "ERROR",
               f"{type(ex).__name__}: {str(ex)[:400]}", flush=True)
+  # SLTrain: rank n/32, 3% support (the kernel never writes the dense W).
+  from structmat.kernels import sltrain as sk
+  for n, t in ((256, 64),) if quick else ((1024, 512), (4096, 4096)):
+    k = jax.random.split(jax.random.key(n + t), 5); r = max(16, n // 32)
+    x = jax.random.normal(k[0], (t, n), dtype)
+    a = (jax.random.normal(k[1], (n, r)) / n**.5).astype(dtype)
+    b = (jax.random.normal(k[2], (r, n)) / r**.5).astype(dtype)
+    idx = ops.draw_support(k[3], n, n, 0.03)
+    v = (jax.random.normal(k[4], idx.shape) / n**.5).astype(dtype)
+    g = jax.random.normal(k[0], (t, n), dtype)
+    try:
+      ker = lambda x, a, b, v: sk.sltrain_matmul_pallas(x, a, b, v, idx, 1.0)
+      ref = lambda x, a, b, v: ops.sltrain_matmul(*f32(x, a, b, v), idx, 1.0)
+      loss = lambda f: lambda *z: jnp.sum(f(*z).astype(jnp.float32) * g)
+      ga = jax.jit(jax.grad(loss(ker), argnums=(0, 1, 2, 3)))(x, a, b, v)
+      gb = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2, 3)))(x, a, b, v)
+      rel = lambda p, q: float(jnp.linalg.norm(p.astype(jnp.float32) - q)
+                               / (jnp.linalg.norm(q) + 1e-30))
+      errs = [rel(jax.jit(ker)(x, a, b, v), jax.jit(ref)(x, a, b, v))] + [
+          rel(p, q) for p, q in zip(ga, gb)]
+      print("sltrain", jnp.dtype(dtype).name, f"n={n} t={t}",
+            [f"{e:.1e}" for e in errs], "OK" if max(errs) < tol else "FAIL",
+            flush=True)
+    except Exception as ex:
+      print("sltrain", jnp.dtype(dtype).name, f"n={n} t={t}", "ERROR",
+            f"{type(ex).__name__}: {str(ex)[:400]}", flush=True)
 PY
 
 echo "== 2. kernel benchmark"

@@ -51,3 +51,17 @@ def blockdiag(x, w, impl: str, block_tokens: int = 128):
   if not choose(impl, lambda plat: bk.supported(tokens, w.shape, bt, plat)):
     return ref.blockdiag_matmul(x, w)
   return bk.blockdiag_matmul_pallas(x, w, block_tokens=bt)
+
+
+def sltrain(x, a, b, values, indices, scale, impl: str, block_tokens: int = 128):
+  from structmat.kernels import sltrain as sk  # pylint: disable=import-outside-toplevel
+  from structmat.ops import sparse_lowrank as ref  # pylint: disable=import-outside-toplevel
+  tokens = x.size // x.shape[-1]
+  bt = min(block_tokens, tokens)
+  d_in, d_out = a.shape[0], b.shape[1]
+  bk, bn = sk.tile_for(d_in, 64), sk.tile_for(d_out, 64)
+  if not choose(impl, lambda plat: sk.supported(tokens, d_in, d_out, a.shape[1],
+                                                bt, bk, bn, 32, plat)):
+    return ref.sltrain_matmul(x, a, b, values, indices, scale)
+  return sk.sltrain_matmul_pallas(x, a, b, values, indices, scale,
+                                  block_tokens=bt, block_in=bk, block_out=bn)

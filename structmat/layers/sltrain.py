@@ -23,6 +23,7 @@ class SparsePlusLowRank(StructuredLinear):
   rank: int = 128
   density: float = 0.03
   alpha: float = 32.0
+  impl: str = "xla"  # "auto" | "xla" | "pallas": see structmat.kernels.dispatch
 
   def check(self, in_features):
     require(0.0 < self.density <= 1.0,
@@ -62,7 +63,8 @@ class SparsePlusLowRank(StructuredLinear):
 
   def compute(self, x, p):
     return ops.sltrain_matmul(x, p["lora_a"], p["lora_b"], p["values"],
-                              p["indices"], self.alpha / self.rank)
+                              p["indices"], self.alpha / self.rank,
+                              impl=self.impl)
 
   def kernel_from(self, p, in_features):
     return ops.sltrain_kernel(p["lora_a"], p["lora_b"], p["values"],

@@ -36,14 +36,20 @@ def sltrain_kernel(a, b, values, indices, scale: float):
   return scale * (a @ b) + dense
 
 
-def sltrain_matmul(x, a, b, values, indices, scale: float):
+def sltrain_matmul(x, a, b, values, indices, scale: float, impl: str = "xla"):
   """y = x (scale * a @ b + S) (XLA reference path: materializes the kernel).
 
   Args:
     x: (..., in). a: (in, r). b: (r, out). values: (nnz,). indices: (nnz,)
     int32 flat indices into (in, out). scale: alpha / r.
+    impl: "xla" (this function), "pallas" (the reconstruct-and-multiply
+      kernel, never writing the dense kernel; interpret mode on the CPU) or
+      "auto" (``structmat.kernels.dispatch``).
 
   Returns:
     (..., out).
   """
+  if impl != "xla":
+    from structmat.kernels import dispatch  # pylint: disable=import-outside-toplevel
+    return dispatch.sltrain(x, a, b, values, indices, scale, impl)
   return x @ sltrain_kernel(a, b, values, indices, scale).astype(x.dtype)

@@ -1,0 +1,310 @@
+"""SLTrain reconstruct-and-multiply: y = x (scale * a @ b + S) without ever
+writing the dense (in, out) kernel to device memory.
+
+Every program owns one (token tile, output tile) and loops over input tiles;
+for each it rebuilds the (bk, bn) kernel tile on chip: the low-rank part as
+``a[k-tile] @ b[:, j-tile]`` and the sparse part from that tile's entries
+only, which the support lists contiguously once it is sorted by tile
+(``tile_support``: an argsort plus per-tile offsets, computed once per
+support). The sparse entries are placed with one-hot matmuls (entries x rows)^T
+@ (entries x cols * values), which Triton and Mosaic both lower (neither can
+scatter into a register tile), in chunks of ``chunk`` entries with a
+data-dependent trip count.
+
+Backward: dx is the same kernel on the transposed problem (W^T = scale b^T a^T
++ S^T, with the support re-sorted for W^T's tiles); the factor gradients are
+low-rank XLA matmuls; dvalues is a sampled dense-dense product: one program per
+kernel tile accumulates x_k^T dy_j over token tiles on chip and reads off its
+own entries. Reference: ``structmat.ops.sltrain_matmul`` (which materializes W,
+as the official code does every step).
+"""
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from structmat.kernels.blockdiag import _pow2, compiler_params, prepare
+
+
+class TiledSupport(NamedTuple):
+  """A support sorted by (bk, bn) kernel tile (row-major tiles)."""
+  order: jax.Array     # (nnz,) permutation: tile-sorted position -> entry
+  rows: jax.Array      # (nnz + chunk,) row within the tile (padded)
+  cols: jax.Array      # (nnz + chunk,) column within the tile (padded)
+  offsets: jax.Array   # (tiles + 1,) start of each tile's entries
+
+
+def tile_support(indices, in_features: int, out_features: int, bk: int,
+                 bn: int, chunk: int) -> TiledSupport:
+  """Sort flat (in, out) ``indices`` by kernel tile. Compute once per support
+  (and per tile shape); the forward and backward passes reuse it."""
+  r, c = indices // out_features, indices % out_features
+  n_tn = out_features // bn
+  tile = (r // bk) * n_tn + c // bn
+  order = jnp.argsort(tile, stable=True).astype(jnp.int32)
+  pad = lambda v: jnp.concatenate([v, jnp.zeros((chunk,), jnp.int32)])
+  n_tiles = (in_features // bk) * n_tn
+  offsets = jnp.searchsorted(tile[order], jnp.arange(n_tiles + 1),
+                             side="left").astype(jnp.int32)
+  return TiledSupport(order, pad((r % bk)[order].astype(jnp.int32)),
+                      pad((c % bn)[order].astype(jnp.int32)), offsets)
+
+
+def tile_for(size: int, cap: int) -> int:
+  """The largest power-of-two tile <= cap dividing size (size itself when it
+  is <= cap); ``supported`` reports sizes no tile fits."""
+  if size <= cap:
+    return size
+  t = cap
+  while t >= 8 and size % t:
+    t //= 2
+  return t if t >= 8 else cap
+
+
+def supported(tokens: int, in_features: int, out_features: int, rank: int,
+              bt: int, bk: int, bn: int, chunk: int,
+              platform: str) -> str | None:
+  """None if the kernel runs these shapes on ``platform``, else why not."""
+  for name, size, tile in (("tokens", tokens, bt), ("in_features", in_features, bk),
+                           ("features", out_features, bn)):
+    if size % tile:
+      return f"{name}={size} is not a multiple of its tile {tile}"
+  if platform in ("gpu", "cuda", "rocm"):
+    bad = [v for v in (bt, bk, bn, rank, chunk) if not _pow2(v) or v < 16]
+    if bad:
+      return f"Triton needs power-of-two tiles and rank >= 16, got {bad}"
+  if platform == "tpu":
+    # dvalues writes each tile's entries with masked stores, which only the
+    # Triton lowering offers; TPU runs the XLA path.
+    return "the SLTrain kernel is Triton-only (masked stores)"
+  return None
+
+
+def _sparse_tile(rows_ref, cols_ref, vals_ref, start, end, bk, bn, chunk):
+  """The (bk, bn) sparse tile from entries [start, end) of the sorted lists."""
+  rid = jax.lax.broadcasted_iota(jnp.int32, (chunk, bk), 1)
+  cid = jax.lax.broadcasted_iota(jnp.int32, (chunk, bn), 1)
+  pos = jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+
+  def body(c, acc):
+    s = start + c * chunk
+    sl = pl.ds(s, chunk)
+    valid = (s + pos) < end                                  # (chunk, 1)
+    r = rows_ref[sl][:, None]
+    col = cols_ref[sl][:, None]
+    v = vals_ref[sl].astype(jnp.float32)[:, None]
+    one_r = jnp.where((r == rid) & valid, 1.0, 0.0)          # (chunk, bk)
+    one_c = jnp.where(col == cid, v, 0.0)                    # (chunk, bn)
+    return acc + jax.lax.dot_general(one_r, one_c, (((0,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+
+  trips = (end - start + chunk - 1) // chunk
+  return jax.lax.fori_loop(0, trips, body, jnp.zeros((bk, bn), jnp.float32))
+
+
+def _fwd_kernel(off_ref, x_ref, a_ref, b_ref, rows_ref, cols_ref, vals_ref,
+                o_ref, *, scale, bk, bn, n_k, n_tn, chunk):
+  j = pl.program_id(1)
+
+  def body(k, acc):
+    ks = pl.ds(k * bk, bk)
+    w = scale * jax.lax.dot_general(
+        a_ref[ks, :], b_ref[...], (((1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32)
+    t = k * n_tn + j
+    w = w + _sparse_tile(rows_ref, cols_ref, vals_ref, off_ref[t],
+                         off_ref[t + 1], bk, bn, chunk)
+    return acc + jax.lax.dot_general(
+        x_ref[:, ks], w.astype(x_ref.dtype), (((1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32)
+
+  bt = x_ref.shape[0]
+  acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros((bt, bn), jnp.float32))
+  o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _call_fwd(x, a, b, vals_sorted, ts: TiledSupport, scale, bt, bk, bn, chunk,
+              interpret, platform, poisoned=None):
+  """``poisoned``: a NaN (tokens, out) buffer the output is written into
+  (tests: an element the kernel forgets stays NaN)."""
+  tokens, d_in = x.shape
+  d_out, rank = b.shape[1], a.shape[1]
+  nnz_p = ts.rows.shape[0]
+  vals = jnp.concatenate([vals_sorted, jnp.zeros((chunk,), vals_sorted.dtype)])
+  kernel = functools.partial(_fwd_kernel, scale=scale, bk=bk, bn=bn,
+                             n_k=d_in // bk, n_tn=d_out // bn, chunk=chunk)
+  full = lambda n: pl.BlockSpec((n,), lambda i, j: (0,))
+  out_spec = pl.BlockSpec((bt, bn), lambda i, j: (i, j))
+  in_specs = [full(ts.offsets.shape[0]),
+              pl.BlockSpec((bt, d_in), lambda i, j: (i, 0)),
+              pl.BlockSpec((d_in, rank), lambda i, j: (0, 0)),
+              pl.BlockSpec((rank, bn), lambda i, j: (0, j)),
+              full(nnz_p), full(nnz_p), full(nnz_p)]
+  args, aliases = [ts.offsets, x, a, b, ts.rows, ts.cols, vals], {}
+  if poisoned is not None:
+    kernel = _ignoring_last_input(kernel)
+    in_specs.append(out_spec)
+    args.append(poisoned)
+    aliases = {len(args) - 1: 0}
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((tokens, d_out), x.dtype),
+      grid=(tokens // bt, d_out // bn),
+      in_specs=in_specs,
+      out_specs=out_spec,
+      input_output_aliases=aliases,
+      interpret=interpret,
+      compiler_params=None if interpret else compiler_params(platform, 2),
+      name="sltrain_fwd",
+  )(*args)
+
+
+def _ignoring_last_input(kernel):
+  """kernel(*inputs, out) from kernel(*inputs[:-1], out): the aliased poison
+  buffer arrives as an input the kernel does not read."""
+  return lambda *refs: kernel(*refs[:-2], refs[-1])
+
+
+def _dvals_kernel(off_ref, x_ref, dy_ref, rows_ref, cols_ref, dv_ref, *, bt,
+                  n_t, bk, bn, n_tn, chunk):
+  """dvalues of one kernel tile: its entries of x_k^T dy_j, which is
+  accumulated over token tiles on chip and never written out."""
+  k, j = pl.program_id(0), pl.program_id(1)
+
+  def acc_body(t, g):
+    rows = pl.ds(t * bt, bt)
+    return g + jax.lax.dot_general(x_ref[rows, :], dy_ref[rows, :],
+                                   (((0,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+
+  g = jax.lax.fori_loop(0, n_t, acc_body, jnp.zeros((bk, bn), jnp.float32))
+  t = k * n_tn + j
+  start, end = off_ref[t], off_ref[t + 1]
+  rid = jax.lax.broadcasted_iota(jnp.int32, (chunk, bk), 1)
+  cid = jax.lax.broadcasted_iota(jnp.int32, (chunk, bn), 1)
+  pos = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+
+  def body(c, carry):
+    s = start + c * chunk
+    sl = pl.ds(s, chunk)
+    one_r = jnp.where(rows_ref[sl][:, None] == rid, 1.0, 0.0)   # (chunk, bk)
+    one_c = jnp.where(cols_ref[sl][:, None] == cid, 1.0, 0.0)   # (chunk, bn)
+    picked = jnp.sum(jax.lax.dot_general(
+        one_r, g, (((1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32) * one_c, axis=1)
+    # Masked: the chunk's tail belongs to the next tile (another program).
+    plt.store(dv_ref.at[sl], picked.astype(dv_ref.dtype), mask=s + pos < end)
+    return carry
+
+  jax.lax.fori_loop(0, (end - start + chunk - 1) // chunk, body, 0)
+
+
+def _call_dvals(x, dy, ts: TiledSupport, bt, bk, bn, chunk, interpret,
+                platform, poisoned=None):
+  tokens, d_in = x.shape
+  d_out = dy.shape[1]
+  nnz_p = ts.rows.shape[0]
+  kernel = functools.partial(_dvals_kernel, bt=bt, n_t=tokens // bt, bk=bk,
+                             bn=bn, n_tn=d_out // bn, chunk=chunk)
+  full = lambda n: pl.BlockSpec((n,), lambda k, j: (0,))
+  in_specs = [full(ts.offsets.shape[0]),
+              pl.BlockSpec((tokens, bk), lambda k, j: (0, k)),
+              pl.BlockSpec((tokens, bn), lambda k, j: (0, j)),
+              full(nnz_p), full(nnz_p)]
+  args, aliases = [ts.offsets, x, dy, ts.rows, ts.cols], {}
+  if poisoned is not None:  # (nnz_p,) NaN: unwritten entries stay NaN
+    kernel = _ignoring_last_input(kernel)
+    in_specs.append(full(nnz_p))
+    args.append(poisoned)
+    aliases = {len(args) - 1: 0}
+  # Every program writes only its own tile's (disjoint, masked) entries of
+  # the one output vector.
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((nnz_p,), jnp.float32),
+      grid=(d_in // bk, d_out // bn),
+      in_specs=in_specs,
+      out_specs=full(nnz_p),
+      input_output_aliases=aliases,
+      interpret=interpret,
+      compiler_params=None if interpret else compiler_params(platform, 2),
+      name="sltrain_dvalues",
+  )(*args)
+
+
+class _Static(NamedTuple):
+  scale: float
+  bt: int
+  bk: int
+  bn: int
+  chunk: int
+  interpret: bool
+  platform: str
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _sltrain(x, a, b, values, fwd_ts, bwd_ts, st: _Static):
+  return _call_fwd(x, a, b, values[fwd_ts.order], fwd_ts, st.scale, st.bt,
+                   st.bk, st.bn, st.chunk, st.interpret, st.platform)
+
+
+def _vjp_fwd(x, a, b, values, fwd_ts, bwd_ts, st):
+  return _sltrain(x, a, b, values, fwd_ts, bwd_ts, st), (x, a, b, values,
+                                                          fwd_ts, bwd_ts)
+
+
+def _vjp_bwd(st, res, dy):
+  x, a, b, values, fwd_ts, bwd_ts = res
+  # dx = dy W^T: the same kernel on W^T = scale b^T a^T + S^T (tiles bn x bk).
+  dx = _call_fwd(dy, b.T, a.T, values[bwd_ts.order], bwd_ts, st.scale, st.bt,
+                 st.bn, st.bk, st.chunk, st.interpret, st.platform)
+  f32 = lambda v: v.astype(jnp.float32)
+  da = st.scale * (f32(x).T @ (f32(dy) @ f32(b).T))          # (in, r)
+  db = st.scale * ((f32(x) @ f32(a)).T @ f32(dy))            # (r, out)
+  dv_sorted = _call_dvals(x, dy, fwd_ts, st.bt, st.bk, st.bn, st.chunk,
+                          st.interpret, st.platform)[:values.shape[0]]
+  dv = jnp.zeros_like(dv_sorted).at[fwd_ts.order].set(dv_sorted)
+  zero = lambda ts: jax.tree.map(jnp.zeros_like, ts)
+  return (dx, da.astype(a.dtype), db.astype(b.dtype), dv.astype(values.dtype),
+          zero(fwd_ts), zero(bwd_ts))
+
+
+_sltrain.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+def sltrain_matmul_pallas(x, a, b, values, indices, scale: float, *,
+                          block_tokens: int = 128, block_in: int = 64,
+                          block_out: int = 64, chunk: int = 32,
+                          interpret: bool | None = None,
+                          platform: str | None = None):
+  """``ops.sltrain_matmul`` without the dense kernel in device memory.
+
+  Args:
+    x: (..., in). a: (in, r). b: (r, out). values: (nnz,). indices: (nnz,)
+      int32 flat indices into (in, out). scale: alpha / r.
+    block_tokens, block_in, block_out: the token tile and the (in, out)
+      kernel tile rebuilt on chip. chunk: sparse entries placed per step.
+    interpret: interpret mode (default: on the CPU). platform: the backend to
+      compile for (default: the default backend).
+
+  Returns:
+    (..., out).
+  """
+  d_in, d_out = a.shape[0], b.shape[1]
+  x2, bt, interpret, platform = prepare(x, block_tokens, interpret, platform)
+  bk, bn = tile_for(d_in, block_in), tile_for(d_out, block_out)
+  why = supported(x2.shape[0], d_in, d_out, a.shape[1], bt, bk, bn, chunk,
+                  "cpu" if interpret else platform)
+  if why:
+    raise ValueError(f"the SLTrain kernel cannot run these shapes: {why}")
+  fwd_ts = tile_support(indices, d_in, d_out, bk, bn, chunk)
+  # W^T's flat index of entry (p, q) is q * in + p.
+  t_idx = (indices % d_out) * d_in + indices // d_out
+  bwd_ts = tile_support(t_idx, d_out, d_in, bn, bk, chunk)
+  st = _Static(float(scale), bt, bk, bn, chunk, interpret, platform)
+  y = _sltrain(x2, a.astype(x.dtype), b.astype(x.dtype),
+               values.astype(x.dtype), fwd_ts, bwd_ts, st)
+  return y.reshape(*x.shape[:-1], d_out)
