@@ -44,18 +44,24 @@ def eval_loss(config, cfg, params, structure, tok, eval_src):
   return total / max(count, 1.0)
 
 
-def run_compress(cc, init: str, workdir: str) -> dict:
-  """Compress the run at ``init`` per config ``cc`` into ``workdir``."""
+def load_source(init: str):
+  """(params, structure, meta, the source run's config) of a pretraining
+  workdir or init directory, parameters as jax arrays."""
   params, structure, meta = init_ckpt.load_init(init)
   if "config" not in meta:
-    raise ValueError(f"--init={init} has no config.json: give a "
-                     "pretraining workdir.")
+    raise ValueError(f"--init={init} has no config.json: give a pretraining "
+                     "workdir (or an init directory written by structmat).")
   source = loop.apply_init_meta(source_config(meta["config"]), meta)
+  return (jax.tree.map(jnp.asarray, params),
+          jax.tree.map(jnp.asarray, structure), meta, source)
+
+
+def run_compress(cc, init: str, workdir: str) -> dict:
+  """Compress the run at ``init`` per config ``cc`` into ``workdir``."""
+  params, structure, meta, source = load_source(init)
   tok, _, eval_srcs = loop.build_data(source)
   eval_src = eval_srcs[0]  # one process, one shard: the whole split
   cfg = loop.model_config(source, tok.vocab_size)
-  params = jax.tree.map(jnp.asarray, params)
-  structure = jax.tree.map(jnp.asarray, structure)
   new_params, overrides, info = compress.convert(
       cfg, params, cc.method, cc.reduction, cc.pattern, cc.min_ratio, cc.nblocks)
   trainable = (compress.lrc_trainable_pattern(overrides)

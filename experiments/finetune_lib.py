@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from experiments.compress_lib import source_config
+from experiments.compress_lib import load_source
 from structmat.data import sources
 from structmat.finetune import classify, export, prepare
 from structmat.finetune.methods import graft
@@ -32,18 +32,13 @@ def trainable_report(params, trainable: str) -> dict:
 
 def run_finetune(fc, init: str, workdir: str) -> dict:
   """Fine-tune the run at ``init`` with config ``fc`` into ``workdir``."""
-  params, structure, meta = init_ckpt.load_init(init)
-  if "config" not in meta:
-    raise ValueError(f"--init={init} has no config.json: give a pretraining "
-                     "workdir (or an init directory written by structmat).")
-  source = loop.apply_init_meta(source_config(meta["config"]), meta)
+  params, structure, meta, source = load_source(init)
   vocab = params["embed"]["embedding"].shape[0]
   cfg = loop.model_config(source, vocab)
   init_dir = os.path.join(os.path.abspath(workdir), "init")
   if not os.path.exists(os.path.join(init_dir, "model.json")):
     # Prepared once: a restarted run resumes from its own checkpoints.
-    prep = prepare(fc.method, cfg, jax.tree.map(jnp.asarray, params),
-                   jax.tree.map(jnp.asarray, structure), fc)
+    prep = prepare(fc.method, cfg, params, structure, fc)
     init_ckpt.save_init(init_dir, prep.params, prep.structure, {
         "overrides": prep.overrides, "trainable": prep.trainable,
         "adapters": prep.adapters, "config": meta["config"],

@@ -51,7 +51,8 @@ def row_of(task: str, name: str, s: dict, path: str) -> dict:
     metric = {"metric": "acc / F1 / MCC",
               "value": f"{s['accuracy']:.3f} / {s['f1']:.3f} / {s['mcc']:.3f}"}
   return {"task": task, "method": name, "trainable": trainable,
-          "trainable_pct": 100.0 * trainable / s["total_params"],
+          "trainable_pct": 100.0 * trainable / s.get("total_parameters",
+                                                    s["total_params"]),
           "opt_state_MB": s["optimizer_state_bytes"] / 2**20,
           "step_s": step_s, **metric,
           "adapter_KB": s.get("adapter_bytes", 0) / 1024}

@@ -163,8 +163,8 @@ def test_glue_metrics():
   assert glue_metrics([0, 0, 0], [0, 1, 1], 2)["mcc"] == 0.0  # constant
 
 
-@pytest.mark.parametrize("task", ["glue/mrpc", "glue/sst2"])
-def test_glue_classification_with_mock_data(task, tmp_path, tiny_base):
+def test_glue_classification_with_mock_data(tmp_path, tiny_base):
+  task = "glue/mrpc"  # two sentences per example; sst2 etc. take one
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   from experiments.finetune_lib import run_finetune  # pylint: disable=import-outside-toplevel
   fc = finetune_config.get_config(f"method=lora,rank=2,steps=2,task={task}")
@@ -205,8 +205,9 @@ def _randomize(tree, regex, seed=3):
 def test_adapter_files_load_and_merge(method, tmp_path):
   from structmat.finetune import export  # pylint: disable=import-outside-toplevel
   cfg, params = _base()
+  # Layer 0's q and v only: NOLA's eager basis generation is slow here.
   fc = finetune_config.get_config(f"method={method},rank=4,num_basis=16,"
-                                  "reduction_factor=8")
+                                  r"reduction_factor=8,target=0\.(q|v)")
   prep = prepare(method, cfg, params, {}, fc)
   tuned = _randomize(prep.params, prep.trainable)
   meta = {"trainable": prep.trainable, "overrides": prep.overrides,

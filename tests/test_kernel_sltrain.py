@@ -12,11 +12,11 @@ from structmat.kernels import sltrain as sk
 SHAPES = [
     (32, 64, 96, 4, 0.05, 16, 16, 32, 8),      # rectangular, several tiles
     (16, 32, 32, 8, 0.3, 16, 32, 32, 16),      # one tile, dense-ish support
-    (48, 128, 64, 16, 0.03, 16, 64, 16, 8),    # 3 token tiles, wide in-tiles
+    (48, 64, 64, 16, 0.05, 16, 64, 16, 8),     # 3 token tiles, wide in-tiles
     (8, 24, 40, 2, 0.1, 8, 8, 8, 4),           # awkward sizes (tiles of 8)
 ]
 CASES = ([(*c, jnp.float32, 1e-5) for c in SHAPES]
-         + [(*c, jnp.bfloat16, 1e-2) for c in SHAPES[:2]])
+         + [(*c, jnp.bfloat16, 1e-2) for c in SHAPES[:1]])
 
 
 def _inputs(tokens, d_in, d_out, rank, density, dtype, seed=0):

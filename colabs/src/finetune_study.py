@@ -5,8 +5,8 @@
 # (configs/studies/finetune_methods.py): every method fine-tuned from the
 # pretraining main job on the stdlib prose (LM, validation perplexity) and on
 # code-topic classification (accuracy). Set `STRUCTMAT_FT_STUDY_DIR` to a
-# finished study; without one (or under the test harness) a tiny study of two
-# methods is run first.
+# finished study; without one (or under the test harness) a tiny LoRA-only
+# study is run first.
 
 # %%
 # Install structmat (Colab): clone the repository (the launchers and configs
@@ -33,7 +33,7 @@ if SMALL or not os.path.exists(os.path.join(STUDY, "results.json")):
   root = os.path.dirname(importlib.util.find_spec("structmat").origin) + "/.."
   subprocess.check_call([sys.executable, "-m", "experiments.finetune_study",
                          "--config=configs/studies/finetune_methods.py:tiny=1,"
-                         "methods=lora+compacter", f"--workdir={STUDY}"],
+                         "methods=lora", f"--workdir={STUDY}"],
                         cwd=os.path.abspath(root))
 print("study:", STUDY)
 rows = json.load(open(os.path.join(STUDY, "results.json")))

@@ -13,6 +13,8 @@ time per step, final metric); finished runs are skipped, so it resumes.
 Expected runtime on 2 CPU cores: about 35 minutes (tiny=1: about 2 minutes,
 and it builds its own tiny base when --init is not given).
 """
+import re
+
 import ml_collections
 
 
@@ -46,9 +48,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   ]
   if only:
     names = [m[0] for m in c.methods]
-    unknown = sorted(set(only.split("+")) - set(names))
+    # '+' joins names, and "compacter++" ends in two: split before a letter.
+    only = re.split(r"\+(?=[a-z])", only)
+    unknown = sorted(set(only) - set(names))
     if unknown:
       raise ValueError(f"methods={only!r}: unknown {unknown}; use names from "
                        f"{names} joined by '+'.")
-    c.methods = [m for m in c.methods if m[0] in only.split("+")]
+    c.methods = [m for m in c.methods if m[0] in only]
   return c

@@ -174,6 +174,8 @@ def train_classifier(config, model, params, structure, trainable, train_data,
   result.update(step=int(state.step), step_seconds=float(np.median(steady)),
                 trainable_parameters=sum(  # the new head included
                     l.size for l in jax.tree.leaves(state.params)),
+                total_parameters=sum(  # no LM head; cls_head instead
+                    l.size for l in jax.tree.leaves(state.all_params())),
                 optimizer_state_bytes=sum(
                     l.nbytes for l in jax.tree.leaves(state.opt_state)))
   return result

@@ -234,7 +234,43 @@ class CompacterAdapter(nn.Module):
             + PHMLinear(d, **kw, parent=None).param_count(b))
 
 
-class NOLALinear(StructuredLinear):
+class _DeltaLinear(StructuredLinear):
+  """A dense base kernel plus an adapter delta (``_delta(**kw)`` builds the
+  adapter module, held under the name ``_NAME``), as one registry linear."""
+  _NAME = "delta"
+
+  def _delta(self, **kw):
+    raise NotImplementedError
+
+  def make_params(self, in_features):
+    bound = 1 / math.sqrt(in_features)
+    return {"kernel": self.factor("kernel", (in_features, self.features),
+                                  self.kernel_axes, sm_init.uniform(bound),
+                                  in_features, self.features)}
+
+  def compute(self, x, p):
+    return x @ p["kernel"] + self._delta(name=self._NAME)(x).astype(x.dtype)
+
+  def to_dense(self, in_features):
+    params = self.variables["params"]
+    variables = {"params": params[self._NAME]}
+    if "structure" in self.variables:
+      variables["structure"] = self.variables["structure"][self._NAME]
+    delta = self._delta(parent=None).apply(variables, in_features,
+                                           method="to_dense")
+    return _unbox(params["kernel"]) + delta
+
+  def kernel_from(self, p, in_features):
+    raise NotImplementedError(f"{type(self).__name__}.to_dense reads its "
+                              "submodule.")
+
+  @nn.nowrap
+  def flops_per_token(self, in_features):
+    return 2 * in_features * self.features + 2 * self.rank * (
+        in_features + self.features)
+
+
+class NOLALinear(_DeltaLinear):
   """A dense base kernel plus a NOLA delta, as one linear for the registry.
 
   ``make_linear("nola", ...)`` builds LLaMA models whose linears carry NOLA
@@ -247,30 +283,11 @@ class NOLALinear(StructuredLinear):
   alpha: float | None = None
   variant: str = "offset"
   chunk: int = 32
+  _NAME = "nola"
 
-  def _nola(self, **kw):
+  def _delta(self, **kw):
     return NOLA(self.features, self.rank, self.num_basis, self.alpha,
                 self.variant, self.chunk, self.dtype, self.param_dtype, **kw)
-
-  def make_params(self, in_features):
-    bound = 1 / math.sqrt(in_features)
-    return {"kernel": self.factor("kernel", (in_features, self.features),
-                                  self.kernel_axes, sm_init.uniform(bound),
-                                  in_features, self.features)}
-
-  def compute(self, x, p):
-    return x @ p["kernel"] + self._nola(name="nola")(x).astype(x.dtype)
-
-  def to_dense(self, in_features):
-    params = self.variables["params"]
-    delta = self._nola(parent=None).apply(
-        {"params": params["nola"],
-         "structure": self.variables["structure"]["nola"]},
-        in_features, method="to_dense")
-    return _unbox(params["kernel"]) + delta
-
-  def kernel_from(self, p, in_features):
-    raise NotImplementedError("NOLALinear.to_dense reads its submodule.")
 
   @nn.nowrap
   def param_count(self, in_features):
@@ -278,13 +295,8 @@ class NOLALinear(StructuredLinear):
         NOLA(self.features, self.rank, self.num_basis, parent=None).counts())
         + self.bias_count())
 
-  @nn.nowrap
-  def flops_per_token(self, in_features):
-    return 2 * in_features * self.features + 2 * self.rank * (
-        in_features + self.features)
 
-
-class LoRALinear(StructuredLinear):
+class LoRALinear(_DeltaLinear):
   """A dense base kernel plus a LoRA delta, as one linear for the registry.
 
   Params: ``kernel`` (in, out) and ``lora/lora_a`` (in, rank), ``lora/lora_b``
@@ -293,35 +305,13 @@ class LoRALinear(StructuredLinear):
   """
   rank: int = 8
   alpha: float = 16.0
+  _NAME = "lora"
 
-  def _lora(self, **kw):
+  def _delta(self, **kw):
     return LoRA(self.features, self.rank, self.alpha, self.dtype,
                 self.param_dtype, self.kernel_axes, **kw)
-
-  def make_params(self, in_features):
-    bound = 1 / math.sqrt(in_features)
-    return {"kernel": self.factor("kernel", (in_features, self.features),
-                                  self.kernel_axes, sm_init.uniform(bound),
-                                  in_features, self.features)}
-
-  def compute(self, x, p):
-    return x @ p["kernel"] + self._lora(name="lora")(x).astype(x.dtype)
-
-  def to_dense(self, in_features):
-    params = self.variables["params"]
-    delta = self._lora(parent=None).apply({"params": params["lora"]},
-                                          in_features, method="to_dense")
-    return _unbox(params["kernel"]) + delta
-
-  def kernel_from(self, p, in_features):
-    raise NotImplementedError("LoRALinear.to_dense reads its submodule.")
 
   @nn.nowrap
   def param_count(self, in_features):
     return (in_features * self.features
             + self.rank * (in_features + self.features) + self.bias_count())
-
-  @nn.nowrap
-  def flops_per_token(self, in_features):
-    return 2 * in_features * self.features + 2 * self.rank * (
-        in_features + self.features)
