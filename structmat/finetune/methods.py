@@ -130,9 +130,8 @@ def prepare(method: str, cfg, params, structure, hp) -> Prepared:
     else:
       trainable = compress.lrc_trainable_pattern(overrides)
     return Prepared(overrides, "", new_params, structure, trainable)
-  n, rank = (12, "none") if method == "phm_adapter" else (hp.n, 1)
-  if method == "phm_adapter" and hp.get("n_phm"):
-    n = hp.n_phm
+  # Compacter: rank-1 factors with n; PHM-Adapter: full slices with n_phm.
+  n, rank = (hp.n_phm, "none") if method == "phm_adapter" else (hp.n, 1)
   adapters = (f"after={ADAPTER_PLACES[method]};n={n};rank={rank};"
               f"reduction_factor={hp.reduction_factor}")
   from structmat.train.loop import parse_adapters  # pylint: disable=import-outside-toplevel
