@@ -13,6 +13,7 @@ import pytest
 from configs import finetune as finetune_config
 from structmat.finetune import METHODS, prepare
 from structmat.models import GPT2, GPT2Config, Llama, llama_config
+from structmat.models.llama import parse_adapters
 from structmat.train import loop
 from structmat.train.params import count_params
 from structmat.train.partition import partition
@@ -92,7 +93,7 @@ def _adapter_count(after, n=4, rank=1, reduction_factor=32):
   cfg = llama_config("llama_tiny", "dense", vocab_size=8, max_len=4)
   import dataclasses  # pylint: disable=import-outside-toplevel
   cfg = dataclasses.replace(cfg, d_model=768, n_heads=12, d_ff=64, n_layers=24,
-                            adapters=loop.parse_adapters(
+                            adapters=parse_adapters(
                                 f"after={after};n={n};rank={rank};"
                                 f"reduction_factor={reduction_factor}"))
   p = nn.unbox(jax.eval_shape(Llama(cfg).init, jax.random.key(0),

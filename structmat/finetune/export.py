@@ -25,7 +25,7 @@ import numpy as np
 
 from structmat.finetune.methods import graft
 from structmat.models import Llama
-from structmat.models.llama import site_params
+from structmat.models.llama import parse_adapters, site_params
 from structmat.train.densify import densify_params, structured_sites
 from structmat.train.partition import partition, path_str
 from structmat.utils import safetensors
@@ -73,7 +73,6 @@ def save_adapter(directory: str, params, structure, meta: dict) -> int:
 
 def method_config(cfg, meta: dict):
   """The base LlamaConfig with an adapter's overrides and adapters applied."""
-  from structmat.train.loop import parse_adapters  # pylint: disable=import-outside-toplevel
   over = tuple((s, n, tuple(tuple(kv) for kv in k))
                for s, n, k in meta.get("overrides", []))
   return dataclasses.replace(cfg, overrides=cfg.overrides + over,

@@ -29,7 +29,7 @@ import numpy as np
 
 from structmat import compress
 from structmat.models import Llama
-from structmat.models.llama import ATTN_SITES, SITES
+from structmat.models.llama import ATTN_SITES, SITES, parse_adapters
 
 METHODS = ("full", "lora", "nola", "monarch", "welore", "compacter",
            "compacter++", "phm_adapter")
@@ -134,7 +134,6 @@ def prepare(method: str, cfg, params, structure, hp) -> Prepared:
   n, rank = (hp.n_phm, "none") if method == "phm_adapter" else (hp.n, 1)
   adapters = (f"after={ADAPTER_PLACES[method]};n={n};rank={rank};"
               f"reduction_factor={hp.reduction_factor}")
-  from structmat.train.loop import parse_adapters  # pylint: disable=import-outside-toplevel
   new_cfg = dataclasses.replace(cfg, adapters=parse_adapters(adapters))
   p, st = _init_with(new_cfg, params, structure, hp.seed)
   return Prepared([], adapters, p, st,

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from structmat.kernels.blockdiag import _pow2, compiler_params, prepare
+from structmat.kernels.blockdiag import (_pow2, compiler_params,
+                                         ignoring_poison, prepare)
 
 
 class TiledSupport(NamedTuple):
@@ -145,7 +146,7 @@ def _call_fwd(x, a, b, vals_sorted, ts: TiledSupport, scale, bt, bk, bn, chunk,
               full(nnz_p), full(nnz_p), full(nnz_p)]
   args, aliases = [ts.offsets, x, a, b, ts.rows, ts.cols, vals], {}
   if poisoned is not None:
-    kernel = _ignoring_last_input(kernel)
+    kernel = ignoring_poison(kernel)
     in_specs.append(out_spec)
     args.append(poisoned)
     aliases = {len(args) - 1: 0}
@@ -160,12 +161,6 @@ def _call_fwd(x, a, b, vals_sorted, ts: TiledSupport, scale, bt, bk, bn, chunk,
       compiler_params=None if interpret else compiler_params(platform, 2),
       name="sltrain_fwd",
   )(*args)
-
-
-def _ignoring_last_input(kernel):
-  """kernel(*inputs, out) from kernel(*inputs[:-1], out): the aliased poison
-  buffer arrives as an input the kernel does not read."""
-  return lambda *refs: kernel(*refs[:-2], refs[-1])
 
 
 def _dvals_kernel(off_ref, x_ref, dy_ref, rows_ref, cols_ref, dv_ref, *, bt,
@@ -216,7 +211,7 @@ def _call_dvals(x, dy, ts: TiledSupport, bt, bk, bn, chunk, interpret,
               full(nnz_p), full(nnz_p)]
   args, aliases = [ts.offsets, x, dy, ts.rows, ts.cols], {}
   if poisoned is not None:  # (nnz_p,) NaN: unwritten entries stay NaN
-    kernel = _ignoring_last_input(kernel)
+    kernel = ignoring_poison(kernel)
     in_specs.append(full(nnz_p))
     args.append(poisoned)
     aliases = {len(args) - 1: 0}

@@ -95,6 +95,29 @@ class LlamaConfig:
                        f"sites are {SITES}.")
 
 
+def parse_value(v: str):
+  """A config-string value: int, float, None ("none") or the string."""
+  for cast in (int, float):
+    try:
+      return cast(v)
+    except ValueError:
+      pass
+  return None if v.lower() == "none" else v
+
+
+def parse_adapters(spec: str) -> tuple:
+  """"after=attn+mlp;n=4;rank=1;reduction_factor=32" -> LlamaConfig.adapters."""
+  out = {}
+  for item in filter(None, (s.strip() for s in spec.split(";"))):
+    k, _, v = item.partition("=")
+    out[k] = v.replace("+", ",") if k == "after" else parse_value(v)
+  if out and (not out.get("after")
+              or set(out["after"].split(",")) - {"attn", "mlp"}):
+    raise ValueError(f"config.adapters={spec!r}: after= must list attn "
+                     "and/or mlp joined by '+'.")
+  return tuple(sorted(out.items()))
+
+
 def site_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
   """site -> (in_features, out_features) of its linear."""
   hd = cfg.head_dim

@@ -21,6 +21,7 @@ from structmat import data as sm_data
 from structmat.data import hosts
 from structmat.data.pipeline import unigram_log_perplexity
 from structmat.models import Llama, llama_config
+from structmat.models.llama import parse_adapters, parse_value
 from structmat.optim import make_optimizer
 from structmat.train import densify, init_ckpt, sharding, steps
 from structmat.train.partition import partition
@@ -69,28 +70,6 @@ def model_config(config, vocab_size: int):
                       overrides=overrides, **dict(config.linear_kwargs))
 
 
-def _value(v: str):
-  for cast in (int, float):
-    try:
-      return cast(v)
-    except ValueError:
-      pass
-  return None if v.lower() == "none" else v
-
-
-def parse_adapters(spec: str) -> tuple:
-  """"after=attn+mlp;n=4;rank=1;reduction_factor=32" -> LlamaConfig.adapters."""
-  out = {}
-  for item in filter(None, (s.strip() for s in spec.split(";"))):
-    k, _, v = item.partition("=")
-    out[k] = v.replace("+", ",") if k == "after" else _value(v)
-  if out and (not out.get("after")
-              or set(out["after"].split(",")) - {"attn", "mlp"}):
-    raise ValueError(f"config.adapters={spec!r}: after= must list attn "
-                     "and/or mlp joined by '+'.")
-  return tuple(sorted(out.items()))
-
-
 def _parse_overrides(spec: str):
   """"q=dense,k=dense,up=lowrank:rank=64" -> [(site, name, kwargs)]."""
   out = []
@@ -100,7 +79,7 @@ def _parse_overrides(spec: str):
     kwargs = {}
     for pair in kv:
       k, _, v = pair.partition("=")
-      kwargs[k] = _value(v)
+      kwargs[k] = parse_value(v)
     if not name:
       raise ValueError(f"config.overrides item {item!r}: use site=structure.")
     out.append((site, name, kwargs))
