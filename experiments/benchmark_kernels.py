@@ -69,6 +69,7 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
   sb = (jax.random.normal(keys[2], (rank, n)) / np.sqrt(rank)).astype(dtype)
   sidx = ops.draw_support(keys[3], n, n, 0.03)
   sv = (jax.random.normal(keys[0], sidx.shape) / np.sqrt(n)).astype(dtype)
+  sorders = sk.support_orders(sidx, n, n)  # as the layer stores them at init
   itemsize = jnp.dtype(dtype).itemsize
   inner = 1 if jax.default_backend() == "cpu" else 10
   copy_s = time_fn(jax.jit(lambda x: x + 1), x, repeats=repeats, inner=inner)
@@ -96,7 +97,8 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
         ("blockdiag pallas", lambda x, a: blockdiag_matmul_pallas(
             x, a, block_tokens=bt, interpret=interp), (wb,)),
         ("sltrain pallas", lambda x, a, b, v: sk.sltrain_matmul_pallas(
-            x, a, b, v, sidx, 1.0, block_tokens=bt, interpret=interp),
+            x, a, b, v, sidx, 1.0, orders=sorders, block_tokens=bt,
+            interpret=interp),
          (sa, sb, sv)),
     ]
   f32 = lambda a: a.astype(jnp.float32)

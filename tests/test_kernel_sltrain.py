@@ -1,5 +1,7 @@
 """SLTrain reconstruct-and-multiply kernel: interpret mode against the XLA
 reference (forward and every gradient), poisoned outputs, cross-lowering."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +81,36 @@ def test_tile_support_groups_entries_by_tile():
     assert all((r[m] // 8) * 3 + c[m] // 16 == t for m in members)
 
 
+def test_precomputed_orders_skip_the_sort():
+  """support_orders (what the layer stores at init) gives the same forward
+  and gradients as sorting in the call, and the traced step has no sort."""
+  d_in, d_out = 128, 192  # default tiles: 64 x 64, three output tiles
+  x, a, b, v, idx, g = _inputs(32, d_in, d_out, 8, 0.05, jnp.float32)
+  orders = sk.support_orders(idx, d_in, d_out)
+  t_idx = sk.transposed_indices(idx, d_in, d_out)
+  for o, i, rows, cols in ((orders[0], idx, d_in, d_out),
+                           (orders[1], t_idx, d_out, d_in)):
+    tiles = np.asarray(sk._tile_of(i, cols, 64, 64))[np.asarray(o)]  # pylint: disable=protected-access
+    assert sorted(np.asarray(o).tolist()) == list(range(idx.shape[0]))
+    assert (np.diff(tiles) >= 0).all()
+  def run(orders):
+    f = lambda x, a, b, v: sk.sltrain_matmul_pallas(
+        x, a, b, v, idx, 2.0, orders=orders, block_tokens=16, interpret=True)
+    loss = lambda *z: jnp.sum(f(*z) * g)
+    return f(x, a, b, v), jax.grad(loss, argnums=(0, 1, 2, 3))(x, a, b, v), (
+        str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 3)))(x, a, b, v)))
+  y0, g0, jaxpr0 = run(None)
+  y1, g1, jaxpr1 = run(orders)
+  sorts = lambda jaxpr: len(re.findall(r"\bsort\[", jaxpr))  # the primitive
+  assert sorts(jaxpr0) >= 1 and sorts(jaxpr1) == 0
+  np.testing.assert_array_equal(y0, y1)
+  for p, q in zip(g0, g1):
+    np.testing.assert_array_equal(p, q)
+  with pytest.raises(ValueError, match="support_orders"):
+    sk.sltrain_matmul_pallas(x, a, b, v, idx, 2.0, orders=orders[:1],
+                             interpret=True)
+
+
 def test_supported_names_the_constraint():
   assert "Triton" in sk.supported(64, 64, 64, 4, 64, 64, 64, 32, "cuda")
   assert "multiple" in sk.supported(60, 64, 64, 16, 64, 64, 64, 32, "cuda")
@@ -123,6 +155,9 @@ def test_layer_with_pallas_impl_matches_xla():
   pal = make_linear("sltrain", impl="pallas", **kw)
   v = nn.unbox(xla.init(jax.random.key(1), x))
   v = {"params": randomize(v["params"]), "structure": v["structure"]}
+  orders = nn.unbox(v["structure"])["tile_orders"]
+  np.testing.assert_array_equal(orders, sk.support_orders(
+      nn.unbox(v["structure"])["indices"], 32, 48))
   np.testing.assert_allclose(pal.apply(v, x), xla.apply(v, x), atol=1e-4)
   g = lambda m: jax.grad(lambda p: jnp.sum(m.apply(
       {"params": p, "structure": v["structure"]}, x) ** 2))(v["params"])

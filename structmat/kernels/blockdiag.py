@@ -1,11 +1,20 @@
 """Block-diagonal product as a portable Pallas kernel (Triton on GPU, Mosaic on TPU).
 
-Forward: grid (token tiles, blocks); program (i, j) computes
-``y[i-tile, j-block] = x[i-tile, j-block] @ w[j]^T`` with float32 accumulation.
-Backward: dx is the same kernel with the transposed blocks; dw[j] sums
-``dy_j^T x_j`` over token tiles in a loop inside one program per block (on
-Triton, programs run in parallel, so accumulating across a grid axis would
-race). Reference: ``structmat.ops.blockdiag_matmul``.
+Forward: grid (token tiles, blocks, output tiles); program (i, j, c) computes
+``y[i-tile, j-block, c-tile] = x[i-tile, j-block] @ w[j, c-tile]^T`` with a
+float32 accumulator, looping over chunks of the block's inputs. Backward: dx is
+the same kernel with the transposed blocks; dw tiles sum ``dy^T x`` over token
+steps in a loop inside one program per (block, tile, token chunk) and XLA adds
+the chunks' float32 partials (on Triton, programs run in parallel, so
+accumulating across a grid axis would race). Reference:
+``structmat.ops.blockdiag_matmul``.
+
+Shared memory: Triton stages both operands of every dot in shared memory
+(``num_stages`` buffers when the dot sits in a loop) and converts the
+accumulator through it for the store; an H100/H200 block gets 227 KiB. Whole
+blocks overflowed it on an H200 (256-wide blocks with 128-token tiles asked
+for 352 KiB), so on GPUs the output tile and input chunk are cut to fit
+``SMEM_BUDGET`` (``tiling``). Mosaic TPU keeps whole blocks in VMEM.
 
 Constraints checked by ``supported``: on Triton every loaded block needs
 power-of-two sizes; on TPU the last two block dims must be multiples of
@@ -40,6 +49,53 @@ def _pow2(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
 
+# Shared memory a Triton program may plan for: below the 227 KiB an H100/H200
+# block can have, leaving room for what the estimate does not count.
+SMEM_BUDGET = 160 * 1024
+TRITON_STAGES = 3  # compiler_params' num_stages: buffers per operand in loops
+
+
+def smem_estimate(m: int, n: int, k: int, itemsize: int, looped: bool) -> int:
+  """Bytes of shared memory a Triton (m x k) @ (k x n) dot step plans for.
+
+  Both operand tiles, ``TRITON_STAGES`` times when the dot is pipelined in a
+  loop, plus the float32 (m x n) accumulator's store conversion. On an H200
+  this separated what compiled from what overflowed the 227 KiB: whole
+  256-wide blocks with 128-token tiles in bfloat16 (320 KiB here) overflowed,
+  64-wide ones (56 KiB forward, 112 KiB weight gradient) compiled.
+  """
+  operands = (m + n) * k * itemsize * (TRITON_STAGES if looped else 1)
+  return operands + m * n * 4
+
+
+def _fit(size: int, cap: int) -> int:
+  """Largest power of two <= min(size, cap) dividing size (>= 1)."""
+  t = 1
+  while t * 2 <= min(size, cap) and size % (t * 2) == 0:
+    t *= 2
+  return t
+
+
+def tiling(rows: int, out: int, inner: int, itemsize: int,
+           platform: str | None) -> tuple[int, int]:
+  """(out_tile, inner_chunk) for a (rows x inner) @ (inner x out) block.
+
+  Mosaic TPU: the whole block. Elsewhere (Triton, and interpret mode, which
+  then runs the loop the GPU runs): output tiles of at most 128 and the
+  largest input chunk (at most 128) that keeps ``smem_estimate`` within
+  ``SMEM_BUDGET``; never below 16 (Triton's smallest dot).
+  """
+  if platform == "tpu":
+    return out, inner
+  tile = _fit(out, 128)
+  chunk = _fit(inner, 128)
+  while (chunk > 16 and
+         smem_estimate(rows, tile, chunk, itemsize, chunk < inner)
+         > SMEM_BUDGET):
+    chunk //= 2
+  return tile, chunk
+
+
 def split_count(n_tiles: int, programs: int, target: int = 264) -> int:
   """How many token chunks a weight-gradient kernel splits its n_tiles into:
   the largest power-of-two divisor of n_tiles up to target / programs (two
@@ -70,75 +126,106 @@ def supported(batch: int, w_shape, block_tokens: int, platform: str) -> str | No
 def compiler_params(platform: str | None, n_grid_axes: int, num_warps: int = 4):
   """The backend's compiler parameters: Triton on GPUs, Mosaic on TPUs."""
   if platform in ("gpu", "cuda", "rocm"):
-    return plt.CompilerParams(num_warps=num_warps, num_stages=3)
+    return plt.CompilerParams(num_warps=num_warps, num_stages=TRITON_STAGES)
   if platform == "tpu":
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_grid_axes)
   return None
 
 
-def _fwd_kernel(x_ref, w_ref, y_ref):
-  acc = jax.lax.dot_general(x_ref[...], w_ref[...], (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)
+def _fwd_kernel(x_ref, w_ref, y_ref, *, chunk):
+  """y tile = x block @ w tile^T, looping over input chunks."""
+  rows, inner = x_ref.shape
+  tile = w_ref.shape[0]
+
+  def body(c, acc):
+    cols = pl.ds(c * chunk, chunk)
+    return acc + jax.lax.dot_general(
+        x_ref[:, cols], w_ref[:, cols], (((1,), (1,)), ((), ())),
+        preferred_element_type=jnp.float32)
+
+  acc = jax.lax.fori_loop(0, inner // chunk, body,
+                          jnp.zeros((rows, tile), jnp.float32))
   y_ref[...] = acc.astype(y_ref.dtype)
 
 
-def _call_fwd(x, w, block_tokens, interpret, platform, poisoned=None):
+def _call_fwd(x, w, block_tokens, interpret, platform, poisoned=None,
+              tile=None, chunk=None):
   """``poisoned``: a (tokens, k*q) NaN buffer the output is written into
-  (tests: an element the kernel forgets to write stays NaN)."""
+  (tests: an element the kernel forgets to write stays NaN). ``tile`` and
+  ``chunk`` override ``tiling``."""
   b = x.shape[0]
   k, q, p = w.shape
-  out_spec = pl.BlockSpec((block_tokens, q), lambda i, j: (i, j))
-  in_specs = [pl.BlockSpec((block_tokens, p), lambda i, j: (i, j)),
-              pl.BlockSpec((None, q, p), lambda i, j: (j, 0, 0))]
-  kernel, args, aliases = _fwd_kernel, (x, w), {}
+  auto_tile, auto_chunk = tiling(block_tokens, q, p, x.dtype.itemsize,
+                                 platform)
+  tile, chunk = tile or auto_tile, chunk or auto_chunk
+  n_tiles = q // tile
+  out_spec = pl.BlockSpec((block_tokens, tile),
+                          lambda i, j, c: (i, j * n_tiles + c))
+  in_specs = [pl.BlockSpec((block_tokens, p), lambda i, j, c: (i, j)),
+              pl.BlockSpec((None, tile, p), lambda i, j, c: (j, c, 0))]
+  kernel = functools.partial(_fwd_kernel, chunk=chunk)
+  args, aliases = (x, w), {}
   if poisoned is not None:
-    kernel = ignoring_poison(_fwd_kernel)
+    kernel = ignoring_poison(kernel)
     args, aliases = (x, w, poisoned), {2: 0}
     in_specs.append(out_spec)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((b, k * q), x.dtype),
-      grid=(b // block_tokens, k),
+      grid=(b // block_tokens, k, n_tiles),
       in_specs=in_specs,
       out_specs=out_spec,
       input_output_aliases=aliases,
       interpret=interpret,
-      compiler_params=None if interpret else compiler_params(platform, 2),
+      compiler_params=None if interpret else compiler_params(platform, 3),
       name="blockdiag_fwd",
   )(*args)
 
 
-def _dw_kernel(dy_ref, x_ref, dw_ref, *, block_tokens, n_tiles):
-  q, p = dw_ref.shape
+def _dw_kernel(dy_ref, x_ref, dw_ref, *, step, n_steps):
+  """dw tile = sum over token steps of dy tile^T @ x tile."""
+  tq, tp = dw_ref.shape
 
   def body(t, acc):
-    rows = pl.ds(t * block_tokens, block_tokens)
+    rows = pl.ds(t * step, step)
     return acc + jax.lax.dot_general(
         dy_ref[rows, :], x_ref[rows, :], (((0,), (0,)), ((), ())),
         preferred_element_type=jnp.float32)
 
-  dw_ref[...] = jax.lax.fori_loop(0, n_tiles, body,
-                                  jnp.zeros((q, p), jnp.float32))
+  dw_ref[...] = jax.lax.fori_loop(0, n_steps, body,
+                                  jnp.zeros((tq, tp), jnp.float32))
 
 
 def _call_dw(dy, x, w_shape, dtype, block_tokens, interpret, platform):
-  """dw: one program per (block, token chunk) writes a float32 partial that
-  XLA sums (accumulating across programs would race on Triton)."""
+  """dw: one program per (block, dw tile, token chunk) writes a float32
+  partial that XLA sums (accumulating across programs would race on
+  Triton)."""
   b = x.shape[0]
   k, q, p = w_shape
-  chunks = split_count(b // block_tokens, k)
+  itemsize = x.dtype.itemsize
+  if platform == "tpu":
+    tq, tp, step = q, p, block_tokens
+  else:  # (step x tq)^T @ (step x tp) per loop step, pipelined
+    tq, tp = _fit(q, 128), _fit(p, 128)
+    step = block_tokens
+    while (step > 16 and step % 2 == 0 and
+           smem_estimate(tq, tp, step, itemsize, True) > SMEM_BUDGET):
+      step //= 2
+  nq, np_ = q // tq, p // tp
+  chunks = split_count(b // block_tokens, k * nq * np_)
   rows = b // chunks
-  kernel = functools.partial(_dw_kernel, block_tokens=block_tokens,
-                             n_tiles=rows // block_tokens)
+  kernel = functools.partial(_dw_kernel, step=step, n_steps=rows // step)
   dw = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((chunks, k, q, p), jnp.float32),
-      grid=(k, chunks),
-      in_specs=[pl.BlockSpec((rows, q), lambda j, c: (c, j)),
-                pl.BlockSpec((rows, p), lambda j, c: (c, j))],
-      out_specs=pl.BlockSpec((None, None, q, p), lambda j, c: (c, j, 0, 0)),
+      # Axis 1 enumerates the (tq, tp) tiles of a block: t -> (t // np_, t % np_).
+      grid=(k, nq * np_, chunks),
+      in_specs=[pl.BlockSpec((rows, tq), lambda j, t, c: (c, j * nq + t // np_)),
+                pl.BlockSpec((rows, tp), lambda j, t, c: (c, j * np_ + t % np_))],
+      out_specs=pl.BlockSpec((None, None, tq, tp),
+                             lambda j, t, c: (c, j, t // np_, t % np_)),
       interpret=interpret,
-      compiler_params=None if interpret else compiler_params(platform, 2),
+      compiler_params=None if interpret else compiler_params(platform, 3),
       name="blockdiag_dw",
   )(dy, x)
   return dw.sum(0).astype(dtype)

@@ -35,9 +35,11 @@ def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
   from structmat.kernels import monarch as mk  # pylint: disable=import-outside-toplevel
   from structmat.ops import monarch as ref  # pylint: disable=import-outside-toplevel
   tokens = x.size // x.shape[-1]
-  bt = min(block_tokens, tokens)
+  itemsize = x.dtype.itemsize  # the kernel computes in x's dtype
+  bt = mk.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize,
+                           jax.default_backend(), block_tokens)
   if not choose(impl, lambda plat: mk.supported(tokens, w1.shape, w2.shape,
-                                                bt, plat)):
+                                                bt, plat, itemsize)):
     return ref.monarch_matmul(x, w1, w2, bias)
   y = mk.monarch_matmul_pallas(x, w1, w2, block_tokens=bt)
   return y if bias is None else y + bias.astype(y.dtype)
@@ -53,15 +55,16 @@ def blockdiag(x, w, impl: str, block_tokens: int = 128):
   return bk.blockdiag_matmul_pallas(x, w, block_tokens=bt)
 
 
-def sltrain(x, a, b, values, indices, scale, impl: str, block_tokens: int = 128):
+def sltrain(x, a, b, values, indices, scale, impl: str, orders=None,
+            block_tokens: int = 128):
   from structmat.kernels import sltrain as sk  # pylint: disable=import-outside-toplevel
   from structmat.ops import sparse_lowrank as ref  # pylint: disable=import-outside-toplevel
   tokens = x.size // x.shape[-1]
   bt = min(block_tokens, tokens)
   d_in, d_out = a.shape[0], b.shape[1]
-  bk, bn = sk.tile_for(d_in, 64), sk.tile_for(d_out, 64)
-  if not choose(impl, lambda plat: sk.supported(tokens, d_in, d_out, a.shape[1],
-                                                bt, bk, bn, 32, plat)):
+  bk, bn = sk.tile_for(d_in, sk.DEFAULT_TILE), sk.tile_for(d_out, sk.DEFAULT_TILE)
+  if not choose(impl, lambda plat: sk.supported(
+      tokens, d_in, d_out, a.shape[1], bt, bk, bn, sk.DEFAULT_CHUNK, plat)):
     return ref.sltrain_matmul(x, a, b, values, indices, scale)
   return sk.sltrain_matmul_pallas(x, a, b, values, indices, scale,
-                                  block_tokens=bt, block_in=bk, block_out=bn)
+                                  orders=orders, block_tokens=bt)

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from structmat.kernels.blockdiag import (_pow2, compiler_params, prepare,
-                                         split_count)
+from structmat.kernels.blockdiag import (SMEM_BUDGET, _pow2, compiler_params,
+                                         prepare, split_count)
 
 
 MAX_TRITON_BLOCK = 256
@@ -47,9 +47,25 @@ def scatter_weight_grads(da, db):
   return dw1, dw2
 
 
+def smem_estimate(block_tokens: int, p: int, g: int, s: int,
+                  itemsize: int) -> int:
+  """Bytes of shared memory the Triton forward plans for, per program.
+
+  Both dots' operand tiles ((bt x p) @ (p x g), then (bt x g) @ (g x s)) plus
+  the float32 (bt x s) accumulator's store conversion. On an H200 this
+  separated what compiled from what overflowed the 227 KiB: p=s=256, g=16 in
+  bfloat16 compiled with 64-token tiles (114 KiB here) and overflowed with
+  128 (212 KiB); p=s=128, g=32 with 128-token tiles (120 KiB) compiled.
+  """
+  return (((block_tokens + g) * p + (block_tokens + s) * g) * itemsize
+          + block_tokens * s * 4)
+
+
 def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
-              platform: str) -> str | None:
-  """None if the fused kernel runs these shapes on ``platform``, else why not."""
+              platform: str, itemsize: int = 2) -> str | None:
+  """None if the fused kernel runs these shapes on ``platform``, else why not.
+
+  ``itemsize``: bytes per element of x (shared memory depends on it)."""
   k, q, p = w1_shape
   l, s, r = w2_shape
   if l * r != k * q:
@@ -67,10 +83,30 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
       # Whole (g, p) and (block_tokens, s) tiles live in registers/SMEM;
       # blocks this big are compute-bound, where XLA's matmuls already win.
       return f"blocks above {MAX_TRITON_BLOCK} ({p=}, {g=}, {s=}) exceed a Triton tile"
+    smem = smem_estimate(block_tokens, p, g, s, itemsize)
+    if smem > SMEM_BUDGET:
+      return (f"block_tokens={block_tokens} needs ~{smem // 1024} KiB of shared "
+              f"memory (budget {SMEM_BUDGET // 1024} KiB); use fewer tokens "
+              "per tile")
   if platform == "tpu":
     if p % 128 or g % 128 or s % 128 or block_tokens % 8:
       return "Mosaic TPU needs block dims multiple of (8, 128)"
   return None
+
+
+def fit_block_tokens(tokens: int, w1_shape, w2_shape, itemsize: int,
+                     platform: str, block_tokens: int = 128) -> int:
+  """The largest tile of at most ``block_tokens`` (halving, >= 16) that
+  ``supported`` accepts; ``block_tokens`` itself when none does (then
+  ``supported`` says why)."""
+  bt = min(block_tokens, tokens)
+  while bt >= 16:
+    if supported(tokens, w1_shape, w2_shape, bt, platform, itemsize) is None:
+      return bt
+    if bt % 2:
+      break
+    bt //= 2
+  return min(block_tokens, tokens)
 
 
 def _dot_t(a, b):
@@ -249,7 +285,7 @@ def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
   x2, block_tokens, interpret, platform = prepare(x, block_tokens, interpret,
                                                   platform)
   why = supported(x2.shape[0], w1.shape, w2.shape, block_tokens,
-                  "cpu" if interpret else platform)
+                  "cpu" if interpret else platform, x2.dtype.itemsize)
   if why:
     raise ValueError(f"the fused Monarch kernel cannot run these shapes: {why}")
   y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), block_tokens,

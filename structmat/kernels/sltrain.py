@@ -5,8 +5,9 @@ Every program owns one (token tile, output tile) and loops over input tiles;
 for each it rebuilds the (bk, bn) kernel tile on chip: the low-rank part as
 ``a[k-tile] @ b[:, j-tile]`` and the sparse part from that tile's entries
 only, which the support lists contiguously once it is sorted by tile
-(``tile_support``: an argsort plus per-tile offsets, computed once per
-support). The sparse entries are placed with one-hot matmuls (entries x rows)^T
+(``tile_support``: per-tile offsets plus an argsort, which ``support_orders``
+computes once per support, at the layer's init, for the default tiles, so no
+training step sorts). The sparse entries are placed with one-hot matmuls (entries x rows)^T
 @ (entries x cols * values), which Triton and Mosaic both lower (neither can
 scatter into a register tile), in chunks of ``chunk`` entries with a
 data-dependent trip count.
@@ -38,14 +39,53 @@ class TiledSupport(NamedTuple):
   offsets: jax.Array   # (tiles + 1,) start of each tile's entries
 
 
+DEFAULT_TILE = 64   # block_in / block_out cap
+DEFAULT_CHUNK = 32  # sparse entries placed per step
+
+
+def _tile_of(indices, out_features: int, bk: int, bn: int):
+  r, c = indices // out_features, indices % out_features
+  return (r // bk) * (out_features // bn) + c // bn
+
+
+def tile_order(indices, in_features: int, out_features: int, bk: int,
+               bn: int):
+  """(nnz,) int32 permutation sorting flat (in, out) ``indices`` by
+  (bk, bn) kernel tile (stable: row-major within a tile)."""
+  del in_features  # the tile index needs only the row length
+  return jnp.argsort(_tile_of(indices, out_features, bk, bn),
+                     stable=True).astype(jnp.int32)
+
+
+def transposed_indices(indices, in_features: int, out_features: int):
+  """Flat indices into W^T (out, in) of the entries ``indices`` of W."""
+  return (indices % out_features) * in_features + indices // out_features
+
+
+def support_orders(indices, in_features: int, out_features: int):
+  """(2, nnz) int32: the tile orders of W and W^T for the default tiles.
+
+  The forward uses the first, dx (the same kernel on W^T) the second. The
+  SLTrain layer stores them next to its support at init; the kernel then
+  never sorts.
+  """
+  bk = tile_for(in_features, DEFAULT_TILE)
+  bn = tile_for(out_features, DEFAULT_TILE)
+  t_idx = transposed_indices(indices, in_features, out_features)
+  return jnp.stack([tile_order(indices, in_features, out_features, bk, bn),
+                    tile_order(t_idx, out_features, in_features, bn, bk)])
+
+
 def tile_support(indices, in_features: int, out_features: int, bk: int,
-                 bn: int, chunk: int) -> TiledSupport:
-  """Sort flat (in, out) ``indices`` by kernel tile. Compute once per support
-  (and per tile shape); the forward and backward passes reuse it."""
+                 bn: int, chunk: int, order=None) -> TiledSupport:
+  """Sort flat (in, out) ``indices`` by kernel tile; ``order`` (from
+  ``tile_order`` with the same tiles) skips the sort. Once per call: the
+  forward and backward passes reuse it."""
   r, c = indices // out_features, indices % out_features
   n_tn = out_features // bn
   tile = (r // bk) * n_tn + c // bn
-  order = jnp.argsort(tile, stable=True).astype(jnp.int32)
+  if order is None:
+    order = tile_order(indices, in_features, out_features, bk, bn)
   pad = lambda v: jnp.concatenate([v, jnp.zeros((chunk,), jnp.int32)])
   n_tiles = (in_features // bk) * n_tn
   offsets = jnp.searchsorted(tile[order], jnp.arange(n_tiles + 1),
@@ -271,8 +311,10 @@ _sltrain.defvjp(_vjp_fwd, _vjp_bwd)
 
 
 def sltrain_matmul_pallas(x, a, b, values, indices, scale: float, *,
-                          block_tokens: int = 128, block_in: int = 64,
-                          block_out: int = 64, chunk: int = 32,
+                          orders=None, block_tokens: int = 128,
+                          block_in: int = DEFAULT_TILE,
+                          block_out: int = DEFAULT_TILE,
+                          chunk: int = DEFAULT_CHUNK,
                           interpret: bool | None = None,
                           platform: str | None = None):
   """``ops.sltrain_matmul`` without the dense kernel in device memory.
@@ -280,6 +322,8 @@ def sltrain_matmul_pallas(x, a, b, values, indices, scale: float, *,
   Args:
     x: (..., in). a: (in, r). b: (r, out). values: (nnz,). indices: (nnz,)
       int32 flat indices into (in, out). scale: alpha / r.
+    orders: optional (2, nnz) ``support_orders(indices, in, out)``; used when
+      the kernel tiles are the default ones (else the support is sorted here).
     block_tokens, block_in, block_out: the token tile and the (in, out)
       kernel tile rebuilt on chip. chunk: sparse entries placed per step.
     interpret: interpret mode (default: on the CPU). platform: the backend to
@@ -295,10 +339,15 @@ def sltrain_matmul_pallas(x, a, b, values, indices, scale: float, *,
                   "cpu" if interpret else platform)
   if why:
     raise ValueError(f"the SLTrain kernel cannot run these shapes: {why}")
-  fwd_ts = tile_support(indices, d_in, d_out, bk, bn, chunk)
-  # W^T's flat index of entry (p, q) is q * in + p.
-  t_idx = (indices % d_out) * d_in + indices // d_out
-  bwd_ts = tile_support(t_idx, d_out, d_in, bn, bk, chunk)
+  default = (tile_for(d_in, DEFAULT_TILE), tile_for(d_out, DEFAULT_TILE))
+  if orders is not None and orders.shape != (2, indices.shape[0]):
+    raise ValueError(f"orders must have shape (2, {indices.shape[0]}) (from "
+                     f"support_orders), got {orders.shape}.")
+  fwd_o, bwd_o = (orders[0], orders[1]) if (
+      orders is not None and (bk, bn) == default) else (None, None)
+  fwd_ts = tile_support(indices, d_in, d_out, bk, bn, chunk, fwd_o)
+  t_idx = transposed_indices(indices, d_in, d_out)
+  bwd_ts = tile_support(t_idx, d_out, d_in, bn, bk, chunk, bwd_o)
   st = _Static(float(scale), bt, bk, bn, chunk, interpret, platform)
   y = _sltrain(x2, a.astype(x.dtype), b.astype(x.dtype),
                values.astype(x.dtype), fwd_ts, bwd_ts, st)

@@ -5,8 +5,13 @@ import flax.linen as nn
 import jax
 
 from structmat import ops
+from structmat.kernels.sltrain import support_orders
 from structmat.layers import init as sm_init
 from structmat.layers.base import StructuredLinear, require
+
+
+def _unbox(v):
+  return v.value if isinstance(v, nn.Partitioned) else v
 
 
 class SparsePlusLowRank(StructuredLinear):
@@ -17,8 +22,11 @@ class SparsePlusLowRank(StructuredLinear):
   U(+-1/sqrt(in)); bias U(+-1/sqrt(out)). The support, nnz = int(density * in
   * out) sorted int32 flat indices into the (in, out) kernel, is drawn from this
   layer's own key (its path, not construction order) into the non-trainable
-  ``structure`` collection, which checkpoints carry. The scale multiplies in the
-  forward pass, so Adam sees unscaled factors (as the official code).
+  ``structure`` collection, which checkpoints carry. Next to it, ``tile_orders``
+  (2, nnz) int32 sorts the support by kernel tile for W and W^T, computed once
+  here so that the Pallas kernel (``impl``) never sorts in a training step.
+  The scale multiplies in the forward pass, so Adam sees unscaled factors (as
+  the official code).
   """
   rank: int = 128
   density: float = 0.03
@@ -45,9 +53,12 @@ class SparsePlusLowRank(StructuredLinear):
             lambda k: ops.draw_support(k, in_features, self.features,
                                        self.density), ("sparse",))(
                 self.make_rng("params")))
-    indices = support.value
-    if isinstance(indices, nn.Partitioned):
-      indices = indices.value
+    indices = _unbox(support.value)
+    orders = self.variable(
+        "structure", "tile_orders",
+        lambda: nn.LogicallyPartitioned(
+            support_orders(indices, in_features, self.features),
+            (None, "sparse")))
     return {
         "lora_a": self.factor("lora_a", (in_features, self.rank),
                               (in_axis, "rank"), sm_init.uniform(bound),
@@ -59,12 +70,13 @@ class SparsePlusLowRank(StructuredLinear):
                               sm_init.uniform(bound), in_features,
                               self.features),
         "indices": indices,
+        "tile_orders": _unbox(orders.value),
     }
 
   def compute(self, x, p):
     return ops.sltrain_matmul(x, p["lora_a"], p["lora_b"], p["values"],
                               p["indices"], self.alpha / self.rank,
-                              impl=self.impl)
+                              impl=self.impl, orders=p["tile_orders"])
 
   def kernel_from(self, p, in_features):
     return ops.sltrain_kernel(p["lora_a"], p["lora_b"], p["values"],

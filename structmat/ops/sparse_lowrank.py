@@ -36,7 +36,8 @@ def sltrain_kernel(a, b, values, indices, scale: float):
   return scale * (a @ b) + dense
 
 
-def sltrain_matmul(x, a, b, values, indices, scale: float, impl: str = "xla"):
+def sltrain_matmul(x, a, b, values, indices, scale: float, impl: str = "xla",
+                   orders=None):
   """y = x (scale * a @ b + S) (XLA reference path: materializes the kernel).
 
   Args:
@@ -45,11 +46,14 @@ def sltrain_matmul(x, a, b, values, indices, scale: float, impl: str = "xla"):
     impl: "xla" (this function), "pallas" (the reconstruct-and-multiply
       kernel, never writing the dense kernel; interpret mode on the CPU) or
       "auto" (``structmat.kernels.dispatch``).
+    orders: optional (2, nnz) int32 tile orders of the support
+      (``structmat.kernels.sltrain.support_orders``) so the kernel skips its
+      sorts; the XLA path ignores them.
 
   Returns:
     (..., out).
   """
   if impl != "xla":
     from structmat.kernels import dispatch  # pylint: disable=import-outside-toplevel
-    return dispatch.sltrain(x, a, b, values, indices, scale, impl)
+    return dispatch.sltrain(x, a, b, values, indices, scale, impl, orders)
   return x @ sltrain_kernel(a, b, values, indices, scale).astype(x.dtype)

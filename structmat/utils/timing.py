@@ -5,9 +5,10 @@ import time
 import jax
 
 
-def time_fn(fn, *args, repeats: int = 5, warmup: int = 1,
-            inner: int = 1) -> float:
-  """Median seconds of ``fn(*args)`` after compilation and ``warmup`` calls.
+def time_samples(fn, *args, repeats: int = 5, warmup: int = 1,
+                 inner: int = 1) -> list[float]:
+  """Seconds per call of ``fn(*args)``, one sample per repeat, after
+  compilation and ``warmup`` calls.
 
   ``inner`` > 1 times that many back-to-back calls per sample and divides:
   on an accelerator, asynchronous dispatch then hides the host's launch
@@ -22,7 +23,14 @@ def time_fn(fn, *args, repeats: int = 5, warmup: int = 1,
       fn(*args)
     jax.block_until_ready(fn(*args))
     times.append((time.perf_counter() - t0) / inner)
-  return statistics.median(times)
+  return times
+
+
+def time_fn(fn, *args, repeats: int = 5, warmup: int = 1,
+            inner: int = 1) -> float:
+  """Median seconds of ``fn(*args)``; see ``time_samples``."""
+  return statistics.median(time_samples(fn, *args, repeats=repeats,
+                                        warmup=warmup, inner=inner))
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
