@@ -148,16 +148,12 @@ def _fwd_kernel(x_ref, w_ref, y_ref, *, chunk):
   y_ref[...] = acc.astype(y_ref.dtype)
 
 
-def _call_fwd(x, w, block_tokens, interpret, platform, poisoned=None,
-              tile=None, chunk=None):
+def _call_fwd(x, w, block_tokens, interpret, platform, poisoned=None):
   """``poisoned``: a (tokens, k*q) NaN buffer the output is written into
-  (tests: an element the kernel forgets to write stays NaN). ``tile`` and
-  ``chunk`` override ``tiling``."""
+  (tests: an element the kernel forgets to write stays NaN)."""
   b = x.shape[0]
   k, q, p = w.shape
-  auto_tile, auto_chunk = tiling(block_tokens, q, p, x.dtype.itemsize,
-                                 platform)
-  tile, chunk = tile or auto_tile, chunk or auto_chunk
+  tile, chunk = tiling(block_tokens, q, p, x.dtype.itemsize, platform)
   n_tiles = q // tile
   out_spec = pl.BlockSpec((block_tokens, tile),
                           lambda i, j, c: (i, j * n_tiles + c))

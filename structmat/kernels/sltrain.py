@@ -7,8 +7,8 @@ for each it rebuilds the (bk, bn) kernel tile on chip: the low-rank part as
 only, which the support lists contiguously once it is sorted by tile
 (``tile_support``: per-tile offsets plus an argsort, which ``support_orders``
 computes once per support, at the layer's init, for the default tiles, so no
-training step sorts). The sparse entries are placed with one-hot matmuls (entries x rows)^T
-@ (entries x cols * values), which Triton and Mosaic both lower (neither can
+training step sorts). The sparse entries are placed with one-hot matmuls
+(entries x rows)^T @ (entries x cols * values), which Triton and Mosaic both lower (neither can
 scatter into a register tile), in chunks of ``chunk`` entries with a
 data-dependent trip count.
 
@@ -82,12 +82,11 @@ def tile_support(indices, in_features: int, out_features: int, bk: int,
   ``tile_order`` with the same tiles) skips the sort. Once per call: the
   forward and backward passes reuse it."""
   r, c = indices // out_features, indices % out_features
-  n_tn = out_features // bn
-  tile = (r // bk) * n_tn + c // bn
+  tile = _tile_of(indices, out_features, bk, bn)
   if order is None:
     order = tile_order(indices, in_features, out_features, bk, bn)
   pad = lambda v: jnp.concatenate([v, jnp.zeros((chunk,), jnp.int32)])
-  n_tiles = (in_features // bk) * n_tn
+  n_tiles = (in_features // bk) * (out_features // bn)
   offsets = jnp.searchsorted(tile[order], jnp.arange(n_tiles + 1),
                              side="left").astype(jnp.int32)
   return TiledSupport(order, pad((r % bk)[order].astype(jnp.int32)),
