@@ -88,8 +88,7 @@ def test_precomputed_orders_skip_the_sort():
   x, a, b, v, idx, g = _inputs(32, d_in, d_out, 8, 0.05, jnp.float32)
   orders = sk.support_orders(idx, d_in, d_out)
   t_idx = sk.transposed_indices(idx, d_in, d_out)
-  for o, i, rows, cols in ((orders[0], idx, d_in, d_out),
-                           (orders[1], t_idx, d_out, d_in)):
+  for o, i, cols in ((orders[0], idx, d_out), (orders[1], t_idx, d_in)):
     tiles = np.asarray(sk._tile_of(i, cols, 64, 64))[np.asarray(o)]  # pylint: disable=protected-access
     assert sorted(np.asarray(o).tolist()) == list(range(idx.shape[0]))
     assert (np.diff(tiles) >= 0).all()
