@@ -106,6 +106,9 @@ def _export(fc, workdir, init_dir, source, vocab) -> dict:
     meta = json.load(f)
   if not meta["trainable"]:
     return {}
+  if fc.task != "lm":  # the new head is trained and belongs to the adapter
+    meta.update(trainable=meta["trainable"] + "|cls_head/.*", task=fc.task,
+                num_classes=classify.task_info(fc.task)[1])
   params, structure, _ = init_ckpt.load_init(workdir)   # the final step
   out = {"adapter_bytes": export.save_adapter(
       os.path.join(workdir, "adapter"), params, structure, meta)}

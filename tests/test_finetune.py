@@ -177,6 +177,24 @@ def test_glue_classification_with_mock_data(tmp_path, tiny_base):
   for k in ("accuracy", "f1", "mcc"):
     assert np.isfinite(s[k])
   assert 0 <= s["accuracy"] <= 1
+  # The adapter carries the trained head: put back onto the base, it gives
+  # the final checkpoint's logits.
+  from experiments.compress_lib import load_source  # pylint: disable=import-outside-toplevel
+  from structmat.finetune import export  # pylint: disable=import-outside-toplevel
+  from structmat.models import LlamaClassifier  # pylint: disable=import-outside-toplevel
+  from structmat.train import init_ckpt, loop  # pylint: disable=import-outside-toplevel
+  base, _, _, source = load_source(tiny_base)
+  cfg = loop.model_config(source, base["embed"]["embedding"].shape[0])
+  adapter = str(tmp_path / "ft" / "adapter")
+  new_cfg, params, structure = export.load_adapter(adapter, cfg, base)
+  model = export.adapter_module(new_cfg, export.read_meta(adapter))
+  assert isinstance(model, LlamaClassifier) and model.num_classes == 2
+  final, final_structure, _ = init_ckpt.load_init(str(tmp_path / "ft"))
+  tokens = jax.random.randint(jax.random.key(0), (3, 12), 0, cfg.vocab_size)
+  np.testing.assert_allclose(
+      model.apply({"params": params, **structure}, tokens),
+      model.apply({"params": final, **final_structure}, tokens),
+      rtol=1e-5, atol=1e-6)
 
 
 def test_embedded_downstream_tasks(data_dir):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from structmat.finetune.methods import graft
-from structmat.models import Llama
+from structmat.models import Llama, LlamaClassifier
 from structmat.models.llama import parse_adapters, site_params
 from structmat.train.densify import densify_params, structured_sites
 from structmat.train.partition import partition, path_str
@@ -79,23 +79,39 @@ def method_config(cfg, meta: dict):
                              adapters=parse_adapters(meta.get("adapters", "")))
 
 
+def adapter_module(cfg, meta: dict):
+  """The module an adapter's parameters belong to: ``LlamaClassifier`` for
+  a classification adapter (``meta["num_classes"]``), else ``Llama``."""
+  if meta.get("num_classes"):
+    return LlamaClassifier(cfg, meta["num_classes"])
+  return Llama(cfg)
+
+
 def load_adapter(directory: str, cfg, base_params):
   """(method cfg, params, structure): the adapter put onto ``base_params``.
 
   Every parameter of the method's model comes from the adapter file or, with
   the same path and shape, from the base; anything else raises, naming it.
+  Classification adapters carry their ``cls_head``; apply the result with
+  ``adapter_module(cfg, read_meta(directory))``.
   """
-  with open(os.path.join(directory, "adapter.json")) as f:
-    meta = json.load(f)
+  meta = read_meta(directory)
   tensors = safetensors.load_file(os.path.join(directory, "adapter.safetensors"))
   new_cfg = method_config(cfg, meta)
-  shapes = nn.unbox(jax.eval_shape(Llama(new_cfg).init, jax.random.key(0),
+  shapes = nn.unbox(jax.eval_shape(adapter_module(new_cfg, meta).init,
+                                   jax.random.key(0),
                                    jnp.ones((1, 2), jnp.int32)))
   adapter = _unflat(tensors, "params/")
   merged = graft(shapes["params"], base_params)
   merged = graft(merged, adapter)
   _check_complete(merged, directory)
   return new_cfg, merged, _unflat(tensors, "collections/")
+
+
+def read_meta(directory: str) -> dict:
+  """An adapter directory's ``adapter.json``."""
+  with open(os.path.join(directory, "adapter.json")) as f:
+    return json.load(f)
 
 
 def _flat_shapes(tree):
