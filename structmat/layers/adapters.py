@@ -14,14 +14,10 @@ import jax.numpy as jnp
 
 from structmat import ops
 from structmat.layers import init as sm_init
-from structmat.layers.base import StructuredLinear, require
+from structmat.layers.base import StructuredLinear, require, unbox
 from structmat.layers.phm import PHMLinear, PHMRule
 
 NOLA_VARIANTS = ("offset", "basis")
-
-
-def _unbox(v):
-  return v.value if isinstance(v, nn.Partitioned) else v
 
 
 class LoRA(nn.Module):
@@ -57,7 +53,7 @@ class LoRA(nn.Module):
   def to_dense(self, in_features):
     """The (in, features) delta kernel (alpha / rank) A B."""
     p = self.variables["params"]
-    return (_unbox(p["lora_a"]) @ _unbox(p["lora_b"])) * (self.alpha / self.rank)
+    return (unbox(p["lora_a"]) @ unbox(p["lora_b"])) * (self.alpha / self.rank)
 
   @nn.nowrap
   def param_count(self, in_features):
@@ -124,7 +120,7 @@ class NOLA(nn.Module):
         init_b, ("nola_basis",)), (l,), self.param_dtype)
     key = self.variable("structure", "nola_key", lambda: nn.LogicallyPartitioned(
         jax.random.key_data(self.make_rng("params")), ("nola_key",)))
-    return self._combine(ca, cb, _unbox(key.value), in_features)
+    return self._combine(ca, cb, unbox(key.value), in_features)
 
   def _combine(self, ca, cb, key_data, in_features):
     keys = [jax.random.key_data(jax.random.fold_in(
@@ -154,8 +150,8 @@ class NOLA(nn.Module):
   def to_dense(self, in_features):
     """The (in, features) delta kernel."""
     p = self.variables["params"]
-    a, b = self._combine(_unbox(p["coef_a"]), _unbox(p["coef_b"]),
-                         _unbox(self.variables["structure"]["nola_key"]),
+    a, b = self._combine(unbox(p["coef_a"]), unbox(p["coef_b"]),
+                         unbox(self.variables["structure"]["nola_key"]),
                          in_features)
     return (a @ b) * self.scale()
 
@@ -190,7 +186,7 @@ class AdaptedLinear(nn.Module):
 
   def to_dense(self, in_features):
     """The merged (in, features) kernel W + delta."""
-    return (_unbox(self.variables["params"]["kernel"])
+    return (unbox(self.variables["params"]["kernel"])
             + self.adapter.to_dense(in_features))
 
 
@@ -258,7 +254,7 @@ class _DeltaLinear(StructuredLinear):
       variables["structure"] = self.variables["structure"][self._NAME]
     delta = self._delta(parent=None).apply(variables, in_features,
                                            method="to_dense")
-    return _unbox(params["kernel"]) + delta
+    return unbox(params["kernel"]) + delta
 
   def kernel_from(self, p, in_features):
     raise NotImplementedError(f"{type(self).__name__}.to_dense reads its "

@@ -125,9 +125,14 @@ class StructuredLinear(nn.Module):
     p = dict(self.variables.get("params", {}))
     p.update(self.variables.get("structure", {}))
     p.pop("bias", None)
-    p = jax.tree.map(lambda v: v.value if isinstance(v, nn.Partitioned) else v,
-                     p, is_leaf=lambda v: isinstance(v, nn.Partitioned))
+    p = jax.tree.map(unbox, p,
+                     is_leaf=lambda v: isinstance(v, nn.Partitioned))
     return self.kernel_from(p, in_features)
+
+
+def unbox(v):
+  """A boxed (logically partitioned) variable's value; other values as is."""
+  return v.value if isinstance(v, nn.Partitioned) else v
 
 
 def require(cond: bool, message: str) -> None:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from structmat import ops
 from structmat.layers import init as sm_init
-from structmat.layers.base import StructuredLinear, require
+from structmat.layers.base import StructuredLinear, require, unbox
 
 # Compacter: phm_init_range = 1e-4 (std of the normal rule init). A zero rule
 # would block every gradient to the slices.
@@ -94,7 +94,7 @@ class PHMLinear(StructuredLinear):
     p = dict(self.variables["params"])
     p["rule"] = (self.rule.variables["params"]["rule"] if self.rule is not None
                  else p["rule"]["rule"])
-    p = {k: v.value if isinstance(v, nn.Partitioned) else v for k, v in p.items()}
+    p = {k: unbox(v) for k, v in p.items()}
     return self.kernel_from(p, in_features)
 
   def kernel_from(self, p, in_features):

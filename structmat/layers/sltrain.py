@@ -7,11 +7,7 @@ import jax
 from structmat import ops
 from structmat.kernels.sltrain import support_orders
 from structmat.layers import init as sm_init
-from structmat.layers.base import StructuredLinear, require
-
-
-def _unbox(v):
-  return v.value if isinstance(v, nn.Partitioned) else v
+from structmat.layers.base import StructuredLinear, require, unbox
 
 
 class SparsePlusLowRank(StructuredLinear):
@@ -53,7 +49,7 @@ class SparsePlusLowRank(StructuredLinear):
             lambda k: ops.draw_support(k, in_features, self.features,
                                        self.density), ("sparse",))(
                 self.make_rng("params")))
-    indices = _unbox(support.value)
+    indices = unbox(support.value)
     orders = self.variable(
         "structure", "tile_orders",
         lambda: nn.LogicallyPartitioned(
@@ -70,7 +66,7 @@ class SparsePlusLowRank(StructuredLinear):
                               sm_init.uniform(bound), in_features,
                               self.features),
         "indices": indices,
-        "tile_orders": _unbox(orders.value),
+        "tile_orders": unbox(orders.value),
     }
 
   def compute(self, x, p):
