@@ -260,6 +260,28 @@ def test_dispatch():
     dispatch.choose("cuda", lambda p: None)
 
 
+def test_auto_keeps_xla_where_the_kernel_was_measured_slower(monkeypatch):
+  """On a GPU, auto takes the fused Monarch kernel except where an H200 timed
+  it slower than XLA (a thin first stage at many tokens)."""
+  from structmat.kernels import dispatch
+  monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+
+  def uses_kernel(tokens, w1_shape, w2_shape):
+    x = jax.ShapeDtypeStruct((tokens, w1_shape[0] * w1_shape[2]), jnp.bfloat16)
+    w1 = jax.ShapeDtypeStruct(w1_shape, jnp.bfloat16)
+    w2 = jax.ShapeDtypeStruct(w2_shape, jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(lambda x, a, b: dispatch.monarch(x, a, b, None, "auto"))(
+        x, w1, w2)
+    return "pallas_call" in str(jaxpr)
+
+  sixteen = ((16, 256, 256), (16, 256, 256))      # q/l = 16
+  assert not uses_kernel(16384, *sixteen)          # 0.893 vs 0.375 ms
+  assert uses_kernel(512, *sixteen)                # 0.060 vs 0.075 ms
+  assert uses_kernel(65536, (4, 128, 128), (4, 128, 128))   # 60M preset
+  assert "2.4x" in mk.slower_than_xla(16384, *sixteen, "gpu")
+  assert mk.slower_than_xla(16384, *sixteen, "tpu") is None
+
+
 def test_benchmark_kernels_smoke(tmp_path):
   import subprocess
   import sys

@@ -2,7 +2,8 @@
 
 "xla" is the reference in ``structmat.ops``; "pallas" runs the kernel (in
 interpret mode on the CPU) and raises if the shapes do not fit it; "auto" runs
-the kernel on GPU/TPU when the shapes meet its constraints and XLA otherwise
+the kernel on GPU/TPU when the shapes meet its constraints (and no measurement
+says XLA wins there) and XLA otherwise
 (the CPU always gets XLA: interpret mode is for testing), logging the reason
 at debug level.
 """
@@ -38,8 +39,10 @@ def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
   itemsize = x.dtype.itemsize  # the kernel computes in x's dtype
   bt = mk.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize,
                            jax.default_backend(), block_tokens)
-  if not choose(impl, lambda plat: mk.supported(tokens, w1.shape, w2.shape,
-                                                bt, plat, itemsize)):
+  why_not = lambda plat: (
+      mk.supported(tokens, w1.shape, w2.shape, bt, plat, itemsize)
+      or mk.slower_than_xla(tokens, w1.shape, w2.shape, plat))
+  if not choose(impl, why_not):
     return ref.monarch_matmul(x, w1, w2, bias)
   y = mk.monarch_matmul_pallas(x, w1, w2, block_tokens=bt)
   return y if bias is None else y + bias.astype(y.dtype)
