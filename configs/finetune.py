@@ -7,9 +7,12 @@ Keys: method (full | lora | nola | monarch | welore | compacter | compacter++ |
 phm_adapter), target (regex over "layer.site" names such as "0.q"; default q
 and v for lora/nola, every linear otherwise), rank, alpha, num_basis, variant,
 nblocks, reduction, n, n_phm, reduction_factor, steps, lr, data, task
-(lm | stdlib_topic | glue/sst2 | glue/mrpc | ...).
+(lm | stdlib_topic | glue/sst2 | glue/mrpc | ...), seq_len, batch_size,
+compute_dtype.
 Everything else: --config.field=value. The model, tokenizer and data settings
-come from the --init run's config.json; ``data`` replaces its dataset.
+come from the --init run's config.json (or, for a Hugging Face LLaMA
+directory, from its config.json and tokenizer.model); ``data`` replaces the
+dataset, seq_len / batch_size / compute_dtype the shapes and precision.
 """
 import ml_collections
 
@@ -40,6 +43,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Adapters start at (or near) the base: a higher rate than full tuning.
   c.lr = float(args.pop("lr", 3e-4 if c.method == "full" else 3e-3))
   c.data = args.pop("data", "")             # "" = the source run's dataset
+  # 0 / "": the source run's (a Hugging Face --init starts from the
+  # pretraining defaults: 128 tokens, batch 32, float32).
+  c.seq_len = int(args.pop("seq_len", 0))
+  c.batch_size = int(args.pop("batch_size", 0))
+  c.compute_dtype = args.pop("compute_dtype", "")
   # "lm" (causal LM on data) or a classification task: glue/sst2, glue/mrpc,
   # ..., or the embedded stdlib_topic (see structmat.finetune.classify).
   c.task = args.pop("task", "lm")
@@ -54,5 +62,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if args:
     raise ValueError(f"unknown config keys {sorted(args)}; use method, target, "
                      "rank, alpha, num_basis, variant, nblocks, reduction, n, "
-                     "n_phm, reduction_factor, steps, lr, data, task.")
+                     "n_phm, reduction_factor, steps, lr, data, task, seq_len, "
+                     "batch_size, compute_dtype.")
   return c

@@ -50,6 +50,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = _parse(arg)
   c = ml_collections.ConfigDict()
   c.model = args.pop("model", "llama_small")
+  # JSON of LlamaConfig fields that replace the preset's (d_model, d_ff,
+  # n_layers, n_heads, rope_theta, rope_scaling, norm_eps); model="custom"
+  # takes its sizes from here. A Hugging Face --init writes it.
+  c.model_dims = ""
   c.linear = args.pop("linear", "dense")
   c.linear_kwargs = ml_collections.ConfigDict(
       {k: _number(args.pop(k)) for k in STRUCTURE_KEYS if k in args})

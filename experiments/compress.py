@@ -13,7 +13,7 @@ from experiments.compress_lib import run_compress
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/compress.py",
                                           "Compression config.", lock_config=True)
-_INIT = flags.DEFINE_string("init", None, "The dense run's workdir (or init dir).")
+_INIT = flags.DEFINE_string("init", None, "The dense run's workdir, an init dir, or a Hugging Face LLaMA directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the result goes.")
 flags.mark_flags_as_required(["init", "workdir"])
 
@@ -22,10 +22,11 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  run_compress(_CONFIG.value, _INIT.value, _WORKDIR.value)
+  s = run_compress(_CONFIG.value, _INIT.value, _WORKDIR.value)
   print(f"\ncontinue training: python -m experiments.pretrain "
         f"--config=configs/pretrain.py --init={_WORKDIR.value} "
-        f"--workdir={_WORKDIR.value}_ft (same data flags as the source run)")
+        f"--workdir={_WORKDIR.value}_ft {s['model_flags']} "
+        "(same data flags as the source run)".replace("  ", " "))
 
 
 if __name__ == "__main__":

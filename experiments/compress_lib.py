@@ -10,7 +10,7 @@ import ml_collections
 from configs import pretrain as pretrain_config
 from structmat import compress
 from structmat import data as sm_data
-from structmat.models import Llama
+from structmat.models import Llama, hf
 from structmat.train import init_ckpt, loop, steps
 from structmat.train.params import count_params
 
@@ -44,9 +44,64 @@ def eval_loss(config, cfg, params, structure, tok, eval_src):
   return total / max(count, 1.0)
 
 
+def hf_source(path: str):
+  """(params, structure, meta, config) for a Hugging Face LLaMA directory.
+
+  The config is today's pretraining defaults with the checkpoint's sizes
+  (model="custom", model_dims) and its sentencepiece tokenizer.model, so the
+  launchers tokenize and build the model exactly as the checkpoint expects.
+  """
+  if hf.read_config(path).get("model_type") not in ("llama", "mistral"):
+    raise ValueError(f"--init={path}: the launchers train LLaMA-family "
+                     "checkpoints (model_type llama or mistral); load GPT-2 "
+                     "with structmat.models.load_hf.")
+  tok_file = os.path.join(os.path.abspath(path), "tokenizer.model")
+  if not os.path.exists(tok_file):
+    raise ValueError(f"--init={path} has no tokenizer.model: the launchers "
+                     "tokenize with the checkpoint's sentencepiece model "
+                     "(tokenizer.json-only checkpoints are not supported).")
+  model, params = hf.load_hf(path)
+  cfg = model.cfg
+  pieces = sm_data.make_tokenizer("sentencepiece", model_file=tok_file).vocab_size
+  if pieces != cfg.vocab_size:
+    raise ValueError(f"--init={path}: tokenizer.model has {pieces} pieces but "
+                     f"the embedding has {cfg.vocab_size} rows; the launchers "
+                     "need them equal.")
+  config = pretrain_config.get_config()
+  with config.unlocked():
+    config.model = "custom"
+    config.model_dims = json.dumps({
+        "d_model": cfg.d_model, "d_ff": cfg.d_ff, "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads, "rope_theta": cfg.rope_theta,
+        "rope_scaling": [list(kv) for kv in cfg.rope_scaling],
+        "norm_eps": cfg.norm_eps})
+    config.n_kv_heads = cfg.kv_heads if cfg.kv_heads != cfg.n_heads else 0
+    config.tie_embeddings = cfg.tie_embeddings
+    config.data.tokenizer = "sentencepiece"
+    config.data.tokenizer_model = tok_file
+    config.seq_len = min(config.seq_len, cfg.max_len)
+  meta = {"overrides": [], "trainable": "", "config": config.to_dict(),
+          "hf": os.path.abspath(path)}
+  return params, {}, meta, config
+
+
+def model_flags(config) -> str:
+  """The launcher flags that rebuild a Hugging Face source's model ("" for a
+  preset, which the source run's own flags already name)."""
+  if config.model != "custom":
+    return ""
+  return (f"--config.model=custom --config.model_dims='{config.model_dims}' "
+          f"--config.n_kv_heads={config.n_kv_heads} "
+          f"--config.tie_embeddings={config.tie_embeddings} "
+          f"--config.data.tokenizer_model={config.data.tokenizer_model}")
+
+
 def load_source(init: str):
   """(params, structure, meta, the source run's config) of a pretraining
-  workdir or init directory, parameters as jax arrays."""
+  workdir, an init directory or a Hugging Face LLaMA directory, parameters
+  as jax arrays."""
+  if hf.is_hf_dir(init):
+    return hf_source(init)
   params, structure, meta = init_ckpt.load_init(init)
   if "config" not in meta:
     raise ValueError(f"--init={init} has no config.json: give a pretraining "
@@ -82,7 +137,8 @@ def run_compress(cc, init: str, workdir: str) -> dict:
              "eval_loss_before": before, "eval_loss_after": after,
              "eval_perplexity_before": math.exp(min(before, 50)),
              "eval_perplexity_after": math.exp(min(after, 50)),
-             "tau": info.get("tau"), "trainable": trainable}
+             "tau": info.get("tau"), "trainable": trainable,
+             "model_flags": model_flags(source)}
   if "report" in info:
     print(info["report"])
     with open(os.path.join(workdir, "report.txt"), "w") as f:

@@ -3,6 +3,8 @@ r"""Fine-tune a pretrained structmat run with one PEFT method.
   python -m experiments.finetune --config=configs/finetune.py:method=compacter \
       --init=runs/pretrain --workdir=runs/ft_compacter
 
+--init may also be a Hugging Face LLaMA-family directory (config.json,
+model.safetensors or shards, and the sentencepiece tokenizer.model).
 See configs/finetune.py for the methods and keys. Prints the trainable
 parameter count (absolute and %), then trains with the standard loop
 (checkpoints, resume, metrics.jsonl); WORKDIR/finetune_summary.json at the end.
@@ -14,7 +16,9 @@ from experiments.finetune_lib import run_finetune
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/finetune.py",
                                           "Fine-tuning config.", lock_config=True)
-_INIT = flags.DEFINE_string("init", None, "The pretrained run's workdir.")
+_INIT = flags.DEFINE_string(
+    "init", None, "The pretrained run's workdir, an init directory, or a "
+    "Hugging Face LLaMA directory (config.json, safetensors, tokenizer.model).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 flags.mark_flags_as_required(["init", "workdir"])
 

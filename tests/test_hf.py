@@ -89,3 +89,53 @@ def test_conversion_errors_name_the_tensor(tmp_path):
   json.dump(c, open(tmp_path / "config.json", "w"))
   with pytest.raises(ValueError, match="model_type"):
     load_hf(str(tmp_path))
+
+
+def test_finetune_launcher_takes_a_hf_llama(tmp_path, data_dir):
+  """--init=HF_DIR: the checkpoint's sizes and tokenizer.model drive the run,
+  and the prepared model (LoRA at init) computes the transformers logits."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from configs import finetune as finetune_config  # pylint: disable=import-outside-toplevel
+  from experiments import compress_lib  # pylint: disable=import-outside-toplevel
+  from experiments.finetune_lib import run_finetune  # pylint: disable=import-outside-toplevel
+  from structmat.data.tokenizers import SentencePieceTokenizer, train_sentencepiece  # pylint: disable=import-outside-toplevel
+  from structmat.models import Llama  # pylint: disable=import-outside-toplevel
+  from structmat.train import init_ckpt, loop  # pylint: disable=import-outside-toplevel
+  texts = [open(m.__file__).read() for m in (json, os, shutil)]
+  sp = train_sentencepiece(texts, 400, str(tmp_path / "sp.model"))
+  vocab = SentencePieceTokenizer(sp).vocab_size
+  hf_dir = tmp_path / "hf"
+  cfg = transformers.LlamaConfig(**dict(LLAMA, vocab_size=vocab),
+                                 num_key_value_heads=2, rope_theta=500.0)
+  ref = _save(transformers.LlamaForCausalLM(cfg).eval(), hf_dir)
+  with pytest.raises(ValueError, match="tokenizer.model"):
+    compress_lib.load_source(str(hf_dir))
+  shutil.copy(sp, hf_dir / "tokenizer.model")
+
+  fc = finetune_config.get_config("method=lora,rank=2,steps=2,seq_len=32,"
+                                  "batch_size=4")
+  with fc.unlocked():
+    fc.eval_every_steps = 0
+  del data_dir  # the fixture points STRUCTMAT_DATA_DIR at the shared corpus
+  s = run_finetune(fc, str(hf_dir), str(tmp_path / "ft"))
+  assert s["step"] == 2 and np.isfinite(s["eval_loss"])
+  # Every checkpoint tensor is there, plus the (trainable) LoRA factors.
+  assert s["total_params"] - s["trainable_params"] == sum(
+      p.numel() for p in transformers.LlamaForCausalLM(cfg).parameters())
+  params, _, meta = init_ckpt.load_init(str(tmp_path / "ft" / "init"))
+  config = loop.apply_init_meta(compress_lib.source_config(meta["config"]), meta)
+  model = Llama(dataclasses.replace(loop.model_config(config, vocab),
+                                    attention="naive"))
+  logits = model.apply({"params": jax.tree.map(jnp.asarray, params)},
+                       jnp.asarray(TOKENS))
+  assert _rel(logits, ref) < 1e-4
+
+
+def test_launchers_reject_a_gpt2_init(tmp_path):
+  from experiments import compress_lib  # pylint: disable=import-outside-toplevel
+  os.makedirs(tmp_path / "g")
+  json.dump({"model_type": "gpt2"}, open(tmp_path / "g" / "config.json", "w"))
+  with pytest.raises(ValueError, match="GPT-2"):
+    compress_lib.load_source(str(tmp_path / "g"))

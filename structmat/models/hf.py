@@ -32,6 +32,14 @@ def read_config(path: str) -> dict:
     return json.load(f)
 
 
+def is_hf_dir(path: str) -> bool:
+  """A Hugging Face model directory: config.json naming a model_type."""
+  try:
+    return "model_type" in read_config(path)
+  except (OSError, ValueError):
+    return False
+
+
 def llama_config_from_hf(c: dict, **overrides) -> LlamaConfig:
   """LlamaConfig for a HF LLaMA-family config.json (llama, mistral-style)."""
   if c.get("attention_bias") or c.get("mlp_bias"):

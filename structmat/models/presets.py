@@ -21,9 +21,13 @@ SLTRAIN_ALPHA = {"llama_60m": 32.0, "llama_130m": 16.0, "llama_350m": 16.0,
                  "llama_1b": 8.0, "llama_7b": 8.0}
 
 
-def default_linear_kwargs(preset: str, linear: str) -> dict:
+# The fields a preset fixes; model="custom" takes them from the caller.
+DIM_FIELDS = ("d_model", "d_ff", "n_layers", "n_heads")
+
+
+def default_linear_kwargs(preset: str, linear: str, d_model: int = 0) -> dict:
   """The papers' hyper-parameters for ``linear`` at ``preset``'s size."""
-  d_model = SIZES[preset][0]
+  d_model = d_model or SIZES[preset][0]
   rank = RANKS.get(preset, max(8, d_model // 4))
   if linear == "lowrank":
     return {"rank": rank}
@@ -45,16 +49,26 @@ def llama_config(preset: str, linear: str = "dense", vocab_size: int = 32000,
                  max_len: int = 1024, **overrides) -> LlamaConfig:
   """A LlamaConfig for a size preset; structure kwargs in ``overrides`` win.
 
+  Model fields in ``overrides`` (d_model, rope_theta, ...) replace the
+  preset's. ``preset="custom"`` has no sizes of its own: d_model, d_ff,
+  n_layers and n_heads must come in ``overrides`` (a Hugging Face import's
+  dimensions, say).
+
   Example: ``llama_config("llama_60m", "sltrain", rank=64)``.
   """
-  if preset not in SIZES:
+  if preset != "custom" and preset not in SIZES:
     raise ValueError(f"model={preset!r} is not a preset; use one of "
-                     f"{sorted(SIZES)}.")
-  d_model, d_ff, n_layers, n_heads = SIZES[preset]
+                     f"{sorted(SIZES)} or 'custom' (with config.model_dims).")
+  dims = dict(zip(DIM_FIELDS, SIZES[preset])) if preset in SIZES else {}
   model_fields = {f.name for f in dataclasses.fields(LlamaConfig)}
   model_over = {k: v for k, v in overrides.items() if k in model_fields}
-  kwargs = default_linear_kwargs(preset, linear)
+  dims.update(model_over)
+  missing = [f for f in DIM_FIELDS if f not in dims]
+  if missing:
+    raise ValueError(f"model='custom' needs {missing} in config.model_dims, "
+                     'e.g. \'{"d_model": 512, "d_ff": 1376, "n_layers": 8, '
+                     '"n_heads": 8}\'.')
+  kwargs = default_linear_kwargs(preset, linear, dims["d_model"])
   kwargs.update({k: v for k, v in overrides.items() if k not in model_fields})
-  return LlamaConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
-                     n_heads=n_heads, d_ff=d_ff, max_len=max_len, linear=linear,
-                     linear_kwargs=tuple(sorted(kwargs.items())), **model_over)
+  return LlamaConfig(vocab_size=vocab_size, max_len=max_len, linear=linear,
+                     linear_kwargs=tuple(sorted(kwargs.items())), **dims)

@@ -61,13 +61,40 @@ def model_config(config, vocab_size: int):
   overrides = tuple((site, name, tuple(sorted(dict(kw).items())))
                     for site, name, kw in _parse_overrides(config.overrides))
   return llama_config(config.model, config.linear, vocab_size=vocab_size,
-                      max_len=config.seq_len,
+                      max_len=config.seq_len, **model_dims(config),
                       dtype=DTYPES[config.compute_dtype],
                       n_kv_heads=config.n_kv_heads or None,
                       tie_embeddings=config.tie_embeddings,
                       impl=config.get("impl", "xla"),
                       adapters=parse_adapters(config.get("adapters", "")),
                       overrides=overrides, **dict(config.linear_kwargs))
+
+
+MODEL_DIMS = ("d_model", "d_ff", "n_layers", "n_heads", "rope_theta",
+              "rope_scaling", "norm_eps")
+
+
+def model_dims(config) -> dict:
+  """config.model_dims (JSON) as LlamaConfig fields; {} when empty."""
+  spec = config.get("model_dims", "")
+  if not spec:
+    return {}
+  try:
+    dims = json.loads(spec)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"config.model_dims={spec!r} is not JSON ({e}); write "
+                     'e.g. \'{"d_model": 512, "n_layers": 8}\'.') from None
+  if not isinstance(dims, dict):
+    raise ValueError(f"config.model_dims={spec!r}: write a JSON object.")
+  unknown = sorted(set(dims) - set(MODEL_DIMS))
+  if unknown:
+    raise ValueError(f"config.model_dims: unknown field(s) {unknown}; use "
+                     f"{MODEL_DIMS}.")
+  if "rope_scaling" in dims:  # JSON lists -> the config's hashable pairs
+    dims["rope_scaling"] = tuple(sorted((k, v) for k, v in (
+        dims["rope_scaling"].items() if isinstance(dims["rope_scaling"], dict)
+        else dims["rope_scaling"])))
+  return dims
 
 
 def _parse_overrides(spec: str):
