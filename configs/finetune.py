@@ -53,7 +53,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.task = args.pop("task", "lm")
   c.max_train_examples = 0                  # 0: the whole split
   # Also write WORKDIR/merged: the fine-tuned model as a plain dense init
-  # directory (PEFT's merge_and_unload; not for Compacter adapters).
+  # directory (PEFT's merge_and_unload; not for Compacter adapters), and for
+  # task=lm WORKDIR/merged_hf, a Hugging Face LLaMA directory.
   c.export_merged = False
   c.max_eval_examples = 0
   c.eval_every_steps = 100

@@ -10,7 +10,7 @@ from experiments.compress_lib import load_source
 from structmat.data import sources
 from structmat.finetune import classify, export, prepare
 from structmat.finetune.methods import graft
-from structmat.models import LlamaClassifier
+from structmat.models import LlamaClassifier, hf, save_hf
 from structmat.train import init_ckpt, loop
 from structmat.train.params import count_params
 from structmat.train.partition import partition
@@ -42,7 +42,7 @@ def run_finetune(fc, init: str, workdir: str) -> dict:
     init_ckpt.save_init(init_dir, prep.params, prep.structure, {
         "overrides": prep.overrides, "trainable": prep.trainable,
         "adapters": prep.adapters, "config": meta["config"],
-        "method": fc.method})
+        "method": fc.method, "hf": meta.get("hf", "")})
     report = trainable_report(prep.params, prep.trainable)
     with open(os.path.join(workdir, "trainable.json"), "w") as f:
       json.dump(report, f, indent=1)
@@ -71,7 +71,8 @@ def run_finetune(fc, init: str, workdir: str) -> dict:
   else:
     summary = _classify(fc, config, init_dir, tok, vocab, workdir)
   summary.update(report, method=fc.method, task=fc.task)
-  summary.update(_export(fc, workdir, init_dir, source, vocab))
+  summary.update(_export(fc, workdir, init_dir, source, vocab,
+                         config.data.tokenizer_model))
   with open(os.path.join(workdir, "finetune_summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   return summary
@@ -102,9 +103,10 @@ def _classify(fc, config, init_dir, tok, vocab, workdir) -> dict:
       data["train"], data[eval_split], num_classes, workdir)
 
 
-def _export(fc, workdir, init_dir, source, vocab) -> dict:
+def _export(fc, workdir, init_dir, source, vocab, tokenizer_model) -> dict:
   """The adapter file (trainable parameters only), the PEFT format for LoRA,
-  and, with fc.export_merged, a merged dense init directory."""
+  and, with fc.export_merged, a merged dense init directory (plus, for LM
+  fine-tuning, the same as a Hugging Face LLaMA directory)."""
   with open(os.path.join(init_dir, "model.json")) as f:
     meta = json.load(f)
   if not meta["trainable"]:
@@ -121,8 +123,14 @@ def _export(fc, workdir, init_dir, source, vocab) -> dict:
   if fc.method == "lora" and fc.task == "lm":
     export.export_peft_lora(os.path.join(workdir, "peft"), cfg, params)
   if fc.export_merged and not meta["adapters"]:
-    _, dense = export.merge_to_dense(cfg, params, structure)
+    dense_cfg, dense = export.merge_to_dense(cfg, params, structure)
     init_ckpt.save_init(os.path.join(workdir, "merged"), dense, {}, {
         "overrides": [], "trainable": "", "config": meta["config"]})
     out["merged"] = os.path.join(workdir, "merged")
+    if fc.task == "lm":  # a classifier's head has no LlamaForCausalLM slot
+      hf_dir = meta.get("hf", "")
+      save_hf(os.path.join(workdir, "merged_hf"), dense_cfg, dense,
+              hf_config=hf.read_config(hf_dir) if hf_dir else None,
+              tokenizer_model=tokenizer_model)
+      out["merged_hf"] = os.path.join(workdir, "merged_hf")
   return out

@@ -117,7 +117,7 @@ def test_finetune_launcher_takes_a_hf_llama(tmp_path, data_dir):
   fc = finetune_config.get_config("method=lora,rank=2,steps=2,seq_len=32,"
                                   "batch_size=4")
   with fc.unlocked():
-    fc.eval_every_steps = 0
+    fc.eval_every_steps, fc.export_merged = 0, True
   del data_dir  # the fixture points STRUCTMAT_DATA_DIR at the shared corpus
   s = run_finetune(fc, str(hf_dir), str(tmp_path / "ft"))
   assert s["step"] == 2 and np.isfinite(s["eval_loss"])
@@ -131,6 +131,18 @@ def test_finetune_launcher_takes_a_hf_llama(tmp_path, data_dir):
   logits = model.apply({"params": jax.tree.map(jnp.asarray, params)},
                        jnp.asarray(TOKENS))
   assert _rel(logits, ref) < 1e-4
+  # The merged result goes back to transformers: its logits are the
+  # fine-tuned structmat model's (LoRA deltas folded into the kernels).
+  final, _, _ = init_ckpt.load_init(str(tmp_path / "ft"))
+  ours = model.apply({"params": jax.tree.map(jnp.asarray, final)},
+                     jnp.asarray(TOKENS))
+  assert _rel(ours, ref) > 1e-3   # training moved it
+  merged = transformers.LlamaForCausalLM.from_pretrained(
+      str(tmp_path / "ft" / "merged_hf")).eval()
+  with torch.no_grad():
+    theirs = merged(torch.tensor(TOKENS)).logits.float().numpy()
+  assert _rel(ours, theirs) < 1e-4
+  assert (tmp_path / "ft" / "merged_hf" / "tokenizer.model").exists()
 
 
 def test_launchers_reject_a_gpt2_init(tmp_path):

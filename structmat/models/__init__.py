@@ -2,4 +2,4 @@
 from structmat.models.llama import Llama, LlamaClassifier, LlamaConfig
 from structmat.models.presets import SIZES, llama_config
 from structmat.models.gpt2 import GPT2, GPT2Config
-from structmat.models.hf import load_hf
+from structmat.models.hf import load_hf, save_hf

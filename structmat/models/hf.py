@@ -13,6 +13,7 @@ the shape the config implies.
 """
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -85,6 +86,12 @@ def gpt2_config_from_hf(c: dict, **overrides) -> GPT2Config:
 
 def _llama_tensors(t: dict, cfg: LlamaConfig) -> dict:
   """our param path (tuple) -> (HF name, array in our layout)."""
+  return {p: (name, _get(t, name).T if p[-1] == "kernel" else _get(t, name))
+          for p, name in _llama_names(cfg).items()}
+
+
+def _llama_names(cfg: LlamaConfig) -> dict:
+  """our param path (tuple) -> HF tensor name; kernels are transposed."""
   out = {("embed", "embedding"): "model.embed_tokens.weight",
          ("final_norm", "scale"): "model.norm.weight"}
   if not cfg.tie_embeddings:
@@ -97,9 +104,51 @@ def _llama_tensors(t: dict, cfg: LlamaConfig) -> dict:
       out[(f"layer_{i}", "mlp", site, "kernel")] = f"{pre}mlp.{site}_proj.weight"
     out[(f"layer_{i}", "attn_norm", "scale")] = f"{pre}input_layernorm.weight"
     out[(f"layer_{i}", "mlp_norm", "scale")] = f"{pre}post_attention_layernorm.weight"
-  transposed = lambda path: path[-1] == "kernel"
-  return {p: (name, _get(t, name).T if transposed(p) else _get(t, name))
-          for p, name in out.items()}
+  return out
+
+
+def hf_llama_config(cfg: LlamaConfig) -> dict:
+  """A transformers LlamaConfig dict (config.json) for a dense LlamaConfig."""
+  return {
+      "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+      "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+      "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
+      "max_position_embeddings": cfg.max_len, "rms_norm_eps": cfg.norm_eps,
+      "rope_theta": cfg.rope_theta,
+      "rope_scaling": dict(cfg.rope_scaling) or None,
+      "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+      "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
+
+
+def save_hf(path: str, cfg: LlamaConfig, params, hf_config: dict | None = None,
+            tokenizer_model: str = "") -> None:
+  """Write a dense LLaMA as a Hugging Face directory (float32 safetensors).
+
+  ``hf_config``: the source checkpoint's config.json to keep (its
+  max_position_embeddings, ids, ...); default ``hf_llama_config(cfg)``.
+  ``tokenizer_model``: a sentencepiece file copied as tokenizer.model.
+  Structured linears must be merged first (``finetune.export.merge_to_dense``).
+  """
+  if cfg.linear != "dense" or cfg.overrides or cfg.adapters:
+    raise ValueError("save_hf writes dense LLaMAs; merge the structured or "
+                     "adapter linears first (finetune.export.merge_to_dense).")
+  flat = {tuple(getattr(k, "key", k) for k in kp): v
+          for kp, v in jax.tree_util.tree_leaves_with_path(params)}
+  names = _llama_names(cfg)
+  extra = sorted("/".join(p) for p in set(flat) - set(names))
+  if extra:
+    raise ValueError(f"parameters a dense LLaMA does not have: {extra[:8]}.")
+  tensors = {name: np.asarray(flat[p], np.float32).T if p[-1] == "kernel"
+             else np.asarray(flat[p], np.float32) for p, name in names.items()}
+  os.makedirs(path, exist_ok=True)
+  safetensors.save_file(tensors, os.path.join(path, "model.safetensors"),
+                        {"format": "pt"})
+  config = dict(hf_config or hf_llama_config(cfg), torch_dtype="float32")
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config, f, indent=1)
+  if tokenizer_model:
+    shutil.copy(tokenizer_model, os.path.join(path, "tokenizer.model"))
 
 
 def _gpt2_tensors(t: dict, cfg: GPT2Config) -> dict:
