@@ -73,9 +73,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.loader = "data_source"   # or "tfds_load" for tfrecord (TensorFlow extra)
   c.data.text_key = "text"
   c.data.host_shards = 0          # data shards (0: one per process)
-  c.data.tokenizer = "sentencepiece"  # or "byte"
+  c.data.tokenizer = "sentencepiece"  # or "byte", or "hf" (a tokenizer.json)
   c.data.vocab_size = 2048
-  c.data.tokenizer_model = ""     # an existing .model (T5 / LLaMA tokenizers)
+  c.data.tokenizer_model = ""     # an existing .model (T5 / LLaMA), or tokenizer.json
 
   c.seq_len = 128
   c.batch_size = 32

@@ -48,25 +48,31 @@ def hf_source(path: str):
   """(params, structure, meta, config) for a Hugging Face LLaMA directory.
 
   The config is today's pretraining defaults with the checkpoint's sizes
-  (model="custom", model_dims) and its sentencepiece tokenizer.model, so the
-  launchers tokenize and build the model exactly as the checkpoint expects.
+  (model="custom", model_dims) and its tokenizer (tokenizer.model, else
+  tokenizer.json), so the launchers tokenize and build the model exactly as
+  the checkpoint expects.
   """
   if hf.read_config(path).get("model_type") not in ("llama", "mistral"):
     raise ValueError(f"--init={path}: the launchers train LLaMA-family "
                      "checkpoints (model_type llama or mistral); load GPT-2 "
                      "with structmat.models.load_hf.")
-  tok_file = os.path.join(os.path.abspath(path), "tokenizer.model")
-  if not os.path.exists(tok_file):
-    raise ValueError(f"--init={path} has no tokenizer.model: the launchers "
-                     "tokenize with the checkpoint's sentencepiece model "
-                     "(tokenizer.json-only checkpoints are not supported).")
+  # sentencepiece (a core dependency) where the checkpoint has it, else
+  # tokenizer.json through the optional tokenizers package.
+  for kind, name in (("sentencepiece", "tokenizer.model"), ("hf", "tokenizer.json")):
+    tok_file = os.path.join(os.path.abspath(path), name)
+    if os.path.exists(tok_file):
+      break
+  else:
+    raise ValueError(f"--init={path} has neither tokenizer.model nor "
+                     "tokenizer.json: the launchers tokenize with the "
+                     "checkpoint's own tokenizer.")
   model, params = hf.load_hf(path)
   cfg = model.cfg
-  pieces = sm_data.make_tokenizer("sentencepiece", model_file=tok_file).vocab_size
-  if pieces != cfg.vocab_size:
-    raise ValueError(f"--init={path}: tokenizer.model has {pieces} pieces but "
-                     f"the embedding has {cfg.vocab_size} rows; the launchers "
-                     "need them equal.")
+  size = sm_data.make_tokenizer(kind, model_file=tok_file).vocab_size
+  if size > cfg.vocab_size or (kind == "sentencepiece" and size != cfg.vocab_size):
+    raise ValueError(f"--init={path}: {name} has {size} tokens but the "
+                     f"embedding has {cfg.vocab_size} rows; the launchers need "
+                     "them equal (a tokenizer.json may have fewer).")
   config = pretrain_config.get_config()
   with config.unlocked():
     config.model = "custom"
@@ -77,8 +83,9 @@ def hf_source(path: str):
         "norm_eps": cfg.norm_eps})
     config.n_kv_heads = cfg.kv_heads if cfg.kv_heads != cfg.n_heads else 0
     config.tie_embeddings = cfg.tie_embeddings
-    config.data.tokenizer = "sentencepiece"
+    config.data.tokenizer = kind
     config.data.tokenizer_model = tok_file
+    config.data.vocab_size = cfg.vocab_size
     config.seq_len = min(config.seq_len, cfg.max_len)
   meta = {"overrides": [], "trainable": "", "config": config.to_dict(),
           "hf": os.path.abspath(path)}
@@ -93,6 +100,8 @@ def model_flags(config) -> str:
   return (f"--config.model=custom --config.model_dims='{config.model_dims}' "
           f"--config.n_kv_heads={config.n_kv_heads} "
           f"--config.tie_embeddings={config.tie_embeddings} "
+          f"--config.data.tokenizer={config.data.tokenizer} "
+          f"--config.data.vocab_size={config.data.vocab_size} "
           f"--config.data.tokenizer_model={config.data.tokenizer_model}")
 
 

@@ -131,6 +131,6 @@ def _export(fc, workdir, init_dir, source, vocab, tokenizer_model) -> dict:
       hf_dir = meta.get("hf", "")
       save_hf(os.path.join(workdir, "merged_hf"), dense_cfg, dense,
               hf_config=hf.read_config(hf_dir) if hf_dir else None,
-              tokenizer_model=tokenizer_model)
+              tokenizer_file=tokenizer_model)
       out["merged_hf"] = os.path.join(workdir, "merged_hf")
   return out

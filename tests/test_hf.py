@@ -91,28 +91,59 @@ def test_conversion_errors_name_the_tensor(tmp_path):
     load_hf(str(tmp_path))
 
 
-def test_finetune_launcher_takes_a_hf_llama(tmp_path, data_dir):
-  """--init=HF_DIR: the checkpoint's sizes and tokenizer.model drive the run,
-  and the prepared model (LoRA at init) computes the transformers logits."""
+def _tokenizer_files(kind, directory):
+  """(size, files) of a small tokenizer trained offline on stdlib sources:
+  a sentencepiece tokenizer.model, or a byte-level BPE tokenizer.json with
+  its tokenizer_config.json."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  texts = [open(m.__file__).read() for m in (json, os, shutil)]
+  os.makedirs(directory)
+  if kind == "sentencepiece":
+    from structmat.data.tokenizers import SentencePieceTokenizer, train_sentencepiece  # pylint: disable=import-outside-toplevel
+    sp = train_sentencepiece(texts, 400, os.path.join(directory, "tokenizer.model"))
+    return SentencePieceTokenizer(sp).vocab_size, [sp]
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+  tk = Tokenizer(models.BPE())
+  tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tk.decoder = decoders.ByteLevel()
+  tk.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=400, special_tokens=["<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  files = [os.path.join(directory, n) for n in ("tokenizer.json",
+                                                "tokenizer_config.json")]
+  tk.save(files[0])
+  json.dump({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"},
+            open(files[1], "w"))
+  return tk.get_vocab_size(), files
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json"])
+def test_finetune_launcher_takes_a_hf_llama(kind, tmp_path, data_dir):
+  """--init=HF_DIR: the checkpoint's sizes and tokenizer drive the run, the
+  prepared model (LoRA at init) computes the transformers logits, and the
+  merged result loads back into transformers."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   import shutil  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from configs import finetune as finetune_config  # pylint: disable=import-outside-toplevel
   from experiments import compress_lib  # pylint: disable=import-outside-toplevel
   from experiments.finetune_lib import run_finetune  # pylint: disable=import-outside-toplevel
-  from structmat.data.tokenizers import SentencePieceTokenizer, train_sentencepiece  # pylint: disable=import-outside-toplevel
   from structmat.models import Llama  # pylint: disable=import-outside-toplevel
   from structmat.train import init_ckpt, loop  # pylint: disable=import-outside-toplevel
-  texts = [open(m.__file__).read() for m in (json, os, shutil)]
-  sp = train_sentencepiece(texts, 400, str(tmp_path / "sp.model"))
-  vocab = SentencePieceTokenizer(sp).vocab_size
+  size, files = _tokenizer_files(kind, str(tmp_path / "tok"))
+  # A tokenizer.json checkpoint may pad its embedding beyond the tokenizer.
+  vocab = size if kind == "sentencepiece" else size + 3
   hf_dir = tmp_path / "hf"
   cfg = transformers.LlamaConfig(**dict(LLAMA, vocab_size=vocab),
                                  num_key_value_heads=2, rope_theta=500.0)
   ref = _save(transformers.LlamaForCausalLM(cfg).eval(), hf_dir)
-  with pytest.raises(ValueError, match="tokenizer.model"):
+  with pytest.raises(ValueError, match="tokenizer"):
     compress_lib.load_source(str(hf_dir))
-  shutil.copy(sp, hf_dir / "tokenizer.model")
+  for f in files:
+    shutil.copy(f, hf_dir)
+  source = compress_lib.load_source(str(hf_dir))[3]
+  tok = loop.build_data(source)[0]
+  assert tok.vocab_size == vocab and tok.decode(tok.encode("def f(x):\n")) == "def f(x):\n"
 
   fc = finetune_config.get_config("method=lora,rank=2,steps=2,seq_len=32,"
                                   "batch_size=4")
@@ -137,12 +168,12 @@ def test_finetune_launcher_takes_a_hf_llama(tmp_path, data_dir):
   ours = model.apply({"params": jax.tree.map(jnp.asarray, final)},
                      jnp.asarray(TOKENS))
   assert _rel(ours, ref) > 1e-3   # training moved it
-  merged = transformers.LlamaForCausalLM.from_pretrained(
-      str(tmp_path / "ft" / "merged_hf")).eval()
+  out = tmp_path / "ft" / "merged_hf"
+  merged = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
   with torch.no_grad():
     theirs = merged(torch.tensor(TOKENS)).logits.float().numpy()
   assert _rel(ours, theirs) < 1e-4
-  assert (tmp_path / "ft" / "merged_hf" / "tokenizer.model").exists()
+  assert all((out / os.path.basename(f)).exists() for f in files)
 
 
 def test_launchers_reject_a_gpt2_init(tmp_path):

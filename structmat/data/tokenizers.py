@@ -1,9 +1,11 @@
-"""Tokenizers: byte-level, and sentencepiece trained offline (cached) or loaded.
+"""Tokenizers: byte-level, sentencepiece trained offline (cached) or loaded,
+and Hugging Face tokenizer.json files (the optional `tokenizers` package).
 
 Every tokenizer has ``vocab_size``, ``pad_id`` (0), ``eos_id``, ``encode(str)
 -> list[int]`` and ``decode(list[int]) -> str``.
 """
 import hashlib
+import json
 import os
 import tempfile
 
@@ -48,6 +50,63 @@ class SentencePieceTokenizer:
     return self._sp.decode([int(i) for i in ids])
 
 
+def _special_tokens(directory: str) -> dict:
+  """bos/eos/pad token strings from the files a HF tokenizer ships with."""
+  out = {}
+  for name in ("special_tokens_map.json", "tokenizer_config.json"):
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      with open(path) as f:
+        conf = json.load(f)
+      for key in ("bos_token", "eos_token", "pad_token"):
+        v = conf.get(key)
+        v = v.get("content") if isinstance(v, dict) else v
+        if v:
+          out[key] = v
+  return out
+
+
+class HFTokenizer:
+  """A Hugging Face tokenizer.json, ids as the checkpoint has them.
+
+  ``vocab_size`` is the larger of the tokenizer's size (added tokens
+  included) and ``model_vocab`` (checkpoints often pad the embedding rows).
+  eos (the document separator) comes from tokenizer_config.json or
+  special_tokens_map.json beside the file; pad, which the loss skips, is the
+  pad token, else bos (which text never encodes to), else 0.
+  """
+
+  def __init__(self, path: str, model_vocab: int = 0):
+    try:
+      import tokenizers  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ImportError("data.tokenizer='hf' reads tokenizer.json with the "
+                        "tokenizers package: pip install -e '.[hf]'.") from None
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"data.tokenizer_model={path!r} does not exist; "
+                              "give a Hugging Face tokenizer.json.")
+    self.model_file = path
+    self._tok = tokenizers.Tokenizer.from_file(path)
+    self.vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True),
+                          model_vocab)
+    ids = {k: self._tok.token_to_id(v)
+           for k, v in _special_tokens(os.path.dirname(path)).items()}
+    if ids.get("eos_token") is None:
+      raise ValueError(f"{path}: no eos_token in tokenizer_config.json or "
+                       "special_tokens_map.json beside it; the pipeline "
+                       "separates documents with it.")
+    self.eos_id = ids["eos_token"]
+    self.bos_id = ids.get("bos_token")
+    self.pad_id = next((ids[k] for k in ("pad_token", "bos_token")
+                        if ids.get(k) is not None), 0)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in ids])
+
+
 def _training_lines(source, max_chars: int, seed: int):
   """Lines of documents in a seeded order until max_chars characters."""
   order = np.random.default_rng(seed).permutation(len(source))
@@ -90,18 +149,26 @@ def make_tokenizer(kind: str, vocab_size: int = 0, model_file: str = "",
   """Build the tokenizer a config asks for.
 
   Args:
-    kind: "byte" or "sentencepiece".
-    vocab_size: sentencepiece vocabulary when training one.
-    model_file: an existing sentencepiece model (T5/LLaMA tokenizers); when
-      empty, one is trained on ``source`` and cached in ``cache_dir``.
+    kind: "byte", "sentencepiece" or "hf" (a Hugging Face tokenizer.json).
+    vocab_size: sentencepiece vocabulary when training one; for "hf", the
+      model's vocabulary when it exceeds the tokenizer's (padded embeddings).
+    model_file: an existing sentencepiece model (T5/LLaMA tokenizers) or, for
+      "hf", the tokenizer.json; when empty, a sentencepiece model is trained
+      on ``source`` and cached in ``cache_dir``.
     source: training texts (a TextSource), only needed to train.
     cache_dir, cache_key: where trained models are cached, and a name that
       identifies the training data (dataset and split).
   """
   if kind == "byte":
     return ByteTokenizer()
+  if kind == "hf":
+    if not model_file:
+      raise ValueError("data.tokenizer='hf' needs data.tokenizer_model="
+                       "path/to/tokenizer.json.")
+    return HFTokenizer(model_file, vocab_size)
   if kind != "sentencepiece":
-    raise ValueError(f"data.tokenizer={kind!r}; use 'byte' or 'sentencepiece'.")
+    raise ValueError(f"data.tokenizer={kind!r}; use 'byte', 'sentencepiece' "
+                     "or 'hf'.")
   if model_file:
     return SentencePieceTokenizer(model_file)
   if vocab_size < 300:

@@ -122,12 +122,13 @@ def hf_llama_config(cfg: LlamaConfig) -> dict:
 
 
 def save_hf(path: str, cfg: LlamaConfig, params, hf_config: dict | None = None,
-            tokenizer_model: str = "") -> None:
+            tokenizer_file: str = "") -> None:
   """Write a dense LLaMA as a Hugging Face directory (float32 safetensors).
 
   ``hf_config``: the source checkpoint's config.json to keep (its
   max_position_embeddings, ids, ...); default ``hf_llama_config(cfg)``.
-  ``tokenizer_model``: a sentencepiece file copied as tokenizer.model.
+  ``tokenizer_file``: a sentencepiece .model (copied as tokenizer.model) or a
+  tokenizer.json (copied with the special-token files beside it).
   Structured linears must be merged first (``finetune.export.merge_to_dense``).
   """
   if cfg.linear != "dense" or cfg.overrides or cfg.adapters:
@@ -147,8 +148,14 @@ def save_hf(path: str, cfg: LlamaConfig, params, hf_config: dict | None = None,
   config = dict(hf_config or hf_llama_config(cfg), torch_dtype="float32")
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config, f, indent=1)
-  if tokenizer_model:
-    shutil.copy(tokenizer_model, os.path.join(path, "tokenizer.model"))
+  if tokenizer_file.endswith(".json"):
+    src = os.path.dirname(tokenizer_file)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+      if os.path.exists(os.path.join(src, name)):
+        shutil.copy(os.path.join(src, name), os.path.join(path, name))
+    shutil.copy(tokenizer_file, os.path.join(path, "tokenizer.json"))
+  elif tokenizer_file:
+    shutil.copy(tokenizer_file, os.path.join(path, "tokenizer.model"))
 
 
 def _gpt2_tensors(t: dict, cfg: GPT2Config) -> dict:

@@ -233,7 +233,7 @@ def evaluate_loss(eval_fn, state, batches) -> float:
 def dry_run(config) -> int:
   """Build the model abstractly, print the parameter table, return the total."""
   validate_config(config)
-  vocab = config.data.vocab_size if config.data.tokenizer == "sentencepiece" else 259
+  vocab = config.data.vocab_size if config.data.tokenizer != "byte" else 259
   cfg = model_config(config, vocab)
   shapes = jax.eval_shape(Llama(cfg).init, jax.random.key(0),
                           jnp.ones((1, config.seq_len), jnp.int32))
