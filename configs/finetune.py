@@ -11,7 +11,7 @@ nblocks, reduction, n, n_phm, reduction_factor, steps, lr, data, task
 compute_dtype.
 Everything else: --config.field=value. The model, tokenizer and data settings
 come from the --init run's config.json (or, for a Hugging Face LLaMA
-directory, from its config.json and tokenizer.model); ``data`` replaces the
+directory, from its config.json and tokenizer); ``data`` replaces the
 dataset, seq_len / batch_size / compute_dtype the shapes and precision.
 """
 import ml_collections

@@ -182,3 +182,26 @@ def test_launchers_reject_a_gpt2_init(tmp_path):
   json.dump({"model_type": "gpt2"}, open(tmp_path / "g" / "config.json", "w"))
   with pytest.raises(ValueError, match="GPT-2"):
     compress_lib.load_source(str(tmp_path / "g"))
+
+
+def test_save_hf_roundtrips_through_transformers(tmp_path):
+  """A structmat LLaMA (no HF source: save_hf writes its own config.json)
+  loads into transformers with the same logits."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from structmat.models import Llama, llama_config, save_hf  # pylint: disable=import-outside-toplevel
+  cfg = llama_config("custom", vocab_size=37, max_len=64, d_model=32, d_ff=48,
+                     n_layers=2, n_heads=4, n_kv_heads=2, rope_theta=500.0,
+                     rope_scaling=(("factor", 2.0), ("rope_type", "linear")),
+                     norm_eps=1e-5, tie_embeddings=True, attention="naive")
+  model = Llama(cfg)
+  params = model.init(jax.random.key(0), jnp.asarray(TOKENS))["params"]
+  params = jax.tree.map(  # norms away from ones, every tensor random
+      lambda p: p + 0.2 * jax.random.normal(jax.random.key(p.size), p.shape),
+      params)
+  save_hf(str(tmp_path), cfg, params)
+  theirs = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+  with torch.no_grad():
+    ref = theirs(torch.tensor(TOKENS)).logits.float().numpy()
+  assert _rel(model.apply({"params": params}, jnp.asarray(TOKENS)), ref) < 1e-4
+  with pytest.raises(ValueError, match="merge"):
+    save_hf(str(tmp_path / "x"), llama_config("llama_tiny", "monarch"), params)

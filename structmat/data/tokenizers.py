@@ -1,8 +1,9 @@
 """Tokenizers: byte-level, sentencepiece trained offline (cached) or loaded,
 and Hugging Face tokenizer.json files (the optional `tokenizers` package).
 
-Every tokenizer has ``vocab_size``, ``pad_id`` (0), ``eos_id``, ``encode(str)
--> list[int]`` and ``decode(list[int]) -> str``.
+Every tokenizer has ``vocab_size``, ``pad_id`` (0 unless a loaded tokenizer
+names one), ``eos_id``, ``encode(str) -> list[int]`` and
+``decode(list[int]) -> str``.
 """
 import hashlib
 import json

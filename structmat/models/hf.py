@@ -135,7 +135,7 @@ def save_hf(path: str, cfg: LlamaConfig, params, hf_config: dict | None = None,
     raise ValueError("save_hf writes dense LLaMAs; merge the structured or "
                      "adapter linears first (finetune.export.merge_to_dense).")
   flat = {tuple(getattr(k, "key", k) for k in kp): v
-          for kp, v in jax.tree_util.tree_leaves_with_path(params)}
+          for kp, v in jax.tree_util.tree_leaves_with_path(nn.unbox(params))}
   names = _llama_names(cfg)
   extra = sorted("/".join(p) for p in set(flat) - set(names))
   if extra:

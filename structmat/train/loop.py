@@ -22,6 +22,7 @@ from structmat.data import hosts
 from structmat.data.pipeline import unigram_log_perplexity
 from structmat.models import Llama, llama_config
 from structmat.models.llama import parse_adapters, parse_value
+from structmat.models.presets import DIM_FIELDS
 from structmat.optim import make_optimizer
 from structmat.train import densify, init_ckpt, sharding, steps
 from structmat.train.partition import partition
@@ -70,8 +71,7 @@ def model_config(config, vocab_size: int):
                       overrides=overrides, **dict(config.linear_kwargs))
 
 
-MODEL_DIMS = ("d_model", "d_ff", "n_layers", "n_heads", "rope_theta",
-              "rope_scaling", "norm_eps")
+MODEL_DIMS = DIM_FIELDS + ("rope_theta", "rope_scaling", "norm_eps")
 
 
 def model_dims(config) -> dict:
