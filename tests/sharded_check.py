@@ -9,7 +9,8 @@ float32 tolerance, and parameters must be sharded as the rules say.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+    os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]))
 
 import json  # noqa: E402
 

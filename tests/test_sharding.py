@@ -62,6 +62,12 @@ def test_adam_moments_follow_params_and_galore_has_own_rules():
   assert gout.mu["mlp"]["up"]["kernel"].spec == P("fsdp", None)  # (16, 2)
 
 
+def _devices(n: int) -> str:
+  """XLA_FLAGS for n fake CPU devices, keeping the suite's other flags."""
+  return " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
+                                f"--xla_force_host_platform_device_count={n}"]))
+
+
 def _run(args, env_extra, timeout=900):
   env = dict(os.environ, **env_extra)
   return subprocess.run(args, cwd=ROOT, env=env, capture_output=True,
@@ -89,7 +95,7 @@ def test_checkpoint_saved_on_8_devices_resumes_on_4(tmp_path, data_dir):
           "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
           "--config.eval_every_steps=0"]
   dev = lambda n: {"STRUCTMAT_DATA_DIR": data_dir,
-                   "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+                   "XLA_FLAGS": _devices(n)}
   p = _run(base + [f"--workdir={tmp_path / 'ref'}"], dev(1))
   assert p.returncode == 0, p.stderr[-3000:]
   p = _run(base + [f"--workdir={tmp_path / 'run'}", "--config.mesh.data=2",
@@ -116,7 +122,7 @@ def test_two_processes_match_single_process(tmp_path, data_dir):
           "--config.eval_every_steps=4"]
   env = dict(os.environ, STRUCTMAT_DATA_DIR=data_dir,
              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=_devices(1))
   # Reference: one process reading the two host shards itself.
   ref = subprocess.run(base + [f"--workdir={tmp_path / 'ref'}",
                                "--config.data.host_shards=2"],
