@@ -52,7 +52,8 @@ def hf_source(path: str):
   tokenizer.json), so the launchers tokenize and build the model exactly as
   the checkpoint expects.
   """
-  if hf.read_config(path).get("model_type") not in ("llama", "mistral"):
+  hf_config = hf.read_config(path)
+  if hf_config.get("model_type") not in ("llama", "mistral"):
     raise ValueError(f"--init={path}: the launchers train LLaMA-family "
                      "checkpoints (model_type llama or mistral); load GPT-2 "
                      "with structmat.models.load_hf.")
@@ -68,6 +69,10 @@ def hf_source(path: str):
                      "checkpoint's own tokenizer.")
   model, params = hf.load_hf(path)
   cfg = model.cfg
+  # Mistral-style sliding-window attention: structmat attends over the whole
+  # sequence, which is the same function only up to the window.
+  window = (int(hf_config["sliding_window"]) if hf_config.get("sliding_window")
+            and hf_config.get("use_sliding_window", True) else 0)
   size = sm_data.make_tokenizer(kind, model_file=tok_file).vocab_size
   if size > cfg.vocab_size or (kind == "sentencepiece" and size != cfg.vocab_size):
     raise ValueError(f"--init={path}: {name} has {size} tokens but the "
@@ -86,9 +91,11 @@ def hf_source(path: str):
     config.data.tokenizer = kind
     config.data.tokenizer_model = tok_file
     config.data.vocab_size = cfg.vocab_size
-    config.seq_len = min(config.seq_len, cfg.max_len)
+    config.seq_len = min(config.seq_len, cfg.max_len, window or cfg.max_len)
   meta = {"overrides": [], "trainable": "", "config": config.to_dict(),
           "hf": os.path.abspath(path)}
+  if window:
+    meta["sliding_window"] = window
   return params, {}, meta, config
 
 

@@ -33,6 +33,12 @@ def trainable_report(params, trainable: str) -> dict:
 def run_finetune(fc, init: str, workdir: str) -> dict:
   """Fine-tune the run at ``init`` with config ``fc`` into ``workdir``."""
   params, structure, meta, source = load_source(init)
+  window, seq_len = meta.get("sliding_window"), fc.seq_len or source.seq_len
+  if window and seq_len > window:
+    raise ValueError(f"seq_len={seq_len} exceeds the checkpoint's "
+                     f"sliding_window={window}; structmat attends over the "
+                     "whole sequence, the same function only up to the "
+                     "window: use seq_len <= the window.")
   vocab = params["embed"]["embedding"].shape[0]
   cfg = loop.model_config(source, vocab)
   init_dir = os.path.join(os.path.abspath(workdir), "init")

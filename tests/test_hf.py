@@ -174,6 +174,12 @@ def test_finetune_launcher_takes_a_hf_llama(kind, tmp_path, data_dir):
     theirs = merged(torch.tensor(TOKENS)).logits.float().numpy()
   assert _rel(ours, theirs) < 1e-4
   assert all((out / os.path.basename(f)).exists() for f in files)
+  # Mistral-style sliding windows: full attention is the same function only
+  # up to the window, so longer sequences are refused before any work.
+  conf = json.load(open(hf_dir / "config.json"))
+  json.dump(dict(conf, sliding_window=16), open(hf_dir / "config.json", "w"))
+  with pytest.raises(ValueError, match="sliding_window=16"):
+    run_finetune(fc, str(hf_dir), str(tmp_path / "ft_window"))
 
 
 def test_launchers_reject_a_gpt2_init(tmp_path):
