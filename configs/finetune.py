@@ -3,8 +3,9 @@ r"""Fine-tuning config: ``--config=configs/finetune.py:method=lora,rank=8``.
   python -m experiments.finetune --config=configs/finetune.py:method=compacter \
       --init=runs/pretrain --workdir=runs/ft_compacter
 
-Keys: method (full | lora | nola | monarch | welore | compacter | compacter++ |
-phm_adapter), target (regex over "layer.site" names such as "0.q"; default q
+Keys: method (full | galore | lora | nola | monarch | welore | compacter |
+compacter++ | phm_adapter; galore is full fine-tuning with GaLore's low-rank
+optimizer state, projection rank ``rank``), target (regex over "layer.site" names such as "0.q"; default q
 and v for lora/nola, every linear otherwise), rank, alpha, num_basis, variant,
 nblocks, reduction, n, n_phm, reduction_factor, steps, lr, data, task
 (lm | stdlib_topic | glue/sst2 | glue/mrpc | ...), seq_len, batch_size,
@@ -41,7 +42,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.total_steps = int(args.pop("steps", 200))
   c.warmup_steps = max(1, c.total_steps // 10)
   # Adapters start at (or near) the base: a higher rate than full tuning.
-  c.lr = float(args.pop("lr", 3e-4 if c.method == "full" else 3e-3))
+  # galore: full tuning's rate over GaLore's update scale (0.25).
+  c.lr = float(args.pop("lr", {"full": 3e-4, "galore": 1e-3}.get(c.method, 3e-3)))
   c.data = args.pop("data", "")             # "" = the source run's dataset
   # 0 / "": the source run's (a Hugging Face --init starts from the
   # pretraining defaults: 128 tokens, batch 32, float32).

@@ -67,6 +67,8 @@ def run_finetune(fc, init: str, workdir: str) -> dict:
       if fc.get(k):
         config[k] = fc[k]
     config.overrides = ""  # the init's overrides are re-applied below
+    if fc.method == "galore":  # full fine-tuning, low-rank optimizer state
+      config.optimizer, config.galore.rank = "galore", fc.rank
     if getattr(tok, "model_file", ""):
       config.data.tokenizer_model = tok.model_file
     if fc.data:

@@ -56,7 +56,7 @@ def test_prepare_every_method(method):
   train, frozen = partition(prep.params, prep.trainable)
   n_train, n_all = count_params(train), count_params(prep.params)
   assert 0 < n_train <= n_all
-  if method == "full":
+  if method in ("full", "galore"):
     assert n_train == n_all
   else:
     # Monarch trains every projected linear, WeLore every LRC (random weights
@@ -66,7 +66,7 @@ def test_prepare_every_method(method):
     # The pretrained weights are frozen and carried over unchanged.
     np.testing.assert_array_equal(frozen["embed"]["embedding"],
                                   params["embed"]["embedding"])
-  if method in ("full", "lora", "nola"):
+  if method in ("full", "galore", "lora", "nola"):
     # B = 0 (LoRA) / zero coefficients (NOLA offset): the base function.
     np.testing.assert_allclose(logits, base, rtol=1e-5, atol=1e-5)
   elif method in ("compacter", "compacter++", "phm_adapter"):
@@ -149,6 +149,20 @@ def test_finetune_launcher_trains_only_adapters(tmp_path, data_dir, tiny_base):
   # AdamW keeps two moments per trainable parameter and nothing for frozen.
   assert s["optimizer_state_bytes"] < 3 * 4 * s["trainable_params"] + 1024
   assert s["adapter_bytes"] > 0 and (ft / "adapter" / "adapter.json").exists()
+
+
+def test_galore_fine_tuning_keeps_low_rank_moments(tmp_path, tiny_base):
+  """method=galore trains every parameter with GaLore's optimizer: its AdamW
+  moments are projected (rank 2 here), far below full AdamW's."""
+  from experiments.finetune_lib import run_finetune  # pylint: disable=import-outside-toplevel
+  fc = finetune_config.get_config("method=galore,rank=2,steps=2")
+  with fc.unlocked():
+    fc.eval_every_steps = 0
+  s = run_finetune(fc, tiny_base, str(tmp_path / "ft"))
+  assert s["step"] == 2 and np.isfinite(s["eval_loss"])
+  assert s["trainable_params"] == s["total_params"]
+  full_adamw = 2 * 4 * s["total_params"]
+  assert s["optimizer_state_bytes"] < 0.5 * full_adamw, s
 
 
 def test_glue_metrics():

@@ -37,6 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # the paper's n=12 does not divide 128.
   c.methods = [
       ("full", "method=full"),
+      ("galore", "method=galore,rank=32"),
       ("lora", "method=lora,rank=8"),
       ("nola_offset", "method=nola,variant=offset,rank=8,num_basis=64"),
       ("nola_basis", "method=nola,variant=basis,rank=8,num_basis=64"),

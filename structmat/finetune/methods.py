@@ -31,7 +31,7 @@ from structmat import compress
 from structmat.models import Llama
 from structmat.models.llama import ATTN_SITES, SITES, parse_adapters
 
-METHODS = ("full", "lora", "nola", "monarch", "welore", "compacter",
+METHODS = ("full", "galore", "lora", "nola", "monarch", "welore", "compacter",
            "compacter++", "phm_adapter")
 ADAPTER_PLACES = {"compacter": "attn+mlp", "compacter++": "mlp",
                   "phm_adapter": "attn+mlp"}
@@ -102,7 +102,7 @@ def prepare(method: str, cfg, params, structure, hp) -> Prepared:
   """
   if method not in METHODS:
     raise ValueError(f"method={method!r}; use one of {METHODS}.")
-  if method == "full":
+  if method in ("full", "galore"):  # galore: the same model, its optimizer
     return Prepared([], "", params, structure, "")
   if method in ("lora", "nola"):
     sites = matched_sites(cfg, hp.target)
