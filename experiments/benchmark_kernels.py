@@ -37,6 +37,8 @@ _DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "dtypes.")
 _NBLOCKS = flags.DEFINE_list("nblocks", ["4", "16", "64"], "Monarch blocks "
                               "(4: compute-bound at large n; 64 = sqrt(4096): "
                               "memory-bound).")
+_IMPLS = flags.DEFINE_list("impls", [], "Rows to run, by name (e.g. 'monarch "
+                           "xla,monarch pallas'); empty: all.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls.")
 _QUICK = flags.DEFINE_bool("quick", False, "Few repeats (smoke test).")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Run Pallas rows on the CPU "
@@ -114,6 +116,12 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
           "blockdiag": ops.blockdiag_matmul(f32(x), f32(wb)),
           "sltrain": ops.sltrain_matmul(f32(x), f32(sa), f32(sb), f32(sv),
                                         sidx, 1.0)}
+  if _IMPLS.value:
+    unknown = set(_IMPLS.value) - {c[0] for c in cases}
+    if unknown:
+      raise ValueError(f"--impls: unknown {sorted(unknown)}; rows here are "
+                       f"{[c[0] for c in cases]}.")
+    cases = [c for c in cases if c[0] in _IMPLS.value]
   rows = []
   for name, fn, weights in cases:
     try:

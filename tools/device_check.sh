@@ -2,7 +2,8 @@
 # One-call GPU check for the device tool (H100/H200, jax 0.11 cuda preinstalled):
 #   1. compiled (not interpreted) kernels against the XLA reference, forward and
 #      gradients, f32 and bf16, on fresh random inputs;
-#   2. the kernel benchmark (bf16 sweep over n, tokens and nblocks; f32 at n=4096);
+#   2. the kernel benchmark (bf16 sweep over n, tokens and nblocks; f32 at n=4096;
+#      the fused Monarch against XLA at 1024-4096 tokens, the impl=auto rule);
 #   3. pretraining throughput of the 60M/130M presets (bf16, 65,536 tokens per
 #      step): dense and Monarch with impl=xla, Monarch with impl=auto (kernel
 #      where the shapes fit), with the losses of identical steps for comparison.
@@ -95,6 +96,13 @@ timeout 200 $PY -m experiments.benchmark_kernels $K --dtypes=bfloat16 \
   --output_dir="$OUT"
 timeout 50 $PY -m experiments.benchmark_kernels $KF --dtypes=float32 \
   --output_dir="$OUT/f32"
+# Where the fused Monarch stops beating XLA at the shape: impl="auto"
+# keeps XLA beyond 1024 tokens when q/l < 32 (monarch.slower_than_xla), a
+# line fitted through 512 and 16384 tokens only.
+if [ "$QUICK" = 1 ]; then KC="--sizes=64 --tokens=64 --nblocks=4 --quick --interpret"
+else KC="--sizes=4096 --nblocks=16 --tokens=1024,2048,4096"; fi
+timeout 45 $PY -m experiments.benchmark_kernels $KC --dtypes=bfloat16 \
+  --impls="monarch xla,monarch pallas" --output_dir="$OUT/crossover"
 
 echo "== 3. pretraining throughput"
 if [ "$QUICK" = 1 ]; then
