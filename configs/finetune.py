@@ -9,7 +9,7 @@ optimizer state, projection rank ``rank``), target (regex over "layer.site" name
 and v for lora/nola, every linear otherwise), rank, alpha, num_basis, variant,
 nblocks, reduction, n, n_phm, reduction_factor, steps, lr, data, task
 (lm | stdlib_topic | glue/sst2 | glue/mrpc | ...), seq_len, batch_size,
-compute_dtype.
+compute_dtype, frozen_dtype.
 Everything else: --config.field=value. The model, tokenizer and data settings
 come from the --init run's config.json (or, for a Hugging Face LLaMA
 directory, from its config.json and tokenizer); ``data`` replaces the
@@ -50,6 +50,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.seq_len = int(args.pop("seq_len", 0))
   c.batch_size = int(args.pop("batch_size", 0))
   c.compute_dtype = args.pop("compute_dtype", "")
+  # "bfloat16" stores the frozen base in bf16 (half its memory; adapters and
+  # their optimizer state stay float32). "" keeps float32.
+  c.frozen_dtype = args.pop("frozen_dtype", "")
   # "lm" (causal LM on data) or a classification task: glue/sst2, glue/mrpc,
   # ..., or the embedded stdlib_topic (see structmat.finetune.classify).
   c.task = args.pop("task", "lm")
@@ -66,5 +69,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown config keys {sorted(args)}; use method, target, "
                      "rank, alpha, num_basis, variant, nblocks, reduction, n, "
                      "n_phm, reduction_factor, steps, lr, data, task, seq_len, "
-                     "batch_size, compute_dtype.")
+                     "batch_size, compute_dtype, frozen_dtype.")
   return c

@@ -59,6 +59,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       {k: _number(args.pop(k)) for k in STRUCTURE_KEYS if k in args})
   c.overrides = args.pop("overrides", "").replace(";", ",")
   c.trainable = ""                # regex over "a/b/c" param paths; "" = all
+  c.frozen_dtype = ""             # "bfloat16": store frozen params in it ("" = float32)
   # Compacter adapters after sublayers ("" none), e.g.
   # "after=attn+mlp;n=4;rank=1;reduction_factor=32" (fine-tuning sets it).
   c.adapters = ""

@@ -63,7 +63,7 @@ def run_finetune(fc, init: str, workdir: str) -> dict:
   with config.unlocked():
     for k in _TRAIN_FIELDS:
       config[k] = fc[k]
-    for k in ("seq_len", "batch_size", "compute_dtype"):
+    for k in ("seq_len", "batch_size", "compute_dtype", "frozen_dtype"):
       if fc.get(k):
         config[k] = fc[k]
     config.overrides = ""  # the init's overrides are re-applied below

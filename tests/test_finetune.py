@@ -165,6 +165,26 @@ def test_galore_fine_tuning_keeps_low_rank_moments(tmp_path, tiny_base):
   assert s["optimizer_state_bytes"] < 0.5 * full_adamw, s
 
 
+def test_frozen_base_in_bfloat16(tmp_path, tiny_base):
+  """frozen_dtype=bfloat16: the checkpointed base is bf16 (half the bytes),
+  the LoRA factors stay float32, and the loss matches the float32 base's to
+  bf16 rounding."""
+  from experiments.finetune_lib import run_finetune  # pylint: disable=import-outside-toplevel
+  from structmat.train import init_ckpt  # pylint: disable=import-outside-toplevel
+  losses = {}
+  for dt in ("", "bfloat16"):
+    fc = finetune_config.get_config(f"method=lora,rank=2,steps=2,frozen_dtype={dt}")
+    with fc.unlocked():
+      fc.eval_every_steps = 0
+    losses[dt] = run_finetune(fc, tiny_base, str(tmp_path / f"ft{dt}"))["eval_loss"]
+  params, _, _ = init_ckpt.load_init(str(tmp_path / "ftbfloat16"))
+  assert params["layer_0"]["attn"]["k"]["kernel"].dtype == jnp.bfloat16
+  assert params["embed"]["embedding"].dtype == jnp.bfloat16
+  assert params["layer_0"]["attn"]["q"]["lora"]["lora_a"].dtype == jnp.float32
+  assert losses["bfloat16"] != losses[""]
+  np.testing.assert_allclose(losses["bfloat16"], losses[""], rtol=1e-2)
+
+
 def test_glue_metrics():
   from structmat.finetune.classify import glue_metrics  # pylint: disable=import-outside-toplevel
   preds, labels = [1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0]

@@ -19,6 +19,7 @@ import optax
 from structmat.data import sources
 from structmat.optim.adamw import make_optimizer
 from structmat.train.checkpoint import Checkpointer
+from structmat.train.loop import frozen_dtype
 from structmat.train.metrics import MetricWriter
 from structmat.train.partition import merge
 from structmat.train.state import create_state
@@ -130,7 +131,8 @@ def train_classifier(config, model, params, structure, trainable, train_data,
   final evaluation metrics plus step timing and memory figures."""
   tx = make_optimizer(config)
   example = jnp.asarray(train_data[0][:1])
-  state = create_state(model, tx, config.seed, example, trainable, params)
+  state = create_state(model, tx, config.seed, example, trainable, params,
+                       frozen_dtype=frozen_dtype(config))
   if structure:
     state = state.replace(structure={**state.structure, **structure})
   ckpt = Checkpointer(workdir, config.checkpoint_every_steps)

@@ -58,6 +58,17 @@ def validate_config(config) -> None:
        "eval_every_steps / checkpoint_every_steps must be >= 0.")
 
 
+def frozen_dtype(config):
+  """config.frozen_dtype as a dtype; None ("") keeps the parameters' own."""
+  name = config.get("frozen_dtype", "")
+  if not name:
+    return None
+  if name not in DTYPES:
+    raise ValueError(f"config.frozen_dtype={name!r}; use one of "
+                     f"{sorted(DTYPES)} or '' (the parameters' own).")
+  return DTYPES[name]
+
+
 def model_config(config, vocab_size: int):
   overrides = tuple((site, name, tuple(sorted(dict(kw).items())))
                     for site, name, kw in _parse_overrides(config.overrides))
@@ -283,7 +294,8 @@ def train_and_evaluate(config, workdir: str, init: str = "") -> dict:
   example = jnp.ones((1, config.seq_len), jnp.int32)
   new_state = functools.partial(create_state, tx=tx, seed=config.seed,
                                 example_tokens=example,
-                                trainable=config.trainable)
+                                trainable=config.trainable,
+                                frozen_dtype=frozen_dtype(config))
   place = Placement(config, new_state, example)
   data_state = None
   start = ckpt.latest_step()

@@ -22,16 +22,23 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def create_state(model, tx, seed: int, example_tokens, trainable: str = "",
-                 params=None) -> TrainState:
+                 params=None, frozen_dtype=None) -> TrainState:
   """Initialize (or take ``params``), split by ``trainable``, init the optimizer.
 
-  Parameters are unboxed (logical axes dropped).
+  Parameters are unboxed (logical axes dropped). ``frozen_dtype`` (e.g.
+  bfloat16) stores the frozen floating-point parameters in that dtype: they
+  get no updates, so only the forward pass sees the rounding, and a LoRA on
+  a large base holds half the base's bytes.
   """
   key = jax.random.key(seed)
   variables = dict(nn.unbox(jax.jit(model.init)(key, example_tokens)))
   init_params = variables.pop("params")
   train, frozen = partition(init_params if params is None else params,
                             trainable)
+  if frozen_dtype is not None:
+    frozen = jax.tree.map(
+        lambda a: a.astype(frozen_dtype)
+        if jnp.issubdtype(a.dtype, jnp.floating) else a, frozen)
   return TrainState(step=jnp.zeros((), jnp.int32), params=train,
                     frozen=frozen, opt_state=tx.init(train),
                     structure=variables,
