@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 
 from configs import pretrain as pretrain_config
@@ -97,6 +98,33 @@ def hf_source(path: str):
   if window:
     meta["sliding_window"] = window
   return params, {}, meta, config
+
+
+def hf_init(config, init: str, workdir: str):
+  """(config, init directory) for a pretraining run whose --init is a Hugging
+  Face LLaMA directory: the checkpoint's parameters written once as
+  WORKDIR/hf_init, and the config's model and tokenizer fields taken from
+  the checkpoint. Other --init values pass through unchanged."""
+  if not hf.is_hf_dir(init):
+    return config, init
+  init_dir = os.path.join(os.path.abspath(workdir), "hf_init")
+  meta_file = os.path.join(init_dir, "model.json")
+  if os.path.exists(meta_file):  # converted before: a restart
+    with open(meta_file) as f:
+      source = source_config(json.load(f)["config"])
+  else:
+    params, _, meta, source = hf_source(init)
+    if jax.process_index() == 0:
+      init_ckpt.save_init(init_dir, params, {}, meta)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("structmat_hf_init")
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for k in ("model", "model_dims", "n_kv_heads", "tie_embeddings"):
+      config[k] = source[k]
+    for k in ("tokenizer", "tokenizer_model", "vocab_size"):
+      config.data[k] = source.data[k]
+  return config, init_dir
 
 
 def model_flags(config) -> str:

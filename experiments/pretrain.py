@@ -11,6 +11,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
+from experiments import compress_lib
 from structmat.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -21,8 +22,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/pretrain",
                                "run resumes from its latest checkpoint.")
 _INIT = flags.DEFINE_string("init", "", "Start from these parameters when the "
                             "workdir has no checkpoint: an init directory "
-                            "written by experiments.compress, or another "
-                            "run's workdir.")
+                            "written by experiments.compress, another run's "
+                            "workdir, or a Hugging Face LLaMA directory (its "
+                            "sizes and tokenizer replace the config's).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "host:port of process 0 for a multi-process "
     "run (multi-GPU hosts, clusters); TPU pods and SLURM are detected without.")
@@ -56,7 +58,9 @@ def main(argv):
   if _DRY_RUN.value:
     loop.dry_run(_CONFIG.value)
     return
-  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _INIT.value)
+  config, init = compress_lib.hf_init(_CONFIG.value, _INIT.value,
+                                     _WORKDIR.value)
+  loop.train_and_evaluate(config, _WORKDIR.value, init)
 
 
 if __name__ == "__main__":

@@ -174,6 +174,18 @@ def test_finetune_launcher_takes_a_hf_llama(kind, tmp_path, data_dir):
     theirs = merged(torch.tensor(TOKENS)).logits.float().numpy()
   assert _rel(ours, theirs) < 1e-4
   assert all((out / os.path.basename(f)).exists() for f in files)
+  if kind == "sentencepiece":
+    # Continued pretraining from the same directory: its sizes and tokenizer
+    # replace the config's, its weights are written once as WORKDIR/hf_init.
+    from configs import pretrain as pretrain_config  # pylint: disable=import-outside-toplevel
+    pc = pretrain_config.get_config("steps=2")
+    with pc.unlocked():
+      pc.seq_len, pc.batch_size, pc.eval_batches = 32, 4, 2
+    pc, init = compress_lib.hf_init(pc, str(hf_dir), str(tmp_path / "pt"))
+    assert init == str(tmp_path / "pt" / "hf_init") and pc.model == "custom"
+    assert pc.data.tokenizer_model == str(hf_dir / "tokenizer.model")
+    summary = loop.train_and_evaluate(pc, str(tmp_path / "pt"), init)
+    assert summary["parameters"] == s["total_params"] - s["trainable_params"]
   # Mistral-style sliding windows: full attention is the same function only
   # up to the window, so longer sequences are refused before any work.
   conf = json.load(open(hf_dir / "config.json"))
