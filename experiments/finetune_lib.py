@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from experiments.compress_lib import load_source
+from experiments.sources import load_source
 from structmat.data import sources
 from structmat.finetune import classify, export, prepare
 from structmat.finetune.methods import graft

@@ -11,7 +11,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from experiments import compress_lib
+from experiments import sources
 from structmat.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -58,8 +58,7 @@ def main(argv):
   if _DRY_RUN.value:
     loop.dry_run(_CONFIG.value)
     return
-  config, init = compress_lib.hf_init(_CONFIG.value, _INIT.value,
-                                     _WORKDIR.value)
+  config, init = sources.hf_init(_CONFIG.value, _INIT.value, _WORKDIR.value)
   loop.train_and_evaluate(config, _WORKDIR.value, init)
 
 

@@ -213,7 +213,7 @@ def test_glue_classification_with_mock_data(tmp_path, tiny_base):
   assert 0 <= s["accuracy"] <= 1
   # The adapter carries the trained head: put back onto the base, it gives
   # the final checkpoint's logits.
-  from experiments.compress_lib import load_source  # pylint: disable=import-outside-toplevel
+  from experiments.sources import load_source  # pylint: disable=import-outside-toplevel
   from structmat.finetune import export  # pylint: disable=import-outside-toplevel
   from structmat.models import LlamaClassifier  # pylint: disable=import-outside-toplevel
   from structmat.train import init_ckpt, loop  # pylint: disable=import-outside-toplevel

@@ -126,7 +126,7 @@ def test_finetune_launcher_takes_a_hf_llama(kind, tmp_path, data_dir):
   import shutil  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from configs import finetune as finetune_config  # pylint: disable=import-outside-toplevel
-  from experiments import compress_lib  # pylint: disable=import-outside-toplevel
+  from experiments import sources  # pylint: disable=import-outside-toplevel
   from experiments.finetune_lib import run_finetune  # pylint: disable=import-outside-toplevel
   from structmat.models import Llama  # pylint: disable=import-outside-toplevel
   from structmat.train import init_ckpt, loop  # pylint: disable=import-outside-toplevel
@@ -138,10 +138,10 @@ def test_finetune_launcher_takes_a_hf_llama(kind, tmp_path, data_dir):
                                  num_key_value_heads=2, rope_theta=500.0)
   ref = _save(transformers.LlamaForCausalLM(cfg).eval(), hf_dir)
   with pytest.raises(ValueError, match="tokenizer"):
-    compress_lib.load_source(str(hf_dir))
+    sources.load_source(str(hf_dir))
   for f in files:
     shutil.copy(f, hf_dir)
-  source = compress_lib.load_source(str(hf_dir))[3]
+  source = sources.load_source(str(hf_dir))[3]
   tok = loop.build_data(source)[0]
   assert tok.vocab_size == vocab and tok.decode(tok.encode("def f(x):\n")) == "def f(x):\n"
 
@@ -156,7 +156,7 @@ def test_finetune_launcher_takes_a_hf_llama(kind, tmp_path, data_dir):
   assert s["total_params"] - s["trainable_params"] == sum(
       p.numel() for p in transformers.LlamaForCausalLM(cfg).parameters())
   params, _, meta = init_ckpt.load_init(str(tmp_path / "ft" / "init"))
-  config = loop.apply_init_meta(compress_lib.source_config(meta["config"]), meta)
+  config = loop.apply_init_meta(sources.source_config(meta["config"]), meta)
   model = Llama(dataclasses.replace(loop.model_config(config, vocab),
                                     attention="naive"))
   logits = model.apply({"params": jax.tree.map(jnp.asarray, params)},
@@ -181,7 +181,7 @@ def test_finetune_launcher_takes_a_hf_llama(kind, tmp_path, data_dir):
     pc = pretrain_config.get_config("steps=2")
     with pc.unlocked():
       pc.seq_len, pc.batch_size, pc.eval_batches = 32, 4, 2
-    pc, init = compress_lib.hf_init(pc, str(hf_dir), str(tmp_path / "pt"))
+    pc, init = sources.hf_init(pc, str(hf_dir), str(tmp_path / "pt"))
     assert init == str(tmp_path / "pt" / "hf_init") and pc.model == "custom"
     assert pc.data.tokenizer_model == str(hf_dir / "tokenizer.model")
     summary = loop.train_and_evaluate(pc, str(tmp_path / "pt"), init)
@@ -195,11 +195,11 @@ def test_finetune_launcher_takes_a_hf_llama(kind, tmp_path, data_dir):
 
 
 def test_launchers_reject_a_gpt2_init(tmp_path):
-  from experiments import compress_lib  # pylint: disable=import-outside-toplevel
+  from experiments import sources  # pylint: disable=import-outside-toplevel
   os.makedirs(tmp_path / "g")
   json.dump({"model_type": "gpt2"}, open(tmp_path / "g" / "config.json", "w"))
   with pytest.raises(ValueError, match="GPT-2"):
-    compress_lib.load_source(str(tmp_path / "g"))
+    sources.load_source(str(tmp_path / "g"))
 
 
 def test_save_hf_roundtrips_through_transformers(tmp_path):

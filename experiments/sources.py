@@ -1,0 +1,143 @@
+"""Where a launcher starts from: a structmat run or init directory, or a
+Hugging Face LLaMA directory (its sizes and tokenizer become the config's).
+
+Used by experiments.compress, experiments.finetune and experiments.pretrain.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import ml_collections
+
+from configs import pretrain as pretrain_config
+from structmat import data as sm_data
+from structmat.models import hf
+from structmat.train import init_ckpt, loop
+
+
+def source_config(saved: dict) -> ml_collections.ConfigDict:
+  """The source run's config: today's defaults updated with what it saved."""
+  config = pretrain_config.get_config()
+
+  def update(target, values):
+    for k, v in values.items():
+      if isinstance(v, dict) and k in target and isinstance(
+          target[k], ml_collections.ConfigDict):
+        update(target[k], v)
+      else:
+        target[k] = v
+  with config.unlocked():
+    update(config, saved)
+  return config
+
+
+def hf_source(path: str):
+  """(params, structure, meta, config) for a Hugging Face LLaMA directory.
+
+  The config is today's pretraining defaults with the checkpoint's sizes
+  (model="custom", model_dims) and its tokenizer (tokenizer.model, else
+  tokenizer.json), so the launchers tokenize and build the model exactly as
+  the checkpoint expects.
+  """
+  hf_config = hf.read_config(path)
+  if hf_config.get("model_type") not in ("llama", "mistral"):
+    raise ValueError(f"--init={path}: the launchers train LLaMA-family "
+                     "checkpoints (model_type llama or mistral); load GPT-2 "
+                     "with structmat.models.load_hf.")
+  # sentencepiece (a core dependency) where the checkpoint has it, else
+  # tokenizer.json through the optional tokenizers package.
+  for kind, name in (("sentencepiece", "tokenizer.model"), ("hf", "tokenizer.json")):
+    tok_file = os.path.join(os.path.abspath(path), name)
+    if os.path.exists(tok_file):
+      break
+  else:
+    raise ValueError(f"--init={path} has neither tokenizer.model nor "
+                     "tokenizer.json: the launchers tokenize with the "
+                     "checkpoint's own tokenizer.")
+  model, params = hf.load_hf(path)
+  cfg = model.cfg
+  # Mistral-style sliding-window attention: structmat attends over the whole
+  # sequence, which is the same function only up to the window.
+  window = (int(hf_config["sliding_window"]) if hf_config.get("sliding_window")
+            and hf_config.get("use_sliding_window", True) else 0)
+  size = sm_data.make_tokenizer(kind, model_file=tok_file).vocab_size
+  if size > cfg.vocab_size or (kind == "sentencepiece" and size != cfg.vocab_size):
+    raise ValueError(f"--init={path}: {name} has {size} tokens but the "
+                     f"embedding has {cfg.vocab_size} rows; the launchers need "
+                     "them equal (a tokenizer.json may have fewer).")
+  config = pretrain_config.get_config()
+  with config.unlocked():
+    config.model = "custom"
+    config.model_dims = json.dumps({
+        "d_model": cfg.d_model, "d_ff": cfg.d_ff, "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads, "rope_theta": cfg.rope_theta,
+        "rope_scaling": [list(kv) for kv in cfg.rope_scaling],
+        "norm_eps": cfg.norm_eps})
+    config.n_kv_heads = cfg.kv_heads if cfg.kv_heads != cfg.n_heads else 0
+    config.tie_embeddings = cfg.tie_embeddings
+    config.data.tokenizer = kind
+    config.data.tokenizer_model = tok_file
+    config.data.vocab_size = cfg.vocab_size
+    config.seq_len = min(config.seq_len, cfg.max_len, window or cfg.max_len)
+  meta = {"overrides": [], "trainable": "", "config": config.to_dict(),
+          "hf": os.path.abspath(path)}
+  if window:
+    meta["sliding_window"] = window
+  return params, {}, meta, config
+
+
+def hf_init(config, init: str, workdir: str):
+  """(config, init directory) for a pretraining run whose --init is a Hugging
+  Face LLaMA directory: the checkpoint's parameters written once as
+  WORKDIR/hf_init, and the config's model and tokenizer fields taken from
+  the checkpoint. Other --init values pass through unchanged."""
+  if not hf.is_hf_dir(init):
+    return config, init
+  init_dir = os.path.join(os.path.abspath(workdir), "hf_init")
+  meta_file = os.path.join(init_dir, "model.json")
+  if os.path.exists(meta_file):  # converted before: a restart
+    with open(meta_file) as f:
+      source = source_config(json.load(f)["config"])
+  else:
+    params, _, meta, source = hf_source(init)
+    if jax.process_index() == 0:
+      init_ckpt.save_init(init_dir, params, {}, meta)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("structmat_hf_init")
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for k in ("model", "model_dims", "n_kv_heads", "tie_embeddings"):
+      config[k] = source[k]
+    for k in ("tokenizer", "tokenizer_model", "vocab_size"):
+      config.data[k] = source.data[k]
+  return config, init_dir
+
+
+def model_flags(config) -> str:
+  """The launcher flags that rebuild a Hugging Face source's model ("" for a
+  preset, which the source run's own flags already name)."""
+  if config.model != "custom":
+    return ""
+  return (f"--config.model=custom --config.model_dims='{config.model_dims}' "
+          f"--config.n_kv_heads={config.n_kv_heads} "
+          f"--config.tie_embeddings={config.tie_embeddings} "
+          f"--config.data.tokenizer={config.data.tokenizer} "
+          f"--config.data.vocab_size={config.data.vocab_size} "
+          f"--config.data.tokenizer_model={config.data.tokenizer_model}")
+
+
+def load_source(init: str):
+  """(params, structure, meta, the source run's config) of a pretraining
+  workdir, an init directory or a Hugging Face LLaMA directory, parameters
+  as jax arrays."""
+  if hf.is_hf_dir(init):
+    return hf_source(init)
+  params, structure, meta = init_ckpt.load_init(init)
+  if "config" not in meta:
+    raise ValueError(f"--init={init} has no config.json: give a pretraining "
+                     "workdir (or an init directory written by structmat).")
+  source = loop.apply_init_meta(source_config(meta["config"]), meta)
+  return (jax.tree.map(jnp.asarray, params),
+          jax.tree.map(jnp.asarray, structure), meta, source)
