@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from experiments.sources import load_source
+from experiments.sources import check_window, load_source
 from structmat.data import sources
 from structmat.finetune import classify, export, prepare
 from structmat.finetune.methods import graft
@@ -33,12 +33,7 @@ def trainable_report(params, trainable: str) -> dict:
 def run_finetune(fc, init: str, workdir: str) -> dict:
   """Fine-tune the run at ``init`` with config ``fc`` into ``workdir``."""
   params, structure, meta, source = load_source(init)
-  window, seq_len = meta.get("sliding_window"), fc.seq_len or source.seq_len
-  if window and seq_len > window:
-    raise ValueError(f"seq_len={seq_len} exceeds the checkpoint's "
-                     f"sliding_window={window}; structmat attends over the "
-                     "whole sequence, the same function only up to the "
-                     "window: use seq_len <= the window.")
+  check_window(meta, fc.seq_len or source.seq_len)
   vocab = params["embed"]["embedding"].shape[0]
   cfg = loop.model_config(source, vocab)
   init_dir = os.path.join(os.path.abspath(workdir), "init")

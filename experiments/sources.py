@@ -99,13 +99,15 @@ def hf_init(config, init: str, workdir: str):
   meta_file = os.path.join(init_dir, "model.json")
   if os.path.exists(meta_file):  # converted before: a restart
     with open(meta_file) as f:
-      source = source_config(json.load(f)["config"])
+      meta = json.load(f)
+    source = source_config(meta["config"])
   else:
     params, _, meta, source = hf_source(init)
     if jax.process_index() == 0:
       init_ckpt.save_init(init_dir, params, {}, meta)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("structmat_hf_init")
+  check_window(meta, config.seq_len)
   config = config.copy_and_resolve_references()
   with config.unlocked():
     for k in ("model", "model_dims", "n_kv_heads", "tie_embeddings"):
@@ -113,6 +115,17 @@ def hf_init(config, init: str, workdir: str):
     for k in ("tokenizer", "tokenizer_model", "vocab_size"):
       config.data[k] = source.data[k]
   return config, init_dir
+
+
+def check_window(meta: dict, seq_len: int) -> None:
+  """Refuse sequences longer than a Mistral-style sliding window: structmat
+  attends over the whole sequence, the same function only up to the window."""
+  window = meta.get("sliding_window")
+  if window and seq_len > window:
+    raise ValueError(f"seq_len={seq_len} exceeds the checkpoint's "
+                     f"sliding_window={window}; structmat attends over the "
+                     "whole sequence, the same function only up to the "
+                     "window: use seq_len <= the window.")
 
 
 def model_flags(config) -> str:

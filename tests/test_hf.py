@@ -192,6 +192,9 @@ def test_finetune_launcher_takes_a_hf_llama(kind, tmp_path, data_dir):
   json.dump(dict(conf, sliding_window=16), open(hf_dir / "config.json", "w"))
   with pytest.raises(ValueError, match="sliding_window=16"):
     run_finetune(fc, str(hf_dir), str(tmp_path / "ft_window"))
+  if kind == "sentencepiece":  # continued pretraining refuses it as well
+    with pytest.raises(ValueError, match="sliding_window=16"):
+      sources.hf_init(pc, str(hf_dir), str(tmp_path / "pt_window"))
 
 
 def test_launchers_reject_a_gpt2_init(tmp_path):
