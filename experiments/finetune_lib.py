@@ -107,21 +107,24 @@ def _classify(fc, config, init_dir, tok, vocab, workdir) -> dict:
 
 
 def _export(fc, workdir, init_dir, source, vocab, tokenizer_model) -> dict:
-  """The adapter file (trainable parameters only), the PEFT format for LoRA,
-  and, with fc.export_merged, a merged dense init directory (plus, for LM
-  fine-tuning, the same as a Hugging Face LLaMA directory)."""
+  """The adapter file (trainable parameters only, when some are frozen), the
+  PEFT format for LoRA, and, with fc.export_merged, a merged dense init
+  directory (plus, for LM fine-tuning, the same as a Hugging Face LLaMA
+  directory; full and GaLore tuning included)."""
   with open(os.path.join(init_dir, "model.json")) as f:
     meta = json.load(f)
-  if not meta["trainable"]:
-    return {}
-  if fc.task != "lm":  # the new head is trained and belongs to the adapter
+  if not meta["trainable"] and not fc.export_merged:
+    return {}  # full tuning: the final checkpoint is the whole model
+  if fc.task != "lm" and meta["trainable"]:  # the trained head belongs to it
     meta.update(trainable=meta["trainable"] + "|cls_head/.*", task=fc.task,
                 num_classes=classify.task_info(fc.task)[1])
   params, structure, _ = init_ckpt.load_init(workdir)   # the final step
-  out = {"adapter_bytes": export.save_adapter(
-      os.path.join(workdir, "adapter"), params, structure, meta)}
-  print(f"adapter: {out['adapter_bytes']:,} bytes in {workdir}/adapter",
-        flush=True)
+  out = {}
+  if meta["trainable"]:
+    out["adapter_bytes"] = export.save_adapter(
+        os.path.join(workdir, "adapter"), params, structure, meta)
+    print(f"adapter: {out['adapter_bytes']:,} bytes in {workdir}/adapter",
+          flush=True)
   cfg = export.method_config(loop.model_config(source, vocab), meta)
   if fc.method == "lora" and fc.task == "lm":
     export.export_peft_lora(os.path.join(workdir, "peft"), cfg, params)

@@ -155,14 +155,23 @@ def test_galore_fine_tuning_keeps_low_rank_moments(tmp_path, tiny_base):
   """method=galore trains every parameter with GaLore's optimizer: its AdamW
   moments are projected (rank 2 here), far below full AdamW's."""
   from experiments.finetune_lib import run_finetune  # pylint: disable=import-outside-toplevel
+  from structmat.models import load_hf  # pylint: disable=import-outside-toplevel
+  from structmat.train import init_ckpt  # pylint: disable=import-outside-toplevel
   fc = finetune_config.get_config("method=galore,rank=2,steps=2")
   with fc.unlocked():
-    fc.eval_every_steps = 0
+    fc.eval_every_steps, fc.export_merged = 0, True
   s = run_finetune(fc, tiny_base, str(tmp_path / "ft"))
   assert s["step"] == 2 and np.isfinite(s["eval_loss"])
   assert s["trainable_params"] == s["total_params"]
   full_adamw = 2 * 4 * s["total_params"]
   assert s["optimizer_state_bytes"] < 0.5 * full_adamw, s
+  # Nothing frozen: no adapter file, but the export still goes out, and the
+  # Hugging Face directory holds exactly the final checkpoint's weights.
+  assert "adapter_bytes" not in s and s["merged_hf"]
+  final, _, _ = init_ckpt.load_init(str(tmp_path / "ft"))
+  _, exported = load_hf(s["merged_hf"])
+  for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(final)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_frozen_base_in_bfloat16(tmp_path, tiny_base):
