@@ -9,6 +9,7 @@ import pytest
 
 from structmat import ops
 from structmat.kernels import sltrain as sk
+from tests.helpers import poison_pallas_outputs
 
 # (tokens, in, out, rank, density, block_tokens, block_in, block_out, chunk)
 SHAPES = [
@@ -35,7 +36,9 @@ def _inputs(tokens, d_in, d_out, rank, density, dtype, seed=0):
 @pytest.mark.parametrize("tokens,d_in,d_out,rank,density,bt,bk,bn,chunk,dtype,tol",
                          CASES)
 def test_sltrain_kernel_matches_reference(tokens, d_in, d_out, rank, density,
-                                          bt, bk, bn, chunk, dtype, tol):
+                                          bt, bk, bn, chunk, dtype, tol,
+                                          monkeypatch):
+  poisoned = poison_pallas_outputs(monkeypatch)  # unwritten outputs stay NaN
   x, a, b, v, idx, g = _inputs(tokens, d_in, d_out, rank, density, dtype)
   f32 = lambda *z: [t.astype(jnp.float32) for t in z]
   ref = lambda x, a, b, v: ops.sltrain_matmul(*f32(x, a, b, v)[:3], f32(v)[0],
@@ -54,20 +57,19 @@ def test_sltrain_kernel_matches_reference(tokens, d_in, d_out, rank, density,
     scale = float(jnp.abs(q).max())
     np.testing.assert_allclose(np.asarray(p, np.float32), np.asarray(q),
                                rtol=tol, atol=tol * 4 * scale, err_msg=name)
+  assert set(poisoned) == {"sltrain_fwd", "sltrain_dvalues"}
 
 
-def test_every_output_element_is_written():
-  x, a, b, v, idx, g = _inputs(32, 64, 96, 4, 0.05, jnp.float32)
+def test_dvalues_writes_only_the_support(monkeypatch):
+  """Masked stores: every entry of the support is written, the padding past
+  it is not (it belongs to no tile)."""
+  poison_pallas_outputs(monkeypatch)
+  x, _, _, _, idx, g = _inputs(32, 64, 96, 4, 0.05, jnp.float32)
   bt, bk, bn, chunk = 16, 16, 32, 8
   ts = sk.tile_support(idx, 64, 96, bk, bn, chunk)
-  y = sk._call_fwd(x, a, b, v[ts.order], ts, 2.0, bt, bk, bn, chunk, True,
-                   "cpu", poisoned=jnp.full((32, 96), jnp.nan))
-  assert bool(jnp.isfinite(y).all())
-  nnz_p = ts.rows.shape[0]
-  dv = sk._call_dvals(x, g, ts, bt, bk, bn, chunk, True, "cpu",
-                      poisoned=jnp.full((nnz_p,), jnp.nan))
-  assert bool(jnp.isfinite(dv[:idx.shape[0]]).all())  # every entry written
-  assert bool(jnp.isnan(dv[idx.shape[0]:]).all())     # and nothing past them
+  dv = sk._call_dvals(x, g, ts, bt, bk, bn, chunk, True, "cpu")
+  assert bool(jnp.isfinite(dv[:idx.shape[0]]).all())
+  assert bool(jnp.isnan(dv[idx.shape[0]:]).all())
 
 
 def test_tile_support_groups_entries_by_tile():

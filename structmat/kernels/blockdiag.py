@@ -38,13 +38,6 @@ def prepare(x, block_tokens: int, interpret, platform):
   return x2, min(block_tokens, x2.shape[0]), interpret, platform
 
 
-def ignoring_poison(kernel):
-  """kernel(*inputs, out) from kernel(*inputs[:-1], out): a NaN buffer
-  aliased to the output arrives as a last input the kernel does not read
-  (tests: an element the kernel forgets to write stays NaN)."""
-  return lambda *refs: kernel(*refs[:-2], refs[-1])
-
-
 def _pow2(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
@@ -148,34 +141,23 @@ def _fwd_kernel(x_ref, w_ref, y_ref, *, chunk):
   y_ref[...] = acc.astype(y_ref.dtype)
 
 
-def _call_fwd(x, w, block_tokens, interpret, platform, poisoned=None):
-  """``poisoned``: a (tokens, k*q) NaN buffer the output is written into
-  (tests: an element the kernel forgets to write stays NaN)."""
+def _call_fwd(x, w, block_tokens, interpret, platform):
   b = x.shape[0]
   k, q, p = w.shape
   tile, chunk = tiling(block_tokens, q, p, x.dtype.itemsize, platform)
   n_tiles = q // tile
-  out_spec = pl.BlockSpec((block_tokens, tile),
-                          lambda i, j, c: (i, j * n_tiles + c))
-  in_specs = [pl.BlockSpec((block_tokens, p), lambda i, j, c: (i, j)),
-              pl.BlockSpec((None, tile, p), lambda i, j, c: (j, c, 0))]
-  kernel = functools.partial(_fwd_kernel, chunk=chunk)
-  args, aliases = (x, w), {}
-  if poisoned is not None:
-    kernel = ignoring_poison(kernel)
-    args, aliases = (x, w, poisoned), {2: 0}
-    in_specs.append(out_spec)
   return pl.pallas_call(
-      kernel,
+      functools.partial(_fwd_kernel, chunk=chunk),
       out_shape=jax.ShapeDtypeStruct((b, k * q), x.dtype),
       grid=(b // block_tokens, k, n_tiles),
-      in_specs=in_specs,
-      out_specs=out_spec,
-      input_output_aliases=aliases,
+      in_specs=[pl.BlockSpec((block_tokens, p), lambda i, j, c: (i, j)),
+                pl.BlockSpec((None, tile, p), lambda i, j, c: (j, c, 0))],
+      out_specs=pl.BlockSpec((block_tokens, tile),
+                             lambda i, j, c: (i, j * n_tiles + c)),
       interpret=interpret,
       compiler_params=None if interpret else compiler_params(platform, 3),
       name="blockdiag_fwd",
-  )(*args)
+  )(x, w)
 
 
 def _dw_kernel(dy_ref, x_ref, dw_ref, *, step, n_steps):

@@ -27,8 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from structmat.kernels.blockdiag import (_pow2, compiler_params,
-                                         ignoring_poison, prepare)
+from structmat.kernels.blockdiag import _pow2, compiler_params, prepare
 
 
 class TiledSupport(NamedTuple):
@@ -167,9 +166,7 @@ def _fwd_kernel(off_ref, x_ref, a_ref, b_ref, rows_ref, cols_ref, vals_ref,
 
 
 def _call_fwd(x, a, b, vals_sorted, ts: TiledSupport, scale, bt, bk, bn, chunk,
-              interpret, platform, poisoned=None):
-  """``poisoned``: a NaN (tokens, out) buffer the output is written into
-  (tests: an element the kernel forgets stays NaN)."""
+              interpret, platform):
   tokens, d_in = x.shape
   d_out, rank = b.shape[1], a.shape[1]
   nnz_p = ts.rows.shape[0]
@@ -177,29 +174,20 @@ def _call_fwd(x, a, b, vals_sorted, ts: TiledSupport, scale, bt, bk, bn, chunk,
   kernel = functools.partial(_fwd_kernel, scale=scale, bk=bk, bn=bn,
                              n_k=d_in // bk, n_tn=d_out // bn, chunk=chunk)
   full = lambda n: pl.BlockSpec((n,), lambda i, j: (0,))
-  out_spec = pl.BlockSpec((bt, bn), lambda i, j: (i, j))
-  in_specs = [full(ts.offsets.shape[0]),
-              pl.BlockSpec((bt, d_in), lambda i, j: (i, 0)),
-              pl.BlockSpec((d_in, rank), lambda i, j: (0, 0)),
-              pl.BlockSpec((rank, bn), lambda i, j: (0, j)),
-              full(nnz_p), full(nnz_p), full(nnz_p)]
-  args, aliases = [ts.offsets, x, a, b, ts.rows, ts.cols, vals], {}
-  if poisoned is not None:
-    kernel = ignoring_poison(kernel)
-    in_specs.append(out_spec)
-    args.append(poisoned)
-    aliases = {len(args) - 1: 0}
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((tokens, d_out), x.dtype),
       grid=(tokens // bt, d_out // bn),
-      in_specs=in_specs,
-      out_specs=out_spec,
-      input_output_aliases=aliases,
+      in_specs=[full(ts.offsets.shape[0]),
+                pl.BlockSpec((bt, d_in), lambda i, j: (i, 0)),
+                pl.BlockSpec((d_in, rank), lambda i, j: (0, 0)),
+                pl.BlockSpec((rank, bn), lambda i, j: (0, j)),
+                full(nnz_p), full(nnz_p), full(nnz_p)],
+      out_specs=pl.BlockSpec((bt, bn), lambda i, j: (i, j)),
       interpret=interpret,
       compiler_params=None if interpret else compiler_params(platform, 2),
       name="sltrain_fwd",
-  )(*args)
+  )(ts.offsets, x, a, b, ts.rows, ts.cols, vals)
 
 
 def _dvals_kernel(off_ref, x_ref, dy_ref, rows_ref, cols_ref, dv_ref, *, bt,
@@ -237,36 +225,28 @@ def _dvals_kernel(off_ref, x_ref, dy_ref, rows_ref, cols_ref, dv_ref, *, bt,
 
 
 def _call_dvals(x, dy, ts: TiledSupport, bt, bk, bn, chunk, interpret,
-                platform, poisoned=None):
+                platform):
   tokens, d_in = x.shape
   d_out = dy.shape[1]
   nnz_p = ts.rows.shape[0]
   kernel = functools.partial(_dvals_kernel, bt=bt, n_t=tokens // bt, bk=bk,
                              bn=bn, n_tn=d_out // bn, chunk=chunk)
   full = lambda n: pl.BlockSpec((n,), lambda k, j: (0,))
-  in_specs = [full(ts.offsets.shape[0]),
-              pl.BlockSpec((tokens, bk), lambda k, j: (0, k)),
-              pl.BlockSpec((tokens, bn), lambda k, j: (0, j)),
-              full(nnz_p), full(nnz_p)]
-  args, aliases = [ts.offsets, x, dy, ts.rows, ts.cols], {}
-  if poisoned is not None:  # (nnz_p,) NaN: unwritten entries stay NaN
-    kernel = ignoring_poison(kernel)
-    in_specs.append(full(nnz_p))
-    args.append(poisoned)
-    aliases = {len(args) - 1: 0}
   # Every program writes only its own tile's (disjoint, masked) entries of
   # the one output vector.
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((nnz_p,), jnp.float32),
       grid=(d_in // bk, d_out // bn),
-      in_specs=in_specs,
+      in_specs=[full(ts.offsets.shape[0]),
+                pl.BlockSpec((tokens, bk), lambda k, j: (0, k)),
+                pl.BlockSpec((tokens, bn), lambda k, j: (0, j)),
+                full(nnz_p), full(nnz_p)],
       out_specs=full(nnz_p),
-      input_output_aliases=aliases,
       interpret=interpret,
       compiler_params=None if interpret else compiler_params(platform, 2),
       name="sltrain_dvalues",
-  )(*args)
+  )(ts.offsets, x, dy, ts.rows, ts.cols)
 
 
 class _Static(NamedTuple):
