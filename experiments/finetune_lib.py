@@ -1,5 +1,6 @@
 """Fine-tuning run: method preparation, then the standard training loop."""
 import json
+import math
 import os
 
 import flax.linen as nn
@@ -11,6 +12,7 @@ from structmat.data import sources
 from structmat.finetune import classify, export, prepare
 from structmat.finetune.methods import graft
 from structmat.models import LlamaClassifier, hf, save_hf
+from structmat.optim import make_optimizer
 from structmat.train import init_ckpt, loop
 from structmat.train.params import count_params
 from structmat.train.partition import partition
@@ -19,15 +21,25 @@ _TRAIN_FIELDS = ("total_steps", "warmup_steps", "lr", "eval_every_steps",
                  "checkpoint_every_steps", "log_every_steps", "seed")
 
 
-def trainable_report(params, trainable: str) -> dict:
+def _nbytes(tree) -> int:
+  return sum(math.prod(l.shape) * jnp.dtype(l.dtype).itemsize
+             for l in jax.tree.leaves(tree))
+
+
+def trainable_report(params, trainable: str, config) -> dict:
+  """Trainable counts and the gradient + optimizer-state memory of the run.
+
+  The state is the one ``config``'s optimizer builds for the trainable
+  parameters (shapes only, nothing allocated): AdamW's two moments, or
+  GaLore's projected moments and projectors. The full fine-tuning column is
+  AdamW on every parameter."""
   train, _ = partition(params, trainable)
   n_train, n_all = count_params(train), count_params(params)
+  state = jax.eval_shape(make_optimizer(config).init, train)
   return {"trainable_params": n_train, "total_params": n_all,
           "trainable_pct": 100.0 * n_train / n_all,
-          # float32 weights' gradient + AdamW's two moments per trainable
-          # parameter; frozen ones get none of the three.
-          "grad_and_opt_state_mb": 12 * n_train / 2**20,
-          "full_ft_grad_and_opt_state_mb": 12 * n_all / 2**20}
+          "grad_and_opt_state_mb": (_nbytes(train) + _nbytes(state)) / 2**20,
+          "full_ft_grad_and_opt_state_mb": 3 * _nbytes(params) / 2**20}
 
 
 def run_finetune(fc, init: str, workdir: str) -> dict:
@@ -37,6 +49,7 @@ def run_finetune(fc, init: str, workdir: str) -> dict:
   vocab = params["embed"]["embedding"].shape[0]
   cfg = loop.model_config(source, vocab)
   init_dir = os.path.join(os.path.abspath(workdir), "init")
+  prepared = None
   if not os.path.exists(os.path.join(init_dir, "model.json")):
     # Prepared once: a restarted run resumes from its own checkpoints.
     prep = prepare(fc.method, cfg, params, structure, fc)
@@ -44,13 +57,8 @@ def run_finetune(fc, init: str, workdir: str) -> dict:
         "overrides": prep.overrides, "trainable": prep.trainable,
         "adapters": prep.adapters, "config": meta["config"],
         "method": fc.method, "hf": meta.get("hf", "")})
-    report = trainable_report(prep.params, prep.trainable)
-    with open(os.path.join(workdir, "trainable.json"), "w") as f:
-      json.dump(report, f, indent=1)
-  report = json.load(open(os.path.join(workdir, "trainable.json")))
-  print(f"method {fc.method}: trainable parameters "
-        f"{report['trainable_params']:,} of {report['total_params']:,} "
-        f"({report['trainable_pct']:.3f}%)", flush=True)
+    prepared = (prep.params, prep.trainable)
+  del params, structure
   config = source.copy_and_resolve_references()
   # The base model's tokenizer, whatever the fine-tuning data: a tokenizer
   # trained on the new text would scramble the pretrained embeddings.
@@ -69,6 +77,12 @@ def run_finetune(fc, init: str, workdir: str) -> dict:
     if fc.data:
       config.data.name = fc.data
       config.data.eval_split = "test" if fc.data == "lm1b" else "validation"
+  report = _report(workdir, init_dir, prepared, config)
+  print(f"method {fc.method}: trainable parameters "
+        f"{report['trainable_params']:,} of {report['total_params']:,} "
+        f"({report['trainable_pct']:.3f}%); gradients + optimizer state "
+        f"{report['grad_and_opt_state_mb']:.2f} MB (full AdamW "
+        f"{report['full_ft_grad_and_opt_state_mb']:.2f} MB)", flush=True)
   if fc.task == "lm":
     summary = loop.train_and_evaluate(config, workdir, init=init_dir)
   else:
@@ -79,6 +93,20 @@ def run_finetune(fc, init: str, workdir: str) -> dict:
   with open(os.path.join(workdir, "finetune_summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   return summary
+
+
+def _report(workdir, init_dir, prepared, config) -> dict:
+  """trainable.json: written once, from the prepared parameters (read back
+  from the init directory when a run stopped before writing it)."""
+  path = os.path.join(workdir, "trainable.json")
+  if not os.path.exists(path):
+    if prepared is None:
+      p, _, m = init_ckpt.load_init(init_dir)
+      prepared = (p, m["trainable"])
+    with open(path, "w") as f:
+      json.dump(trainable_report(*prepared, config), f, indent=1)
+  with open(path) as f:
+    return json.load(f)
 
 
 def _classify(fc, config, init_dir, tok, vocab, workdir) -> dict:

@@ -165,6 +165,11 @@ def test_galore_fine_tuning_keeps_low_rank_moments(tmp_path, tiny_base):
   assert s["trainable_params"] == s["total_params"]
   full_adamw = 2 * 4 * s["total_params"]
   assert s["optimizer_state_bytes"] < 0.5 * full_adamw, s
+  # The report (written before training, from the optimizer's state shapes)
+  # is the real state plus float32 gradients, not full AdamW's bound.
+  assert s["grad_and_opt_state_mb"] * 2**20 == pytest.approx(
+      4 * s["total_params"] + s["optimizer_state_bytes"])
+  assert s["grad_and_opt_state_mb"] < 0.75 * s["full_ft_grad_and_opt_state_mb"]
   # Nothing frozen: no adapter file, but the export still goes out, and the
   # Hugging Face directory holds exactly the final checkpoint's weights.
   assert "adapter_bytes" not in s and s["merged_hf"]
