@@ -54,6 +54,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # n_layers, n_heads, rope_theta, rope_scaling, norm_eps); model="custom"
   # takes its sizes from here. A Hugging Face --init writes it.
   c.model_dims = ""
+  # "llama", or "gpt2" (model="custom", sizes in model_dims: a Hugging Face
+  # GPT-2 --init sets both).
+  c.family = "llama"
   c.linear = args.pop("linear", "dense")
   c.linear_kwargs = ml_collections.ConfigDict(
       {k: _number(args.pop(k)) for k in STRUCTURE_KEYS if k in args})

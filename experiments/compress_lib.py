@@ -8,7 +8,7 @@ import jax
 from experiments.sources import load_source, model_flags, source_config
 from structmat import compress
 from structmat import data as sm_data
-from structmat.models import Llama
+from structmat.models import build_model
 from structmat.train import init_ckpt, loop, steps
 from structmat.train.params import count_params
 
@@ -16,7 +16,7 @@ from structmat.train.params import count_params
 def eval_loss(config, cfg, params, structure, tok, eval_src):
   batches = sm_data.eval_batches(eval_src, tok, config.batch_size,
                                  config.seq_len, config.eval_batches)
-  model = Llama(cfg)
+  model = build_model(cfg)
   fn = jax.jit(lambda p, b: steps.token_loss(
       model.apply({"params": p, **structure}, b[:, :-1]), b[:, 1:], tok.pad_id))
   total = count = 0.0

@@ -45,8 +45,12 @@ def trainable_report(params, trainable: str, config) -> dict:
 def run_finetune(fc, init: str, workdir: str) -> dict:
   """Fine-tune the run at ``init`` with config ``fc`` into ``workdir``."""
   params, structure, meta, source = load_source(init)
+  if fc.task != "lm" and source.get("family", "llama") != "llama":
+    raise ValueError(f"task={fc.task!r}: sequence classification heads exist "
+                     f"for LLaMA models; a {source.family} source fine-tunes "
+                     "on task=lm.")
   check_window(meta, fc.seq_len or source.seq_len)
-  vocab = params["embed"]["embedding"].shape[0]
+  vocab = (params.get("embed") or params["wte"])["embedding"].shape[0]
   cfg = loop.model_config(source, vocab)
   init_dir = os.path.join(os.path.abspath(workdir), "init")
   prepared = None
@@ -154,14 +158,15 @@ def _export(fc, workdir, init_dir, source, vocab, tokenizer_model) -> dict:
     print(f"adapter: {out['adapter_bytes']:,} bytes in {workdir}/adapter",
           flush=True)
   cfg = export.method_config(loop.model_config(source, vocab), meta)
-  if fc.method == "lora" and fc.task == "lm":
+  if (fc.method == "lora" and fc.task == "lm"
+      and source.get("family", "llama") == "llama"):
     export.export_peft_lora(os.path.join(workdir, "peft"), cfg, params)
   if fc.export_merged and not meta["adapters"]:
     dense_cfg, dense = export.merge_to_dense(cfg, params, structure)
     init_ckpt.save_init(os.path.join(workdir, "merged"), dense, {}, {
         "overrides": [], "trainable": "", "config": meta["config"]})
     out["merged"] = os.path.join(workdir, "merged")
-    if fc.task == "lm":  # a classifier's head has no LlamaForCausalLM slot
+    if fc.task == "lm":  # a classifier's head has no *ForCausalLM slot
       hf_dir = meta.get("hf", "")
       save_hf(os.path.join(workdir, "merged_hf"), dense_cfg, dense,
               hf_config=hf.read_config(hf_dir) if hf_dir else None,

@@ -1,5 +1,6 @@
 """Where a launcher starts from: a structmat run or init directory, or a
-Hugging Face LLaMA directory (its sizes and tokenizer become the config's).
+Hugging Face LLaMA-family or GPT-2 directory (its sizes and tokenizer become
+the config's).
 
 Used by experiments.compress, experiments.finetune and experiments.pretrain.
 """
@@ -14,6 +15,7 @@ import ml_collections
 from configs import pretrain as pretrain_config
 from structmat import data as sm_data
 from structmat.models import hf
+from structmat.models.family import GPT2_DIMS, family_of
 from structmat.train import init_ckpt, loop
 
 
@@ -34,18 +36,19 @@ def source_config(saved: dict) -> ml_collections.ConfigDict:
 
 
 def hf_source(path: str):
-  """(params, structure, meta, config) for a Hugging Face LLaMA directory.
+  """(params, structure, meta, config) for a Hugging Face LLaMA-family or
+  GPT-2 directory.
 
-  The config is today's pretraining defaults with the checkpoint's sizes
-  (model="custom", model_dims) and its tokenizer (tokenizer.model, else
-  tokenizer.json), so the launchers tokenize and build the model exactly as
-  the checkpoint expects.
+  The config is today's pretraining defaults with the checkpoint's family and
+  sizes (family, model="custom", model_dims) and its tokenizer
+  (tokenizer.model, else tokenizer.json), so the launchers tokenize and build
+  the model exactly as the checkpoint expects.
   """
   hf_config = hf.read_config(path)
-  if hf_config.get("model_type") not in ("llama", "mistral"):
-    raise ValueError(f"--init={path}: the launchers train LLaMA-family "
-                     "checkpoints (model_type llama or mistral); load GPT-2 "
-                     "with structmat.models.load_hf.")
+  if hf_config.get("model_type") not in ("llama", "mistral", "gpt2"):
+    raise ValueError(f"--init={path}: model_type="
+                     f"{hf_config.get('model_type')!r}; the launchers train "
+                     "llama, mistral and gpt2 checkpoints.")
   # sentencepiece (a core dependency) where the checkpoint has it, else
   # tokenizer.json through the optional tokenizers package.
   for kind, name in (("sentencepiece", "tokenizer.model"), ("hf", "tokenizer.json")):
@@ -70,13 +73,18 @@ def hf_source(path: str):
   config = pretrain_config.get_config()
   with config.unlocked():
     config.model = "custom"
-    config.model_dims = json.dumps({
-        "d_model": cfg.d_model, "d_ff": cfg.d_ff, "n_layers": cfg.n_layers,
-        "n_heads": cfg.n_heads, "rope_theta": cfg.rope_theta,
-        "rope_scaling": [list(kv) for kv in cfg.rope_scaling],
-        "norm_eps": cfg.norm_eps})
-    config.n_kv_heads = cfg.kv_heads if cfg.kv_heads != cfg.n_heads else 0
-    config.tie_embeddings = cfg.tie_embeddings
+    config.family = family_of(cfg)
+    if config.family == "gpt2":  # learned positions: max_len is a size
+      config.model_dims = json.dumps({f: getattr(cfg, f) for f in GPT2_DIMS})
+      config.n_kv_heads, config.tie_embeddings = 0, True
+    else:
+      config.model_dims = json.dumps({
+          "d_model": cfg.d_model, "d_ff": cfg.d_ff, "n_layers": cfg.n_layers,
+          "n_heads": cfg.n_heads, "rope_theta": cfg.rope_theta,
+          "rope_scaling": [list(kv) for kv in cfg.rope_scaling],
+          "norm_eps": cfg.norm_eps})
+      config.n_kv_heads = cfg.kv_heads if cfg.kv_heads != cfg.n_heads else 0
+      config.tie_embeddings = cfg.tie_embeddings
     config.data.tokenizer = kind
     config.data.tokenizer_model = tok_file
     config.data.vocab_size = cfg.vocab_size
@@ -90,7 +98,7 @@ def hf_source(path: str):
 
 def hf_init(config, init: str, workdir: str):
   """(config, init directory) for a pretraining run whose --init is a Hugging
-  Face LLaMA directory: the checkpoint's parameters written once as
+  Face LLaMA or GPT-2 directory: the checkpoint's parameters written once as
   WORKDIR/hf_init, and the config's model and tokenizer fields taken from
   the checkpoint. Other --init values pass through unchanged."""
   if not hf.is_hf_dir(init):
@@ -110,7 +118,7 @@ def hf_init(config, init: str, workdir: str):
   check_window(meta, config.seq_len)
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    for k in ("model", "model_dims", "n_kv_heads", "tie_embeddings"):
+    for k in ("model", "family", "model_dims", "n_kv_heads", "tie_embeddings"):
       config[k] = source[k]
     for k in ("tokenizer", "tokenizer_model", "vocab_size"):
       config.data[k] = source.data[k]
@@ -133,7 +141,8 @@ def model_flags(config) -> str:
   preset, which the source run's own flags already name)."""
   if config.model != "custom":
     return ""
-  return (f"--config.model=custom --config.model_dims='{config.model_dims}' "
+  return (f"--config.model=custom --config.family={config.family} "
+          f"--config.model_dims='{config.model_dims}' "
           f"--config.n_kv_heads={config.n_kv_heads} "
           f"--config.tie_embeddings={config.tie_embeddings} "
           f"--config.data.tokenizer={config.data.tokenizer} "
@@ -143,7 +152,7 @@ def model_flags(config) -> str:
 
 def load_source(init: str):
   """(params, structure, meta, the source run's config) of a pretraining
-  workdir, an init directory or a Hugging Face LLaMA directory, parameters
+  workdir, an init directory or a Hugging Face LLaMA or GPT-2 directory, parameters
   as jax arrays."""
   if hf.is_hf_dir(init):
     return hf_source(init)

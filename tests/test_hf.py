@@ -197,12 +197,80 @@ def test_finetune_launcher_takes_a_hf_llama(kind, tmp_path, data_dir):
       sources.hf_init(pc, str(hf_dir), str(tmp_path / "pt_window"))
 
 
-def test_launchers_reject_a_gpt2_init(tmp_path):
+def test_finetune_launcher_takes_a_hf_gpt2(tmp_path, data_dir):
+  """--init=HF_GPT2_DIR: LoRA on q and v (NOLA's and LoRA's GPT-2 setting)
+  starts from the transformers function, trains, and the merged model goes
+  back to transformers (q, k, v fused into c_attn again)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from configs import finetune as finetune_config  # pylint: disable=import-outside-toplevel
   from experiments import sources  # pylint: disable=import-outside-toplevel
-  os.makedirs(tmp_path / "g")
-  json.dump({"model_type": "gpt2"}, open(tmp_path / "g" / "config.json", "w"))
-  with pytest.raises(ValueError, match="GPT-2"):
-    sources.load_source(str(tmp_path / "g"))
+  from experiments.finetune_lib import run_finetune  # pylint: disable=import-outside-toplevel
+  from structmat.finetune import prepare  # pylint: disable=import-outside-toplevel
+  from structmat.models import GPT2  # pylint: disable=import-outside-toplevel
+  from structmat.train import init_ckpt, loop  # pylint: disable=import-outside-toplevel
+  size, files = _tokenizer_files("tokenizer.json", str(tmp_path / "tok"))
+  hf_dir = tmp_path / "hf"
+  cfg = transformers.GPT2Config(vocab_size=size, n_embd=32, n_layer=2,
+                                n_head=4, n_positions=48, bos_token_id=0,
+                                eos_token_id=0)
+  ref = _save(transformers.GPT2LMHeadModel(cfg).eval(), hf_dir)
+  for f in files:
+    shutil.copy(f, hf_dir)
+  base, _, _, source = sources.load_source(str(hf_dir))
+  assert source.family == "gpt2" and source.seq_len == 48  # capped: positions
+  fc = finetune_config.get_config("method=lora,rank=2,steps=2,seq_len=32,"
+                                  "batch_size=4")
+  with fc.unlocked():
+    fc.eval_every_steps, fc.export_merged = 0, True
+  del data_dir  # the fixture points STRUCTMAT_DATA_DIR at the shared corpus
+  s = run_finetune(fc, str(hf_dir), str(tmp_path / "ft"))
+  assert s["step"] == 2 and np.isfinite(s["eval_loss"])
+  assert s["total_params"] - s["trainable_params"] == sum(
+      p.numel() for p in transformers.GPT2LMHeadModel(cfg).parameters())
+  assert "peft" not in s  # PEFT's GPT-2 LoRA sits on the fused c_attn
+  params, _, meta = init_ckpt.load_init(str(tmp_path / "ft" / "init"))
+  config = loop.apply_init_meta(sources.source_config(meta["config"]), meta)
+  model = GPT2(dataclasses.replace(loop.model_config(config, size),
+                                   attention="naive"))
+  logits = model.apply({"params": jax.tree.map(jnp.asarray, params)},
+                       jnp.asarray(TOKENS))
+  assert _rel(logits, ref) < 1e-4          # LoRA at init: the base function
+  final, _, _ = init_ckpt.load_init(str(tmp_path / "ft"))
+  ours = model.apply({"params": jax.tree.map(jnp.asarray, final)},
+                     jnp.asarray(TOKENS))
+  assert _rel(ours, ref) > 1e-3            # training moved it
+  merged = transformers.GPT2LMHeadModel.from_pretrained(
+      str(tmp_path / "ft" / "merged_hf")).eval()
+  with torch.no_grad():
+    theirs = merged(torch.tensor(TOKENS)).logits.float().numpy()
+  assert _rel(ours, theirs) < 1e-4
+  # Structures replace GPT-2 linears with their biases kept (merging back
+  # to dense gives the same function); the Compacter family and
+  # classification heads are LLaMA-only and say so up front.
+  from structmat.finetune.export import merge_to_dense  # pylint: disable=import-outside-toplevel
+  cfg_ours = loop.model_config(source, size)
+  for method in ("monarch", "welore"):
+    hp = finetune_config.get_config(f"method={method}")
+    prep = prepare(method, cfg_ours, base, {}, hp)
+    np.testing.assert_array_equal(prep.params["layer_1"]["mlp"]["fc"]["bias"],
+                                  base["layer_1"]["mlp"]["fc"]["bias"])
+    new_cfg = loop.model_config(loop.apply_init_meta(source, {
+        "overrides": prep.overrides}), size)
+    assert new_cfg.linear_for("fc", 1)[0] != "dense"
+    out = GPT2(new_cfg).apply({"params": prep.params}, jnp.asarray(TOKENS))
+    dense_cfg, dense = merge_to_dense(new_cfg, prep.params)
+    back = GPT2(dense_cfg).apply({"params": dense}, jnp.asarray(TOKENS))
+    assert _rel(out, back) < 1e-5
+  with pytest.raises(ValueError, match="LLaMA"):
+    prepare("compacter", cfg_ours, base, {}, finetune_config.get_config(""))
+  with pytest.raises(ValueError, match="classification"):
+    run_finetune(finetune_config.get_config("method=lora,task=stdlib_topic"),
+                 str(hf_dir), str(tmp_path / "cls"))
+  with pytest.raises(ValueError, match="model_type"):
+    json.dump({"model_type": "bert"}, open(tmp_path / "tok" / "config.json", "w"))
+    sources.load_source(str(tmp_path / "tok"))
 
 
 def test_save_hf_roundtrips_through_transformers(tmp_path):

@@ -10,7 +10,8 @@ import numpy as np
 
 from structmat import ops
 from structmat.compress import welore
-from structmat.models.llama import SITES, site_params
+from structmat.models.family import linear_sites
+from structmat.models.llama import site_params
 
 METHODS = ("welore", "monarch", "lowrank")
 
@@ -19,7 +20,7 @@ def linear_paths(cfg, params, pattern: str = ".*"):
   """[(layer, site, kernel)] of the dense linears whose "i.site" matches."""
   out = []
   for i in range(cfg.n_layers):
-    for site in SITES:
+    for site in linear_sites(cfg):
       leaf = site_params(params, i, site)[site]
       if "kernel" in leaf and re.fullmatch(pattern, f"{i}.{site}"):
         out.append((i, site, np.asarray(leaf["kernel"], np.float32)))
@@ -33,7 +34,11 @@ def spectra_of(linears) -> dict:
 
 
 def _set(params, layer, site, value):
-  site_params(params, layer, site)[site] = value
+  """Replace a linear's kernel by ``value``'s factors; a bias (GPT-2) stays."""
+  group = site_params(params, layer, site)
+  if "bias" in group[site]:
+    value = dict(value, bias=group[site]["bias"])
+  group[site] = value
 
 
 def convert(cfg, params, method: str, reduction: float = 0.5,
@@ -41,7 +46,8 @@ def convert(cfg, params, method: str, reduction: float = 0.5,
   """Compress a dense checkpoint's linears.
 
   Args:
-    cfg: the LlamaConfig of ``params`` (its selected linears must be dense).
+    cfg: the LlamaConfig or GPT2Config of ``params`` (its selected linears
+      must be dense).
     params: the parameter tree.
     method: "welore" (LRCs by a bisected global tau), "lowrank" (uniform rank
       giving the same reduction on every selected matrix) or "monarch"
@@ -94,8 +100,9 @@ def convert(cfg, params, method: str, reduction: float = 0.5,
 
 
 def lrc_trainable_pattern(overrides) -> str:
-  """Regex of the parameters WeLore fine-tunes: LRC factors and norms."""
+  """Regex of the parameters WeLore fine-tunes: LRC factors and norms
+  (LLaMA's *norm*, GPT-2's ln_*)."""
   sites = [s for s, name, _ in overrides if name == "lowrank"]
   parts = [rf"layer_{s.split('.')[0]}/(attn|mlp)/{s.split('.')[1]}/(u|v)"
            for s in sites]
-  return "|".join(parts + [r".*norm.*"])
+  return "|".join(parts + [r".*norm.*", r"(.*/)?ln_\w+/.*"])

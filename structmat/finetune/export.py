@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from structmat.finetune.methods import graft
-from structmat.models import Llama, LlamaClassifier
+from structmat.models import Llama, LlamaClassifier, build_model
+from structmat.models.gpt2 import GPT2Config
 from structmat.models.llama import parse_adapters, site_params
 from structmat.train.densify import densify_params, structured_sites
 from structmat.train.partition import partition, path_str
@@ -75,8 +76,10 @@ def method_config(cfg, meta: dict):
   """The base LlamaConfig with an adapter's overrides and adapters applied."""
   over = tuple((s, n, tuple(tuple(kv) for kv in k))
                for s, n, k in meta.get("overrides", []))
-  return dataclasses.replace(cfg, overrides=cfg.overrides + over,
-                             adapters=parse_adapters(meta.get("adapters", "")))
+  cfg = dataclasses.replace(cfg, overrides=cfg.overrides + over)
+  if meta.get("adapters"):  # Compacter slots: LLaMA only
+    cfg = dataclasses.replace(cfg, adapters=parse_adapters(meta["adapters"]))
+  return cfg
 
 
 def adapter_module(cfg, meta: dict):
@@ -84,7 +87,7 @@ def adapter_module(cfg, meta: dict):
   a classification adapter (``meta["num_classes"]``), else ``Llama``."""
   if meta.get("num_classes"):
     return LlamaClassifier(cfg, meta["num_classes"])
-  return Llama(cfg)
+  return build_model(cfg)
 
 
 def load_adapter(directory: str, cfg, base_params):
@@ -123,7 +126,7 @@ def merge_to_dense(cfg, params, structure=None):
   """(dense cfg, params): every non-dense linear materialized (its layer's
   to_dense: LoRA/NOLA deltas added to the base kernel, Monarch and low-rank
   factors multiplied out). The cfg keeps no overrides or adapters."""
-  if cfg.adapters:
+  if getattr(cfg, "adapters", ()):
     raise ValueError("Compacter-style adapters (config.adapters) are "
                      "nonlinear bottlenecks and cannot be merged into dense "
                      "weights; keep the adapter file, or use lora/nola.")
@@ -134,7 +137,10 @@ def merge_to_dense(cfg, params, structure=None):
 
 
 def export_peft_lora(directory: str, cfg, params, base_model: str = "") -> None:
-  """Write a LoRA model's adapters in PEFT's format."""
+  """Write a LoRA model's adapters in PEFT's format (LLaMA models)."""
+  if isinstance(cfg, GPT2Config):
+    raise ValueError("PEFT export covers LLaMA models; GPT-2's fused c_attn "
+                     "has no separate q and v modules to attach LoRA to.")
   sites = structured_sites(cfg, ("lora",))
   if not sites:
     raise ValueError("the model has no LoRA linears to export.")

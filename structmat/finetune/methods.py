@@ -1,5 +1,6 @@
-"""Fine-tuning methods: turn a pretrained dense LLaMA checkpoint into the
-model, initial parameters and trainable-parameter regex of one method.
+"""Fine-tuning methods: turn a pretrained dense LLaMA or GPT-2 checkpoint into
+the model, initial parameters and trainable-parameter regex of one method
+(the Compacter family needs LLaMA's adapter slots).
 
 Methods (``method=`` in configs/finetune.py):
 
@@ -28,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from structmat import compress
-from structmat.models import Llama
-from structmat.models.llama import ATTN_SITES, SITES, parse_adapters
+from structmat.models import build_model, linear_sites
+from structmat.models.gpt2 import GPT2Config
+from structmat.models.llama import ATTN_SITES, parse_adapters
 
 METHODS = ("full", "galore", "lora", "nola", "monarch", "welore", "compacter",
            "compacter++", "phm_adapter")
@@ -50,11 +52,12 @@ class Prepared:
 
 def matched_sites(cfg, target: str) -> list[str]:
   """The "layer.site" names that ``target`` fully matches."""
-  names = [f"{i}.{s}" for i in range(cfg.n_layers) for s in SITES]
+  sites = linear_sites(cfg)
+  names = [f"{i}.{s}" for i in range(cfg.n_layers) for s in sites]
   hits = [n for n in names if re.fullmatch(target, n)]
   if not hits:
     raise ValueError(f"target={target!r} matches no linear; names look like "
-                     f"'0.q' (sites {SITES}).")
+                     f"'0.q' (sites {sites}).")
   return hits
 
 
@@ -81,7 +84,7 @@ def graft(new, base):
 def _init_with(cfg, params, structure, seed: int):
   """Initialize the method's model and graft the pretrained weights in."""
   example = jnp.ones((1, 8), jnp.int32)
-  v = dict(nn.unbox(Llama(cfg).init(jax.random.key(seed), example)))
+  v = dict(nn.unbox(build_model(cfg).init(jax.random.key(seed), example)))
   new_params = v.pop("params")
   # Non-parameter collections ({"structure": ...}: SLTrain supports, NOLA
   # keys), the base's kept where it has them.
@@ -130,6 +133,10 @@ def prepare(method: str, cfg, params, structure, hp) -> Prepared:
     else:
       trainable = compress.lrc_trainable_pattern(overrides)
     return Prepared(overrides, "", new_params, structure, trainable)
+  if isinstance(cfg, GPT2Config):
+    raise ValueError(f"method={method!r} adds adapter slots that only the "
+                     "LLaMA model has; on GPT-2 use full, galore, lora, nola, "
+                     "monarch or welore.")
   # Compacter: rank-1 factors with n; PHM-Adapter: full slices with n_phm.
   n, rank = (hp.n_phm, "none") if method == "phm_adapter" else (hp.n, 1)
   adapters = (f"after={ADAPTER_PLACES[method]};n={n};rank={rank};"

@@ -121,31 +121,81 @@ def hf_llama_config(cfg: LlamaConfig) -> dict:
       "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
 
 
-def save_hf(path: str, cfg: LlamaConfig, params, hf_config: dict | None = None,
-            tokenizer_file: str = "") -> None:
-  """Write a dense LLaMA as a Hugging Face directory (float32 safetensors).
+def hf_gpt2_config(cfg: GPT2Config) -> dict:
+  """A transformers GPT2Config dict (config.json) for a dense GPT2Config."""
+  return {
+      "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+      "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model,
+      "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.d_ff,
+      "n_positions": cfg.max_len, "layer_norm_epsilon": cfg.norm_eps,
+      "activation_function": "gelu_new", "tie_word_embeddings": True,
+      "torch_dtype": "float32"}
+
+
+def _gpt2_out(cfg: GPT2Config, flat: dict) -> dict:
+  """HF tensor name -> array: ``_gpt2_tensors`` inverted (q, k, v fused back
+  into c_attn; Conv1D weights are already (in, out))."""
+  def get(*p):
+    if p not in flat:
+      raise ValueError(f"a dense GPT-2 needs parameter {'/'.join(p)}.")
+    return np.asarray(flat.pop(p), np.float32)
+
+  out = {"transformer.wte.weight": get("wte", "embedding"),
+         "transformer.wpe.weight": get("wpe", "embedding"),
+         "transformer.ln_f.weight": get("ln_f", "scale"),
+         "transformer.ln_f.bias": get("ln_f", "bias")}
+  for i in range(cfg.n_layers):
+    pre, layer = f"transformer.h.{i}.", f"layer_{i}"
+    for ln in ("ln_1", "ln_2"):
+      out[f"{pre}{ln}.weight"] = get(layer, ln, "scale")
+      out[f"{pre}{ln}.bias"] = get(layer, ln, "bias")
+    for leaf, hf_leaf in (("kernel", "weight"), ("bias", "bias")):
+      out[f"{pre}attn.c_attn.{hf_leaf}"] = np.concatenate(
+          [get(layer, "attn", s, leaf) for s in ("q", "k", "v")], axis=-1)
+      for site, group, hf_name in (("o", "attn", "attn.c_proj"),
+                                   ("fc", "mlp", "mlp.c_fc"),
+                                   ("proj", "mlp", "mlp.c_proj")):
+        out[f"{pre}{hf_name}.{hf_leaf}"] = get(layer, group, site, leaf)
+  return out
+
+
+def save_hf(path: str, cfg: LlamaConfig | GPT2Config, params,
+            hf_config: dict | None = None, tokenizer_file: str = "") -> None:
+  """Write a dense LLaMA or GPT-2 as a Hugging Face directory (float32
+  safetensors).
 
   ``hf_config``: the source checkpoint's config.json to keep (its
-  max_position_embeddings, ids, ...); default ``hf_llama_config(cfg)``.
+  max_position_embeddings, ids, ...); default ``hf_llama_config(cfg)`` or
+  ``hf_gpt2_config(cfg)``.
   ``tokenizer_file``: a sentencepiece .model (copied as tokenizer.model) or a
   tokenizer.json (copied with the special-token files beside it).
   Structured linears must be merged first (``finetune.export.merge_to_dense``).
   """
-  if cfg.linear != "dense" or cfg.overrides or cfg.adapters:
-    raise ValueError("save_hf writes dense LLaMAs; merge the structured or "
+  gpt2 = isinstance(cfg, GPT2Config)
+  if cfg.linear != "dense" or cfg.overrides or getattr(cfg, "adapters", ()):
+    raise ValueError("save_hf writes dense models; merge the structured or "
                      "adapter linears first (finetune.export.merge_to_dense).")
   flat = {tuple(getattr(k, "key", k) for k in kp): v
           for kp, v in jax.tree_util.tree_leaves_with_path(nn.unbox(params))}
-  names = _llama_names(cfg)
-  extra = sorted("/".join(p) for p in set(flat) - set(names))
+  if gpt2:
+    rest = dict(flat)  # _gpt2_out takes what it writes; extras remain
+    tensors = _gpt2_out(cfg, rest)
+    extra = sorted("/".join(p) for p in rest)
+  else:
+    names = _llama_names(cfg)
+    extra = sorted("/".join(p) for p in set(flat) - set(names))
   if extra:
-    raise ValueError(f"parameters a dense LLaMA does not have: {extra[:8]}.")
-  tensors = {name: np.asarray(flat[p], np.float32).T if p[-1] == "kernel"
-             else np.asarray(flat[p], np.float32) for p, name in names.items()}
+    raise ValueError(f"parameters a dense {'GPT-2' if gpt2 else 'LLaMA'} "
+                     f"does not have: {extra[:8]}.")
+  if not gpt2:
+    tensors = {name: np.asarray(flat[p], np.float32).T if p[-1] == "kernel"
+               else np.asarray(flat[p], np.float32)
+               for p, name in names.items()}
   os.makedirs(path, exist_ok=True)
   safetensors.save_file(tensors, os.path.join(path, "model.safetensors"),
                         {"format": "pt"})
-  config = dict(hf_config or hf_llama_config(cfg), torch_dtype="float32")
+  default = hf_gpt2_config(cfg) if gpt2 else hf_llama_config(cfg)
+  config = dict(hf_config or default, torch_dtype="float32")
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config, f, indent=1)
   if tokenizer_file.endswith(".json"):

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import optax
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-SITES = ("q", "k", "v", "o", "gate", "up", "down")
+SITES = ("q", "k", "v", "o", "gate", "up", "down",  # LLaMA
+         "fc", "proj")                                # GPT-2's MLP
 FACTOR_NAMES = ("u", "v", "lora_a", "lora_b")
 
 

@@ -9,12 +9,13 @@ import dataclasses
 import jax
 
 from structmat.layers import make_linear
-from structmat.models.llama import SITES, site_params, site_shapes
+from structmat.models.family import linear_shapes, linear_sites
+from structmat.models.llama import site_params
 
 
 def structured_sites(cfg, names=None) -> list[tuple[int, str]]:
   """(layer, site) of every non-dense linear (of the given structure names)."""
-  return [(i, s) for i in range(cfg.n_layers) for s in SITES
+  return [(i, s) for i in range(cfg.n_layers) for s in linear_sites(cfg)
           if cfg.linear_for(s, i)[0] != "dense"
           and (names is None or cfg.linear_for(s, i)[0] in names)]
 
@@ -33,7 +34,7 @@ def densified_config(cfg, sites=None):
 
 def densify_params(cfg, params, sites=None, structure=None):
   """Replace each given linear's parameters (default: Monarch's {w1, w2}) by
-  its materialized {kernel} (the layer's own ``to_dense``); adapters such as
+  its materialized {kernel} (the layer's own ``to_dense``; a bias stays); adapters such as
   LoRA and NOLA merge their delta into the base kernel this way.
   ``structure``: the model's non-parameter collections ({"structure": ...},
   as TrainState.structure), needed by NOLA's regenerated bases."""
@@ -41,14 +42,18 @@ def densify_params(cfg, params, sites=None, structure=None):
   for i, site in monarch_sites(cfg) if sites is None else sites:
     group = site_params(params, i, site)
     name, kwargs = cfg.linear_for(site, i)
-    d_in, d_out = site_shapes(cfg)[site]
+    d_in, d_out = linear_shapes(cfg)[site]
     layer = make_linear(name, features=d_out, use_bias=False, **kwargs)
-    variables = {"params": group[site]}
+    own = dict(group[site])
+    bias = own.pop("bias", None)  # GPT-2's linears: kept as it is
+    variables = {"params": own}
     if structure and structure.get("structure"):  # TrainState.structure
       sub = site_params(structure["structure"], i, site).get(site)
       if sub:
         variables["structure"] = sub
     group[site] = {"kernel": layer.apply(variables, d_in, method="to_dense")}
+    if bias is not None:
+      group[site]["bias"] = bias
   return params
 
 

@@ -20,7 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from structmat import data as sm_data
 from structmat.data import hosts
 from structmat.data.pipeline import unigram_log_perplexity
-from structmat.models import Llama, llama_config
+from structmat.models import build_model, llama_config
+from structmat.models.family import FAMILIES, gpt2_config
 from structmat.models.llama import parse_adapters, parse_value
 from structmat.models.presets import DIM_FIELDS
 from structmat.optim import make_optimizer
@@ -70,8 +71,14 @@ def frozen_dtype(config):
 
 
 def model_config(config, vocab_size: int):
+  """The model config (LlamaConfig or GPT2Config, by config.family)."""
   overrides = tuple((site, name, tuple(sorted(dict(kw).items())))
                     for site, name, kw in _parse_overrides(config.overrides))
+  family = config.get("family", "llama")
+  if family not in FAMILIES:
+    raise ValueError(f"config.family={family!r}; use one of {FAMILIES}.")
+  if family == "gpt2":
+    return _gpt2_model_config(config, vocab_size, overrides)
   return llama_config(config.model, config.linear, vocab_size=vocab_size,
                       max_len=config.seq_len, **model_dims(config),
                       dtype=DTYPES[config.compute_dtype],
@@ -80,6 +87,26 @@ def model_config(config, vocab_size: int):
                       impl=config.get("impl", "xla"),
                       adapters=parse_adapters(config.get("adapters", "")),
                       overrides=overrides, **dict(config.linear_kwargs))
+
+
+def _gpt2_model_config(config, vocab_size: int, overrides):
+  if config.model != "custom":
+    raise ValueError(f"config.family='gpt2' has no presets: use model="
+                     f"'custom' (got {config.model!r}) with config.model_dims.")
+  if config.get("adapters", ""):
+    raise ValueError("config.adapters (Compacter) exist for LLaMA models "
+                     "only; GPT-2 takes structures and LoRA/NOLA linears.")
+  dims = json.loads(config.model_dims or "{}")
+  if config.seq_len > dims.get("max_len", config.seq_len):
+    raise ValueError(f"config.seq_len={config.seq_len} exceeds the GPT-2 "
+                     f"position table ({dims['max_len']}); lower seq_len.")
+  from structmat.models.presets import default_linear_kwargs  # pylint: disable=import-outside-toplevel
+  kwargs = default_linear_kwargs("custom", config.linear,
+                                 dims.get("d_model", 0))
+  kwargs.update(dict(config.linear_kwargs))
+  return gpt2_config(vocab_size, config.linear, kwargs, dims,
+                     dtype=DTYPES[config.compute_dtype],
+                     impl=config.get("impl", "xla"), overrides=overrides)
 
 
 MODEL_DIMS = DIM_FIELDS + ("rope_theta", "rope_scaling", "norm_eps")
@@ -246,7 +273,7 @@ def dry_run(config) -> int:
   validate_config(config)
   vocab = config.data.vocab_size if config.data.tokenizer != "byte" else 259
   cfg = model_config(config, vocab)
-  shapes = jax.eval_shape(Llama(cfg).init, jax.random.key(0),
+  shapes = jax.eval_shape(build_model(cfg).init, jax.random.key(0),
                           jnp.ones((1, config.seq_len), jnp.int32))
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   params = nn.unbox(shapes["params"])
@@ -290,7 +317,7 @@ def train_and_evaluate(config, workdir: str, init: str = "") -> dict:
   ckpt = Checkpointer(workdir, config.checkpoint_every_steps,
                       config.keep_checkpoints)
   densify_step = _densify_step(config)
-  model = Llama(cfg)
+  model = build_model(cfg)
   example = jnp.ones((1, config.seq_len), jnp.int32)
   new_state = functools.partial(create_state, tx=tx, seed=config.seed,
                                 example_tokens=example,
@@ -303,7 +330,7 @@ def train_and_evaluate(config, workdir: str, init: str = "") -> dict:
     # A checkpoint at densify_step itself was saved before the switch.
     if densify_step and start > densify_step:
       cfg = densify.densified_config(cfg)
-      model = Llama(cfg)
+      model = build_model(cfg)
     state, data_states = ckpt.restore(start, place.abstract(model))
     data_state = data_states["processes"][jax.process_index()]
     logging.info("Resumed from step %d in %s", start, workdir)
@@ -407,8 +434,8 @@ def _densify(cfg, tx, state, trainable: str = ""):
   params, frozen = partition(densify.densify_params(cfg, state.all_params()),
                              trainable)
   opt_state = densify.carry_opt_state(tx.init(params), state.opt_state)
-  return new_cfg, Llama(new_cfg), state.replace(params=params, frozen=frozen,
-                                                opt_state=opt_state)
+  return new_cfg, build_model(new_cfg), state.replace(
+      params=params, frozen=frozen, opt_state=opt_state)
 
 
 def _summary(config, workdir, state, step, progress, eval_loss, train_src,
