@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from structmat.models import Llama
+from structmat.models import build_model
 from structmat.optim import make_optimizer
 from structmat.train import sharding, steps
 from structmat.train.loop import model_config
@@ -62,13 +62,13 @@ def estimate(config, devices: int, vocab: int) -> dict:
                 for k, v in config.logical_rules)
   cfg = model_config(config, vocab)
   example = jnp.ones((1, config.seq_len), jnp.int32)
-  boxed = jax.eval_shape(Llama(cfg).init, jax.random.key(0), example)["params"]
+  boxed = jax.eval_shape(build_model(cfg).init, jax.random.key(0), example)["params"]
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   param_bytes = sum(_shard_bytes(l.value.shape, l.value.dtype, l.names,
                                  mesh_sizes, rules) for l in leaves)
   n_params = sum(math.prod(l.value.shape) for l in leaves)
   tx = make_optimizer(config)
-  abstract = jax.eval_shape(lambda: create_state(Llama(cfg), tx, 0, example,
+  abstract = jax.eval_shape(lambda: create_state(build_model(cfg), tx, 0, example,
                                                  config.trainable))
   trainable = sum(math.prod(l.shape) for l in jax.tree.leaves(abstract.params))
   opt_elems = sum(math.prod(l.shape) for l in jax.tree.leaves(abstract.opt_state))
@@ -94,7 +94,7 @@ def estimate(config, devices: int, vocab: int) -> dict:
 
 def measure(config, vocab: int) -> dict:
   cfg = model_config(config, vocab)
-  model, tx = Llama(cfg), make_optimizer(config)
+  model, tx = build_model(cfg), make_optimizer(config)
   example = jnp.ones((1, config.seq_len), jnp.int32)
   state = jax.eval_shape(lambda: create_state(model, tx, 0, example,
                                               config.trainable))
