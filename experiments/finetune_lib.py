@@ -158,9 +158,9 @@ def _export(fc, workdir, init_dir, source, vocab, tokenizer_model) -> dict:
     print(f"adapter: {out['adapter_bytes']:,} bytes in {workdir}/adapter",
           flush=True)
   cfg = export.method_config(loop.model_config(source, vocab), meta)
-  if (fc.method == "lora" and fc.task == "lm"
-      and source.get("family", "llama") == "llama"):
+  if fc.method == "lora" and fc.task == "lm":
     export.export_peft_lora(os.path.join(workdir, "peft"), cfg, params)
+    out["peft"] = os.path.join(workdir, "peft")
   if fc.export_merged and not meta["adapters"]:
     dense_cfg, dense = export.merge_to_dense(cfg, params, structure)
     init_ckpt.save_init(os.path.join(workdir, "merged"), dense, {}, {

@@ -324,3 +324,33 @@ def test_peft_lora_format_matches_peft(tmp_path):
   back_cfg, back = export.import_peft_lora(str(tmp_path / "peft"), cfg, params)
   again = Llama(back_cfg).apply({"params": back}, TOKENS)
   np.testing.assert_allclose(again, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_peft_lora_matches_peft(tmp_path):
+  """GPT-2: LoRA on q and v exports as one rank-2r LoRA on the fused c_attn
+  (alpha scaled alike), o and fc as themselves; PEFT on the transformers
+  GPT-2 then computes our logits."""
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  torch = pytest.importorskip("torch")
+  from structmat.finetune import export  # pylint: disable=import-outside-toplevel
+  from structmat.models import GPT2, load_hf  # pylint: disable=import-outside-toplevel
+  hf_cfg = transformers.GPT2Config(vocab_size=16, n_embd=32, n_layer=2,
+                                   n_head=4, n_positions=32)
+  torch.manual_seed(0)
+  hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+  hf.save_pretrained(tmp_path / "base", safe_serialization=True)
+  model, params = load_hf(str(tmp_path / "base"), attention="naive")
+  fc = finetune_config.get_config(r"method=lora,rank=4,alpha=8,"
+                                  r"target=\d\.(q|v|o)|1\.fc")
+  prep = prepare("lora", model.cfg, params, {}, fc)
+  tuned = _randomize(prep.params, prep.trainable)
+  new_cfg = export.method_config(model.cfg, {"overrides": prep.overrides})
+  ours = GPT2(new_cfg).apply({"params": tuned}, TOKENS)
+  export.export_peft_lora(str(tmp_path / "peft"), new_cfg, tuned)
+  peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
+  with torch.no_grad():
+    ref = peft_model(torch.tensor(np.asarray(TOKENS))).logits.numpy()
+  assert np.linalg.norm(np.asarray(ours) - ref) / np.linalg.norm(ref) < 1e-4
+  c_attn = peft_model.base_model.model.transformer.h[0].attn.c_attn
+  assert c_attn.lora_A["default"].weight.shape == (8, 32)   # rank 2 x 4

@@ -229,7 +229,7 @@ def test_finetune_launcher_takes_a_hf_gpt2(tmp_path, data_dir):
   assert s["step"] == 2 and np.isfinite(s["eval_loss"])
   assert s["total_params"] - s["trainable_params"] == sum(
       p.numel() for p in transformers.GPT2LMHeadModel(cfg).parameters())
-  assert "peft" not in s  # PEFT's GPT-2 LoRA sits on the fused c_attn
+  assert os.path.exists(os.path.join(s["peft"], "adapter_config.json"))
   params, _, meta = init_ckpt.load_init(str(tmp_path / "ft" / "init"))
   config = loop.apply_init_meta(sources.source_config(meta["config"]), meta)
   model = GPT2(dataclasses.replace(loop.model_config(config, size),

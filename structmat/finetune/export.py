@@ -136,11 +136,8 @@ def merge_to_dense(cfg, params, structure=None):
                              linear_kwargs=()), dense
 
 
-def export_peft_lora(directory: str, cfg, params, base_model: str = "") -> None:
-  """Write a LoRA model's adapters in PEFT's format (LLaMA models)."""
-  if isinstance(cfg, GPT2Config):
-    raise ValueError("PEFT export covers LLaMA models; GPT-2's fused c_attn "
-                     "has no separate q and v modules to attach LoRA to.")
+def _lora_sites(cfg):
+  """(sites, rank, alpha) of a LoRA model: PEFT needs one rank and alpha."""
   sites = structured_sites(cfg, ("lora",))
   if not sites:
     raise ValueError("the model has no LoRA linears to export.")
@@ -149,6 +146,82 @@ def export_peft_lora(directory: str, cfg, params, base_model: str = "") -> None:
     raise ValueError("PEFT needs one rank and alpha for every LoRA module; "
                      f"found {sorted(kwargs)}.")
   kw = dict(kwargs.pop())
+  return sites, int(kw["rank"]), float(kw["alpha"])
+
+
+def _write_peft(directory: str, tensors: dict, config: dict) -> None:
+  os.makedirs(directory, exist_ok=True)
+  safetensors.save_file(tensors, os.path.join(directory,
+                                              "adapter_model.safetensors"))
+  with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=1)
+
+
+def _peft_config(base_model: str, rank: int, alpha: float, modules,
+                 **extra) -> dict:
+  return {"peft_type": "LORA", "task_type": "CAUSAL_LM",
+          "base_model_name_or_path": base_model, "r": rank,
+          "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none",
+          "fan_in_fan_out": False, "inference_mode": True,
+          # A regex over full module names: exactly the exported modules.
+          "target_modules": "(" + "|".join(re.escape(m) for m in modules)
+                            + ")", **extra}
+
+
+GPT2_PEFT_MODULES = {"o": "attn.c_proj", "fc": "mlp.c_fc",
+                     "proj": "mlp.c_proj"}
+
+
+def _export_peft_gpt2(directory, cfg, params, base_model):
+  """GPT-2: LoRA on q, k and v becomes one LoRA on the fused c_attn whose rank
+  is r times the number of those sites (block-diagonal A and B: the same
+  delta), with alpha scaled alike so PEFT's alpha / rank stays ours; o, fc
+  and proj map to c_proj, c_fc, c_proj. Conv1D weights: fan_in_fan_out."""
+  sites, rank, alpha = _lora_sites(cfg)
+  by_layer = {}
+  for i, s in sites:
+    by_layer.setdefault(i, []).append(s)
+  tensors, modules, rank_pattern, alpha_pattern = {}, [], {}, {}
+  d = cfg.d_model
+  for i, layer_sites in sorted(by_layer.items()):
+    pre = f"transformer.h.{i}."
+    fused = [s for s in ("q", "k", "v") if s in layer_sites]
+    if fused:
+      r_all = rank * len(fused)
+      a = np.zeros((r_all, d), np.float32)
+      b = np.zeros((3 * d, r_all), np.float32)
+      for j, s in enumerate(fused):
+        lora = site_params(params, i, s)[s]["lora"]
+        rows, col = slice(j * rank, (j + 1) * rank), "qkv".index(s) * d
+        a[rows] = np.asarray(lora["lora_a"], np.float32).T
+        b[col:col + d, rows] = np.asarray(lora["lora_b"], np.float32).T
+      name = pre + "attn.c_attn"
+      tensors[f"base_model.model.{name}.lora_A.weight"] = a
+      tensors[f"base_model.model.{name}.lora_B.weight"] = b
+      modules.append(name)
+      if r_all != rank:
+        rank_pattern[re.escape(name)] = r_all
+        alpha_pattern[re.escape(name)] = alpha * len(fused)
+    for s in layer_sites:
+      if s in GPT2_PEFT_MODULES:
+        lora = site_params(params, i, s)[s]["lora"]
+        name = pre + GPT2_PEFT_MODULES[s]
+        tensors[f"base_model.model.{name}.lora_A.weight"] = np.asarray(
+            lora["lora_a"], np.float32).T
+        tensors[f"base_model.model.{name}.lora_B.weight"] = np.asarray(
+            lora["lora_b"], np.float32).T
+        modules.append(name)
+  _write_peft(directory, tensors, _peft_config(
+      base_model, rank, alpha, modules, fan_in_fan_out=True,
+      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern))
+
+
+def export_peft_lora(directory: str, cfg, params, base_model: str = "") -> None:
+  """Write a LoRA model's adapters in PEFT's format (LLaMA or GPT-2)."""
+  if isinstance(cfg, GPT2Config):
+    _export_peft_gpt2(directory, cfg, params, base_model)
+    return
+  sites, rank, alpha = _lora_sites(cfg)
   tensors, modules = {}, []
   for i, s in sites:
     lora = site_params(params, i, s)[s]["lora"]
@@ -156,18 +229,8 @@ def export_peft_lora(directory: str, cfg, params, base_model: str = "") -> None:
     tensors[f"{name}.lora_A.weight"] = np.asarray(lora["lora_a"], np.float32).T
     tensors[f"{name}.lora_B.weight"] = np.asarray(lora["lora_b"], np.float32).T
     modules.append(f"model.layers.{i}.{HF_MODULES[s]}")
-  os.makedirs(directory, exist_ok=True)
-  safetensors.save_file(tensors, os.path.join(directory,
-                                              "adapter_model.safetensors"))
-  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_model, "r": int(kw["rank"]),
-            "lora_alpha": float(kw["alpha"]), "lora_dropout": 0.0,
-            "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-            # A regex over full module names: exactly the exported modules.
-            "target_modules": "(" + "|".join(re.escape(m) for m in modules)
-                              + ")"}
-  with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-    json.dump(config, f, indent=1)
+  _write_peft(directory, tensors, _peft_config(base_model, rank, alpha,
+                                               modules))
 
 
 _KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(\w+\.\w+)"
