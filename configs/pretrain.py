@@ -14,6 +14,7 @@ Variants by name after the colon (comma-separated key=value):
   --config=configs/pretrain.py:model=llama_60m,linear=monarch,data=c4
   --config=configs/pretrain.py:linear=sltrain,rank=64,density=0.05
   --config=configs/pretrain.py:linear=monarch,nblocks=8,overrides=q=dense;k=dense
+  --config=configs/pretrain.py:model=gpt2_small,linear=monarch,data=c4   (GPT-2)
 
 Keys: model (preset), linear (registry name), data (stdlib | c4 | lm1b | any
 tfds name), optimizer (adamw | galore), galore_rank, svd (full | randomized),
@@ -54,9 +55,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # n_layers, n_heads, rope_theta, rope_scaling, norm_eps); model="custom"
   # takes its sizes from here. A Hugging Face --init writes it.
   c.model_dims = ""
-  # "llama", or "gpt2" (model="custom", sizes in model_dims: a Hugging Face
-  # GPT-2 --init sets both).
-  c.family = "llama"
+  # "llama" or "gpt2": set by the preset's name (gpt2_small, ...); a Hugging
+  # Face GPT-2 --init sets it with model="custom" and model_dims.
+  c.family = "gpt2" if c.model.startswith("gpt2") else "llama"
   c.linear = args.pop("linear", "dense")
   c.linear_kwargs = ml_collections.ConfigDict(
       {k: _number(args.pop(k)) for k in STRUCTURE_KEYS if k in args})
@@ -115,7 +116,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.densify_at = 0.0              # Monarch reverse sparsification: fraction of steps
   c.stop_after_steps = 0          # testing aid: exit like a crash after this step
 
-  if c.model not in ("llama_tiny", "llama_small", "llama_20m"):
+  if c.model not in ("llama_tiny", "llama_small", "llama_20m", "gpt2_tiny"):
     # Paper-scale presets: GaLore/SLTrain's recipe (bf16, 256-token sequences).
     c.data.vocab_size = 32000
     c.seq_len = 256
@@ -124,11 +125,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.total_steps = 10000
     c.warmup_steps = 1000
     c.eval_batches = 64
+  if c.family == "gpt2" and c.model != "gpt2_tiny":
+    # GPT-2's context and the Monarch paper's GPT-2 learning rate; the same
+    # 65,536 tokens per step as the LLaMA recipe.
+    c.seq_len, c.batch_size, c.lr, c.weight_decay = 1024, 64, 6e-4, 0.1
   if "steps" in args:
     c.total_steps = int(args.pop("steps"))
     c.warmup_steps = max(1, c.total_steps // 10)
   if args.pop("tiny", "0") == "1":
-    c.model = "llama_tiny"
+    c.model = "gpt2_tiny" if c.family == "gpt2" else "llama_tiny"
     c.data.tokenizer = "byte"
     c.seq_len, c.batch_size = 32, 4
     c.total_steps, c.warmup_steps = 8, 2

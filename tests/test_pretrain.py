@@ -213,3 +213,37 @@ def test_densify_preserves_function_and_moments():
   assert float(jnp.abs(adam_new.mu["layer_0"]["mlp"]["up"]["kernel"]).max()) == 0
 
 
+
+
+def test_gpt2_presets(tmp_path, data_dir):
+  """model=gpt2_*: the GPT-2 family from scratch (the Monarch paper's GPT-2
+  experiments). gpt2_small with GPT-2's vocabulary has exactly Hugging Face
+  GPT-2 small's 124,439,808 parameters; a tiny Monarch GPT-2 trains, and
+  reverse sparsification (densify_at) switches it to dense mid-run."""
+  del data_dir
+  c = pretrain_config.get_config("model=gpt2_small")
+  assert (c.family, c.seq_len, c.lr) == ("gpt2", 1024, 6e-4)
+  with c.unlocked():
+    c.data.vocab_size = 50257
+  assert loop.dry_run(c) == 124_439_808
+  # Monarch (4 blocks) on every linear: the paper's GPT-2-S/M counts (124M ->
+  # 72M, 355M -> 165M) to rounding.
+  for model, paper in (("gpt2_small", 72e6), ("gpt2_medium", 165e6)):
+    m = pretrain_config.get_config(f"model={model},linear=monarch")
+    with m.unlocked():
+      m.data.vocab_size = 50257
+    assert abs(loop.dry_run(m) / paper - 1) < 0.015, model
+  with pytest.raises(ValueError, match="gpt2_small"):
+    loop.model_config(pretrain_config.get_config("model=gpt2_2m"), 259)
+  c = pretrain_config.get_config("model=gpt2_tiny,tiny=1,linear=monarch")
+  with c.unlocked():
+    c.log_every_steps, c.total_steps, c.lr, c.densify_at = 1, 6, 1e-2, 0.5
+  assert c.model == "gpt2_tiny" and c.data.tokenizer == "byte"
+  summary = loop.train_and_evaluate(c, str(tmp_path))
+  train = losses(str(tmp_path))
+  assert sorted(train) == list(range(1, 7)), train
+  assert np.mean([train[5], train[6]]) < train[1], train
+  assert np.isfinite(summary["eval_loss"])
+  kinds = {r["kind"] for r in summary["parameters_by_kind"]}
+  assert kinds == {"embeddings", "norms", "attention/kernel", "attention/bias",
+                   "mlp/kernel", "mlp/bias"}, kinds   # densified: no w1, w2

@@ -55,8 +55,13 @@ class GPT2Config:
 
 
 def _norm(cfg, name):
+  # Boxed like every other parameter, so sharding and memory estimates see
+  # logical axes (replicated: "norm" maps to no mesh axis).
+  box = lambda init: nn.with_logical_partitioning(init, ("norm",))
   return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype,
-                      param_dtype=cfg.param_dtype, name=name)
+                      param_dtype=cfg.param_dtype, name=name,
+                      scale_init=box(nn.initializers.ones),
+                      bias_init=box(nn.initializers.zeros))
 
 
 class GPT2Attention(nn.Module):

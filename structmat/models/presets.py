@@ -14,6 +14,16 @@ SIZES = {
     "llama_1b": (2048, 5461, 24, 32),
     "llama_7b": (4096, 11008, 32, 32),
 }
+# GPT-2 sizes (d_model, d_ff, n_layers, n_heads): the Monarch paper's
+# GPT-2-S/M (124M/355M dense with GPT-2's 50257-token vocabulary); 1024
+# learned positions.
+GPT2_SIZES = {
+    "gpt2_tiny": (64, 256, 2, 4),         # CPU tests
+    "gpt2_small": (768, 3072, 12, 12),
+    "gpt2_medium": (1024, 4096, 24, 16),
+    "gpt2_large": (1280, 5120, 36, 20),
+}
+GPT2_MAX_LEN = 1024
 # Papers' per-size structure settings (GaLore/SLTrain): rank, SLTrain alpha.
 RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256,
          "llama_1b": 512, "llama_7b": 1024}

@@ -8,11 +8,12 @@ from structmat.utils.timing import format_table
 
 
 def _kind(path: tuple[str, ...]) -> str:
-  if path[0] == "embed":
+  if path[0] in ("embed", "wte", "wpe"):  # LLaMA; GPT-2 tokens, positions
     return "embeddings"
   if path[0] == "head":
     return "head"
-  if "norm" in path[-2] or path[0] == "final_norm":
+  if ("norm" in path[-2] or path[-2].startswith("ln_")   # GPT-2's ln_1, ln_f
+      or path[0] == "final_norm"):
     return "norms"
   group = "attention" if "attn" in path else "mlp" if "mlp" in path else path[0]
   return f"{group}/{path[-1]}"
