@@ -19,14 +19,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from structmat.models import Llama, llama_config
+from structmat.models import build_model
+from structmat.models.family import preset_config
 from structmat.models.flops import train_flops_per_token
 from structmat.train import steps
 from structmat.train.params import count_params
 from structmat.train.state import create_state
 from structmat.utils.timing import format_table, time_fn
 
-_PRESETS = flags.DEFINE_list("presets", ["llama_small"], "Model presets.")
+_PRESETS = flags.DEFINE_list("presets", ["llama_small"],
+                             "Model presets (llama_*, gpt2_*).")
 _LINEARS = flags.DEFINE_list(
     "linears", ["dense", "lowrank", "monarch", "btt", "phm", "sltrain"],
     "Linear families.")
@@ -48,9 +50,9 @@ _ATTENTION = flags.DEFINE_enum("attention", "auto",
 
 def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
           impl="xla", attention="auto"):
-  cfg = llama_config(preset, linear, vocab_size=vocab, max_len=seq,
-                     dtype=jnp.dtype(dtype), impl=impl, attention=attention)
-  model = Llama(cfg)
+  cfg = preset_config(preset, linear, vocab_size=vocab, max_len=seq,
+                      dtype=jnp.dtype(dtype), impl=impl, attention=attention)
+  model = build_model(cfg)
   tx = optax.adamw(1e-4)
   tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, vocab)
   state = create_state(model, tx, 0, tokens[:1, :-1])

@@ -39,6 +39,22 @@ def family_of(cfg) -> str:
   return "gpt2" if isinstance(cfg, GPT2Config) else "llama"
 
 
+def preset_config(preset: str, linear: str = "dense", vocab_size: int = 32000,
+                  max_len: int = 1024, **fields):
+  """The config of any size preset (llama_* or gpt2_*) with the structure's
+  default hyper-parameters; ``fields`` set config fields (dtype, impl,
+  attention, ...) the family has."""
+  from structmat.models.presets import (GPT2_SIZES, default_linear_kwargs,  # pylint: disable=import-outside-toplevel
+                                        gpt2_dims, llama_config)
+  if preset not in GPT2_SIZES:
+    return llama_config(preset, linear, vocab_size=vocab_size,
+                        max_len=max_len, **fields)
+  dims = gpt2_dims(preset, max_len)
+  return gpt2_config(vocab_size, linear,
+                     default_linear_kwargs(preset, linear, dims["d_model"]),
+                     dims, **fields)
+
+
 def gpt2_config(vocab_size: int, linear: str, linear_kwargs: dict,
                 dims: dict, **fields) -> GPT2Config:
   """A GPT2Config from a launcher config's pieces; ``dims`` must give every

@@ -1,6 +1,6 @@
 """Model FLOPs per token for MFU: the structured products as they run."""
 from structmat.layers import make_linear
-from structmat.models.llama import SITES, site_shapes
+from structmat.models.family import linear_shapes, linear_sites
 
 
 def train_flops_per_token(cfg, seq_len: int) -> float:
@@ -11,9 +11,9 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
   """
   linears = 0
   for layer in range(cfg.n_layers):
-    for site in SITES:
+    for site in linear_sites(cfg):
       name, kwargs = cfg.linear_for(site, layer)
-      d_in, d_out = site_shapes(cfg)[site]
+      d_in, d_out = linear_shapes(cfg)[site]
       linears += make_linear(name, features=d_out,
                              **kwargs).flops_per_token(d_in)
   attention = 4 * seq_len * cfg.n_heads * cfg.head_dim

@@ -24,6 +24,14 @@ GPT2_SIZES = {
     "gpt2_large": (1280, 5120, 36, 20),
 }
 GPT2_MAX_LEN = 1024
+
+
+def gpt2_dims(preset: str, seq_len: int = 0) -> dict:
+  """GPT2Config size fields of a GPT2_SIZES preset: 1024 positions, or
+  ``seq_len`` when longer."""
+  return dict(zip(("d_model", "d_ff", "n_layers", "n_heads"),
+                  GPT2_SIZES[preset]), norm_eps=1e-5,
+              max_len=max(GPT2_MAX_LEN, seq_len))
 # Papers' per-size structure settings (GaLore/SLTrain): rank, SLTrain alpha.
 RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256,
          "llama_1b": 512, "llama_7b": 1024}

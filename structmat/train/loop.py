@@ -92,7 +92,7 @@ def model_config(config, vocab_size: int):
 def _gpt2_model_config(config, vocab_size: int, overrides):
   """GPT2Config: a GPT2_SIZES preset (1024 positions, or seq_len if longer)
   updated by config.model_dims, or model="custom" with every size there."""
-  from structmat.models.presets import GPT2_MAX_LEN, GPT2_SIZES  # pylint: disable=import-outside-toplevel
+  from structmat.models.presets import GPT2_SIZES, gpt2_dims  # pylint: disable=import-outside-toplevel
   if config.model != "custom" and config.model not in GPT2_SIZES:
     raise ValueError(f"config.model={config.model!r} with family='gpt2'; use "
                      f"one of {sorted(GPT2_SIZES)} or 'custom' (sizes in "
@@ -100,10 +100,8 @@ def _gpt2_model_config(config, vocab_size: int, overrides):
   if config.get("adapters", ""):
     raise ValueError("config.adapters (Compacter) exist for LLaMA models "
                      "only; GPT-2 takes structures and LoRA/NOLA linears.")
-  dims = {}
-  if config.model in GPT2_SIZES:
-    dims = dict(zip(DIM_FIELDS, GPT2_SIZES[config.model]), norm_eps=1e-5,
-                max_len=max(GPT2_MAX_LEN, config.seq_len))
+  dims = gpt2_dims(config.model, config.seq_len) if (
+      config.model in GPT2_SIZES) else {}
   dims.update(json.loads(config.model_dims or "{}"))
   if config.seq_len > dims.get("max_len", config.seq_len):
     raise ValueError(f"config.seq_len={config.seq_len} exceeds the GPT-2 "
