@@ -297,9 +297,29 @@ def test_adapter_files_load_and_merge(method, tmp_path):
   np.testing.assert_allclose(merged, want, rtol=1e-4, atol=1e-4)
 
 
+def _peft_roundtrip(hf, cfg, params, fc, directory):
+  """LoRA (``fc``) with random factors on ``params``, exported to PEFT and
+  loaded onto the transformers model ``hf``: PEFT's logits must be ours.
+  Returns (our logits, the PEFT model)."""
+  import peft  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from structmat.finetune import export  # pylint: disable=import-outside-toplevel
+  from structmat.models import build_model  # pylint: disable=import-outside-toplevel
+  prep = prepare("lora", cfg, params, {}, fc)
+  tuned = _randomize(prep.params, prep.trainable)
+  new_cfg = export.method_config(cfg, {"overrides": prep.overrides})
+  ours = build_model(new_cfg).apply({"params": tuned}, TOKENS)
+  export.export_peft_lora(directory, new_cfg, tuned)
+  peft_model = peft.PeftModel.from_pretrained(hf, directory).eval()
+  with torch.no_grad():
+    ref = peft_model(torch.tensor(np.asarray(TOKENS))).logits.numpy()
+  assert np.linalg.norm(np.asarray(ours) - ref) / np.linalg.norm(ref) < 1e-4
+  return ours, peft_model
+
+
 def test_peft_lora_format_matches_peft(tmp_path):
   transformers = pytest.importorskip("transformers")
-  peft = pytest.importorskip("peft")
+  pytest.importorskip("peft")
   torch = pytest.importorskip("torch")
   from structmat.finetune import export  # pylint: disable=import-outside-toplevel
   from structmat.models import load_hf  # pylint: disable=import-outside-toplevel
@@ -312,15 +332,7 @@ def test_peft_lora_format_matches_peft(tmp_path):
   model, params = load_hf(str(tmp_path / "base"), attention="naive")
   cfg = model.cfg
   fc = finetune_config.get_config("method=lora,rank=4,alpha=8")
-  prep = prepare("lora", cfg, params, {}, fc)
-  tuned = _randomize(prep.params, prep.trainable)
-  new_cfg = export.method_config(cfg, {"overrides": prep.overrides})
-  ours = Llama(new_cfg).apply({"params": tuned}, TOKENS)
-  export.export_peft_lora(str(tmp_path / "peft"), new_cfg, tuned)
-  peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
-  with torch.no_grad():
-    ref = peft_model(torch.tensor(np.asarray(TOKENS))).logits.numpy()
-  assert np.linalg.norm(np.asarray(ours) - ref) / np.linalg.norm(ref) < 1e-4
+  ours, _ = _peft_roundtrip(hf, cfg, params, fc, str(tmp_path / "peft"))
   back_cfg, back = export.import_peft_lora(str(tmp_path / "peft"), cfg, params)
   again = Llama(back_cfg).apply({"params": back}, TOKENS)
   np.testing.assert_allclose(again, ours, rtol=1e-5, atol=1e-5)
@@ -331,10 +343,9 @@ def test_gpt2_peft_lora_matches_peft(tmp_path):
   (alpha scaled alike), o and fc as themselves; PEFT on the transformers
   GPT-2 then computes our logits."""
   transformers = pytest.importorskip("transformers")
-  peft = pytest.importorskip("peft")
+  pytest.importorskip("peft")
   torch = pytest.importorskip("torch")
-  from structmat.finetune import export  # pylint: disable=import-outside-toplevel
-  from structmat.models import GPT2, load_hf  # pylint: disable=import-outside-toplevel
+  from structmat.models import load_hf  # pylint: disable=import-outside-toplevel
   hf_cfg = transformers.GPT2Config(vocab_size=16, n_embd=32, n_layer=2,
                                    n_head=4, n_positions=32)
   torch.manual_seed(0)
@@ -343,14 +354,7 @@ def test_gpt2_peft_lora_matches_peft(tmp_path):
   model, params = load_hf(str(tmp_path / "base"), attention="naive")
   fc = finetune_config.get_config(r"method=lora,rank=4,alpha=8,"
                                   r"target=\d\.(q|v|o)|1\.fc")
-  prep = prepare("lora", model.cfg, params, {}, fc)
-  tuned = _randomize(prep.params, prep.trainable)
-  new_cfg = export.method_config(model.cfg, {"overrides": prep.overrides})
-  ours = GPT2(new_cfg).apply({"params": tuned}, TOKENS)
-  export.export_peft_lora(str(tmp_path / "peft"), new_cfg, tuned)
-  peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
-  with torch.no_grad():
-    ref = peft_model(torch.tensor(np.asarray(TOKENS))).logits.numpy()
-  assert np.linalg.norm(np.asarray(ours) - ref) / np.linalg.norm(ref) < 1e-4
+  _, peft_model = _peft_roundtrip(hf, model.cfg, params, fc,
+                                  str(tmp_path / "peft"))
   c_attn = peft_model.base_model.model.transformer.h[0].attn.c_attn
   assert c_attn.lora_A["default"].weight.shape == (8, 32)   # rank 2 x 4

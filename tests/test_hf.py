@@ -117,19 +117,53 @@ def _tokenizer_files(kind, directory):
   return tk.get_vocab_size(), files
 
 
+def _lora_launcher_roundtrip(hf_dir, workdir, vocab, hf_class, hf_cfg, ref):
+  """LoRA through run_finetune (2 steps, merged export) on ``hf_dir``: every
+  checkpoint tensor arrives (plus the trainable factors), LoRA at init
+  computes transformers' logits ``ref``, training moves them, and the merged
+  directory loaded by ``hf_class`` computes the fine-tuned model's logits.
+  Returns the summary."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from configs import finetune as finetune_config  # pylint: disable=import-outside-toplevel
+  from experiments import sources  # pylint: disable=import-outside-toplevel
+  from experiments.finetune_lib import run_finetune  # pylint: disable=import-outside-toplevel
+  from structmat.models import build_model  # pylint: disable=import-outside-toplevel
+  from structmat.train import init_ckpt, loop  # pylint: disable=import-outside-toplevel
+  fc = finetune_config.get_config("method=lora,rank=2,steps=2,seq_len=32,"
+                                  "batch_size=4")
+  with fc.unlocked():
+    fc.eval_every_steps, fc.export_merged = 0, True
+  s = run_finetune(fc, str(hf_dir), str(workdir))
+  assert s["step"] == 2 and np.isfinite(s["eval_loss"])
+  assert s["total_params"] - s["trainable_params"] == sum(
+      p.numel() for p in hf_class(hf_cfg).parameters())
+  params, _, meta = init_ckpt.load_init(str(workdir / "init"))
+  config = loop.apply_init_meta(sources.source_config(meta["config"]), meta)
+  model = build_model(dataclasses.replace(loop.model_config(config, vocab),
+                                          attention="naive"))
+  apply = lambda p: model.apply({"params": jax.tree.map(jnp.asarray, p)},
+                                jnp.asarray(TOKENS))
+  assert _rel(apply(params), ref) < 1e-4     # LoRA at init: the base
+  ours = apply(init_ckpt.load_init(str(workdir))[0])
+  assert _rel(ours, ref) > 1e-3              # training moved it
+  merged = hf_class.from_pretrained(str(workdir / "merged_hf")).eval()
+  with torch.no_grad():
+    theirs = merged(torch.tensor(TOKENS)).logits.float().numpy()
+  assert _rel(ours, theirs) < 1e-4
+  return s
+
+
 @pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json"])
 def test_finetune_launcher_takes_a_hf_llama(kind, tmp_path, data_dir):
   """--init=HF_DIR: the checkpoint's sizes and tokenizer drive the run, the
   prepared model (LoRA at init) computes the transformers logits, and the
   merged result loads back into transformers."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
   import shutil  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
   from configs import finetune as finetune_config  # pylint: disable=import-outside-toplevel
   from experiments import sources  # pylint: disable=import-outside-toplevel
   from experiments.finetune_lib import run_finetune  # pylint: disable=import-outside-toplevel
-  from structmat.models import Llama  # pylint: disable=import-outside-toplevel
-  from structmat.train import init_ckpt, loop  # pylint: disable=import-outside-toplevel
+  from structmat.train import loop  # pylint: disable=import-outside-toplevel
   size, files = _tokenizer_files(kind, str(tmp_path / "tok"))
   # A tokenizer.json checkpoint may pad its embedding beyond the tokenizer.
   vocab = size if kind == "sentencepiece" else size + 3
@@ -145,34 +179,10 @@ def test_finetune_launcher_takes_a_hf_llama(kind, tmp_path, data_dir):
   tok = loop.build_data(source)[0]
   assert tok.vocab_size == vocab and tok.decode(tok.encode("def f(x):\n")) == "def f(x):\n"
 
-  fc = finetune_config.get_config("method=lora,rank=2,steps=2,seq_len=32,"
-                                  "batch_size=4")
-  with fc.unlocked():
-    fc.eval_every_steps, fc.export_merged = 0, True
   del data_dir  # the fixture points STRUCTMAT_DATA_DIR at the shared corpus
-  s = run_finetune(fc, str(hf_dir), str(tmp_path / "ft"))
-  assert s["step"] == 2 and np.isfinite(s["eval_loss"])
-  # Every checkpoint tensor is there, plus the (trainable) LoRA factors.
-  assert s["total_params"] - s["trainable_params"] == sum(
-      p.numel() for p in transformers.LlamaForCausalLM(cfg).parameters())
-  params, _, meta = init_ckpt.load_init(str(tmp_path / "ft" / "init"))
-  config = loop.apply_init_meta(sources.source_config(meta["config"]), meta)
-  model = Llama(dataclasses.replace(loop.model_config(config, vocab),
-                                    attention="naive"))
-  logits = model.apply({"params": jax.tree.map(jnp.asarray, params)},
-                       jnp.asarray(TOKENS))
-  assert _rel(logits, ref) < 1e-4
-  # The merged result goes back to transformers: its logits are the
-  # fine-tuned structmat model's (LoRA deltas folded into the kernels).
-  final, _, _ = init_ckpt.load_init(str(tmp_path / "ft"))
-  ours = model.apply({"params": jax.tree.map(jnp.asarray, final)},
-                     jnp.asarray(TOKENS))
-  assert _rel(ours, ref) > 1e-3   # training moved it
+  s = _lora_launcher_roundtrip(hf_dir, tmp_path / "ft", vocab,
+                               transformers.LlamaForCausalLM, cfg, ref)
   out = tmp_path / "ft" / "merged_hf"
-  merged = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
-  with torch.no_grad():
-    theirs = merged(torch.tensor(TOKENS)).logits.float().numpy()
-  assert _rel(ours, theirs) < 1e-4
   assert all((out / os.path.basename(f)).exists() for f in files)
   if kind == "sentencepiece":
     # Continued pretraining from the same directory: its sizes and tokenizer
@@ -191,7 +201,8 @@ def test_finetune_launcher_takes_a_hf_llama(kind, tmp_path, data_dir):
   conf = json.load(open(hf_dir / "config.json"))
   json.dump(dict(conf, sliding_window=16), open(hf_dir / "config.json", "w"))
   with pytest.raises(ValueError, match="sliding_window=16"):
-    run_finetune(fc, str(hf_dir), str(tmp_path / "ft_window"))
+    run_finetune(finetune_config.get_config("method=lora,seq_len=32"),
+                 str(hf_dir), str(tmp_path / "ft_window"))
   if kind == "sentencepiece":  # continued pretraining refuses it as well
     with pytest.raises(ValueError, match="sliding_window=16"):
       sources.hf_init(pc, str(hf_dir), str(tmp_path / "pt_window"))
@@ -201,15 +212,13 @@ def test_finetune_launcher_takes_a_hf_gpt2(tmp_path, data_dir):
   """--init=HF_GPT2_DIR: LoRA on q and v (NOLA's and LoRA's GPT-2 setting)
   starts from the transformers function, trains, and the merged model goes
   back to transformers (q, k, v fused into c_attn again)."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
   import shutil  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
   from configs import finetune as finetune_config  # pylint: disable=import-outside-toplevel
   from experiments import sources  # pylint: disable=import-outside-toplevel
   from experiments.finetune_lib import run_finetune  # pylint: disable=import-outside-toplevel
   from structmat.finetune import prepare  # pylint: disable=import-outside-toplevel
   from structmat.models import GPT2  # pylint: disable=import-outside-toplevel
-  from structmat.train import init_ckpt, loop  # pylint: disable=import-outside-toplevel
+  from structmat.train import loop  # pylint: disable=import-outside-toplevel
   size, files = _tokenizer_files("tokenizer.json", str(tmp_path / "tok"))
   hf_dir = tmp_path / "hf"
   cfg = transformers.GPT2Config(vocab_size=size, n_embd=32, n_layer=2,
@@ -220,32 +229,10 @@ def test_finetune_launcher_takes_a_hf_gpt2(tmp_path, data_dir):
     shutil.copy(f, hf_dir)
   base, _, _, source = sources.load_source(str(hf_dir))
   assert source.family == "gpt2" and source.seq_len == 48  # capped: positions
-  fc = finetune_config.get_config("method=lora,rank=2,steps=2,seq_len=32,"
-                                  "batch_size=4")
-  with fc.unlocked():
-    fc.eval_every_steps, fc.export_merged = 0, True
   del data_dir  # the fixture points STRUCTMAT_DATA_DIR at the shared corpus
-  s = run_finetune(fc, str(hf_dir), str(tmp_path / "ft"))
-  assert s["step"] == 2 and np.isfinite(s["eval_loss"])
-  assert s["total_params"] - s["trainable_params"] == sum(
-      p.numel() for p in transformers.GPT2LMHeadModel(cfg).parameters())
+  s = _lora_launcher_roundtrip(hf_dir, tmp_path / "ft", size,
+                               transformers.GPT2LMHeadModel, cfg, ref)
   assert os.path.exists(os.path.join(s["peft"], "adapter_config.json"))
-  params, _, meta = init_ckpt.load_init(str(tmp_path / "ft" / "init"))
-  config = loop.apply_init_meta(sources.source_config(meta["config"]), meta)
-  model = GPT2(dataclasses.replace(loop.model_config(config, size),
-                                   attention="naive"))
-  logits = model.apply({"params": jax.tree.map(jnp.asarray, params)},
-                       jnp.asarray(TOKENS))
-  assert _rel(logits, ref) < 1e-4          # LoRA at init: the base function
-  final, _, _ = init_ckpt.load_init(str(tmp_path / "ft"))
-  ours = model.apply({"params": jax.tree.map(jnp.asarray, final)},
-                     jnp.asarray(TOKENS))
-  assert _rel(ours, ref) > 1e-3            # training moved it
-  merged = transformers.GPT2LMHeadModel.from_pretrained(
-      str(tmp_path / "ft" / "merged_hf")).eval()
-  with torch.no_grad():
-    theirs = merged(torch.tensor(TOKENS)).logits.float().numpy()
-  assert _rel(ours, theirs) < 1e-4
   # Structures replace GPT-2 linears with their biases kept (merging back
   # to dense gives the same function); the Compacter family and
   # classification heads are LLaMA-only and say so up front.
