@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from structmat.layers import LINEARS
-from structmat.models import Llama, llama_config
+
 from structmat.train import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,10 +34,13 @@ def test_mesh_shape():
     sharding.mesh_shape(dict(data=-1, fsdp=3, tensor=1), 8)
 
 
+@pytest.mark.parametrize("preset", ["llama_tiny", "gpt2_tiny"])
 @pytest.mark.parametrize("linear", sorted(LINEARS))
-def test_rules_cover_every_logical_name(linear):
-  cfg = llama_config("llama_tiny", linear, vocab_size=64)
-  boxed = jax.eval_shape(Llama(cfg).init, jax.random.key(0),
+def test_rules_cover_every_logical_name(linear, preset):
+  from structmat.models import build_model  # pylint: disable=import-outside-toplevel
+  from structmat.models.family import preset_config  # pylint: disable=import-outside-toplevel
+  cfg = preset_config(preset, linear, vocab_size=64)
+  boxed = jax.eval_shape(build_model(cfg).init, jax.random.key(0),
                          jnp.ones((1, 4), jnp.int32))
   names = set()
   for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
