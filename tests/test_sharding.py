@@ -17,7 +17,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from structmat.layers import LINEARS
-
 from structmat.train import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
