@@ -14,7 +14,7 @@ from experiments.compress_lib import run_compress
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/compress.py",
                                           "Compression config.", lock_config=True)
 _INIT = flags.DEFINE_string("init", None, "The dense run's workdir, an init "
-                            "dir, or a Hugging Face LLaMA directory.")
+                            "dir, or a Hugging Face LLaMA or GPT-2 directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the result goes.")
 flags.mark_flags_as_required(["init", "workdir"])
 

@@ -3,8 +3,9 @@ r"""Fine-tune a pretrained structmat run with one PEFT method.
   python -m experiments.finetune --config=configs/finetune.py:method=compacter \
       --init=runs/pretrain --workdir=runs/ft_compacter
 
---init may also be a Hugging Face LLaMA-family directory (config.json,
-model.safetensors or shards, and tokenizer.model or tokenizer.json).
+--init may also be a Hugging Face LLaMA-family or GPT-2 directory
+(config.json, model.safetensors or shards, and tokenizer.model or
+tokenizer.json).
 See configs/finetune.py for the methods and keys. Prints the trainable
 parameter count (absolute and %), then trains with the standard loop
 (checkpoints, resume, metrics.jsonl); WORKDIR/finetune_summary.json at the end.
@@ -18,7 +19,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/finetune.py",
                                           "Fine-tuning config.", lock_config=True)
 _INIT = flags.DEFINE_string(
     "init", None, "The pretrained run's workdir, an init directory, or a "
-    "Hugging Face LLaMA directory (config.json, safetensors, tokenizer).")
+    "Hugging Face LLaMA or GPT-2 directory (config.json, safetensors, "
+    "tokenizer).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 flags.mark_flags_as_required(["init", "workdir"])
 

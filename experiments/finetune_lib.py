@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from experiments.sources import check_window, load_source
+from experiments.sources import check_window, embedding_rows, load_source
 from structmat.data import sources
 from structmat.finetune import classify, export, prepare
 from structmat.finetune.methods import graft
@@ -50,7 +50,7 @@ def run_finetune(fc, init: str, workdir: str) -> dict:
                      f"for LLaMA models; a {source.family} source fine-tunes "
                      "on task=lm.")
   check_window(meta, fc.seq_len or source.seq_len)
-  vocab = (params.get("embed") or params["wte"])["embedding"].shape[0]
+  vocab = embedding_rows(params)
   cfg = loop.model_config(source, vocab)
   init_dir = os.path.join(os.path.abspath(workdir), "init")
   prepared = None
@@ -141,7 +141,7 @@ def _classify(fc, config, init_dir, tok, vocab, workdir) -> dict:
 def _export(fc, workdir, init_dir, source, vocab, tokenizer_model) -> dict:
   """The adapter file (trainable parameters only, when some are frozen), the
   PEFT format for LoRA, and, with fc.export_merged, a merged dense init
-  directory (plus, for LM fine-tuning, the same as a Hugging Face LLaMA
+  directory (plus, for LM fine-tuning, the same as a Hugging Face LLaMA or GPT-2
   directory; full and GaLore tuning included)."""
   with open(os.path.join(init_dir, "model.json")) as f:
     meta = json.load(f)

@@ -150,6 +150,11 @@ def model_flags(config) -> str:
           f"--config.data.tokenizer_model={config.data.tokenizer_model}")
 
 
+def embedding_rows(params) -> int:
+  """The token embedding's rows (the model's vocabulary, padding included)."""
+  return (params.get("embed") or params["wte"])["embedding"].shape[0]
+
+
 def load_source(init: str):
   """(params, structure, meta, the source run's config) of a pretraining
   workdir, an init directory or a Hugging Face LLaMA or GPT-2 directory, parameters

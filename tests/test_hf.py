@@ -281,3 +281,26 @@ def test_save_hf_roundtrips_through_transformers(tmp_path):
   assert _rel(model.apply({"params": params}, jnp.asarray(TOKENS)), ref) < 1e-4
   with pytest.raises(ValueError, match="merge"):
     save_hf(str(tmp_path / "x"), llama_config("llama_tiny", "monarch"), params)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_generation_matches_transformers(family, tmp_path):
+  """structmat.models.generate (greedy) continues prompts exactly as
+  transformers' generate(do_sample=False) does."""
+  from structmat.models.generate import generate  # pylint: disable=import-outside-toplevel
+  if family == "llama":
+    cfg = transformers.LlamaConfig(**LLAMA, num_key_value_heads=2)
+    hf = transformers.LlamaForCausalLM(cfg)
+  else:
+    cfg = transformers.GPT2Config(vocab_size=37, n_embd=32, n_layer=2,
+                                  n_head=4, n_positions=32)
+    hf = transformers.GPT2LMHeadModel(cfg)
+  _save(hf.eval(), tmp_path)
+  model, params = load_hf(str(tmp_path), attention="naive")
+  prompt = TOKENS[:, :5]
+  ours = generate(model, {"params": params}, jnp.asarray(prompt), 8)
+  hf.generation_config.eos_token_id = None   # ours runs to the end too
+  with torch.no_grad():
+    theirs = hf.generate(torch.tensor(prompt), max_new_tokens=8,
+                         do_sample=False, pad_token_id=0).numpy()
+  np.testing.assert_array_equal(np.asarray(ours), theirs)

@@ -145,6 +145,12 @@ def train_sentencepiece(source, vocab_size: int, model_file: str,
   return model_file
 
 
+def cached_path(vocab_size: int, cache_dir: str, cache_key: str) -> str:
+  """Where a sentencepiece model trained on ``cache_key``'s data is cached."""
+  tag = hashlib.sha1(cache_key.encode()).hexdigest()[:10]
+  return os.path.join(cache_dir, f"sp_{vocab_size}_{tag}.model")
+
+
 def make_tokenizer(kind: str, vocab_size: int = 0, model_file: str = "",
                    source=None, cache_dir: str = "", cache_key: str = ""):
   """Build the tokenizer a config asks for.
@@ -175,8 +181,7 @@ def make_tokenizer(kind: str, vocab_size: int = 0, model_file: str = "",
   if vocab_size < 300:
     raise ValueError(f"data.vocab_size={vocab_size} is too small for "
                      "sentencepiece with byte fallback; use >= 300.")
-  tag = hashlib.sha1(cache_key.encode()).hexdigest()[:10]
-  path = os.path.join(cache_dir, f"sp_{vocab_size}_{tag}.model")
+  path = cached_path(vocab_size, cache_dir, cache_key)
   if not os.path.exists(path):
     logging.info("Training a %d-piece sentencepiece model -> %s", vocab_size, path)
     train_sentencepiece(source, vocab_size, path)

@@ -157,6 +157,28 @@ def _parse_overrides(spec: str):
   return out
 
 
+def _tokenizer_cache(config):
+  """(cache directory, cache key) of the sentencepiece model a config trains."""
+  dc = config.data
+  cache = os.path.join(dc.data_dir or sm_data.sources.default_data_dir(),
+                       "tokenizers")
+  return cache, f"{DATASETS.get(dc.name, dc.name)}/{dc.train_split}"
+
+
+def build_tokenizer(config):
+  """The config's tokenizer, opening no data when it is a file (byte,
+  tokenizer.model, tokenizer.json) or already trained and cached; otherwise
+  ``build_data``'s (which trains it on the training split)."""
+  from structmat.data.tokenizers import cached_path  # pylint: disable=import-outside-toplevel
+  dc = config.data
+  cache, key = _tokenizer_cache(config)
+  if (dc.tokenizer != "sentencepiece" or dc.tokenizer_model
+      or os.path.exists(cached_path(dc.vocab_size, cache, key))):
+    return sm_data.make_tokenizer(dc.tokenizer, dc.vocab_size,
+                                  dc.tokenizer_model, None, cache, key)
+  return build_data(config)[0]
+
+
 def build_data(config):
   """(tokenizer, train sources, eval sources): this process's data shards."""
   dc = config.data
@@ -174,11 +196,9 @@ def build_data(config):
     multihost_utils.sync_global_devices("structmat_corpus")
   train_src = [open_(dc.train_split, i, n_shards) for i in shards]
   eval_src = [open_(dc.eval_split, i, n_shards) for i in shards]
-  cache = os.path.join(data_dir or sm_data.sources.default_data_dir(),
-                       "tokenizers")
+  cache, key = _tokenizer_cache(config)
   make = lambda: sm_data.make_tokenizer(
-      dc.tokenizer, dc.vocab_size, dc.tokenizer_model, full_train, cache,
-      f"{name}/{dc.train_split}")
+      dc.tokenizer, dc.vocab_size, dc.tokenizer_model, full_train, cache, key)
   if count > 1:
     # One tokenizer for every host: process 0 trains it (once, cached on the
     # shared data_dir); the others load the file after the barrier.
