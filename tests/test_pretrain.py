@@ -235,6 +235,11 @@ def test_gpt2_presets(tmp_path, data_dir):
     assert abs(loop.dry_run(m) / paper - 1) < 0.015, model
   with pytest.raises(ValueError, match="gpt2_small"):
     loop.model_config(pretrain_config.get_config("model=gpt2_2m"), 259)
+  custom = pretrain_config.get_config("model=gpt2_small")
+  with custom.unlocked():
+    custom.model, custom.model_dims = "custom", '{"d_model": 64}'
+  with pytest.raises(ValueError, match=r"model_dims.*missing \['d_ff'"):
+    loop.model_config(custom, 259)
   c = pretrain_config.get_config("model=gpt2_tiny,tiny=1,linear=monarch")
   with c.unlocked():
     c.log_every_steps, c.total_steps, c.lr, c.densify_at = 1, 6, 1e-2, 0.5

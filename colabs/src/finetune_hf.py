@@ -113,3 +113,19 @@ ours = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
 rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
 print(f"relative difference structmat vs transformers: {rel:.1e}")
 assert rel < 1e-4
+
+# %% [markdown]
+# ## Samples
+# Greedy continuations from the base checkpoint and from the fine-tuned run
+# (`experiments.sample` takes either; the run's tokenizer encodes the
+# prompt). With the tiny random checkpoint both are noise; with a real one
+# the fine-tuned model drifts toward the new text.
+
+# %%
+for name, init in (("base", HF_DIR), ("fine-tuned", FT)):
+  print(f"== {name}")
+  print(subprocess.run(
+      [sys.executable, "-m", "experiments.sample", f"--init={init}",
+       "--prompt=The function returns", "--prompt=Example usage:",
+       "--max_new_tokens=24", "--temperature=0"],
+      cwd=ROOT, check=True, capture_output=True, text=True).stdout)

@@ -44,28 +44,33 @@ def preset_config(preset: str, linear: str = "dense", vocab_size: int = 32000,
   """The config of any size preset (llama_* or gpt2_*) with the structure's
   default hyper-parameters; ``fields`` set config fields (dtype, impl,
   attention, ...) the family has."""
-  from structmat.models.presets import (GPT2_SIZES, default_linear_kwargs,  # pylint: disable=import-outside-toplevel
-                                        gpt2_dims, llama_config)
+  from structmat.models.presets import GPT2_SIZES, gpt2_dims, llama_config  # pylint: disable=import-outside-toplevel
   if preset not in GPT2_SIZES:
     return llama_config(preset, linear, vocab_size=vocab_size,
                         max_len=max_len, **fields)
-  dims = gpt2_dims(preset, max_len)
-  return gpt2_config(vocab_size, linear,
-                     default_linear_kwargs(preset, linear, dims["d_model"]),
-                     dims, **fields)
+  return gpt2_config(vocab_size, linear, gpt2_dims(preset, max_len), preset,
+                     **fields)
 
 
-def gpt2_config(vocab_size: int, linear: str, linear_kwargs: dict,
-                dims: dict, **fields) -> GPT2Config:
-  """A GPT2Config from a launcher config's pieces; ``dims`` must give every
-  GPT2_DIMS field (a Hugging Face import writes them to config.model_dims)."""
+def gpt2_config(vocab_size: int, linear: str, dims: dict,
+                preset: str = "custom", linear_kwargs=None,
+                **fields) -> GPT2Config:
+  """A GPT2Config from a launcher config's pieces.
+
+  ``dims`` must give every GPT2_DIMS field (a preset's, or a Hugging Face
+  import's in config.model_dims); the structure's hyper-parameters are the
+  preset's defaults updated by ``linear_kwargs``; ``fields`` set other
+  GPT2Config fields (dtype, impl, attention, overrides)."""
+  from structmat.models.presets import default_linear_kwargs  # pylint: disable=import-outside-toplevel
   missing = [f for f in GPT2_DIMS if f not in dims]
   unknown = sorted(set(dims) - set(GPT2_DIMS))
   if missing or unknown:
     raise ValueError(f"config.family='gpt2' needs config.model_dims with "
                      f"exactly {GPT2_DIMS}; missing {missing}, unknown "
                      f"{unknown} (a Hugging Face GPT-2 --init writes them).")
+  kwargs = default_linear_kwargs(preset, linear, dims["d_model"])
+  kwargs.update(linear_kwargs or {})
   known = {f.name for f in dataclasses.fields(GPT2Config)}
   return GPT2Config(vocab_size=vocab_size, linear=linear,
-                    linear_kwargs=tuple(sorted(linear_kwargs.items())),
+                    linear_kwargs=tuple(sorted(kwargs.items())),
                     **dims, **{k: v for k, v in fields.items() if k in known})

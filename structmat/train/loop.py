@@ -106,11 +106,8 @@ def _gpt2_model_config(config, vocab_size: int, overrides):
   if config.seq_len > dims.get("max_len", config.seq_len):
     raise ValueError(f"config.seq_len={config.seq_len} exceeds the GPT-2 "
                      f"position table ({dims['max_len']}); lower seq_len.")
-  from structmat.models.presets import default_linear_kwargs  # pylint: disable=import-outside-toplevel
-  kwargs = default_linear_kwargs("custom", config.linear,
-                                 dims.get("d_model", 0))
-  kwargs.update(dict(config.linear_kwargs))
-  return gpt2_config(vocab_size, config.linear, kwargs, dims,
+  return gpt2_config(vocab_size, config.linear, dims, config.model,
+                     dict(config.linear_kwargs),
                      dtype=DTYPES[config.compute_dtype],
                      impl=config.get("impl", "xla"), overrides=overrides)
 
