@@ -341,11 +341,12 @@ def test_peft_lora_format_matches_peft(tmp_path):
 def test_gpt2_peft_lora_matches_peft(tmp_path):
   """GPT-2: LoRA on q and v exports as one rank-2r LoRA on the fused c_attn
   (alpha scaled alike), o and fc as themselves; PEFT on the transformers
-  GPT-2 then computes our logits."""
+  GPT-2 then computes our logits, and PEFT GPT-2 adapters import."""
   transformers = pytest.importorskip("transformers")
-  pytest.importorskip("peft")
+  peft = pytest.importorskip("peft")
   torch = pytest.importorskip("torch")
-  from structmat.models import load_hf  # pylint: disable=import-outside-toplevel
+  from structmat.finetune import export  # pylint: disable=import-outside-toplevel
+  from structmat.models import GPT2, load_hf  # pylint: disable=import-outside-toplevel
   hf_cfg = transformers.GPT2Config(vocab_size=16, n_embd=32, n_layer=2,
                                    n_head=4, n_positions=32)
   torch.manual_seed(0)
@@ -354,7 +355,34 @@ def test_gpt2_peft_lora_matches_peft(tmp_path):
   model, params = load_hf(str(tmp_path / "base"), attention="naive")
   fc = finetune_config.get_config(r"method=lora,rank=4,alpha=8,"
                                   r"target=\d\.(q|v|o)|1\.fc")
-  _, peft_model = _peft_roundtrip(hf, model.cfg, params, fc,
-                                  str(tmp_path / "peft"))
+  ours, peft_model = _peft_roundtrip(hf, model.cfg, params, fc,
+                                     str(tmp_path / "peft"))
   c_attn = peft_model.base_model.model.transformer.h[0].attn.c_attn
   assert c_attn.lora_A["default"].weight.shape == (8, 32)   # rank 2 x 4
+  # Imported back: q and v (k's third of B is zero, so k gets none).
+  back_cfg, back = export.import_peft_lora(str(tmp_path / "peft"), model.cfg,
+                                           params)
+  assert back_cfg.linear_for("k", 0)[0] == "dense"
+  np.testing.assert_allclose(GPT2(back_cfg).apply({"params": back}, TOKENS),
+                             ours, rtol=1e-5, atol=1e-5)
+  # An adapter PEFT itself made on the fused c_attn and on c_fc (random B,
+  # per-module rank and alpha) imports as q/k/v LoRAs sharing A: PEFT's
+  # logits.
+  conf = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                         fan_in_fan_out=True, rank_pattern={"c_fc": 2},
+                         alpha_pattern={"c_fc": 3.0})
+  fresh = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+  made = peft.get_peft_model(fresh.eval(), conf)
+  torch.manual_seed(1)
+  with torch.no_grad():
+    for name, p in made.named_parameters():
+      if "lora_" in name:
+        p.copy_(torch.randn_like(p) * 0.3)
+  made.save_pretrained(tmp_path / "made")
+  with torch.no_grad():
+    ref = made.eval()(torch.tensor(np.asarray(TOKENS))).logits.numpy()
+  got_cfg, got = export.import_peft_lora(str(tmp_path / "made"), model.cfg,
+                                         params)
+  assert got_cfg.linear_for("fc", 1) == ("lora", {"alpha": 3.0, "rank": 2})
+  mine = GPT2(got_cfg).apply({"params": got}, TOKENS)
+  assert np.linalg.norm(np.asarray(mine) - ref) / np.linalg.norm(ref) < 1e-4

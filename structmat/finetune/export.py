@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from structmat.finetune.methods import graft
-from structmat.models import Llama, LlamaClassifier, build_model
+from structmat.models import LlamaClassifier, build_model
 from structmat.models.gpt2 import GPT2Config
 from structmat.models.llama import parse_adapters, site_params
 from structmat.train.densify import densify_params, structured_sites
@@ -84,7 +84,8 @@ def method_config(cfg, meta: dict):
 
 def adapter_module(cfg, meta: dict):
   """The module an adapter's parameters belong to: ``LlamaClassifier`` for
-  a classification adapter (``meta["num_classes"]``), else ``Llama``."""
+  a classification adapter (``meta["num_classes"]``), else the LM
+  (``build_model``)."""
   if meta.get("num_classes"):
     return LlamaClassifier(cfg, meta["num_classes"])
   return build_model(cfg)
@@ -235,10 +236,60 @@ def export_peft_lora(directory: str, cfg, params, base_model: str = "") -> None:
 
 _KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(\w+\.\w+)"
                   r"\.lora_([AB])(?:\.default)?\.weight")
+_GPT2_KEY = re.compile(
+    r"(?:base_model\.model\.)?(?:transformer\.)?h\.(\d+)\."
+    r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
+    r"\.lora_([AB])(?:\.default)?\.weight")
+
+
+def _peft_pattern(patterns: dict, module: str, default):
+  """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches
+  the end of the module name (after a dot), else the default."""
+  for key, value in (patterns or {}).items():
+    if re.match(rf"(.*\.)?({key})$", module):
+      return value
+  return default
+
+
+def _peft_site_factors(cfg, tensors, directory):
+  """{(layer, site): (A (r, in), B (out, r), module name)} of a PEFT file:
+  LLaMA modules map one to one; GPT-2's fused c_attn splits into q, k, v
+  (B's row thirds, sharing A; an all-zero third adds nothing and is left
+  out), c_proj / c_fc / mlp.c_proj are o / fc / proj."""
+  gpt2 = isinstance(cfg, GPT2Config)
+  key_re = _GPT2_KEY if gpt2 else _KEY
+  modules = ({"attn.c_attn": None, **{v: k for k, v in
+                                      GPT2_PEFT_MODULES.items()}}
+             if gpt2 else {v: k for k, v in HF_MODULES.items()})
+  found = {}
+  for key, value in tensors.items():
+    m = key_re.fullmatch(key)
+    if not m or m.group(2) not in modules:
+      raise ValueError(f"{directory}: tensor {key!r} is not a LoRA weight of "
+                       f"a {'GPT-2' if gpt2 else 'LLaMA'} attention or MLP "
+                       "projection.")
+    found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = value
+  out = {}
+  for (i, mod), ab in sorted(found.items()):
+    if set(ab) != {"A", "B"}:
+      raise ValueError(f"{directory}: layer {i} {mod} lacks lora_A or lora_B.")
+    name = (f"transformer.h.{i}.{mod}" if gpt2
+            else f"model.layers.{i}.{mod}")
+    if modules[mod] is not None:
+      out[(i, modules[mod])] = (ab["A"], ab["B"], name)
+      continue
+    d = cfg.d_model
+    for j, site in enumerate(("q", "k", "v")):
+      part = ab["B"][j * d:(j + 1) * d]
+      if np.any(part):
+        out[(i, site)] = (ab["A"], part, name)
+  return out
 
 
 def import_peft_lora(directory: str, cfg, base_params):
-  """(LoRA cfg, params) from a PEFT LoRA directory onto dense base params."""
+  """(LoRA cfg, params) from a PEFT LoRA directory onto dense base params
+  (LLaMA or GPT-2 ``cfg``). Per-module ranks and alphas (PEFT's
+  rank_pattern / alpha_pattern) become per-site LoRA settings."""
   with open(os.path.join(directory, "adapter_config.json")) as f:
     pc = json.load(f)
   if pc.get("peft_type", "LORA") != "LORA":
@@ -247,31 +298,29 @@ def import_peft_lora(directory: str, cfg, base_params):
     raise ValueError(f"{directory}: DoRA / rsLoRA adapters are not supported.")
   tensors = safetensors.load_file(os.path.join(directory,
                                                "adapter_model.safetensors"))
-  by_module = {v: k for k, v in HF_MODULES.items()}
-  found = {}
-  for key, value in tensors.items():
-    m = _KEY.fullmatch(key)
-    if not m or m.group(2) not in by_module:
-      raise ValueError(f"{directory}: tensor {key!r} is not a LoRA weight of "
-                       "a LLaMA attention or MLP projection.")
-    found.setdefault((int(m.group(1)), by_module[m.group(2)]), {})[
-        m.group(3)] = value
-  kw = (("alpha", float(pc["lora_alpha"])), ("rank", int(pc["r"])))
-  over = [(f"{i}.{s}", "lora", [list(x) for x in kw]) for i, s in sorted(found)]
+  factors = _peft_site_factors(cfg, tensors, directory)
+  over = []
+  for (i, s), (a, _, name) in factors.items():
+    rank = int(_peft_pattern(pc.get("rank_pattern"), name, pc["r"]))
+    alpha = float(_peft_pattern(pc.get("alpha_pattern"), name,
+                                pc["lora_alpha"]))
+    if a.shape[0] != rank:
+      raise ValueError(f"{directory}: {name} lora_A has rank {a.shape[0]}, "
+                       f"the config says {rank}.")
+    over.append((f"{i}.{s}", "lora", [["alpha", alpha], ["rank", rank]]))
   new_cfg = method_config(cfg, {"overrides": over})
-  shapes = nn.unbox(jax.eval_shape(Llama(new_cfg).init, jax.random.key(0),
+  shapes = nn.unbox(jax.eval_shape(build_model(new_cfg).init,
+                                   jax.random.key(0),
                                    jnp.ones((1, 2), jnp.int32)))["params"]
   params = graft(shapes, base_params)
-  for (i, s), ab in sorted(found.items()):
-    if set(ab) != {"A", "B"}:
-      raise ValueError(f"{directory}: layer {i} {s} lacks lora_A or lora_B.")
+  for (i, s), (a, b, name) in factors.items():
     group = site_params(params, i, s)[s]["lora"]
-    for name, arr in (("lora_a", ab["A"].T), ("lora_b", ab["B"].T)):
-      if arr.shape != group[name].shape:
-        raise ValueError(f"{directory}: layer {i} {HF_MODULES[s]} lora_"
-                         f"{name[-1].upper()} has shape {arr.T.shape}; the "
-                         f"model expects {group[name].shape[::-1]}.")
-      group[name] = jnp.asarray(arr, group[name].dtype)
+    for leaf, arr in (("lora_a", a.T), ("lora_b", b.T)):
+      if arr.shape != group[leaf].shape:
+        raise ValueError(f"{directory}: {name} lora_{leaf[-1].upper()} gives "
+                         f"{s} shape {arr.T.shape}; the model expects "
+                         f"{group[leaf].shape[::-1]}.")
+      group[leaf] = jnp.asarray(arr, group[leaf].dtype)
   _check_complete(params, directory)
   return new_cfg, params
 
