@@ -24,8 +24,11 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   s = run_compress(_CONFIG.value, _INIT.value, _WORKDIR.value)
+  # A preset source is named in the config argument (its recipe defaults
+  # follow); a Hugging Face one needs its sizes and tokenizer as flags.
+  preset = "" if s["model_flags"] else f":model={s['model']}"
   print(f"\ncontinue training: python -m experiments.pretrain "
-        f"--config=configs/pretrain.py --init={_WORKDIR.value} "
+        f"--config=configs/pretrain.py{preset} --init={_WORKDIR.value} "
         f"--workdir={_WORKDIR.value}_ft {s['model_flags']} "
         "(same data flags as the source run)".replace("  ", " "))
 

@@ -53,7 +53,7 @@ def run_compress(cc, init: str, workdir: str) -> dict:
              "eval_perplexity_before": math.exp(min(before, 50)),
              "eval_perplexity_after": math.exp(min(after, 50)),
              "tau": info.get("tau"), "trainable": trainable,
-             "model_flags": model_flags(source)}
+             "model": source.model, "model_flags": model_flags(source)}
   if "report" in info:
     print(info["report"])
     with open(os.path.join(workdir, "report.txt"), "w") as f:
