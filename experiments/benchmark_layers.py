@@ -50,6 +50,7 @@ def layer_specs(width: int) -> list[tuple[str, str, dict]]:
       (f"monarch nb={sqrt_n // 1}", "monarch", dict(nblocks=sqrt_n)),
       ("monarch nb=32", "monarch", dict(nblocks=32)),
       (f"btt nb={sqrt_n} r=4", "btt", dict(nblocks=sqrt_n, rank=4)),
+      ("blockdiag nb=4", "blockdiag", dict(nblocks=4)),
       ("phm n=4 full", "phm", dict(n=4, rank=None, rule_init_std=1.0)),
       ("phm n=4 r=8", "phm", dict(n=4, rank=8, rule_init_std=1.0)),
       (f"sltrain r={width // 8} d=0.03", "sltrain",

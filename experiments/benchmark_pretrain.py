@@ -30,7 +30,8 @@ from structmat.utils.timing import format_table, time_fn
 _PRESETS = flags.DEFINE_list("presets", ["llama_small"],
                              "Model presets (llama_*, gpt2_*).")
 _LINEARS = flags.DEFINE_list(
-    "linears", ["dense", "lowrank", "monarch", "btt", "phm", "sltrain"],
+    "linears", ["dense", "lowrank", "monarch", "btt", "blockdiag", "phm",
+                "sltrain"],
     "Linear families.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
 _SEQ = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")

@@ -248,7 +248,8 @@ def test_monarch_supported_names_the_constraint():
 
 
 @pytest.mark.parametrize("name,kw", [("monarch", dict(nblocks=4)),
-                                     ("btt", dict(nblocks=4, rank=2))])
+                                     ("btt", dict(nblocks=4, rank=2)),
+                                     ("blockdiag", dict(nblocks=4))])
 def test_layers_with_pallas_impl_match_xla(name, kw):
   import flax.linen as nn
   from structmat.layers import make_linear

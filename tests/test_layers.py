@@ -15,6 +15,8 @@ LINEAR_CASES = [
     ("monarch", dict(nblocks=4)),
     ("monarch", dict(nblocks=3)),
     ("btt", dict(nblocks=4, rank=2)),
+    ("blockdiag", dict(nblocks=4)),
+    ("blockdiag", dict(nblocks=3, shuffle=True)),
     ("phm", dict(n=4, rank=None, rule_init_std=1.0)),
     ("phm", dict(n=4, rank=2, rule_init_std=1.0)),
     ("sltrain", dict(rank=4, density=0.1, alpha=8.0)),

@@ -43,8 +43,8 @@ def losses(workdir, key="train_loss"):
   return out
 
 
-@pytest.mark.parametrize("linear", ["dense", "lowrank", "monarch", "btt", "phm",
-                                    "sltrain"])
+@pytest.mark.parametrize("linear", ["dense", "lowrank", "monarch", "btt",
+                                    "blockdiag", "phm", "sltrain"])
 def test_every_family_trains(linear, tmp_path, data_dir):
   del data_dir
   c = tiny(linear=linear, log_every_steps=1, total_steps=6, lr=1e-2)

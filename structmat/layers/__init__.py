@@ -2,6 +2,7 @@
 from structmat.layers.adapters import (NOLA, AdaptedLinear, CompacterAdapter,
                                        LoRA, NOLALinear)
 from structmat.layers.base import StructuredLinear
+from structmat.layers.blockdiag import Blockdiag
 from structmat.layers.dense import Dense
 from structmat.layers.lowrank import LowRank
 from structmat.layers.monarch import BTT, Monarch

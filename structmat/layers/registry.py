@@ -1,5 +1,6 @@
 """make_linear: the one place that maps a structure name to a layer."""
 from structmat.layers.adapters import LoRALinear, NOLALinear
+from structmat.layers.blockdiag import Blockdiag
 from structmat.layers.dense import Dense
 from structmat.layers.lowrank import LowRank
 from structmat.layers.monarch import BTT, Monarch
@@ -11,6 +12,7 @@ LINEARS = {
     "lowrank": LowRank,
     "monarch": Monarch,
     "btt": BTT,
+    "blockdiag": Blockdiag,  # one block-diagonal factor (Monarch Mixer)
     "phm": PHMLinear,
     "sltrain": SparsePlusLowRank,
     "nola": NOLALinear,  # dense base + NOLA delta (fine-tuning)
