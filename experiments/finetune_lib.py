@@ -141,8 +141,8 @@ def _classify(fc, config, init_dir, tok, vocab, workdir) -> dict:
 def _export(fc, workdir, init_dir, source, vocab, tokenizer_model) -> dict:
   """The adapter file (trainable parameters only, when some are frozen), the
   PEFT format for LoRA, and, with fc.export_merged, a merged dense init
-  directory (plus, for LM fine-tuning, the same as a Hugging Face LLaMA or GPT-2
-  directory; full and GaLore tuning included)."""
+  directory (plus, for LM fine-tuning, the same as a Hugging Face LLaMA or
+  GPT-2 directory; full and GaLore tuning included)."""
   with open(os.path.join(init_dir, "model.json")) as f:
     meta = json.load(f)
   if not meta["trainable"] and not fc.export_merged:

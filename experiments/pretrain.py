@@ -23,8 +23,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/pretrain",
 _INIT = flags.DEFINE_string("init", "", "Start from these parameters when the "
                             "workdir has no checkpoint: an init directory "
                             "written by experiments.compress, another run's "
-                            "workdir, or a Hugging Face LLaMA or GPT-2 directory (its "
-                            "sizes and tokenizer replace the config's).")
+                            "workdir, or a Hugging Face LLaMA or GPT-2 "
+                            "directory (its sizes and tokenizer replace the "
+                            "config's).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "host:port of process 0 for a multi-process "
     "run (multi-GPU hosts, clusters); TPU pods and SLURM are detected without.")

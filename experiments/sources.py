@@ -157,8 +157,8 @@ def embedding_rows(params) -> int:
 
 def load_source(init: str):
   """(params, structure, meta, the source run's config) of a pretraining
-  workdir, an init directory or a Hugging Face LLaMA or GPT-2 directory, parameters
-  as jax arrays."""
+  workdir, an init directory or a Hugging Face LLaMA or GPT-2 directory,
+  parameters as jax arrays."""
   if hf.is_hf_dir(init):
     return hf_source(init)
   params, structure, meta = init_ckpt.load_init(init)

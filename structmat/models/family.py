@@ -1,5 +1,6 @@
-"""Model families the launchers train: LLaMA (presets and Hugging Face
-LLaMA/Mistral checkpoints) and GPT-2 (Hugging Face checkpoints).
+"""Model families the launchers train: LLaMA (llama_* presets and Hugging
+Face LLaMA/Mistral checkpoints) and GPT-2 (gpt2_* presets and Hugging Face
+GPT-2 checkpoints).
 
 One config type per family; ``build_model`` and ``linear_sites`` dispatch on
 it, so the train loop, the fine-tuning methods and the exports stay
