@@ -183,6 +183,12 @@ def _export_peft_gpt2(directory, cfg, params, base_model):
   for i, s in sites:
     by_layer.setdefault(i, []).append(s)
   tensors, modules, rank_pattern, alpha_pattern = {}, [], {}, {}
+
+  def put(name, a, b):  # PEFT's (r, in) A and (out, r) B of module ``name``
+    tensors[f"base_model.model.{name}.lora_A.weight"] = a
+    tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    modules.append(name)
+
   d = cfg.d_model
   for i, layer_sites in sorted(by_layer.items()):
     pre = f"transformer.h.{i}."
@@ -197,21 +203,16 @@ def _export_peft_gpt2(directory, cfg, params, base_model):
         a[rows] = np.asarray(lora["lora_a"], np.float32).T
         b[col:col + d, rows] = np.asarray(lora["lora_b"], np.float32).T
       name = pre + "attn.c_attn"
-      tensors[f"base_model.model.{name}.lora_A.weight"] = a
-      tensors[f"base_model.model.{name}.lora_B.weight"] = b
-      modules.append(name)
+      put(name, a, b)
       if r_all != rank:
         rank_pattern[re.escape(name)] = r_all
         alpha_pattern[re.escape(name)] = alpha * len(fused)
     for s in layer_sites:
       if s in GPT2_PEFT_MODULES:
         lora = site_params(params, i, s)[s]["lora"]
-        name = pre + GPT2_PEFT_MODULES[s]
-        tensors[f"base_model.model.{name}.lora_A.weight"] = np.asarray(
-            lora["lora_a"], np.float32).T
-        tensors[f"base_model.model.{name}.lora_B.weight"] = np.asarray(
-            lora["lora_b"], np.float32).T
-        modules.append(name)
+        put(pre + GPT2_PEFT_MODULES[s],
+            np.asarray(lora["lora_a"], np.float32).T,
+            np.asarray(lora["lora_b"], np.float32).T)
   _write_peft(directory, tensors, _peft_config(
       base_model, rank, alpha, modules, fan_in_fan_out=True,
       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern))
