@@ -10,6 +10,8 @@ import dataclasses
 
 from structmat.models.gpt2 import GPT2, GPT2_SITES, GPT2Config
 from structmat.models.llama import SITES, Llama, site_shapes
+from structmat.models.presets import (GPT2_SIZES, default_linear_kwargs,
+                                      gpt2_dims, llama_config)
 
 FAMILIES = ("llama", "gpt2")
 # The GPT2Config fields config.model_dims may set (the rest come from the
@@ -45,7 +47,6 @@ def preset_config(preset: str, linear: str = "dense", vocab_size: int = 32000,
   """The config of any size preset (llama_* or gpt2_*) with the structure's
   default hyper-parameters; ``fields`` set config fields (dtype, impl,
   attention, ...) the family has."""
-  from structmat.models.presets import GPT2_SIZES, gpt2_dims, llama_config  # pylint: disable=import-outside-toplevel
   if preset not in GPT2_SIZES:
     return llama_config(preset, linear, vocab_size=vocab_size,
                         max_len=max_len, **fields)
@@ -62,7 +63,6 @@ def gpt2_config(vocab_size: int, linear: str, dims: dict,
   import's in config.model_dims); the structure's hyper-parameters are the
   preset's defaults updated by ``linear_kwargs``; ``fields`` set other
   GPT2Config fields (dtype, impl, attention, overrides)."""
-  from structmat.models.presets import default_linear_kwargs  # pylint: disable=import-outside-toplevel
   missing = [f for f in GPT2_DIMS if f not in dims]
   unknown = sorted(set(dims) - set(GPT2_DIMS))
   if missing or unknown:

@@ -19,11 +19,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from structmat import data as sm_data
 from structmat.data import hosts
+from structmat.data.tokenizers import cached_path
 from structmat.data.pipeline import unigram_log_perplexity
 from structmat.models import build_model, llama_config
 from structmat.models.family import FAMILIES, gpt2_config
 from structmat.models.llama import parse_adapters, parse_value
-from structmat.models.presets import DIM_FIELDS
+from structmat.models.presets import DIM_FIELDS, GPT2_SIZES, gpt2_dims
 from structmat.optim import make_optimizer
 from structmat.train import densify, init_ckpt, sharding, steps
 from structmat.train.partition import partition
@@ -92,7 +93,6 @@ def model_config(config, vocab_size: int):
 def _gpt2_model_config(config, vocab_size: int, overrides):
   """GPT2Config: a GPT2_SIZES preset (1024 positions, or seq_len if longer)
   updated by config.model_dims, or model="custom" with every size there."""
-  from structmat.models.presets import GPT2_SIZES, gpt2_dims  # pylint: disable=import-outside-toplevel
   if config.model != "custom" and config.model not in GPT2_SIZES:
     raise ValueError(f"config.model={config.model!r} with family='gpt2'; use "
                      f"one of {sorted(GPT2_SIZES)} or 'custom' (sizes in "
@@ -166,7 +166,6 @@ def build_tokenizer(config):
   """The config's tokenizer, opening no data when it is a file (byte,
   tokenizer.model, tokenizer.json) or already trained and cached; otherwise
   ``build_data``'s (which trains it on the training split)."""
-  from structmat.data.tokenizers import cached_path  # pylint: disable=import-outside-toplevel
   dc = config.data
   cache, key = _tokenizer_cache(config)
   if (dc.tokenizer != "sentencepiece" or dc.tokenizer_model
