@@ -6,8 +6,8 @@ r"""Kernel benchmark (GPU/TPU): dense, XLA Monarch, ragged_dot Monarch, Pallas k
 For each n in --sizes, token count in --tokens and dtype: forward and
 forward+backward time of a dense n x n matmul, the XLA Monarch path
 (``ops.monarch_matmul``), Monarch through ``jax.lax.ragged_dot``, the fused
-Pallas Monarch kernel, the Pallas block-diagonal kernel (and megablox gmm on
-TPUs), and SLTrain (rank
+Pallas Monarch kernel, the Pallas block-diagonal kernel (and on TPUs megablox
+gmm and the TPU Monarch kernel), and SLTrain (rank
 n/32, 3% support) through XLA (dense W materialized) and the Pallas
 reconstruct-and-multiply kernel; the bytes
 each must move (x, y and weights once), achieved bandwidth, and its share of
@@ -28,6 +28,7 @@ from structmat import ops
 from structmat.kernels import blockdiag_matmul_pallas
 from structmat.kernels.blockdiag_gmm import blockdiag_matmul_gmm
 from structmat.kernels import monarch as mk
+from structmat.kernels import monarch_tpu as mt
 from structmat.kernels import sltrain as sk
 from structmat.utils.timing import format_table, time_fn
 
@@ -110,6 +111,11 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
     # kernel.
     cases.append(("blockdiag gmm", lambda x, a: blockdiag_matmul_gmm(
         x, a, interpret=interpret or None), (wb,)))
+    # The TPU Monarch kernel (tokens in lanes), at the largest tile that fits
+    # its VMEM budget.
+    tpu_bt = mt.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize)
+    cases.append(("monarch tpu", lambda x, a, b: mt.monarch_matmul_tpu(
+        x, a, b, block_tokens=tpu_bt, interpret=interpret or None), (w1, w2)))
   f32 = lambda a: a.astype(jnp.float32)
   refs = {"dense": f32(x) @ f32(w),
           "monarch": ops.monarch_matmul(f32(x), f32(w1), f32(w2)),

@@ -312,5 +312,6 @@ def test_benchmark_kernels_smoke(tmp_path):
   assert p.returncode == 0, p.stderr[-3000:]
   rows = json.load(open(tmp_path / "benchmark_kernels.json"))["rows"]
   assert {r["impl"] for r in rows} >= {"monarch pallas", "blockdiag pallas",
-                                       "blockdiag gmm", "monarch xla", "dense"}
+                                       "blockdiag gmm", "monarch tpu",
+                                       "monarch xla", "dense"}
   assert all(r.get("numerics_ok") for r in rows), rows

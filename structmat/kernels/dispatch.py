@@ -7,6 +7,8 @@ says XLA wins there) and XLA otherwise
 (the CPU always gets XLA: interpret mode is for testing), logging the reason
 at debug level.
 """
+import functools
+
 from absl import logging
 import jax
 
@@ -33,18 +35,28 @@ def choose(impl: str, why_not) -> bool:
 
 
 def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
+  """The fused kernel for the platform: the TPU kernel (tokens in lanes) on
+  TPUs, the portable one (Triton) elsewhere, interpreted on the CPU."""
   from structmat.kernels import monarch as mk  # pylint: disable=import-outside-toplevel
+  from structmat.kernels import monarch_tpu as mt  # pylint: disable=import-outside-toplevel
   from structmat.ops import monarch as ref  # pylint: disable=import-outside-toplevel
   tokens = x.size // x.shape[-1]
   itemsize = x.dtype.itemsize  # the kernel computes in x's dtype
-  bt = mk.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize,
-                           jax.default_backend(), block_tokens)
-  why_not = lambda plat: (
-      mk.supported(tokens, w1.shape, w2.shape, bt, plat, itemsize)
-      or mk.slower_than_xla(tokens, w1.shape, w2.shape, plat))
+  if jax.default_backend() == "tpu":
+    bt = mt.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize)
+    why_not = lambda plat: mt.supported(tokens, w1.shape, w2.shape, bt,
+                                        itemsize)
+    kernel = functools.partial(mt.monarch_matmul_tpu, block_tokens=bt)
+  else:
+    bt = mk.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize,
+                             jax.default_backend(), block_tokens)
+    why_not = lambda plat: (
+        mk.supported(tokens, w1.shape, w2.shape, bt, plat, itemsize)
+        or mk.slower_than_xla(tokens, w1.shape, w2.shape, plat))
+    kernel = functools.partial(mk.monarch_matmul_pallas, block_tokens=bt)
   if not choose(impl, why_not):
     return ref.monarch_matmul(x, w1, w2, bias)
-  y = mk.monarch_matmul_pallas(x, w1, w2, block_tokens=bt)
+  y = kernel(x, w1, w2)
   return y if bias is None else y + bias.astype(y.dtype)
 
 

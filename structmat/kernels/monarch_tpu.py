@@ -1,0 +1,344 @@
+"""Fused Monarch product for Mosaic TPU: tokens in lanes, blocks in sublanes.
+
+On a TPU the whole product fits on chip: a token tile's stage-1 result
+(n x tile) and both factors sit in VMEM, and the factors, whose block index
+never changes, are copied in once for the whole grid. What TPUs cannot do
+cheaply is move data across lanes, and fly's permutations (P1 between the
+stages, P2 on the output) cut activations into pieces of q/l and 1 features.
+So the kernel keeps activations transposed, (features, tokens): a permutation
+of features is then a permutation of sublane rows, which aligned slices and
+strided row stores do, and the only lane work is one 2-D transpose of each
+input and output tile.
+
+Layout: w1's rows are permuted once (weight-sized, in XLA) so that block k's
+stage-1 output comes out l-major, ``w1p[k][li*g + j] = w1[k][j*l + li]`` with
+g = q/l. The stage-1 result ``ht`` (k, q, tile) then holds stage-2 block li's
+input at ``ht[:, li*g:(li+1)*g, :]``, which reshapes to (r, tile) in w2's own
+r order (r = k*g + j), and stage 2 is a plain (s, r) @ (r, tile) matmul. P2
+(output index s*l + li) is a strided store of those s rows into the
+transposed output tile.
+
+Forward: one program per token tile ("parallel"). Backward: one program per
+token tile ("arbitrary": the grid runs in order and the float32 weight
+gradients stay resident in VMEM, accumulated over tiles); it recomputes the
+stage-1 result, so nothing activation-sized is saved besides x.
+
+Reference: ``structmat.ops.monarch_matmul``. ``structmat.kernels.monarch`` is
+the portable (Triton) version.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+
+# VMEM a program may plan for. TPU v5e/v6e cores have 128 MiB and v5p 95
+# MiB; Mosaic's default scoped limit (16-32 MiB) is raised to VMEM_LIMIT for
+# these kernels. Older chips (v4: 32 MiB) would need smaller token tiles.
+VMEM_BUDGET = 48 * 1024 * 1024
+VMEM_LIMIT = 64 * 1024 * 1024
+LANES = 128
+
+
+def permute_w1(w1, l: int):
+  """(k, q, p) -> (k, q, p) with rows l-major: out[k][li*g + j] = w1[k][j*l + li]."""
+  k, q, p = w1.shape
+  return w1.reshape(k, q // l, l, p).transpose(0, 2, 1, 3).reshape(k, q, p)
+
+
+def unpermute_w1(w1p, l: int):
+  """Inverse of ``permute_w1`` (for gradients)."""
+  k, q, p = w1p.shape
+  return w1p.reshape(k, l, q // l, p).transpose(0, 2, 1, 3).reshape(k, q, p)
+
+
+def _sublanes(itemsize: int) -> int:
+  """Rows per VMEM tile: 8 for 32-bit, 16 for 16-bit (packed) dtypes."""
+  return 8 * max(1, 4 // itemsize)
+
+
+def vmem_estimate(block_tokens: int, w1_shape, w2_shape, itemsize: int,
+                  backward: bool) -> int:
+  """Bytes of VMEM the forward (or backward) program plans for.
+
+  Token tiles of x / y (and dy / dx) are double-buffered by the pipeline;
+  the factors, whose window never moves, are single-buffered; scratch holds
+  the transposed input, the stage-1 result and a float32 transposed output;
+  plus one float32 tile for the transposes' temporaries. The backward adds
+  the transposed factors, dy's tiles and the float32 gradient accumulators.
+  """
+  k, q, p = w1_shape
+  l, s, r = w2_shape
+  n_in, n_mid, n_out = k * p, k * q, l * s
+  bt = block_tokens
+  weights = (k * q * p + l * s * r) * itemsize
+  tiles = 2 * bt * (n_in + n_out) * itemsize
+  scratch = bt * (n_in + n_mid) * itemsize + bt * n_out * 4
+  temps = bt * max(n_in, n_out) * 4
+  total = weights + tiles + scratch + temps
+  if backward:
+    total += (weights                                   # transposed factors
+              + 2 * bt * n_in * itemsize                # dx tiles
+              + bt * n_out * 4 + bt * n_mid * itemsize  # dy^T, d(stage 1)
+              + bt * n_in * 4                           # float32 dx^T
+              + (k * q * p + l * s * r) * 4)            # weight gradients
+  return total
+
+
+def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
+              itemsize: int = 2) -> str | None:
+  """None if the TPU kernel runs these shapes, else why not."""
+  k, q, p = w1_shape
+  l, s, r = w2_shape
+  if l * r != k * q:
+    return "w2 does not match w1"
+  if q % l:
+    return f"q={q} not divisible by l={l} (the permuted layout needs it)"
+  if block_tokens % LANES:
+    return (f"block_tokens={block_tokens}: tokens sit in lanes, so tiles "
+            f"must be multiples of {LANES}")
+  if (k * p) % LANES or (l * s) % LANES:
+    return (f"{k * p} inputs -> {l * s} outputs: feature counts must be "
+            f"multiples of {LANES} (tiles are transposed through "
+            f"{LANES} x {LANES} blocks)")
+  if tokens % block_tokens:
+    return f"tokens {tokens} not a multiple of block_tokens {block_tokens}"
+  rows = _sublanes(itemsize)
+  dims = dict(p=p, q=q, g=q // l, s=s)
+  bad = {name: v for name, v in dims.items() if v % rows}
+  if bad:
+    return (f"block dims {bad} must be multiples of {rows} (rows of a VMEM "
+            f"tile for {itemsize}-byte elements)")
+  need = vmem_estimate(block_tokens, w1_shape, w2_shape, itemsize, True)
+  if need > VMEM_BUDGET:
+    return (f"block_tokens={block_tokens} needs ~{need >> 20} MiB of VMEM "
+            f"(budget {VMEM_BUDGET >> 20} MiB): use fewer tokens per tile "
+            f"(>= {LANES}) or smaller blocks (more of them)")
+  return None
+
+
+def fit_block_tokens(tokens: int, w1_shape, w2_shape, itemsize: int,
+                     block_tokens: int = 512) -> int:
+  """The largest tile of at most ``block_tokens`` (multiples of 128,
+  halving) that ``supported`` accepts; 128 when none does (``supported``
+  then says why)."""
+  bt = block_tokens
+  while bt >= LANES:
+    if supported(tokens, w1_shape, w2_shape, bt, itemsize) is None:
+      return bt
+    bt //= 2
+  return LANES
+
+
+def _mm(a, b, contract=((1,), (0,))):
+  return jax.lax.dot_general(a, b, (contract, ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _lane_chunks(bt: int):
+  """Static 128-token slices of a tile: Mosaic's strided row accesses need
+  a base whose last dim is exactly 128 lanes, so the transposed output
+  (and dy) live in (bt/128, features, 128) scratch."""
+  return [slice(c * LANES, (c + 1) * LANES) for c in range(bt // LANES)]
+
+
+def _transpose_in(v_ref, out_ref, dtype):
+  """out[features, tokens] = v[tokens, features]^T, per 128-token chunk.
+
+  Transposes run in float32 (the XLU's 32-bit path; packed 16-bit
+  transposes are not supported by every Mosaic version)."""
+  bt = v_ref.shape[0]
+  for c, cols in enumerate(_lane_chunks(bt)):
+    t = v_ref[cols, :].astype(jnp.float32).T
+    if out_ref.ndim == 3:
+      out_ref[c] = t.astype(dtype)
+    else:
+      out_ref[:, cols] = t.astype(dtype)
+
+
+def _stage1(w1p_ref, xt_ref, ht_ref, k: int, p: int):
+  """ht[ki] = w1p[ki] @ x_ki^T for every input block (tokens in lanes)."""
+  def body(ki, carry):
+    rows = pl.ds(pl.multiple_of(ki * p, p), p)
+    ht_ref[ki] = _mm(w1p_ref[ki], xt_ref[rows, :]).astype(ht_ref.dtype)
+    return carry
+  jax.lax.fori_loop(0, k, body, 0)
+
+
+def _block_input(ht_ref, li, g: int, cols=slice(None)):
+  """Stage-2 block li's input (r, tokens): rows li*g..(li+1)*g of every ht[k]."""
+  k = ht_ref.shape[0]
+  v = ht_ref[:, pl.ds(pl.multiple_of(li * g, g), g), cols]
+  return v.reshape(k * g, v.shape[-1])
+
+
+def _fwd_kernel(x_ref, w1p_ref, w2_ref, y_ref, xt_ref, ht_ref, yt_ref):
+  k, q, p = w1p_ref.shape
+  l, s, _ = w2_ref.shape
+  g = q // l
+  chunks = _lane_chunks(x_ref.shape[0])
+  _transpose_in(x_ref, xt_ref, xt_ref.dtype)
+  _stage1(w1p_ref, xt_ref, ht_ref, k, p)
+
+  def stage2(li, carry):
+    o = _mm(w2_ref[li], _block_input(ht_ref, li, g))            # (s, tile)
+    for c, cols in enumerate(chunks):                           # P2: s*l + li
+      yt_ref.at[c][pl.ds(li, s, stride=l), :] = o[:, cols]
+    return carry
+  jax.lax.fori_loop(0, l, stage2, 0)
+  for c, cols in enumerate(chunks):
+    y_ref[cols, :] = yt_ref[c].T.astype(y_ref.dtype)
+
+
+def _bwd_kernel(x_ref, dy_ref, w1p_ref, w1pt_ref, w2_ref, w2t_ref,
+                dx_ref, dw1p_ref, dw2_ref,
+                xt_ref, ht_ref, dyt_ref, dht_ref, dxt_ref):
+  k, q, p = w1p_ref.shape
+  l, s, _ = w2_ref.shape
+  g = q // l
+  dtype = x_ref.dtype
+  chunks = _lane_chunks(x_ref.shape[0])
+
+  @pl.when(pl.program_id(0) == 0)
+  def _():
+    dw1p_ref[...] = jnp.zeros_like(dw1p_ref)
+    dw2_ref[...] = jnp.zeros_like(dw2_ref)
+
+  _transpose_in(x_ref, xt_ref, dtype)
+  _transpose_in(dy_ref, dyt_ref, jnp.float32)
+  _stage1(w1p_ref, xt_ref, ht_ref, k, p)            # recomputed, not saved
+
+  def stage2(li, carry):
+    rows = pl.ds(pl.multiple_of(li * g, g), g)
+    for c, cols in enumerate(chunks):
+      do = dyt_ref.at[c][pl.ds(li, s, stride=l), :].astype(dtype)  # P2^T
+      dw2_ref[li] += _mm(do, _block_input(ht_ref, li, g, cols), ((1,), (1,)))
+      dh = _mm(w2t_ref[li], do).astype(dtype)                   # (r, 128)
+      dht_ref[:, rows, cols] = dh.reshape(k, g, LANES)
+    return carry
+  jax.lax.fori_loop(0, l, stage2, 0)
+
+  def stage1(ki, carry):
+    rows = pl.ds(pl.multiple_of(ki * p, p), p)
+    dh = dht_ref[ki]                                            # (q, tile)
+    dw1p_ref[ki] += _mm(dh, xt_ref[rows, :], ((1,), (1,)))
+    dxt_ref[rows, :] = _mm(w1pt_ref[ki], dh)                    # (p, tile)
+    return carry
+  jax.lax.fori_loop(0, k, stage1, 0)
+  for cols in chunks:
+    dx_ref[cols, :] = dxt_ref[:, cols].T.astype(dx_ref.dtype)
+
+
+def _params(semantics: str, interpret):
+  if interpret is True:   # plain interpret mode: no TPU semantics to keep
+    return None
+  return pltpu.CompilerParams(dimension_semantics=(semantics,),
+                              vmem_limit_bytes=VMEM_LIMIT)
+
+
+def _full(shape):
+  """A whole-array block that never moves (copied into VMEM once)."""
+  return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+
+
+def _call_fwd(x, w1p, w2, block_tokens, interpret):
+  tokens, n_in = x.shape
+  k, q, _ = w1p.shape
+  l, s, _ = w2.shape
+  bt = block_tokens
+  return pl.pallas_call(
+      _fwd_kernel,
+      out_shape=jax.ShapeDtypeStruct((tokens, l * s), x.dtype),
+      grid=(tokens // bt,),
+      in_specs=[pl.BlockSpec((bt, n_in), lambda i: (i, 0)),
+                _full(w1p.shape), _full(w2.shape)],
+      out_specs=pl.BlockSpec((bt, l * s), lambda i: (i, 0)),
+      scratch_shapes=[pltpu.VMEM((n_in, bt), x.dtype),
+                      pltpu.VMEM((k, q, bt), x.dtype),
+                      pltpu.VMEM((bt // LANES, l * s, LANES), jnp.float32)],
+      compiler_params=_params("parallel", interpret),
+      interpret=interpret,
+      name="monarch_tpu_fwd",
+  )(x, w1p, w2)
+
+
+def _call_bwd(x, dy, w1p, w2, block_tokens, interpret):
+  tokens, n_in = x.shape
+  k, q, p = w1p.shape
+  l, s, r = w2.shape
+  bt = block_tokens
+  w1pt = w1p.transpose(0, 2, 1)                      # (k, p, q)
+  w2t = w2.transpose(0, 2, 1)                        # (l, r, s)
+  f32 = jnp.float32
+  return pl.pallas_call(
+      _bwd_kernel,
+      out_shape=(jax.ShapeDtypeStruct((tokens, n_in), x.dtype),
+                 jax.ShapeDtypeStruct((k, q, p), f32),
+                 jax.ShapeDtypeStruct((l, s, r), f32)),
+      grid=(tokens // bt,),
+      in_specs=[pl.BlockSpec((bt, n_in), lambda i: (i, 0)),
+                pl.BlockSpec((bt, l * s), lambda i: (i, 0)),
+                _full(w1p.shape), _full(w1pt.shape),
+                _full(w2.shape), _full(w2t.shape)],
+      out_specs=(pl.BlockSpec((bt, n_in), lambda i: (i, 0)),
+                 _full((k, q, p)), _full((l, s, r))),
+      scratch_shapes=[pltpu.VMEM((n_in, bt), x.dtype),
+                      pltpu.VMEM((k, q, bt), x.dtype),
+                      pltpu.VMEM((bt // LANES, l * s, LANES), f32),
+                      pltpu.VMEM((k, q, bt), x.dtype),
+                      pltpu.VMEM((n_in, bt), f32)],
+      # The weight gradients accumulate across token tiles: in order.
+      compiler_params=_params("arbitrary", interpret),
+      interpret=interpret,
+      name="monarch_tpu_bwd",
+  )(x, dy, w1p, w1pt, w2, w2t)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _monarch(x, w1, w2, block_tokens, interpret):
+  w1p = permute_w1(w1, w2.shape[0])
+  return _call_fwd(x, w1p, w2, block_tokens, interpret)
+
+
+def _vjp_fwd(x, w1, w2, block_tokens, interpret):
+  return _monarch(x, w1, w2, block_tokens, interpret), (x, w1, w2)
+
+
+def _vjp_bwd(block_tokens, interpret, res, dy):
+  x, w1, w2 = res
+  l = w2.shape[0]
+  dx, dw1p, dw2 = _call_bwd(x, dy, permute_w1(w1, l), w2, block_tokens,
+                            interpret)
+  return dx, unpermute_w1(dw1p, l).astype(w1.dtype), dw2.astype(w2.dtype)
+
+
+_monarch.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+def monarch_matmul_tpu(x, w1, w2, *, block_tokens: int = 512,
+                       interpret: bool | None = None):
+  """Fused Monarch product for TPUs, same contract as ``ops.monarch_matmul``
+  (no bias).
+
+  Args:
+    x: (..., k*p). w1: (k, q, p). w2: (l, s, r) with l*r = k*q and q % l == 0.
+    block_tokens: tokens per program, a multiple of 128 (lanes).
+    interpret: interpret mode (default: off a TPU).
+
+  Returns:
+    (..., l*s), in x's dtype (intermediate rounded to it, as the reference).
+  """
+  from structmat.ops.monarch import _check  # the reference's shape checks
+  _check(x.shape[-1], w1, w2)
+  if interpret is None:
+    interpret = jax.default_backend() != "tpu"
+  x2 = x.reshape(-1, x.shape[-1])
+  why = supported(x2.shape[0], w1.shape, w2.shape, block_tokens,
+                  x2.dtype.itemsize)
+  if why:
+    raise ValueError(f"the TPU Monarch kernel cannot run these shapes: {why}")
+  y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), block_tokens,
+               interpret)
+  return y.reshape(*x.shape[:-1], y.shape[-1])

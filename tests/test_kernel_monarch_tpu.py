@@ -1,0 +1,152 @@
+"""TPU Monarch kernel (tokens in lanes): interpret mode against the XLA
+reference (forward and gradients), poisoned outputs, the TPU interpreter's
+race detection, cross-lowering for a TPU v5e, dispatch."""
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+import numpy as np
+import pytest
+
+from structmat import ops
+from structmat.kernels import monarch_tpu as mt
+from tests.helpers import poison_pallas_outputs
+
+# (tokens, block_tokens, w1 (k, q, p), w2 (l, s, r))
+SHAPES = [
+    (256, 128, (4, 64, 32), (8, 16, 32)),      # k != l, two token tiles
+    (512, 256, (2, 64, 64), (4, 64, 32)),      # 128 -> 256, two lane chunks
+    (384, 128, (4, 128, 32), (8, 64, 64)),     # 128 -> 512, three tiles
+    (256, 128, (2, 128, 128), (2, 128, 128)),  # 128-wide blocks
+    (256, 128, (16, 16, 8), (2, 64, 128)),     # 8-wide input blocks
+]
+CASES = ([(*c, jnp.float32, 1e-5) for c in SHAPES]
+         + [(*c, jnp.bfloat16, 1e-2) for c in SHAPES[1:3]])  # g >= 16
+
+
+def _inputs(tokens, s1, s2, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed + tokens + sum(s1)), 4)
+  x = jax.random.normal(keys[0], (tokens, s1[0] * s1[2])).astype(dtype)
+  w1 = (jax.random.normal(keys[1], s1) / np.sqrt(s1[2])).astype(dtype)
+  w2 = (jax.random.normal(keys[2], s2) / np.sqrt(s2[2])).astype(dtype)
+  g = jax.random.normal(keys[3], (tokens, s2[0] * s2[1])).astype(dtype)
+  return x, w1, w2, g
+
+
+def _check(ker, x, w1, w2, g, tol):
+  f32 = lambda *a: [v.astype(jnp.float32) for v in a]
+  ref = lambda x, w1, w2: ops.monarch_matmul(*f32(x, w1, w2))
+  y, r = ker(x, w1, w2), ref(x, w1, w2)
+  assert y.dtype == x.dtype
+  np.testing.assert_allclose(np.asarray(y, np.float32), r, rtol=tol,
+                             atol=tol * 4 * float(jnp.abs(r).max()))
+  loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * g)
+  ga = jax.grad(loss(ker), argnums=(0, 1, 2))(x, w1, w2)
+  gb = jax.grad(loss(ref), argnums=(0, 1, 2))(x, w1, w2)
+  for a, b, name in zip(ga, gb, ("dx", "dw1", "dw2")):
+    assert a.dtype == x.dtype, name
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b),
+                               rtol=tol, atol=tol * 4 * float(jnp.abs(b).max()),
+                               err_msg=name)
+
+
+@pytest.mark.parametrize("tokens,bt,s1,s2,dtype,tol", CASES)
+def test_matches_reference(tokens, bt, s1, s2, dtype, tol, monkeypatch):
+  poisoned = poison_pallas_outputs(monkeypatch)  # unwritten outputs stay NaN
+  x, w1, w2, g = _inputs(tokens, s1, s2, dtype)
+  assert mt.supported(tokens, s1, s2, bt, x.dtype.itemsize) is None
+  _check(lambda *a: mt.monarch_matmul_tpu(*a, block_tokens=bt, interpret=True),
+         x, w1, w2, g, tol)
+  assert set(poisoned) == {"monarch_tpu_fwd", "monarch_tpu_bwd"}
+
+
+def test_tpu_interpreter_finds_no_races():
+  """The TPU interpreter on two cores, with NaN-filled uninitialized memory
+  (scratch included) and race detection: the "parallel" forward and the
+  "arbitrary" backward that accumulates the weight gradients."""
+  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+  params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2,
+                                 uninitialized_memory="nan")
+  x, w1, w2, g = _inputs(512, (2, 64, 64), (4, 64, 32), jnp.float32, seed=1)
+  _check(lambda *a: mt.monarch_matmul_tpu(*a, block_tokens=128,
+                                          interpret=params),
+         x, w1, w2, g, 1e-5)
+  assert ipc.races is not None and not ipc.races.races_found
+
+
+def test_permuted_rows_roundtrip():
+  w1 = jax.random.normal(jax.random.key(0), (4, 32, 16))
+  w1p = mt.permute_w1(w1, 4)
+  # Row li*g + j of the permuted block is row j*l + li of the original.
+  np.testing.assert_array_equal(w1p[2, 1 * 8 + 3], w1[2, 3 * 4 + 1])
+  np.testing.assert_array_equal(mt.unpermute_w1(w1p, 4), w1)
+
+
+def _lower(tokens, s1, s2, bt, grad, dtype=jnp.bfloat16):
+  ad = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
+                                   platform="tpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",),
+                                   (jax.sharding.AxisType.Explicit,),
+                                   abstract_device=ad)
+  fwd = lambda *a: mt.monarch_matmul_tpu(*a, block_tokens=bt, interpret=False)
+  f = fwd
+  if grad:
+    f = jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)),
+                 argnums=(0, 1, 2))
+  args = [jax.ShapeDtypeStruct(s, dtype)
+          for s in ((tokens, s1[0] * s1[2]), s1, s2)]
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("tpu",))
+
+
+@pytest.mark.parametrize("tokens,s1,s2,bt,dtype", [
+    # The issue's reference point: n=4096, 16 blocks of 256.
+    (1024, (16, 256, 256), (16, 256, 256), 128, jnp.bfloat16),
+    (1024, (8, 128, 128), (8, 128, 128), 512, jnp.bfloat16),
+    (512, (2, 64, 64), (4, 64, 32), 256, jnp.float32),
+])
+@pytest.mark.parametrize("grad", [False, True])
+def test_cross_lowering_for_tpu(tokens, s1, s2, bt, dtype, grad):
+  assert mt.supported(tokens, s1, s2, bt, jnp.dtype(dtype).itemsize) is None
+  text = _lower(tokens, s1, s2, bt, grad, dtype).as_text()
+  # The gradient of a sum needs only the backward kernel (XLA drops the
+  # forward's unused output).
+  assert text.count("tpu_custom_call") == 1
+  assert ("monarch_tpu_bwd" if grad else "monarch_tpu_fwd") in text
+
+
+def test_supported_names_the_constraint():
+  assert "multiples of 128" in mt.supported(256, (4, 64, 32), (8, 16, 32), 64)
+  assert "feature counts" in mt.supported(256, (2, 32, 32), (2, 32, 32), 128)
+  assert "not divisible" in mt.supported(256, (4, 48, 32), (64, 16, 3), 128)
+  # g = q/l = 8 rows: a whole VMEM tile in float32, half of one in bfloat16.
+  assert mt.supported(256, (4, 64, 32), (8, 16, 32), 128, 4) is None
+  assert "multiples of 16" in mt.supported(256, (4, 64, 32), (8, 16, 32), 128, 2)
+  assert "VMEM" in mt.supported(16384, (16, 512, 512), (16, 512, 512), 128)
+  with pytest.raises(ValueError, match="cannot run"):
+    mt.monarch_matmul_tpu(jnp.ones((100, 128)), jnp.ones((4, 64, 32)),
+                          jnp.ones((8, 16, 32)), interpret=True)
+
+
+def test_fit_block_tokens():
+  sixteen = ((16, 256, 256), (16, 256, 256))
+  assert mt.fit_block_tokens(16384, *sixteen, 2) == 128   # VMEM-bound
+  assert mt.fit_block_tokens(16384, (4, 128, 128), (4, 128, 128), 2) == 512
+  assert mt.fit_block_tokens(384, (4, 128, 128), (4, 128, 128), 2) == 128
+
+
+def test_auto_takes_the_tpu_kernel_on_tpus(monkeypatch):
+  from structmat.kernels import dispatch
+  monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "tpu")
+
+  def kernel_names(tokens, w1_shape, w2_shape):
+    x = jax.ShapeDtypeStruct((tokens, w1_shape[0] * w1_shape[2]), jnp.bfloat16)
+    w1 = jax.ShapeDtypeStruct(w1_shape, jnp.bfloat16)
+    w2 = jax.ShapeDtypeStruct(w2_shape, jnp.bfloat16)
+    jaxpr = str(jax.make_jaxpr(
+        lambda x, a, b: dispatch.monarch(x, a, b, None, "auto"))(x, w1, w2))
+    return {n for n in ("monarch_tpu_fwd", "monarch_fwd") if n in jaxpr}
+
+  sixteen = ((16, 256, 256), (16, 256, 256))
+  assert kernel_names(16384, *sixteen) == {"monarch_tpu_fwd"}
+  assert kernel_names(16384, (64, 64, 64), (64, 64, 64)) == set()  # q/l = 1
+  assert kernel_names(100, *sixteen) == set()        # tokens not tiled
