@@ -7,7 +7,7 @@ For each n in --sizes, token count in --tokens and dtype: forward and
 forward+backward time of a dense n x n matmul, the XLA Monarch path
 (``ops.monarch_matmul``), Monarch through ``jax.lax.ragged_dot``, the fused
 Pallas Monarch kernel, the Pallas block-diagonal kernel (and on TPUs megablox
-gmm and the TPU Monarch kernel), and SLTrain (rank
+gmm and the TPU Monarch and SLTrain kernels), and SLTrain (rank
 n/32, 3% support) through XLA (dense W materialized) and the Pallas
 reconstruct-and-multiply kernel; the bytes
 each must move (x, y and weights once), achieved bandwidth, and its share of
@@ -30,6 +30,7 @@ from structmat.kernels.blockdiag_gmm import blockdiag_matmul_gmm
 from structmat.kernels import monarch as mk
 from structmat.kernels import monarch_tpu as mt
 from structmat.kernels import sltrain as sk
+from structmat.kernels import sltrain_tpu as stk
 from structmat.utils.timing import format_table, time_fn
 
 _SIZES = flags.DEFINE_list("sizes", ["1024", "4096", "8192"], "n (square).")
@@ -116,6 +117,9 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
     tpu_bt = mt.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize)
     cases.append(("monarch tpu", lambda x, a, b: mt.monarch_matmul_tpu(
         x, a, b, block_tokens=tpu_bt, interpret=interpret or None), (w1, w2)))
+    cases.append(("sltrain tpu", lambda x, a, b, v: stk.sltrain_matmul_tpu(
+        x, a, b, v, sidx, 1.0, orders=sorders, block_tokens=min(256, tokens),
+        interpret=interpret or None), (sa, sb, sv)))
   f32 = lambda a: a.astype(jnp.float32)
   refs = {"dense": f32(x) @ f32(w),
           "monarch": ops.monarch_matmul(f32(x), f32(w1), f32(w2)),

@@ -313,5 +313,6 @@ def test_benchmark_kernels_smoke(tmp_path):
   rows = json.load(open(tmp_path / "benchmark_kernels.json"))["rows"]
   assert {r["impl"] for r in rows} >= {"monarch pallas", "blockdiag pallas",
                                        "blockdiag gmm", "monarch tpu",
+                                       "sltrain tpu",
                                        "monarch xla", "dense"}
   assert all(r.get("numerics_ok") for r in rows), rows

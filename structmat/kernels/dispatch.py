@@ -72,14 +72,27 @@ def blockdiag(x, w, impl: str, block_tokens: int = 128):
 
 def sltrain(x, a, b, values, indices, scale, impl: str, orders=None,
             block_tokens: int = 128):
+  """The reconstruct-and-multiply kernel for the platform: W column blocks
+  rebuilt once in VMEM on TPUs (``sltrain_tpu``), the portable (Triton)
+  kernel elsewhere, interpreted on the CPU."""
   from structmat.kernels import sltrain as sk  # pylint: disable=import-outside-toplevel
+  from structmat.kernels import sltrain_tpu as stk  # pylint: disable=import-outside-toplevel
   from structmat.ops import sparse_lowrank as ref  # pylint: disable=import-outside-toplevel
   tokens = x.size // x.shape[-1]
-  bt = min(block_tokens, tokens)
   d_in, d_out = a.shape[0], b.shape[1]
-  bk, bn = sk.tile_for(d_in, sk.DEFAULT_TILE), sk.tile_for(d_out, sk.DEFAULT_TILE)
-  if not choose(impl, lambda plat: sk.supported(
-      tokens, d_in, d_out, a.shape[1], bt, bk, bn, sk.DEFAULT_CHUNK, plat)):
+  if jax.default_backend() == "tpu":
+    bt = 256 if tokens % 256 == 0 else 128
+    why_not = lambda plat: stk.supported(tokens, d_in, d_out, a.shape[1],
+                                         indices.shape[0], bt,
+                                         x.dtype.itemsize)
+    kernel = functools.partial(stk.sltrain_matmul_tpu, block_tokens=bt)
+  else:
+    bt = min(block_tokens, tokens)
+    bk = sk.tile_for(d_in, sk.DEFAULT_TILE)
+    bn = sk.tile_for(d_out, sk.DEFAULT_TILE)
+    why_not = lambda plat: sk.supported(
+        tokens, d_in, d_out, a.shape[1], bt, bk, bn, sk.DEFAULT_CHUNK, plat)
+    kernel = functools.partial(sk.sltrain_matmul_pallas, block_tokens=bt)
+  if not choose(impl, why_not):
     return ref.sltrain_matmul(x, a, b, values, indices, scale)
-  return sk.sltrain_matmul_pallas(x, a, b, values, indices, scale,
-                                  orders=orders, block_tokens=bt)
+  return kernel(x, a, b, values, indices, scale, orders=orders)

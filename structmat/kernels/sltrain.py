@@ -117,8 +117,9 @@ def supported(tokens: int, in_features: int, out_features: int, rank: int,
       return f"Triton needs power-of-two tiles and rank >= 16, got {bad}"
   if platform == "tpu":
     # dvalues writes each tile's entries with masked stores, which only the
-    # Triton lowering offers; TPU runs the XLA path.
-    return "the SLTrain kernel is Triton-only (masked stores)"
+    # Triton lowering offers; TPUs have their own kernel (sltrain_tpu).
+    return ("this SLTrain kernel is Triton-only (masked stores); TPUs use "
+            "structmat.kernels.sltrain_tpu")
   return None
 
 

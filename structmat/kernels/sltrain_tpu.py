@@ -1,0 +1,357 @@
+"""SLTrain's reconstruct-and-multiply for Mosaic TPU: y = x (scale a @ b + S)
+with each W column block rebuilt once in VMEM, never in device memory.
+
+The grid is (column blocks J, token tiles i), token tiles innermost and in
+order: at i == 0 the program builds W[:, J] (in x bn_block) on chip, the
+low-rank part as ``scale * a @ b[:, J]`` and the sparse part from the block's
+own entries, then every token tile multiplies by it. So W is built once per
+step in total (about dense FLOPs x rank / tokens extra) rather than once per
+token tile as in the portable (Triton) kernel, which has no scratch to keep
+it in.
+
+Sparse entries are placed with one-hot matmuls, entries in lanes:
+(bk x chunk) row one-hots times the (bn_block x chunk) column one-hots
+scaled by the values, contracted over the chunk. TPUs load lane vectors only
+at 128-aligned offsets, so the support is laid out padded: the entries of
+each default (bk, bn) tile (the tiles whose order the SLTrain layer stores
+at init, ``sltrain.support_orders``) start at a fresh 128-entry chunk row of
+(chunks, 128) arrays. That layout is a scatter computed from the stored
+order (no sort in a training step); padding slots hold value 0.
+
+Backward: dx is the same kernel on W^T (support of W^T, its own stored
+order); the factor gradients are low-rank XLA matmuls; dvalues accumulates
+G_J = x^T dy[:, J] over token tiles in VMEM and reads off the block's
+entries at the last tile (a sampled dense-dense product; G is never written).
+Reference: ``structmat.ops.sltrain_matmul``; portable kernel:
+``structmat.kernels.sltrain``.
+"""
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from structmat.kernels import sltrain as sk
+
+LANES = 128
+CHUNK = 128          # entries per one-hot placement step: one lane row
+VMEM_BUDGET = 48 * 1024 * 1024
+VMEM_LIMIT = 64 * 1024 * 1024
+
+
+class PaddedSupport(NamedTuple):
+  """A support laid out in 128-entry chunk rows, each default tile's entries
+  starting a fresh row (tiles in row-major tile order)."""
+  order: jax.Array    # (nnz,) tile-sorted position -> entry
+  pos: jax.Array      # (nnz,) tile-sorted position -> padded slot
+  rows: jax.Array     # (chunks, 128) row within the tile (padding: 0)
+  cols: jax.Array     # (chunks, 128) column within the tile (padding: 0)
+  start: jax.Array    # (tiles,) first chunk row of each tile
+  count: jax.Array    # (tiles,) chunk rows of each tile
+
+
+def num_chunks(nnz: int, tiles: int) -> int:
+  """Static row count: each tile wastes less than one row."""
+  return nnz // CHUNK + tiles + 1
+
+
+def padded_support(indices, in_features: int, out_features: int,
+                   order=None) -> PaddedSupport:
+  """Lay the support out for the kernel at the default tiles; ``order``
+  (``sltrain.tile_order`` at those tiles, as the layer stores it) skips the
+  sort."""
+  bk = sk.tile_for(in_features, sk.DEFAULT_TILE)
+  bn = sk.tile_for(out_features, sk.DEFAULT_TILE)
+  ts = sk.tile_support(indices, in_features, out_features, bk, bn, CHUNK,
+                       order)
+  nnz = indices.shape[0]
+  tiles = ts.offsets.shape[0] - 1
+  counts = ts.offsets[1:] - ts.offsets[:-1]
+  rows_per_tile = (counts + CHUNK - 1) // CHUNK
+  start = (jnp.cumsum(rows_per_tile) - rows_per_tile).astype(jnp.int32)
+  tile = sk._tile_of(indices[ts.order], out_features, bk, bn)  # pylint: disable=protected-access
+  pos = (start[tile] * CHUNK + jnp.arange(nnz, dtype=jnp.int32)
+         - ts.offsets[tile]).astype(jnp.int32)
+  slots = num_chunks(nnz, tiles) * CHUNK
+  lay = lambda v: (jnp.zeros((slots,), v.dtype).at[pos].set(v[:nnz])
+                   .reshape(-1, CHUNK))
+  return PaddedSupport(ts.order, pos, lay(ts.rows), lay(ts.cols), start,
+                       rows_per_tile.astype(jnp.int32))
+
+
+def _block_out(out_features: int) -> int:
+  """Column block width: 256 where it divides (the v6e MXU width), else 128."""
+  return 256 if out_features % 256 == 0 else LANES
+
+
+def vmem_estimate(in_features: int, out_features: int, rank: int, nnz: int,
+                  bt: int, itemsize: int) -> int:
+  """Bytes of VMEM the larger of the forward (or dx) and dvalues programs
+  plans for: the W block (float32 and x's dtype), the resident a and
+  support, double-buffered tiles, one float32 tile of temporaries."""
+  worst = 0
+  for d_in, d_out in ((in_features, out_features),
+                      (out_features, in_features)):
+    nb = _block_out(d_out)
+    tiles = (d_in // sk.tile_for(d_in, sk.DEFAULT_TILE)) * (
+        d_out // sk.tile_for(d_out, sk.DEFAULT_TILE))
+    support = num_chunks(nnz, tiles) * CHUNK * 12
+    w = d_in * nb * (4 + itemsize)
+    fwd = (w + d_in * rank * itemsize + 2 * rank * nb * itemsize + support
+           + 2 * bt * (d_in + nb) * itemsize)
+    dvals = (d_in * nb * 4 + 2 * bt * (d_in + nb) * itemsize + support
+             + bt * d_in * 4)
+    worst = max(worst, fwd, dvals)
+  return worst + bt * max(in_features, out_features) * 4
+
+
+def supported(tokens: int, in_features: int, out_features: int, rank: int,
+              nnz: int, bt: int, itemsize: int = 2) -> str | None:
+  """None if the TPU kernel runs these shapes, else why not."""
+  if bt % LANES:
+    return f"block_tokens={bt} must be a multiple of {LANES}"
+  if tokens % bt:
+    return f"tokens={tokens} is not a multiple of block_tokens {bt}"
+  if in_features % LANES or out_features % LANES:
+    return (f"{in_features} -> {out_features}: feature counts must be "
+            f"multiples of {LANES} (W blocks are {LANES}-lane column blocks "
+            "of W and of W^T)")
+  need = vmem_estimate(in_features, out_features, rank, nnz, bt, itemsize)
+  if need > VMEM_BUDGET:
+    return (f"needs ~{need >> 20} MiB of VMEM (budget {VMEM_BUDGET >> 20} "
+            "MiB): use fewer tokens per tile")
+  return None
+
+
+def _mm(a, b, contract=((1,), (0,))):
+  return jax.lax.dot_general(a, b, (contract, ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _one_hots(rows_ref, cols_ref, m, col_offset, bk: int, nb: int):
+  """(bk, CHUNK) row one-hots and (nb, CHUNK) column one-hots of chunk row m."""
+  r = rows_ref[pl.ds(m, 1), :]                                  # (1, CHUNK)
+  c = cols_ref[pl.ds(m, 1), :] + col_offset
+  one_r = r == jax.lax.broadcasted_iota(jnp.int32, (bk, CHUNK), 0)
+  one_c = c == jax.lax.broadcasted_iota(jnp.int32, (nb, CHUNK), 0)
+  return one_r, one_c
+
+
+def _tiles_of_block(j, d_in: int, bk: int, bn: int, nb: int, n_tn: int):
+  """(row offset, tile id, column offset in the block) of the default tiles
+  that make up column block j, as a static loop over row tiles x sub-columns
+  (the tile id is traced)."""
+  per = nb // bn
+  for k in range(d_in // bk):
+    for jj in range(per):
+      yield k * bk, k * n_tn + j * per + jj, jj * bn
+
+
+def _fwd_kernel(start_ref, count_ref, x_ref, a_ref, b_ref, rows_ref, cols_ref,
+                vals_ref, y_ref, w_ref, wd_ref, *, scale, bk, bn, n_tn):
+  j, i = pl.program_id(0), pl.program_id(1)
+  d_in, nb = w_ref.shape
+
+  @pl.when(i == 0)
+  def _build():
+    w_ref[...] = scale * _mm(a_ref[...], b_ref[...])
+    for r0, t, c0 in _tiles_of_block(j, d_in, bk, bn, nb, n_tn):
+      def place(c, acc, t=t, c0=c0):
+        m = start_ref[t] + c
+        one_r, one_c = _one_hots(rows_ref, cols_ref, m, c0, bk, nb)
+        v = vals_ref[pl.ds(m, 1), :].astype(jnp.float32)
+        return acc + _mm(one_r.astype(jnp.float32),
+                         jnp.where(one_c, v, 0.0), ((1,), (1,)))
+      part = jax.lax.fori_loop(0, count_ref[t], place,
+                               jnp.zeros((bk, nb), jnp.float32))
+      w_ref[r0:r0 + bk, :] += part
+    wd_ref[...] = w_ref[...].astype(wd_ref.dtype)
+
+  y_ref[...] = _mm(x_ref[...], wd_ref[...]).astype(y_ref.dtype)
+
+
+def _call_fwd(x, a, b, vals, ps: PaddedSupport, scale, bt, interpret):
+  """x (tokens, d_in) @ W, W = scale a @ b + S (S given by ``ps``, ``vals``
+  laid out the same way)."""
+  tokens, d_in = x.shape
+  rank, d_out = b.shape
+  bk = sk.tile_for(d_in, sk.DEFAULT_TILE)
+  bn = sk.tile_for(d_out, sk.DEFAULT_TILE)
+  nb = _block_out(d_out)
+  kernel = functools.partial(_fwd_kernel, scale=scale, bk=bk, bn=bn,
+                             n_tn=d_out // bn)
+  smem = pl.BlockSpec(memory_space=pltpu.SMEM)
+  whole = lambda v: pl.BlockSpec(v.shape, lambda j, i: (0,) * v.ndim)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((tokens, d_out), x.dtype),
+      grid=(d_out // nb, tokens // bt),
+      in_specs=[smem, smem,
+                pl.BlockSpec((bt, d_in), lambda j, i: (i, 0)),
+                whole(a),
+                pl.BlockSpec((rank, nb), lambda j, i: (0, j)),
+                whole(ps.rows), whole(ps.cols), whole(vals)],
+      out_specs=pl.BlockSpec((bt, nb), lambda j, i: (i, j)),
+      scratch_shapes=[pltpu.VMEM((d_in, nb), jnp.float32),
+                      pltpu.VMEM((d_in, nb), x.dtype)],
+      compiler_params=_params(("parallel", "arbitrary"), interpret),
+      interpret=interpret,
+      name="sltrain_tpu_fwd",
+  )(ps.start, ps.count, x, a, b, ps.rows, ps.cols, vals)
+
+
+def _dvals_kernel(start_ref, count_ref, x_ref, dy_ref, rows_ref, cols_ref,
+                  dv_ref, g_ref, *, bk, bn, n_tn, n_i):
+  j, i = pl.program_id(0), pl.program_id(1)
+  d_in, nb = g_ref.shape
+  bt = x_ref.shape[0]
+
+  @pl.when((j == 0) & (i == 0))
+  def _():
+    dv_ref[...] = jnp.zeros_like(dv_ref)
+
+  @pl.when(i == 0)
+  def _():
+    g_ref[...] = jnp.zeros_like(g_ref)
+
+  # G_J += x_i^T dy_i: x transposed through the XLU in float32 (a transposed
+  # left operand is not an MXU form), per 128-token chunk.
+  for c in range(bt // LANES):
+    rows = slice(c * LANES, (c + 1) * LANES)
+    xt = x_ref[rows, :].astype(jnp.float32).T.astype(x_ref.dtype)
+    g_ref[...] += _mm(xt, dy_ref[rows, :])
+
+  @pl.when(i == n_i - 1)
+  def _read_off():
+    for r0, t, c0 in _tiles_of_block(j, d_in, bk, bn, nb, n_tn):
+      g = g_ref[r0:r0 + bk, :]                                  # (bk, nb)
+
+      def pick(c, carry, t=t, c0=c0, g=g):
+        m = start_ref[t] + c
+        one_r, one_c = _one_hots(rows_ref, cols_ref, m, c0, bk, nb)
+        at_cols = _mm(g, one_c.astype(jnp.float32))            # (bk, CHUNK)
+        dv_ref[pl.ds(m, 1), :] = jnp.sum(jnp.where(one_r, at_cols, 0.0),
+                                         axis=0, keepdims=True)
+        return carry
+      jax.lax.fori_loop(0, count_ref[t], pick, 0)
+
+
+def _call_dvals(x, dy, ps: PaddedSupport, bt, interpret):
+  """(chunks, 128) float32: G[row, col] for every slot of ``ps`` (padding
+  slots hold G at the tile's corner; callers drop them)."""
+  tokens, d_in = x.shape
+  d_out = dy.shape[1]
+  bk = sk.tile_for(d_in, sk.DEFAULT_TILE)
+  bn = sk.tile_for(d_out, sk.DEFAULT_TILE)
+  nb = _block_out(d_out)
+  kernel = functools.partial(_dvals_kernel, bk=bk, bn=bn, n_tn=d_out // bn,
+                             n_i=tokens // bt)
+  smem = pl.BlockSpec(memory_space=pltpu.SMEM)
+  whole = lambda v: pl.BlockSpec(v.shape, lambda j, i: (0,) * v.ndim)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct(ps.rows.shape, jnp.float32),
+      grid=(d_out // nb, tokens // bt),
+      in_specs=[smem, smem,
+                pl.BlockSpec((bt, d_in), lambda j, i: (i, 0)),
+                pl.BlockSpec((bt, nb), lambda j, i: (i, j)),
+                whole(ps.rows), whole(ps.cols)],
+      out_specs=whole(ps.rows),
+      scratch_shapes=[pltpu.VMEM((d_in, nb), jnp.float32)],
+      # One output array for every block: the whole grid runs in order on
+      # one core.
+      compiler_params=_params(("arbitrary", "arbitrary"), interpret),
+      interpret=interpret,
+      name="sltrain_tpu_dvalues",
+  )(ps.start, ps.count, x, dy, ps.rows, ps.cols)
+
+
+def _params(semantics, interpret):
+  if interpret is True:   # plain interpret mode: no TPU semantics to keep
+    return None
+  return pltpu.CompilerParams(dimension_semantics=semantics,
+                              vmem_limit_bytes=VMEM_LIMIT)
+
+
+def _layout_values(values, ps: PaddedSupport):
+  slots = ps.rows.size
+  return (jnp.zeros((slots,), values.dtype).at[ps.pos].set(values[ps.order])
+          .reshape(ps.rows.shape))
+
+
+class _Static(NamedTuple):
+  scale: float
+  bt: int
+  interpret: object
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _sltrain(x, a, b, values, fwd_ps, bwd_ps, st: _Static):
+  return _call_fwd(x, a, b, _layout_values(values, fwd_ps), fwd_ps, st.scale,
+                   st.bt, st.interpret)
+
+
+def _vjp_fwd(x, a, b, values, fwd_ps, bwd_ps, st):
+  return _sltrain(x, a, b, values, fwd_ps, bwd_ps, st), (x, a, b, values,
+                                                          fwd_ps, bwd_ps)
+
+
+def _vjp_bwd(st, res, dy):
+  x, a, b, values, fwd_ps, bwd_ps = res
+  # dx = dy W^T: the same kernel on W^T = scale b^T a^T + S^T.
+  dx = _call_fwd(dy, b.T, a.T, _layout_values(values, bwd_ps), bwd_ps,
+                 st.scale, st.bt, st.interpret)
+  f32 = lambda v: v.astype(jnp.float32)
+  da = st.scale * (f32(x).T @ (f32(dy) @ f32(b).T))          # (in, r)
+  db = st.scale * ((f32(x) @ f32(a)).T @ f32(dy))            # (r, out)
+  dv_slots = _call_dvals(x, dy, fwd_ps, st.bt, st.interpret).reshape(-1)
+  dv = jnp.zeros(values.shape, jnp.float32).at[fwd_ps.order].set(
+      dv_slots[fwd_ps.pos])
+  zero = lambda ps: jax.tree.map(jnp.zeros_like, ps)
+  return (dx, da.astype(a.dtype), db.astype(b.dtype), dv.astype(values.dtype),
+          zero(fwd_ps), zero(bwd_ps))
+
+
+_sltrain.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+def sltrain_matmul_tpu(x, a, b, values, indices, scale: float, *,
+                       orders=None, block_tokens: int = 256,
+                       interpret=None):
+  """``ops.sltrain_matmul`` on a TPU without the dense kernel in device
+  memory.
+
+  Args:
+    x: (..., in). a: (in, r). b: (r, out). values: (nnz,). indices: (nnz,)
+      int32 flat indices into (in, out). scale: alpha / r.
+    orders: optional (2, nnz) ``sltrain.support_orders(indices, in, out)``
+      (stored by the layer at init): then nothing is sorted here.
+    block_tokens: tokens per program, a multiple of 128.
+    interpret: interpret mode (default: off a TPU); a
+      ``pltpu.InterpretParams`` runs the TPU interpreter.
+
+  Returns:
+    (..., out).
+  """
+  d_in, d_out = a.shape[0], b.shape[1]
+  if interpret is None:
+    interpret = jax.default_backend() != "tpu"
+  x2 = x.reshape(-1, x.shape[-1])
+  bt = min(block_tokens, x2.shape[0])
+  why = supported(x2.shape[0], d_in, d_out, a.shape[1], indices.shape[0], bt,
+                  x2.dtype.itemsize)
+  if why:
+    raise ValueError(f"the TPU SLTrain kernel cannot run these shapes: {why}")
+  if orders is not None and orders.shape != (2, indices.shape[0]):
+    raise ValueError(f"orders must have shape (2, {indices.shape[0]}) (from "
+                     f"support_orders), got {orders.shape}.")
+  fwd_o, bwd_o = (None, None) if orders is None else (orders[0], orders[1])
+  fwd_ps = padded_support(indices, d_in, d_out, fwd_o)
+  bwd_ps = padded_support(sk.transposed_indices(indices, d_in, d_out), d_out,
+                          d_in, bwd_o)
+  st = _Static(float(scale), bt, interpret)
+  y = _sltrain(x2, a.astype(x.dtype), b.astype(x.dtype),
+               values.astype(x.dtype), fwd_ps, bwd_ps, st)
+  return y.reshape(*x.shape[:-1], d_out)
