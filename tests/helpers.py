@@ -64,3 +64,79 @@ def poison_pallas_outputs(monkeypatch, fill=float("nan")):
 
   monkeypatch.setattr(pl, "pallas_call", patched)
   return seen
+
+
+DEVICE_KINDS = {"cuda": "NVIDIA H100 80GB HBM3", "tpu": "TPU v5 lite"}
+
+
+def cross_lower(fn, args, platform: str, grad_argnums=None):
+  """Lower ``fn`` (or the gradient of its float32 sum over ``grad_argnums``)
+  for an abstract H100 ("cuda") or TPU v5e ("tpu") on this CPU: catches
+  shape and lowering errors without the hardware. Returns the module text."""
+  ad = jax.sharding.AbstractDevice(device_kind=DEVICE_KINDS[platform],
+                                   num_cores=1, platform=platform)
+  mesh = jax.sharding.AbstractMesh((1,), ("x",),
+                                   (jax.sharding.AxisType.Explicit,),
+                                   abstract_device=ad)
+  f = fn
+  if grad_argnums is not None:
+    f = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)),
+                 argnums=grad_argnums)
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.jit(f).trace(*args).lower(
+        lowering_platforms=(platform,)).as_text()
+
+
+def check_kernel(ker, ref, args, cotangent, tol, names):
+  """``ker(*args)`` matches ``ref`` (run in float32) in value and in the
+  gradients of <y, cotangent> with respect to every arg (``names``), within
+  ``tol`` relative to each result's largest magnitude; outputs and
+  gradients keep the inputs' dtype."""
+  f32 = lambda f: lambda *a: f(*[v.astype(jnp.float32) for v in a])
+  y, r = ker(*args), f32(ref)(*args)
+  assert y.dtype == args[0].dtype
+  np.testing.assert_allclose(np.asarray(y, np.float32), r, rtol=tol,
+                             atol=tol * 4 * float(jnp.abs(r).max()))
+  loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * cotangent)
+  argnums = tuple(range(len(args)))
+  ga = jax.grad(loss(ker), argnums=argnums)(*args)
+  gb = jax.grad(loss(f32(ref)), argnums=argnums)(*args)
+  for a, b, x, name in zip(ga, gb, args, names):
+    assert a.dtype == x.dtype, name
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b),
+                               rtol=tol, atol=tol * 4 * float(jnp.abs(b).max()),
+                               err_msg=name)
+
+
+def sltrain_inputs(tokens, d_in, d_out, rank, density, dtype, seed=0):
+  """Random (x, a, b, values, indices, cotangent) for SLTrain kernel tests."""
+  from structmat import ops  # pylint: disable=import-outside-toplevel
+  k = jax.random.split(jax.random.key(seed + d_in + d_out), 6)
+  x = jax.random.normal(k[0], (tokens, d_in)).astype(dtype)
+  a = (jax.random.normal(k[1], (d_in, rank)) / np.sqrt(d_in)).astype(dtype)
+  b = jax.random.normal(k[2], (rank, d_out)).astype(dtype)
+  idx = ops.draw_support(k[3], d_in, d_out, density)
+  v = (jax.random.normal(k[4], idx.shape) / np.sqrt(d_in)).astype(dtype)
+  g = jax.random.normal(k[5], (tokens, d_out)).astype(dtype)
+  return x, a, b, v, idx, g
+
+
+def check_orders_skip_the_sort(kernel, args, cotangent, orders):
+  """``kernel(*args, orders=...)`` gives the same values and gradients with
+  the stored tile ``orders`` as when it sorts the support itself, and its
+  traced gradient then has no ``sort``."""
+  import re  # pylint: disable=import-outside-toplevel
+
+  def run(o):
+    f = lambda *a: kernel(*a, orders=o)
+    loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) * cotangent)
+    grad = jax.grad(loss, argnums=tuple(range(len(args))))
+    return f(*args), grad(*args), str(jax.make_jaxpr(grad)(*args))
+
+  y0, g0, jaxpr0 = run(None)
+  y1, g1, jaxpr1 = run(orders)
+  sorts = lambda jaxpr: len(re.findall(r"\bsort\[", jaxpr))  # the primitive
+  assert sorts(jaxpr0) >= 1 and sorts(jaxpr1) == 0
+  np.testing.assert_array_equal(y0, y1)
+  for p, q in zip(g0, g1):
+    np.testing.assert_array_equal(p, q)

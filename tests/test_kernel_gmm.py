@@ -8,6 +8,7 @@ import pytest
 from structmat import ops
 from structmat.kernels.blockdiag_gmm import (blockdiag_matmul_gmm,
                                              default_tiling)
+from tests.helpers import cross_lower
 
 
 @pytest.mark.parametrize("tokens,wshape,dtype,tol", [
@@ -46,17 +47,8 @@ def test_tiling_and_errors():
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_cross_lowering_for_tpu(grad):
-  ad = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
-                                   platform="tpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",),
-                                   (jax.sharding.AxisType.Explicit,),
-                                   abstract_device=ad)
   fwd = lambda x, w: blockdiag_matmul_gmm(x, w, interpret=False)
-  f = fwd if not grad else jax.grad(
-      lambda x, w: jnp.sum(fwd(x, w).astype(jnp.float32)), argnums=(0, 1))
   args = (jax.ShapeDtypeStruct((1024, 4 * 256), jnp.bfloat16),
           jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16))
-  with jax.sharding.use_abstract_mesh(mesh):
-    text = jax.jit(f).trace(*args).lower(
-        lowering_platforms=("tpu",)).as_text()
+  text = cross_lower(fwd, args, "tpu", (0, 1) if grad else None)
   assert "tpu_custom_call" in text

@@ -9,7 +9,7 @@ import pytest
 
 from structmat import ops
 from structmat.kernels import monarch_tpu as mt
-from tests.helpers import poison_pallas_outputs
+from tests.helpers import check_kernel, cross_lower, poison_pallas_outputs
 
 # (tokens, block_tokens, w1 (k, q, p), w2 (l, s, r))
 SHAPES = [
@@ -33,20 +33,8 @@ def _inputs(tokens, s1, s2, dtype, seed=0):
 
 
 def _check(ker, x, w1, w2, g, tol):
-  f32 = lambda *a: [v.astype(jnp.float32) for v in a]
-  ref = lambda x, w1, w2: ops.monarch_matmul(*f32(x, w1, w2))
-  y, r = ker(x, w1, w2), ref(x, w1, w2)
-  assert y.dtype == x.dtype
-  np.testing.assert_allclose(np.asarray(y, np.float32), r, rtol=tol,
-                             atol=tol * 4 * float(jnp.abs(r).max()))
-  loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * g)
-  ga = jax.grad(loss(ker), argnums=(0, 1, 2))(x, w1, w2)
-  gb = jax.grad(loss(ref), argnums=(0, 1, 2))(x, w1, w2)
-  for a, b, name in zip(ga, gb, ("dx", "dw1", "dw2")):
-    assert a.dtype == x.dtype, name
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b),
-                               rtol=tol, atol=tol * 4 * float(jnp.abs(b).max()),
-                               err_msg=name)
+  check_kernel(ker, ops.monarch_matmul, (x, w1, w2), g, tol,
+               ("dx", "dw1", "dw2"))
 
 
 @pytest.mark.parametrize("tokens,bt,s1,s2,dtype,tol", CASES)
@@ -82,20 +70,10 @@ def test_permuted_rows_roundtrip():
 
 
 def _lower(tokens, s1, s2, bt, grad, dtype=jnp.bfloat16):
-  ad = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
-                                   platform="tpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",),
-                                   (jax.sharding.AxisType.Explicit,),
-                                   abstract_device=ad)
   fwd = lambda *a: mt.monarch_matmul_tpu(*a, block_tokens=bt, interpret=False)
-  f = fwd
-  if grad:
-    f = jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)),
-                 argnums=(0, 1, 2))
   args = [jax.ShapeDtypeStruct(s, dtype)
           for s in ((tokens, s1[0] * s1[2]), s1, s2)]
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.jit(f).trace(*args).lower(lowering_platforms=("tpu",))
+  return cross_lower(fwd, args, "tpu", (0, 1, 2) if grad else None)
 
 
 @pytest.mark.parametrize("tokens,s1,s2,bt,dtype", [
@@ -107,7 +85,7 @@ def _lower(tokens, s1, s2, bt, grad, dtype=jnp.bfloat16):
 @pytest.mark.parametrize("grad", [False, True])
 def test_cross_lowering_for_tpu(tokens, s1, s2, bt, dtype, grad):
   assert mt.supported(tokens, s1, s2, bt, jnp.dtype(dtype).itemsize) is None
-  text = _lower(tokens, s1, s2, bt, grad, dtype).as_text()
+  text = _lower(tokens, s1, s2, bt, grad, dtype)
   # The gradient of a sum needs only the backward kernel (XLA drops the
   # forward's unused output).
   assert text.count("tpu_custom_call") == 1

@@ -1,7 +1,5 @@
 """SLTrain reconstruct-and-multiply kernel: interpret mode against the XLA
 reference (forward and every gradient), poisoned outputs, cross-lowering."""
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +7,9 @@ import pytest
 
 from structmat import ops
 from structmat.kernels import sltrain as sk
-from tests.helpers import poison_pallas_outputs
+from tests.helpers import (check_kernel, check_orders_skip_the_sort,
+                           cross_lower, poison_pallas_outputs,
+                           sltrain_inputs as _inputs)
 
 # (tokens, in, out, rank, density, block_tokens, block_in, block_out, chunk)
 SHAPES = [
@@ -22,17 +22,6 @@ CASES = ([(*c, jnp.float32, 1e-5) for c in SHAPES]
          + [(*c, jnp.bfloat16, 1e-2) for c in SHAPES[:1]])
 
 
-def _inputs(tokens, d_in, d_out, rank, density, dtype, seed=0):
-  k = jax.random.split(jax.random.key(seed + d_in + d_out), 6)
-  x = jax.random.normal(k[0], (tokens, d_in)).astype(dtype)
-  a = (jax.random.normal(k[1], (d_in, rank)) / np.sqrt(d_in)).astype(dtype)
-  b = jax.random.normal(k[2], (rank, d_out)).astype(dtype)
-  idx = ops.draw_support(k[3], d_in, d_out, density)
-  v = (jax.random.normal(k[4], idx.shape) / np.sqrt(d_in)).astype(dtype)
-  g = jax.random.normal(k[5], (tokens, d_out)).astype(dtype)
-  return x, a, b, v, idx, g
-
-
 @pytest.mark.parametrize("tokens,d_in,d_out,rank,density,bt,bk,bn,chunk,dtype,tol",
                          CASES)
 def test_sltrain_kernel_matches_reference(tokens, d_in, d_out, rank, density,
@@ -40,23 +29,11 @@ def test_sltrain_kernel_matches_reference(tokens, d_in, d_out, rank, density,
                                           monkeypatch):
   poisoned = poison_pallas_outputs(monkeypatch)  # unwritten outputs stay NaN
   x, a, b, v, idx, g = _inputs(tokens, d_in, d_out, rank, density, dtype)
-  f32 = lambda *z: [t.astype(jnp.float32) for t in z]
-  ref = lambda x, a, b, v: ops.sltrain_matmul(*f32(x, a, b, v)[:3], f32(v)[0],
-                                              idx, 2.0)
   ker = lambda x, a, b, v: sk.sltrain_matmul_pallas(
       x, a, b, v, idx, 2.0, block_tokens=bt, block_in=bk, block_out=bn,
       chunk=chunk, interpret=True)
-  y, r = ker(x, a, b, v), ref(x, a, b, v)
-  assert y.dtype == dtype
-  np.testing.assert_allclose(np.asarray(y, np.float32), r, rtol=tol,
-                             atol=tol * 4 * float(jnp.abs(r).max()))
-  loss = lambda f: lambda *z: jnp.sum(f(*z).astype(jnp.float32) * g)
-  ga = jax.grad(loss(ker), argnums=(0, 1, 2, 3))(x, a, b, v)
-  gb = jax.grad(loss(ref), argnums=(0, 1, 2, 3))(x, a, b, v)
-  for p, q, name in zip(ga, gb, ("dx", "da", "db", "dvalues")):
-    scale = float(jnp.abs(q).max())
-    np.testing.assert_allclose(np.asarray(p, np.float32), np.asarray(q),
-                               rtol=tol, atol=tol * 4 * scale, err_msg=name)
+  ref = lambda x, a, b, v: ops.sltrain_matmul(x, a, b, v, idx, 2.0)
+  check_kernel(ker, ref, (x, a, b, v), g, tol, ("dx", "da", "db", "dvalues"))
   assert set(poisoned) == {"sltrain_fwd", "sltrain_dvalues"}
 
 
@@ -94,19 +71,11 @@ def test_precomputed_orders_skip_the_sort():
     tiles = np.asarray(sk._tile_of(i, cols, 64, 64))[np.asarray(o)]  # pylint: disable=protected-access
     assert sorted(np.asarray(o).tolist()) == list(range(idx.shape[0]))
     assert (np.diff(tiles) >= 0).all()
-  def run(orders):
-    f = lambda x, a, b, v: sk.sltrain_matmul_pallas(
-        x, a, b, v, idx, 2.0, orders=orders, block_tokens=16, interpret=True)
-    loss = lambda *z: jnp.sum(f(*z) * g)
-    return f(x, a, b, v), jax.grad(loss, argnums=(0, 1, 2, 3))(x, a, b, v), (
-        str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 3)))(x, a, b, v)))
-  y0, g0, jaxpr0 = run(None)
-  y1, g1, jaxpr1 = run(orders)
-  sorts = lambda jaxpr: len(re.findall(r"\bsort\[", jaxpr))  # the primitive
-  assert sorts(jaxpr0) >= 1 and sorts(jaxpr1) == 0
-  np.testing.assert_array_equal(y0, y1)
-  for p, q in zip(g0, g1):
-    np.testing.assert_array_equal(p, q)
+  check_orders_skip_the_sort(
+      lambda x, a, b, v, orders: sk.sltrain_matmul_pallas(
+          x, a, b, v, idx, 2.0, orders=orders, block_tokens=16,
+          interpret=True),
+      (x, a, b, v), g, orders)
   with pytest.raises(ValueError, match="support_orders"):
     sk.sltrain_matmul_pallas(x, a, b, v, idx, 2.0, orders=orders[:1],
                              interpret=True)
@@ -125,24 +94,16 @@ def test_supported_names_the_constraint():
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_cross_lowering_for_h100(grad):
-  ad = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
-                                   num_cores=1, platform="cuda")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",),
-                                   (jax.sharding.AxisType.Explicit,),
-                                   abstract_device=ad)
   d_in, d_out, r, t = 256, 512, 16, 256
   nnz = int(0.03 * d_in * d_out)
   fwd = lambda x, a, b, v, i: sk.sltrain_matmul_pallas(
       x, a, b, v, i, 2.0, block_tokens=64, block_in=64, block_out=64,
       chunk=32, interpret=False, platform="cuda")
-  f = fwd if not grad else jax.grad(
-      lambda *z: jnp.sum(fwd(*z).astype(jnp.float32)), argnums=(0, 1, 2, 3))
   s = jax.ShapeDtypeStruct
   args = [s((t, d_in), jnp.bfloat16), s((d_in, r), jnp.bfloat16),
           s((r, d_out), jnp.bfloat16), s((nnz,), jnp.bfloat16),
           s((nnz,), jnp.int32)]
-  with jax.sharding.use_abstract_mesh(mesh):
-    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  text = cross_lower(fwd, args, "cuda", (0, 1, 2, 3) if grad else None)
   assert "sltrain_fwd" in text and (not grad or "sltrain_dvalues" in text)
 
 

@@ -2,8 +2,6 @@
 against the XLA reference (forward and every gradient), poisoned outputs,
 the TPU interpreter's race detection, cross-lowering for a TPU v5e,
 dispatch."""
-import re
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
@@ -13,7 +11,9 @@ import pytest
 from structmat import ops
 from structmat.kernels import sltrain as sk
 from structmat.kernels import sltrain_tpu as stk
-from tests.helpers import poison_pallas_outputs
+from tests.helpers import (check_kernel, check_orders_skip_the_sort,
+                           cross_lower, poison_pallas_outputs,
+                           sltrain_inputs as _inputs)
 
 # (tokens, in, out, rank, density, block_tokens)
 SHAPES = [
@@ -26,31 +26,9 @@ CASES = ([(*c, jnp.float32, 1e-5) for c in SHAPES]
          + [(*c, jnp.bfloat16, 1e-2) for c in SHAPES[:1]])
 
 
-def _inputs(tokens, d_in, d_out, rank, density, dtype, seed=0):
-  k = jax.random.split(jax.random.key(seed + d_in + d_out), 6)
-  x = jax.random.normal(k[0], (tokens, d_in)).astype(dtype)
-  a = (jax.random.normal(k[1], (d_in, rank)) / np.sqrt(d_in)).astype(dtype)
-  b = jax.random.normal(k[2], (rank, d_out)).astype(dtype)
-  idx = ops.draw_support(k[3], d_in, d_out, density)
-  v = (jax.random.normal(k[4], idx.shape) / np.sqrt(d_in)).astype(dtype)
-  g = jax.random.normal(k[5], (tokens, d_out)).astype(dtype)
-  return x, a, b, v, idx, g
-
-
 def _check(ker, x, a, b, v, idx, g, tol):
-  f32 = lambda *z: [t.astype(jnp.float32) for t in z]
-  ref = lambda x, a, b, v: ops.sltrain_matmul(*f32(x, a, b, v), idx, 2.0)
-  y, r = ker(x, a, b, v), ref(x, a, b, v)
-  assert y.dtype == x.dtype
-  np.testing.assert_allclose(np.asarray(y, np.float32), r, rtol=tol,
-                             atol=tol * 4 * float(jnp.abs(r).max()))
-  loss = lambda f: lambda *z: jnp.sum(f(*z).astype(jnp.float32) * g)
-  ga = jax.grad(loss(ker), argnums=(0, 1, 2, 3))(x, a, b, v)
-  gb = jax.grad(loss(ref), argnums=(0, 1, 2, 3))(x, a, b, v)
-  for p, q, name in zip(ga, gb, ("dx", "da", "db", "dvalues")):
-    np.testing.assert_allclose(np.asarray(p, np.float32), np.asarray(q),
-                               rtol=tol, atol=tol * 4 * float(jnp.abs(q).max()),
-                               err_msg=name)
+  ref = lambda x, a, b, v: ops.sltrain_matmul(x, a, b, v, idx, 2.0)
+  check_kernel(ker, ref, (x, a, b, v), g, tol, ("dx", "da", "db", "dvalues"))
 
 
 @pytest.mark.parametrize("tokens,d_in,d_out,rank,density,bt,dtype,tol", CASES)
@@ -91,22 +69,11 @@ def test_padded_support_layout():
 def test_stored_orders_skip_the_sort():
   d_in, d_out = 128, 256
   x, a, b, v, idx, g = _inputs(128, d_in, d_out, 4, 0.05, jnp.float32)
-  orders = sk.support_orders(idx, d_in, d_out)
-
-  def run(o):
-    f = lambda x, v: stk.sltrain_matmul_tpu(x, a, b, v, idx, 2.0, orders=o,
-                                            block_tokens=128, interpret=True)
-    loss = lambda x, v: jnp.sum(f(x, v) * g)
-    return (f(x, v), jax.grad(loss, argnums=(0, 1))(x, v),
-            str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, v)))
-
-  y0, g0, jaxpr0 = run(None)
-  y1, g1, jaxpr1 = run(orders)
-  sorts = lambda jaxpr: len(re.findall(r"\bsort\[", jaxpr))  # the primitive
-  assert sorts(jaxpr0) >= 1 and sorts(jaxpr1) == 0
-  np.testing.assert_array_equal(y0, y1)
-  for p, q in zip(g0, g1):
-    np.testing.assert_array_equal(p, q)
+  check_orders_skip_the_sort(
+      lambda x, v, orders: stk.sltrain_matmul_tpu(
+          x, a, b, v, idx, 2.0, orders=orders, block_tokens=128,
+          interpret=True),
+      (x, v), g, sk.support_orders(idx, d_in, d_out))
 
 
 def test_tpu_interpreter_finds_no_races():
@@ -124,11 +91,6 @@ def test_tpu_interpreter_finds_no_races():
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_cross_lowering_for_tpu(grad):
-  ad = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
-                                   platform="tpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",),
-                                   (jax.sharding.AxisType.Explicit,),
-                                   abstract_device=ad)
   # The 60M preset's MLP up-projection: 512 -> 1536 (1376 rounded to 128s
   # here), rank 128, 3% support.
   d_in, d_out, r, t = 512, 1536, 128, 4096
@@ -136,14 +98,11 @@ def test_cross_lowering_for_tpu(grad):
   assert stk.supported(t, d_in, d_out, r, nnz, 256) is None
   fwd = lambda x, a, b, v, i, o: stk.sltrain_matmul_tpu(
       x, a, b, v, i, 2.0, orders=o, block_tokens=256, interpret=False)
-  f = fwd if not grad else jax.grad(
-      lambda *z: jnp.sum(fwd(*z).astype(jnp.float32)), argnums=(0, 1, 2, 3))
   s = jax.ShapeDtypeStruct
   args = [s((t, d_in), jnp.bfloat16), s((d_in, r), jnp.bfloat16),
           s((r, d_out), jnp.bfloat16), s((nnz,), jnp.bfloat16),
           s((nnz,), jnp.int32), s((2, nnz), jnp.int32)]
-  with jax.sharding.use_abstract_mesh(mesh):
-    text = jax.jit(f).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+  text = cross_lower(fwd, args, "tpu", (0, 1, 2, 3) if grad else None)
   # The gradient of a sum needs dx and dvalues, not the forward's output.
   names = {"sltrain_tpu_fwd"} | ({"sltrain_tpu_dvalues"} if grad else set())
   assert all(n in text for n in names)

@@ -61,17 +61,27 @@ def smem_estimate(block_tokens: int, p: int, g: int, s: int,
           + block_tokens * s * 4)
 
 
+def layout_problem(w1_shape, w2_shape) -> str | None:
+  """Why the fused kernels' regrouped layout cannot hold these factors, or
+  None (both kernels need q divisible by l)."""
+  k, q, _ = w1_shape
+  l, _, r = w2_shape
+  if l * r != k * q:
+    return "w2 does not match w1"
+  if q % l:
+    return f"q={q} not divisible by l={l} (the fused kernels' layout needs it)"
+  return None
+
+
 def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
               platform: str, itemsize: int = 2) -> str | None:
   """None if the fused kernel runs these shapes on ``platform``, else why not.
 
   ``itemsize``: bytes per element of x (shared memory depends on it)."""
-  k, q, p = w1_shape
-  l, s, r = w2_shape
-  if l * r != k * q:
-    return "w2 does not match w1"
-  if q % l:
-    return f"q={q} not divisible by l={l} (the gathered layout needs it)"
+  _, q, p = w1_shape
+  l, s, _ = w2_shape
+  if why := layout_problem(w1_shape, w2_shape):
+    return why
   if tokens % block_tokens:
     return f"tokens {tokens} not a multiple of block_tokens {block_tokens}"
   g = q // l

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from structmat.kernels.monarch import layout_problem
+
 
 # VMEM a program may plan for. TPU v5e/v6e cores have 128 MiB and v5p 95
 # MiB; Mosaic's default scoped limit (16-32 MiB) is raised to VMEM_LIMIT for
@@ -91,11 +93,9 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
               itemsize: int = 2) -> str | None:
   """None if the TPU kernel runs these shapes, else why not."""
   k, q, p = w1_shape
-  l, s, r = w2_shape
-  if l * r != k * q:
-    return "w2 does not match w1"
-  if q % l:
-    return f"q={q} not divisible by l={l} (the permuted layout needs it)"
+  l, s, _ = w2_shape
+  if why := layout_problem(w1_shape, w2_shape):
+    return why
   if block_tokens % LANES:
     return (f"block_tokens={block_tokens}: tokens sit in lanes, so tiles "
             f"must be multiples of {LANES}")

@@ -250,6 +250,14 @@ def _call_dvals(x, dy, ts: TiledSupport, bt, bk, bn, chunk, interpret,
   )(ts.offsets, x, dy, ts.rows, ts.cols)
 
 
+def lowrank_grads(x, dy, a, b, scale: float):
+  """(da, db) of y = scale x a b, through rank-r XLA matmuls (float32)."""
+  f32 = lambda v: v.astype(jnp.float32)
+  da = scale * (f32(x).T @ (f32(dy) @ f32(b).T))             # (in, r)
+  db = scale * ((f32(x) @ f32(a)).T @ f32(dy))               # (r, out)
+  return da, db
+
+
 class _Static(NamedTuple):
   scale: float
   bt: int
@@ -276,9 +284,7 @@ def _vjp_bwd(st, res, dy):
   # dx = dy W^T: the same kernel on W^T = scale b^T a^T + S^T (tiles bn x bk).
   dx = _call_fwd(dy, b.T, a.T, values[bwd_ts.order], bwd_ts, st.scale, st.bt,
                  st.bn, st.bk, st.chunk, st.interpret, st.platform)
-  f32 = lambda v: v.astype(jnp.float32)
-  da = st.scale * (f32(x).T @ (f32(dy) @ f32(b).T))          # (in, r)
-  db = st.scale * ((f32(x) @ f32(a)).T @ f32(dy))            # (r, out)
+  da, db = lowrank_grads(x, dy, a, b, st.scale)
   dv_sorted = _call_dvals(x, dy, fwd_ts, st.bt, st.bk, st.bn, st.chunk,
                           st.interpret, st.platform)[:values.shape[0]]
   dv = jnp.zeros_like(dv_sorted).at[fwd_ts.order].set(dv_sorted)

@@ -303,9 +303,7 @@ def _vjp_bwd(st, res, dy):
   # dx = dy W^T: the same kernel on W^T = scale b^T a^T + S^T.
   dx = _call_fwd(dy, b.T, a.T, _layout_values(values, bwd_ps), bwd_ps,
                  st.scale, st.bt, st.interpret)
-  f32 = lambda v: v.astype(jnp.float32)
-  da = st.scale * (f32(x).T @ (f32(dy) @ f32(b).T))          # (in, r)
-  db = st.scale * ((f32(x) @ f32(a)).T @ f32(dy))            # (r, out)
+  da, db = sk.lowrank_grads(x, dy, a, b, st.scale)
   dv_slots = _call_dvals(x, dy, fwd_ps, st.bt, st.interpret).reshape(-1)
   dv = jnp.zeros(values.shape, jnp.float32).at[fwd_ps.order].set(
       dv_slots[fwd_ps.pos])
