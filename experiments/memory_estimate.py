@@ -9,7 +9,8 @@ Shards are computed from the config's mesh and logical rules by arithmetic (no
 devices needed): a dimension is split when the rules map it to mesh axes whose
 size divides it. Activations follow Korthikanti et al. (2022) for a layer
 without recomputation, 34*s*b*h + 5*a*s^2*b bytes at 2 bytes per value, scaled
-to the compute dtype, plus the logits and their gradient in float32.
+to the compute dtype, plus the logits and their gradient in the compute dtype
+(the loss keeps no float32 copy: ``structmat.train.cross_entropy``).
 --measure compiles one train step on this machine (all of it on one device)
 and prints XLA's memory analysis for comparison.
 """
@@ -81,7 +82,8 @@ def estimate(config, devices: int, vocab: int) -> dict:
   s, h, a, L = config.seq_len, cfg.d_model, cfg.n_heads, cfg.n_layers
   scale = jnp.dtype(cfg.dtype).itemsize / 2
   act_layer = (34 * s * b * h + 5 * a * s * s * b) * scale / mesh_sizes["tensor"]
-  logits = 2 * b * s * cfg.vocab_size * 4 / mesh_sizes["tensor"]
+  itemsize = jnp.dtype(cfg.dtype).itemsize
+  logits = 2 * b * s * cfg.vocab_size * itemsize / mesh_sizes["tensor"]
   act = L * act_layer + logits
   return {"model": config.model, "linear": config.linear,
           "optimizer": config.get("optimizer", "adamw"),

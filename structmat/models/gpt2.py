@@ -105,11 +105,12 @@ class GPT2Block(nn.Module):
 
 
 class GPT2(nn.Module):
-  """tokens (batch, length) int -> logits (batch, length, vocab) float32."""
+  """tokens (batch, length) int -> logits (batch, length, vocab), float32
+  unless ``logits_dtype`` says otherwise (None: the compute dtype)."""
   cfg: GPT2Config
 
   @nn.compact
-  def __call__(self, tokens, positions=None):
+  def __call__(self, tokens, positions=None, logits_dtype=jnp.float32):
     cfg = self.cfg
     cfg.validate()
     if positions is None:
@@ -123,4 +124,5 @@ class GPT2(nn.Module):
     for i in range(cfg.n_layers):
       x = GPT2Block(cfg, i, name=f"layer_{i}")(x)
     x = _norm(cfg, "ln_f")(x)
-    return wte.attend(x).astype(jnp.float32)
+    logits = wte.attend(x)
+    return logits if logits_dtype is None else logits.astype(logits_dtype)

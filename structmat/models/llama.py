@@ -315,11 +315,13 @@ def _backbone(cfg: LlamaConfig, tokens, positions):
 
 
 class Llama(nn.Module):
-  """tokens (batch, length) int -> logits (batch, length, vocab) float32."""
+  """tokens (batch, length) int -> logits (batch, length, vocab), float32
+  unless ``logits_dtype`` says otherwise (None: the compute dtype, which the
+  training loss takes to save memory)."""
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, tokens, positions=None):
+  def __call__(self, tokens, positions=None, logits_dtype=jnp.float32):
     cfg = self.cfg
     embed, x = _backbone(cfg, tokens, positions)
     if cfg.tie_embeddings:
@@ -330,7 +332,7 @@ class Llama(nn.Module):
                         kernel_init=nn.with_logical_partitioning(
                             nn.initializers.normal(0.02), ("embed", "vocab")),
                         name="head")(x)
-    return logits.astype(jnp.float32)
+    return logits if logits_dtype is None else logits.astype(logits_dtype)
 
 
 class LlamaClassifier(nn.Module):

@@ -3,12 +3,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from structmat.train.cross_entropy import cross_entropy
 from structmat.train.partition import merge
 
 
 def token_loss(logits, targets, pad_id: int):
   """(sum of token losses, number of tokens), padding excluded."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  losses = cross_entropy(logits, targets)
   mask = (targets != pad_id).astype(jnp.float32)
   return jnp.sum(losses * mask), jnp.sum(mask)
 
@@ -18,8 +19,10 @@ def train_step(state, batch, *, model, tx, pad_id: int):
   inputs, targets = batch[:, :-1], batch[:, 1:]
 
   def loss_fn(params):
+    # Logits in the compute dtype: the loss upcasts inside its fusions and
+    # its backward saves no float32 vocabulary-sized residual.
     logits = model.apply({"params": merge(params, state.frozen),
-                          **state.structure}, inputs)
+                          **state.structure}, inputs, logits_dtype=None)
     total, count = token_loss(logits, targets, pad_id)
     return total / jnp.maximum(count, 1.0), count
 
@@ -37,5 +40,5 @@ def train_step(state, batch, *, model, tx, pad_id: int):
 def eval_step(state, batch, *, model, pad_id: int):
   """(sum of token losses, number of tokens) on one batch."""
   logits = model.apply({"params": state.all_params(), **state.structure},
-                       batch[:, :-1])
+                       batch[:, :-1], logits_dtype=None)
   return token_loss(logits, batch[:, 1:], pad_id)
