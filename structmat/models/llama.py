@@ -48,7 +48,8 @@ class LlamaConfig:
   overrides: tuple = ()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  impl: str = "xla"  # kernels for the layers that have them (Monarch, BTT)
+  impl: str = "xla"  # kernels of the layers that have them (Monarch, BTT,
+                     # blockdiag, SLTrain): see structmat.kernels.dispatch
   attention: str = "auto"  # see ATTENTION_IMPLS / attend()
   # Compacter-style bottleneck adapters inserted after sublayers, as sorted
   # (key, value) pairs, () for none: after ("attn,mlp" or "mlp"), n, rank
