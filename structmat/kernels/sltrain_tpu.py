@@ -139,14 +139,19 @@ def _one_hots(rows_ref, cols_ref, m, col_offset, bk: int, nb: int):
   return one_r, one_c
 
 
-def _tiles_of_block(j, d_in: int, bk: int, bn: int, nb: int, n_tn: int):
-  """(row offset, tile id, column offset in the block) of the default tiles
-  that make up column block j, as a static loop over row tiles x sub-columns
-  (the tile id is traced)."""
+def _for_each_tile(j, d_in: int, bk: int, bn: int, nb: int, n_tn: int, body):
+  """``body(rows, t, c0)`` for the default tiles that make up column block
+  j: ``rows`` the tile's row slice of the block, ``t`` its tile id, ``c0``
+  its column offset in the block. Row tiles run in a loop (wide layers have
+  dozens), the block's few sub-columns unrolled."""
   per = nb // bn
-  for k in range(d_in // bk):
+
+  def row_tile(k, carry):
+    rows = pl.ds(pl.multiple_of(k * bk, bk), bk)
     for jj in range(per):
-      yield k * bk, k * n_tn + j * per + jj, jj * bn
+      body(rows, k * n_tn + j * per + jj, jj * bn)
+    return carry
+  jax.lax.fori_loop(0, d_in // bk, row_tile, 0)
 
 
 def _fwd_kernel(start_ref, count_ref, x_ref, a_ref, b_ref, rows_ref, cols_ref,
@@ -157,16 +162,17 @@ def _fwd_kernel(start_ref, count_ref, x_ref, a_ref, b_ref, rows_ref, cols_ref,
   @pl.when(i == 0)
   def _build():
     w_ref[...] = scale * _mm(a_ref[...], b_ref[...])
-    for r0, t, c0 in _tiles_of_block(j, d_in, bk, bn, nb, n_tn):
-      def place(c, acc, t=t, c0=c0):
+
+    def tile(rows, t, c0):
+      def place(c, acc):
         m = start_ref[t] + c
         one_r, one_c = _one_hots(rows_ref, cols_ref, m, c0, bk, nb)
         v = vals_ref[pl.ds(m, 1), :].astype(jnp.float32)
         return acc + _mm(one_r.astype(jnp.float32),
                          jnp.where(one_c, v, 0.0), ((1,), (1,)))
-      part = jax.lax.fori_loop(0, count_ref[t], place,
-                               jnp.zeros((bk, nb), jnp.float32))
-      w_ref[r0:r0 + bk, :] += part
+      w_ref[rows, :] += jax.lax.fori_loop(0, count_ref[t], place,
+                                          jnp.zeros((bk, nb), jnp.float32))
+    _for_each_tile(j, d_in, bk, bn, nb, n_tn, tile)
     wd_ref[...] = w_ref[...].astype(wd_ref.dtype)
 
   y_ref[...] = _mm(x_ref[...], wd_ref[...]).astype(y_ref.dtype)
@@ -225,10 +231,10 @@ def _dvals_kernel(start_ref, count_ref, x_ref, dy_ref, rows_ref, cols_ref,
 
   @pl.when(i == n_i - 1)
   def _read_off():
-    for r0, t, c0 in _tiles_of_block(j, d_in, bk, bn, nb, n_tn):
-      g = g_ref[r0:r0 + bk, :]                                  # (bk, nb)
+    def tile(rows, t, c0):
+      g = g_ref[rows, :]                                        # (bk, nb)
 
-      def pick(c, carry, t=t, c0=c0, g=g):
+      def pick(c, carry):
         m = start_ref[t] + c
         one_r, one_c = _one_hots(rows_ref, cols_ref, m, c0, bk, nb)
         at_cols = _mm(g, one_c.astype(jnp.float32))            # (bk, CHUNK)
@@ -236,6 +242,7 @@ def _dvals_kernel(start_ref, count_ref, x_ref, dy_ref, rows_ref, cols_ref,
                                          axis=0, keepdims=True)
         return carry
       jax.lax.fori_loop(0, count_ref[t], pick, 0)
+    _for_each_tile(j, d_in, bk, bn, nb, n_tn, tile)
 
 
 def _call_dvals(x, dy, ps: PaddedSupport, bt, interpret):
