@@ -43,6 +43,23 @@ def test_matches_reference(tokens, d_in, d_out, rank, density, bt, dtype, tol,
   assert set(poisoned) == {"sltrain_tpu_fwd", "sltrain_tpu_dvalues"}
 
 
+def test_jitted_bfloat16_gradients():
+  """Under jit, XLA:CPU folded b.T into W^T's low-rank product and hit a
+  bfloat16 x bfloat16 -> float32 dot it lacks (benchmark_kernels' bf16 row);
+  the product now runs in float32, which is exact for 16-bit factors."""
+  x, a, b, v, idx, g = _inputs(256, 256, 256, 16, 0.03, jnp.bfloat16)
+  ker = lambda x, a, b, v: stk.sltrain_matmul_tpu(
+      x, a, b, v, idx, 2.0, block_tokens=256, interpret=True)
+  loss = lambda f: lambda *z: jnp.sum(f(*z).astype(jnp.float32) * g)
+  ga = jax.jit(jax.grad(loss(ker), argnums=(0, 1, 2, 3)))(x, a, b, v)
+  gb = jax.grad(loss(lambda x, a, b, v: ops.sltrain_matmul(
+      *[t.astype(jnp.float32) for t in (x, a, b, v)], idx, 2.0)),
+                argnums=(0, 1, 2, 3))(x, a, b, v)
+  for p, q in zip(ga, gb):
+    np.testing.assert_allclose(np.asarray(p, np.float32), q, rtol=1e-2,
+                               atol=4e-2 * float(jnp.abs(q).max()))
+
+
 def test_padded_support_layout():
   """Every tile's entries start a fresh 128-entry row, in tile order, and
   the slots hold each entry's row and column within its tile."""

@@ -161,7 +161,11 @@ def _fwd_kernel(start_ref, count_ref, x_ref, a_ref, b_ref, rows_ref, cols_ref,
 
   @pl.when(i == 0)
   def _build():
-    w_ref[...] = scale * _mm(a_ref[...], b_ref[...])
+    # In float32: exact for 16-bit factors (their products fit float32's
+    # mantissa), once per block; XLA:CPU (interpret mode) also lacks some
+    # bfloat16 x bfloat16 -> float32 dot layouts.
+    f32 = jnp.float32
+    w_ref[...] = scale * _mm(a_ref[...].astype(f32), b_ref[...].astype(f32))
 
     def tile(rows, t, c0):
       def place(c, acc):
