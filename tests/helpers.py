@@ -87,16 +87,19 @@ def cross_lower(fn, args, platform: str, grad_argnums=None):
         lowering_platforms=(platform,)).as_text()
 
 
-def check_kernel(ker, ref, args, cotangent, tol, names):
+def check_kernel(ker, ref, args, cotangent, tol, names, fwd_atol=None):
   """``ker(*args)`` matches ``ref`` (run in float32) in value and in the
   gradients of <y, cotangent> with respect to every arg (``names``), within
-  ``tol`` relative to each result's largest magnitude; outputs and
-  gradients keep the inputs' dtype."""
+  ``tol`` relative to each result's largest magnitude (``fwd_atol``: an
+  absolute bound for the value instead); outputs and gradients keep the
+  inputs' dtype."""
   f32 = lambda f: lambda *a: f(*[v.astype(jnp.float32) for v in a])
   y, r = ker(*args), f32(ref)(*args)
   assert y.dtype == args[0].dtype
+  if fwd_atol is None:
+    fwd_atol = tol * 4 * float(jnp.abs(r).max())
   np.testing.assert_allclose(np.asarray(y, np.float32), r, rtol=tol,
-                             atol=tol * 4 * float(jnp.abs(r).max()))
+                             atol=fwd_atol)
   loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * cotangent)
   argnums = tuple(range(len(args)))
   ga = jax.grad(loss(ker), argnums=argnums)(*args)

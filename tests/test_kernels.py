@@ -38,7 +38,8 @@ def test_blockdiag_kernel_matches_reference(tokens, bt, wshape, dtype, tol,
   g = jax.random.normal(k3, (tokens, k * q)).astype(dtype)
   ker = lambda x, w: blockdiag_matmul_pallas(x, w, block_tokens=bt,
                                              interpret=True)
-  check_kernel(ker, ops.blockdiag_matmul, (x, w), g, tol, ("dx", "dw"))
+  check_kernel(ker, ops.blockdiag_matmul, (x, w), g, tol, ("dx", "dw"),
+               fwd_atol=tol * 4)
   assert set(poisoned) == {"blockdiag_fwd", "blockdiag_dw"}
 
 
