@@ -34,14 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from structmat.kernels.monarch import layout_problem
-
-
-# VMEM a program may plan for. TPU v5e/v6e cores have 128 MiB and v5p 95
-# MiB; Mosaic's default scoped limit (16-32 MiB) is raised to VMEM_LIMIT for
-# these kernels. Older chips (v4: 32 MiB) would need smaller token tiles.
-VMEM_BUDGET = 48 * 1024 * 1024
-VMEM_LIMIT = 64 * 1024 * 1024
-LANES = 128
+from structmat.kernels.mosaic_tpu import (LANES, VMEM_BUDGET, compiler_params,
+                                          lane_chunks, matmul as _mm, whole)
 
 
 def permute_w1(w1, l: int):
@@ -132,25 +126,16 @@ def fit_block_tokens(tokens: int, w1_shape, w2_shape, itemsize: int,
   return LANES
 
 
-def _mm(a, b, contract=((1,), (0,))):
-  return jax.lax.dot_general(a, b, (contract, ((), ())),
-                             preferred_element_type=jnp.float32)
-
-
-def _lane_chunks(bt: int):
-  """Static 128-token slices of a tile: Mosaic's strided row accesses need
-  a base whose last dim is exactly 128 lanes, so the transposed output
-  (and dy) live in (bt/128, features, 128) scratch."""
-  return [slice(c * LANES, (c + 1) * LANES) for c in range(bt // LANES)]
-
-
 def _transpose_in(v_ref, out_ref, dtype):
-  """out[features, tokens] = v[tokens, features]^T, per 128-token chunk.
+  """out[features, tokens] = v[tokens, features]^T, per 128-token chunk;
+  ``out_ref`` is (features, tile) or (tile/128, features, 128): Mosaic's
+  strided row accesses need a base whose last dim is exactly 128 lanes, so
+  the transposed output and dy live in that chunked form.
 
   Transposes run in float32 (the XLU's 32-bit path; packed 16-bit
   transposes are not supported by every Mosaic version)."""
   bt = v_ref.shape[0]
-  for c, cols in enumerate(_lane_chunks(bt)):
+  for c, cols in enumerate(lane_chunks(bt)):
     t = v_ref[cols, :].astype(jnp.float32).T
     if out_ref.ndim == 3:
       out_ref[c] = t.astype(dtype)
@@ -178,7 +163,7 @@ def _fwd_kernel(x_ref, w1p_ref, w2_ref, y_ref, xt_ref, ht_ref, yt_ref):
   k, q, p = w1p_ref.shape
   l, s, _ = w2_ref.shape
   g = q // l
-  chunks = _lane_chunks(x_ref.shape[0])
+  chunks = lane_chunks(x_ref.shape[0])
   _transpose_in(x_ref, xt_ref, xt_ref.dtype)
   _stage1(w1p_ref, xt_ref, ht_ref, k, p)
 
@@ -199,7 +184,7 @@ def _bwd_kernel(x_ref, dy_ref, w1p_ref, w1pt_ref, w2_ref, w2t_ref,
   l, s, _ = w2_ref.shape
   g = q // l
   dtype = x_ref.dtype
-  chunks = _lane_chunks(x_ref.shape[0])
+  chunks = lane_chunks(x_ref.shape[0])
 
   @pl.when(pl.program_id(0) == 0)
   def _():
@@ -231,18 +216,6 @@ def _bwd_kernel(x_ref, dy_ref, w1p_ref, w1pt_ref, w2_ref, w2t_ref,
     dx_ref[cols, :] = dxt_ref[:, cols].T.astype(dx_ref.dtype)
 
 
-def _params(semantics: str, interpret):
-  if interpret is True:   # plain interpret mode: no TPU semantics to keep
-    return None
-  return pltpu.CompilerParams(dimension_semantics=(semantics,),
-                              vmem_limit_bytes=VMEM_LIMIT)
-
-
-def _full(shape):
-  """A whole-array block that never moves (copied into VMEM once)."""
-  return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
-
-
 def _call_fwd(x, w1p, w2, block_tokens, interpret):
   tokens, n_in = x.shape
   k, q, _ = w1p.shape
@@ -253,12 +226,12 @@ def _call_fwd(x, w1p, w2, block_tokens, interpret):
       out_shape=jax.ShapeDtypeStruct((tokens, l * s), x.dtype),
       grid=(tokens // bt,),
       in_specs=[pl.BlockSpec((bt, n_in), lambda i: (i, 0)),
-                _full(w1p.shape), _full(w2.shape)],
+                whole(w1p.shape), whole(w2.shape)],
       out_specs=pl.BlockSpec((bt, l * s), lambda i: (i, 0)),
       scratch_shapes=[pltpu.VMEM((n_in, bt), x.dtype),
                       pltpu.VMEM((k, q, bt), x.dtype),
                       pltpu.VMEM((bt // LANES, l * s, LANES), jnp.float32)],
-      compiler_params=_params("parallel", interpret),
+      compiler_params=compiler_params(("parallel",), interpret),
       interpret=interpret,
       name="monarch_tpu_fwd",
   )(x, w1p, w2)
@@ -280,17 +253,17 @@ def _call_bwd(x, dy, w1p, w2, block_tokens, interpret):
       grid=(tokens // bt,),
       in_specs=[pl.BlockSpec((bt, n_in), lambda i: (i, 0)),
                 pl.BlockSpec((bt, l * s), lambda i: (i, 0)),
-                _full(w1p.shape), _full(w1pt.shape),
-                _full(w2.shape), _full(w2t.shape)],
+                whole(w1p.shape), whole(w1pt.shape),
+                whole(w2.shape), whole(w2t.shape)],
       out_specs=(pl.BlockSpec((bt, n_in), lambda i: (i, 0)),
-                 _full((k, q, p)), _full((l, s, r))),
+                 whole((k, q, p)), whole((l, s, r))),
       scratch_shapes=[pltpu.VMEM((n_in, bt), x.dtype),
                       pltpu.VMEM((k, q, bt), x.dtype),
                       pltpu.VMEM((bt // LANES, l * s, LANES), f32),
                       pltpu.VMEM((k, q, bt), x.dtype),
                       pltpu.VMEM((n_in, bt), f32)],
       # The weight gradients accumulate across token tiles: in order.
-      compiler_params=_params("arbitrary", interpret),
+      compiler_params=compiler_params(("arbitrary",), interpret),
       interpret=interpret,
       name="monarch_tpu_bwd",
   )(x, dy, w1p, w1pt, w2, w2t)

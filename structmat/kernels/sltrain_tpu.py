@@ -34,11 +34,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from structmat.kernels import sltrain as sk
+from structmat.kernels.mosaic_tpu import (LANES, VMEM_BUDGET, compiler_params,
+                                          lane_chunks, matmul as _mm, whole)
 
-LANES = 128
 CHUNK = 128          # entries per one-hot placement step: one lane row
-VMEM_BUDGET = 48 * 1024 * 1024
-VMEM_LIMIT = 64 * 1024 * 1024
+_SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)   # whole array, scalar memory
 
 
 class PaddedSupport(NamedTuple):
@@ -125,11 +125,6 @@ def supported(tokens: int, in_features: int, out_features: int, rank: int,
   return None
 
 
-def _mm(a, b, contract=((1,), (0,))):
-  return jax.lax.dot_general(a, b, (contract, ((), ())),
-                             preferred_element_type=jnp.float32)
-
-
 def _one_hots(rows_ref, cols_ref, m, col_offset, bk: int, nb: int):
   """(bk, CHUNK) row one-hots and (nb, CHUNK) column one-hots of chunk row m."""
   r = rows_ref[pl.ds(m, 1), :]                                  # (1, CHUNK)
@@ -192,21 +187,19 @@ def _call_fwd(x, a, b, vals, ps: PaddedSupport, scale, bt, interpret):
   nb = _block_out(d_out)
   kernel = functools.partial(_fwd_kernel, scale=scale, bk=bk, bn=bn,
                              n_tn=d_out // bn)
-  smem = pl.BlockSpec(memory_space=pltpu.SMEM)
-  whole = lambda v: pl.BlockSpec(v.shape, lambda j, i: (0,) * v.ndim)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((tokens, d_out), x.dtype),
       grid=(d_out // nb, tokens // bt),
-      in_specs=[smem, smem,
+      in_specs=[_SMEM, _SMEM,
                 pl.BlockSpec((bt, d_in), lambda j, i: (i, 0)),
-                whole(a),
+                whole(a.shape),
                 pl.BlockSpec((rank, nb), lambda j, i: (0, j)),
-                whole(ps.rows), whole(ps.cols), whole(vals)],
+                whole(ps.rows.shape), whole(ps.cols.shape), whole(vals.shape)],
       out_specs=pl.BlockSpec((bt, nb), lambda j, i: (i, j)),
       scratch_shapes=[pltpu.VMEM((d_in, nb), jnp.float32),
                       pltpu.VMEM((d_in, nb), x.dtype)],
-      compiler_params=_params(("parallel", "arbitrary"), interpret),
+      compiler_params=compiler_params(("parallel", "arbitrary"), interpret),
       interpret=interpret,
       name="sltrain_tpu_fwd",
   )(ps.start, ps.count, x, a, b, ps.rows, ps.cols, vals)
@@ -228,8 +221,7 @@ def _dvals_kernel(start_ref, count_ref, x_ref, dy_ref, rows_ref, cols_ref,
 
   # G_J += x_i^T dy_i: x transposed through the XLU in float32 (a transposed
   # left operand is not an MXU form), per 128-token chunk.
-  for c in range(bt // LANES):
-    rows = slice(c * LANES, (c + 1) * LANES)
+  for rows in lane_chunks(bt):
     xt = x_ref[rows, :].astype(jnp.float32).T.astype(x_ref.dtype)
     g_ref[...] += _mm(xt, dy_ref[rows, :])
 
@@ -259,31 +251,22 @@ def _call_dvals(x, dy, ps: PaddedSupport, bt, interpret):
   nb = _block_out(d_out)
   kernel = functools.partial(_dvals_kernel, bk=bk, bn=bn, n_tn=d_out // bn,
                              n_i=tokens // bt)
-  smem = pl.BlockSpec(memory_space=pltpu.SMEM)
-  whole = lambda v: pl.BlockSpec(v.shape, lambda j, i: (0,) * v.ndim)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct(ps.rows.shape, jnp.float32),
       grid=(d_out // nb, tokens // bt),
-      in_specs=[smem, smem,
+      in_specs=[_SMEM, _SMEM,
                 pl.BlockSpec((bt, d_in), lambda j, i: (i, 0)),
                 pl.BlockSpec((bt, nb), lambda j, i: (i, j)),
-                whole(ps.rows), whole(ps.cols)],
-      out_specs=whole(ps.rows),
+                whole(ps.rows.shape), whole(ps.cols.shape)],
+      out_specs=whole(ps.rows.shape),
       scratch_shapes=[pltpu.VMEM((d_in, nb), jnp.float32)],
       # One output array for every block: the whole grid runs in order on
       # one core.
-      compiler_params=_params(("arbitrary", "arbitrary"), interpret),
+      compiler_params=compiler_params(("arbitrary", "arbitrary"), interpret),
       interpret=interpret,
       name="sltrain_tpu_dvalues",
   )(ps.start, ps.count, x, dy, ps.rows, ps.cols)
-
-
-def _params(semantics, interpret):
-  if interpret is True:   # plain interpret mode: no TPU semantics to keep
-    return None
-  return pltpu.CompilerParams(dimension_semantics=semantics,
-                              vmem_limit_bytes=VMEM_LIMIT)
 
 
 def _layout_values(values, ps: PaddedSupport):
