@@ -80,9 +80,9 @@ def estimate(config, devices: int, vocab: int) -> dict:
   data_par = mesh_sizes["data"] * mesh_sizes["fsdp"]
   b = config.batch_size / data_par
   s, h, a, L = config.seq_len, cfg.d_model, cfg.n_heads, cfg.n_layers
-  scale = jnp.dtype(cfg.dtype).itemsize / 2
-  act_layer = (34 * s * b * h + 5 * a * s * s * b) * scale / mesh_sizes["tensor"]
   itemsize = jnp.dtype(cfg.dtype).itemsize
+  act_layer = ((34 * s * b * h + 5 * a * s * s * b) * itemsize / 2
+               / mesh_sizes["tensor"])
   logits = 2 * b * s * cfg.vocab_size * itemsize / mesh_sizes["tensor"]
   act = L * act_layer + logits
   return {"model": config.model, "linear": config.linear,

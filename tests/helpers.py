@@ -87,14 +87,17 @@ def cross_lower(fn, args, platform: str, grad_argnums=None):
         lowering_platforms=(platform,)).as_text()
 
 
-def check_kernel(ker, ref, args, cotangent, tol, names, fwd_atol=None):
+def check_kernel(ker, ref, args, cotangent, tol, names, fwd_atol=None,
+                 jit=False):
   """``ker(*args)`` matches ``ref`` (run in float32) in value and in the
   gradients of <y, cotangent> with respect to every arg (``names``), within
   ``tol`` relative to each result's largest magnitude (``fwd_atol``: an
   absolute bound for the value instead); outputs and gradients keep the
-  inputs' dtype."""
+  inputs' dtype. ``jit``: run the kernel and its gradient compiled (XLA
+  may then fuse around it) instead of op by op."""
   f32 = lambda f: lambda *a: f(*[v.astype(jnp.float32) for v in a])
-  y, r = ker(*args), f32(ref)(*args)
+  wrap = jax.jit if jit else (lambda f: f)
+  y, r = wrap(ker)(*args), f32(ref)(*args)
   assert y.dtype == args[0].dtype
   if fwd_atol is None:
     fwd_atol = tol * 4 * float(jnp.abs(r).max())
@@ -102,7 +105,7 @@ def check_kernel(ker, ref, args, cotangent, tol, names, fwd_atol=None):
                              atol=fwd_atol)
   loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * cotangent)
   argnums = tuple(range(len(args)))
-  ga = jax.grad(loss(ker), argnums=argnums)(*args)
+  ga = wrap(jax.grad(loss(ker), argnums=argnums))(*args)
   gb = jax.grad(loss(f32(ref)), argnums=argnums)(*args)
   for a, b, x, name in zip(ga, gb, args, names):
     assert a.dtype == x.dtype, name
