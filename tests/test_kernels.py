@@ -143,6 +143,11 @@ MONARCH_SHAPES = [  # (tokens, block_tokens, w1 shape, w2 shape)
     (16, 8, (2, 8, 8), (4, 6, 4)),          # k != l
     (32, 32, (8, 64, 32), (8, 128, 64)),    # 256 -> 1024 (in_ext < out_ext rule)
     (48, 16, (4, 32, 32), (4, 32, 32)),     # 48 tokens: 3 tiles
+    # Blocks padded to powers of two (masked loads and stores): LLaMA-130M's
+    # and GPT-2's 768 = 4 x 192 attention projections (q/l = 48), and
+    # 96 -> 72 with p=24, q/l=12, s=18.
+    (32, 32, (4, 192, 192), (4, 192, 192)),
+    (32, 16, (4, 48, 24), (4, 18, 48)),
 ]
 
 
@@ -186,6 +191,7 @@ def _lower_monarch(platform, tokens, s1, s2, bt, grad):
 @pytest.mark.parametrize("platform,tokens,s1,s2,bt", [
     ("cuda", 256, (4, 64, 64), (4, 64, 64), 64),
     ("cuda", 512, (4, 128, 128), (4, 256, 128), 64),
+    ("cuda", 256, (4, 192, 192), (4, 192, 192), 32),   # padded to 256 / 64
     ("tpu", 256, (4, 512, 512), (4, 512, 512), 64),
 ])
 @pytest.mark.parametrize("grad", [False, True])
@@ -196,8 +202,17 @@ def test_monarch_cross_lowering(platform, tokens, s1, s2, bt, grad):
 
 def test_monarch_supported_names_the_constraint():
   assert "divisible" in mk.supported(64, (4, 6, 16), (4, 16, 6), 16, "gpu")
-  assert "power-of-two" in mk.supported(64, (32, 32, 32), (32, 32, 32), 64, "gpu")
+  assert "power-of-two" in mk.supported(96, (4, 32, 32), (4, 32, 32), 48, "gpu")
+  assert "256" in mk.supported(64, (4, 384, 384), (4, 384, 384), 16, "gpu")
   assert mk.supported(64, (32, 32, 32), (32, 32, 32), 64, "cpu") is None
+  # Blocks are padded to powers of two; auto declines heavy padding.
+  assert mk.padded_dims(192, 48, 192) == (256, 64, 256)
+  assert mk.padded_dims(192, 48, 192, pad=False) == (192, 48, 192)
+  assert mk.supported(64, (4, 192, 192), (4, 192, 192), 32, "gpu") is None
+  assert mk.padding_problem((4, 192, 192), (4, 192, 192), "gpu") is None
+  assert "g=1 pads to 16" in mk.padding_problem((32, 32, 32), (32, 32, 32), "gpu")
+  assert "p=129" in mk.padding_problem((2, 64, 129), (2, 64, 64), "gpu")
+  assert mk.padding_problem((32, 32, 32), (32, 32, 32), "tpu") is None
   with pytest.raises(ValueError, match="cannot run"):
     mk.monarch_matmul_pallas(jnp.ones((8, 24)), jnp.ones((4, 6, 6)),
                              jnp.ones((4, 6, 6)), interpret=True)
@@ -253,6 +268,8 @@ def test_auto_keeps_xla_where_the_kernel_was_measured_slower(monkeypatch):
   assert not uses_kernel(16384, *sixteen)          # 0.893 vs 0.375 ms
   assert uses_kernel(512, *sixteen)                # 0.060 vs 0.075 ms
   assert uses_kernel(65536, (4, 128, 128), (4, 128, 128))   # 60M preset
+  assert uses_kernel(65536, (4, 192, 192), (4, 192, 192))   # 130M, padded
+  assert not uses_kernel(512, (32, 32, 32), (32, 32, 32))   # q/l = 1 -> 16
   assert "2.4x" in mk.slower_than_xla(16384, *sixteen, "gpu")
   assert mk.slower_than_xla(16384, *sixteen, "tpu") is None
 

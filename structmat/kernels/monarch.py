@@ -14,12 +14,20 @@ block-major (l, tokens, s) output; the final permutation P2 (index s*l + l) is
 an XLA transpose. Backward: dx per (token tile, k) program; dA, dB per (l, k)
 program looping over token tiles (accumulating across grid programs would race
 on Triton). Reference: ``structmat.ops.monarch_matmul``.
+
+Block sizes that are not powers of two (LLaMA-130M's and GPT-2's 768 features
+in 4 blocks of 192, q/l = 48) are padded for Triton, which loads and computes
+only power-of-two shapes: A and B are zero-padded to (G, P) and (S, G) blocks
+(weight-sized, in XLA), activations are read through masked loads that fill
+the columns past a block with zeros, and outputs are written through masked
+stores. Activations are never padded in memory.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from structmat.kernels.blockdiag import (SMEM_BUDGET, _pow2, compiler_params,
                                          prepare, split_count)
@@ -47,9 +55,30 @@ def scatter_weight_grads(da, db):
   return dw1, dw2
 
 
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def padded_dims(p: int, g: int, s: int, pad: bool = True) -> tuple[int, int, int]:
+  """(P, G, S): the block sizes the kernel loads and multiplies, powers of two
+  >= 16 (Triton's shapes and smallest dot) with ``pad``, else (p, g, s)."""
+  if not pad:
+    return p, g, s
+  return tuple(max(16, _next_pow2(v)) for v in (p, g, s))
+
+
+def pads_blocks(platform: str) -> bool:
+  """Whether the kernel pads blocks to powers of two on ``platform``: on
+  GPUs (Triton) and in interpret mode ("cpu", which tests the GPU code), not
+  on TPUs (Mosaic takes any multiple of (8, 128) as it is)."""
+  return platform != "tpu"
+
+
 def smem_estimate(block_tokens: int, p: int, g: int, s: int,
                   itemsize: int) -> int:
   """Bytes of shared memory the Triton forward plans for, per program.
+
+  Takes the padded block sizes (``padded_dims``).
 
   Both dots' operand tiles ((bt x p) @ (p x g), then (bt x g) @ (g x s)) plus
   the float32 (bt x s) accumulator's store conversion. On an H200 this
@@ -86,14 +115,16 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
     return f"tokens {tokens} not a multiple of block_tokens {block_tokens}"
   g = q // l
   if platform in ("gpu", "cuda", "rocm"):
-    bad = [n for n in (block_tokens, p, g, s) if not _pow2(n) or n < 16]
-    if bad:
-      return f"Triton needs power-of-two block sizes >= 16, got {bad}"
-    if max(p, g, s) > MAX_TRITON_BLOCK:
+    if not _pow2(block_tokens) or block_tokens < 16:
+      return (f"Triton needs a power-of-two block_tokens >= 16, got "
+              f"{block_tokens}")
+    pp, gg, ss = padded_dims(p, g, s)
+    if max(pp, gg, ss) > MAX_TRITON_BLOCK:
       # Whole (g, p) and (block_tokens, s) tiles live in registers/SMEM;
       # blocks this big are compute-bound, where XLA's matmuls already win.
-      return f"blocks above {MAX_TRITON_BLOCK} ({p=}, {g=}, {s=}) exceed a Triton tile"
-    smem = smem_estimate(block_tokens, p, g, s, itemsize)
+      return (f"blocks above {MAX_TRITON_BLOCK} ({p=}, {g=}, {s=}, padded to "
+              f"powers of two {pp}, {gg}, {ss}) exceed a Triton tile")
+    smem = smem_estimate(block_tokens, pp, gg, ss, itemsize)
     if smem > SMEM_BUDGET:
       return (f"block_tokens={block_tokens} needs ~{smem // 1024} KiB of shared "
               f"memory (budget {SMEM_BUDGET // 1024} KiB); use fewer tokens "
@@ -123,6 +154,25 @@ def slower_than_xla(tokens: int, w1_shape, w2_shape, platform: str) -> str | Non
     return (f"q/l={g} < {THIN_STAGE1} at {tokens} tokens (> "
             f"{THIN_STAGE1_MAX_TOKENS}): the fused kernel's thin first stage "
             "was measured 2.4x slower than XLA on an H200")
+  return None
+
+
+# Padding multiplies a stage's FLOPs by the padded-to-real ratios of its two
+# block dims (192 -> 256 and 48 -> 64: 1.78x) while the bytes moved stay the
+# same. Not measured yet: impl="auto" takes padded blocks only up to this
+# ratio per dim (192, 48, 24 qualify; 129 -> 256 does not).
+MAX_PADDING = 1.5
+
+
+def padding_problem(w1_shape, w2_shape, platform: str) -> str | None:
+  """Why ``impl="auto"`` should keep XLA for blocks padded this much, or None."""
+  if not pads_blocks(platform):
+    return None
+  p, g, s = w1_shape[2], w1_shape[1] // w2_shape[0], w2_shape[1]
+  for name, v, padded in zip("pgs", (p, g, s), padded_dims(p, g, s)):
+    if padded > MAX_PADDING * v:
+      return (f"{name}={v} pads to {padded} (> {MAX_PADDING}x) for Triton; "
+              "impl='pallas' runs it anyway")
   return None
 
 
@@ -158,114 +208,170 @@ def _dot_tn(a, b):
                              preferred_element_type=jnp.float32)
 
 
-def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, p):
+def _col_mask(ref, valid: int):
+  """None when all of a 2-D ref's columns are real, else columns < valid."""
+  rows, cols = ref.shape
+  if valid >= cols:
+    return None
+  return jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 1) < valid
+
+
+def _load(ref, valid: int):
+  """ref[...] with the columns from ``valid`` on (padding past a block, which
+  may be the next block's data or past the array) read as zeros."""
+  mask = _col_mask(ref, valid)
+  return ref[...] if mask is None else plt.load(ref, mask=mask, other=0)
+
+
+def _store(ref, value, valid: int):
+  """ref[...] = value, the padding columns from ``valid`` on left unwritten."""
+  mask = _col_mask(ref, valid)
+  if mask is None:
+    ref[...] = value
+  else:
+    plt.store(ref, value, mask=mask)
+
+
+def _split(x, p: int, pp: int):
+  """A (tokens, k*p) activation as the kernels address it: itself when the
+  blocks are not padded (pp == p), else its (tokens, k, p) view, whose
+  (rows, None, pp) blocks start at every block k although pp > p."""
+  return x if pp == p else x.reshape(x.shape[0], -1, p)
+
+
+def _split_spec(rows: int, p: int, pp: int, index):
+  """BlockSpec of one column block of ``_split(x, p, pp)``;
+  ``index(*grid_ids) -> (row block, column block)``."""
+  if pp == p:
+    return pl.BlockSpec((rows, p), index)
+  return pl.BlockSpec((rows, None, pp), lambda *ids: (*index(*ids), 0))
+
+
+def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, p, s):
   acc = None
   for ki in range(k):
-    h = _dot_t(x_ref[:, pl.ds(ki * p, p)], a_ref[ki]).astype(x_ref.dtype)
+    if x_ref.ndim == 2:   # unpadded: (bt, k*p)
+      xk = x_ref[:, pl.ds(ki * p, p)]
+    else:                 # padded: (bt, k, P); a traced index because jax
+      # 0.10.2 interprets masked loads only with those
+      xk = _load(x_ref.at[:, jnp.int32(ki), :], p)
+    h = _dot_t(xk, a_ref[ki]).astype(x_ref.dtype)
     part = _dot_t(h, b_ref[ki])
     acc = part if acc is None else acc + part
-  o_ref[...] = acc.astype(o_ref.dtype)
+  _store(o_ref, acc.astype(o_ref.dtype), s)
 
 
-def _call_fwd(x, a, b, block_tokens, interpret, platform):
+def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform):
+  """x (tokens, k*p), a/b padded to (l, k, G, P) / (l, k, S, G) -> the
+  block-major (l, tokens, s) output."""
   # One program per (token tile, output block l): tiles x l programs keep a
   # GPU busy even at a few hundred tokens; x tiles are re-read per l from L2.
-  tokens, n = x.shape
-  l, k, g, p = a.shape
-  s = b.shape[2]
-  kernel = functools.partial(_fwd_kernel, k=k, p=p)
+  tokens = x.shape[0]
+  l, k, g, pp = a.shape
+  ss = b.shape[2]
+  kernel = functools.partial(_fwd_kernel, k=k, p=p, s=s)
+  xs = _split(x, p, pp)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((l, tokens, s), x.dtype),
       grid=(tokens // block_tokens, l),
-      in_specs=[pl.BlockSpec((block_tokens, n), lambda i, j: (i, 0)),
-                pl.BlockSpec((None, k, g, p), lambda i, j: (j, 0, 0, 0)),
-                pl.BlockSpec((None, k, s, g), lambda i, j: (j, 0, 0, 0))],
-      out_specs=pl.BlockSpec((None, block_tokens, s), lambda i, j: (j, i, 0)),
+      in_specs=[pl.BlockSpec((block_tokens, *xs.shape[1:-1], pp) if pp != p
+                             else (block_tokens, xs.shape[1]),
+                             lambda i, j: (i,) + (0,) * (xs.ndim - 1)),
+                pl.BlockSpec((None, k, g, pp), lambda i, j: (j, 0, 0, 0)),
+                pl.BlockSpec((None, k, ss, g), lambda i, j: (j, 0, 0, 0))],
+      out_specs=pl.BlockSpec((None, block_tokens, ss), lambda i, j: (j, i, 0)),
       interpret=interpret,
       # 8 warps once the float32 accumulator passes 64 KB (128 registers per
       # thread at 4 warps): fewer spills.
       compiler_params=None if interpret else compiler_params(
-          platform, 2, 8 if block_tokens * s > 16384 else 4),
+          platform, 2, 8 if block_tokens * ss > 16384 else 4),
       name="monarch_fwd",
-  )(x, a, b)
+  )(xs, a, b)
 
 
-def _dx_kernel(do_ref, a_ref, b_ref, dx_ref, *, l):
+def _dx_kernel(do_ref, a_ref, b_ref, dx_ref, *, l, p, s):
   acc = None
   for li in range(l):
-    dh = _dot(do_ref[li], b_ref[li]).astype(do_ref.dtype)   # (bt, g)
-    part = _dot(dh, a_ref[li])                             # (bt, p)
+    dh = _dot(_load(do_ref.at[jnp.int32(li)], s), b_ref[li]).astype(do_ref.dtype)
+    part = _dot(dh, a_ref[li])                                        # (bt, P)
     acc = part if acc is None else acc + part
-  dx_ref[...] = acc.astype(dx_ref.dtype)
+  _store(dx_ref, acc.astype(dx_ref.dtype), p)
 
 
-def _call_dx(do, a, b, block_tokens, interpret, platform):
+def _call_dx(do, a, b, p, block_tokens, interpret, platform):
+  """do (l, tokens, s) -> dx (tokens, k*p)."""
   l, tokens, s = do.shape
-  _, k, g, p = a.shape
-  return pl.pallas_call(
-      functools.partial(_dx_kernel, l=l),
-      out_shape=jax.ShapeDtypeStruct((tokens, k * p), do.dtype),
+  _, k, g, pp = a.shape
+  ss = b.shape[2]
+  dx = pl.pallas_call(
+      functools.partial(_dx_kernel, l=l, p=p, s=s),
+      out_shape=jax.ShapeDtypeStruct(
+          (tokens, k * p) if pp == p else (tokens, k, p), do.dtype),
       grid=(tokens // block_tokens, k),
-      in_specs=[pl.BlockSpec((l, block_tokens, s), lambda i, j: (0, i, 0)),
-                pl.BlockSpec((l, None, g, p), lambda i, j: (0, j, 0, 0)),
-                pl.BlockSpec((l, None, s, g), lambda i, j: (0, j, 0, 0))],
-      out_specs=pl.BlockSpec((block_tokens, p), lambda i, j: (i, j)),
+      in_specs=[pl.BlockSpec((l, block_tokens, ss), lambda i, j: (0, i, 0)),
+                pl.BlockSpec((l, None, g, pp), lambda i, j: (0, j, 0, 0)),
+                pl.BlockSpec((l, None, ss, g), lambda i, j: (0, j, 0, 0))],
+      out_specs=_split_spec(block_tokens, p, pp, lambda i, j: (i, j)),
       interpret=interpret,
       compiler_params=None if interpret else compiler_params(platform, 2),
       name="monarch_dx",
   )(do, a, b)
+  return dx.reshape(tokens, k * p)
 
 
-def _dw_kernel(x_ref, do_ref, a_ref, b_ref, da_ref, db_ref, *, bt, n_tiles):
-  g, p = a_ref.shape
-  s = b_ref.shape[0]
+def _dw_kernel(x_ref, do_ref, a_ref, b_ref, da_ref, db_ref, *, bt, n_tiles,
+               p, s):
+  g, pp = a_ref.shape
+  ss = b_ref.shape[0]
 
   def body(t, carry):
     da, db = carry
     rows = pl.ds(t * bt, bt)
-    x = x_ref[rows, :]                                     # (bt, p)
-    do = do_ref[rows, :]                                   # (bt, s)
-    h = _dot_t(x, a_ref[...]).astype(x.dtype)              # (bt, g)
-    dh = _dot(do, b_ref[...]).astype(x.dtype)              # (bt, g)
+    x = _load(x_ref.at[rows, :], p)                        # (bt, P)
+    do = _load(do_ref.at[rows, :], s)                      # (bt, S)
+    h = _dot_t(x, a_ref[...]).astype(x.dtype)              # (bt, G)
+    dh = _dot(do, b_ref[...]).astype(x.dtype)              # (bt, G)
     return da + _dot_tn(dh, x), db + _dot_tn(do, h)
 
   da, db = jax.lax.fori_loop(0, n_tiles, body,
-                             (jnp.zeros((g, p), jnp.float32),
-                              jnp.zeros((s, g), jnp.float32)))
+                             (jnp.zeros((g, pp), jnp.float32),
+                              jnp.zeros((ss, g), jnp.float32)))
   da_ref[...] = da
   db_ref[...] = db
 
 
-def _call_dw(x, do, a, b, block_tokens, interpret, platform):
-  """(dA, dB): each program sums one token chunk of one (l, k) pair into a
-  float32 partial (programs must not accumulate into a shared block on
-  Triton); XLA adds the partials. The chunks fill the GPU when l*k is small."""
+def _call_dw(x, do, a, b, p, block_tokens, interpret, platform):
+  """(dA, dB), padded like a and b (float32): each program sums one token
+  chunk of one (l, k) pair into a float32 partial (programs must not
+  accumulate into a shared block on Triton); XLA adds the partials. The chunks
+  fill the GPU when l*k is small."""
   tokens = x.shape[0]
-  l, k, g, p = a.shape
-  s = b.shape[2]
+  s = do.shape[2]
+  l, k, g, pp = a.shape
+  ss = b.shape[2]
   chunks = split_count(tokens // block_tokens, l * k)
   rows = tokens // chunks
   kernel = functools.partial(_dw_kernel, bt=block_tokens,
-                             n_tiles=rows // block_tokens)
+                             n_tiles=rows // block_tokens, p=p, s=s)
   da, db = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((chunks,) + a.shape, jnp.float32),
                  jax.ShapeDtypeStruct((chunks,) + b.shape, jnp.float32)),
       grid=(l, k, chunks),
-      in_specs=[pl.BlockSpec((rows, p), lambda i, j, c: (c, j)),
-                pl.BlockSpec((None, rows, s), lambda i, j, c: (i, c, 0)),
-                pl.BlockSpec((None, None, g, p), lambda i, j, c: (i, j, 0, 0)),
-                pl.BlockSpec((None, None, s, g), lambda i, j, c: (i, j, 0, 0))],
-      out_specs=(pl.BlockSpec((None, None, None, g, p),
+      in_specs=[_split_spec(rows, p, pp, lambda i, j, c: (c, j)),
+                pl.BlockSpec((None, rows, ss), lambda i, j, c: (i, c, 0)),
+                pl.BlockSpec((None, None, g, pp), lambda i, j, c: (i, j, 0, 0)),
+                pl.BlockSpec((None, None, ss, g), lambda i, j, c: (i, j, 0, 0))],
+      out_specs=(pl.BlockSpec((None, None, None, g, pp),
                               lambda i, j, c: (c, i, j, 0, 0)),
-                 pl.BlockSpec((None, None, None, s, g),
+                 pl.BlockSpec((None, None, None, ss, g),
                               lambda i, j, c: (c, i, j, 0, 0))),
       interpret=interpret,
       compiler_params=None if interpret else compiler_params(platform, 3),
       name="monarch_dw",
-  )(x, do, a, b)
-  return da.sum(0).astype(a.dtype), db.sum(0).astype(b.dtype)
+  )(_split(x, p, pp), do, a, b)
+  return da.sum(0), db.sum(0)
 
 
 def _to_output(o):
@@ -274,10 +380,23 @@ def _to_output(o):
   return o.transpose(1, 2, 0).reshape(tokens, s * l)
 
 
+def _padded_weights(w1, w2, pad: bool):
+  """gather_weights, zero-padded to (l, k, G, P) and (l, k, S, G)."""
+  a, b = gather_weights(w1, w2)
+  g, p, s = a.shape[2], a.shape[3], b.shape[2]
+  pp, gg, ss = padded_dims(p, g, s, pad)
+  if (pp, gg, ss) == (p, g, s):
+    return a, b
+  return (jnp.pad(a, ((0, 0), (0, 0), (0, gg - g), (0, pp - p))),
+          jnp.pad(b, ((0, 0), (0, 0), (0, ss - s), (0, gg - g))))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _monarch(x, w1, w2, block_tokens, interpret, platform):
-  a, b = gather_weights(w1, w2)
-  return _to_output(_call_fwd(x, a, b, block_tokens, interpret, platform))
+  p = w1.shape[2]
+  a, b = _padded_weights(w1, w2, pads_blocks(platform))
+  o = _call_fwd(x, a, b, p, w2.shape[1], block_tokens, interpret, platform)
+  return _to_output(o)
 
 
 def _vjp_fwd(x, w1, w2, block_tokens, interpret, platform):
@@ -286,12 +405,14 @@ def _vjp_fwd(x, w1, w2, block_tokens, interpret, platform):
 
 def _vjp_bwd(block_tokens, interpret, platform, res, dy):
   x, w1, w2 = res
+  _, q, p = w1.shape
   l, s, _ = w2.shape
-  a, b = gather_weights(w1, w2)
+  g = q // l
+  a, b = _padded_weights(w1, w2, pads_blocks(platform))
   do = dy.reshape(dy.shape[0], s, l).transpose(2, 0, 1)   # (l, tokens, s)
-  dx = _call_dx(do, a, b, block_tokens, interpret, platform)
-  da, db = _call_dw(x, do, a, b, block_tokens, interpret, platform)
-  dw1, dw2 = scatter_weight_grads(da, db)
+  dx = _call_dx(do, a, b, p, block_tokens, interpret, platform)
+  da, db = _call_dw(x, do, a, b, p, block_tokens, interpret, platform)
+  dw1, dw2 = scatter_weight_grads(da[:, :, :g, :p], db[:, :, :s, :g])
   return dx, dw1.astype(w1.dtype), dw2.astype(w2.dtype)
 
 
