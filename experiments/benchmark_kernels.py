@@ -95,9 +95,13 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
   ]
   if pallas_ok:
     interp = interpret or None
+    # "monarch pallas": the tile impl="auto" would take (the largest of at
+    # most 128 tokens whose shared memory fits).
+    mbt = mk.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize,
+                              "cpu" if interpret else jax.default_backend())
     cases += [
         ("monarch pallas", lambda x, a, b: mk.monarch_matmul_pallas(
-            x, a, b, block_tokens=bt, interpret=interp), (w1, w2)),
+            x, a, b, block_tokens=mbt, interpret=interp), (w1, w2)),
         ("monarch pallas bt64", lambda x, a, b: mk.monarch_matmul_pallas(
             x, a, b, block_tokens=min(64, tokens), interpret=interp), (w1, w2)),
         ("blockdiag pallas", lambda x, a: blockdiag_matmul_pallas(

@@ -109,6 +109,14 @@ if [ "$QUICK" = 1 ]; then KC="--sizes=64 --tokens=64 --nblocks=4 --quick --inter
 else KC="--sizes=4096 --nblocks=16 --tokens=1024,2048,4096"; fi
 timeout 45 $PY -m experiments.benchmark_kernels $KC --dtypes=bfloat16 \
   --impls="monarch xla,monarch pallas" --output_dir="$OUT/crossover"
+# Padded blocks (768 = 4 x 192, LLaMA-130M / GPT-2 attention; 32-token tiles
+# fit the shared memory): impl="auto" keeps XLA beyond 1024 tokens because the
+# factors are re-read 10.7x the activation bytes (monarch.factor_rereads), a
+# model from two measured points; this checks it.
+if [ "$QUICK" = 1 ]; then KP="--sizes=96 --tokens=32 --nblocks=4 --quick --interpret"
+else KP="--sizes=768 --nblocks=4 --tokens=512,4096,65536"; fi
+timeout 40 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
+  --impls="monarch xla,monarch pallas" --output_dir="$OUT/padded"
 
 echo "== 3. pretraining throughput"
 if [ "$QUICK" = 1 ]; then

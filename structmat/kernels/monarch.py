@@ -142,18 +142,45 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
 # line through both points crosses XLA's near 1000 tokens.
 THIN_STAGE1 = 32
 THIN_STAGE1_MAX_TOKENS = 1024
+# Every (token tile, l) program also streams its l's factors, A[l] and B[l],
+# from L2. Relative to the activation bytes (x read, y written) that is
+# ``factor_rereads``: ~4 in the 16384-token case above (2.4x slower than XLA)
+# and ~1 in the 60M preset's attention (128-token tiles; the step got 8%
+# faster). Beyond 1024 tokens auto keeps XLA above this ratio, a bound
+# between the two measured points.
+MAX_FACTOR_REREADS = 2.0
 
 
-def slower_than_xla(tokens: int, w1_shape, w2_shape, platform: str) -> str | None:
+def factor_rereads(w1_shape, w2_shape, block_tokens: int,
+                   pad: bool = True) -> float:
+  """Bytes of factors the forward's programs read, over the bytes of x and y:
+  k*l*(G*P + S*G) / (block_tokens * (k*p + l*s)) with padded blocks."""
+  k, q, p = w1_shape
+  l, s, _ = w2_shape
+  pp, gg, ss = padded_dims(p, q // l, s, pad)
+  return k * l * (gg * pp + ss * gg) / (block_tokens * (k * p + l * s))
+
+
+def slower_than_xla(tokens: int, w1_shape, w2_shape, platform: str,
+                    block_tokens: int | None = None) -> str | None:
   """Why ``impl="auto"`` should keep XLA although the kernel would run, or None.
 
-  Only measured losses count: a thin first stage at many tokens on a GPU."""
+  Rules from GPU measurements, beyond 1024 tokens: a thin first stage, and
+  (given ``block_tokens``) tiles so small that re-reading the factors costs
+  more than the activations."""
+  if platform not in ("gpu", "cuda", "rocm") or tokens <= THIN_STAGE1_MAX_TOKENS:
+    return None
   g = w1_shape[1] // w2_shape[0]
-  if (platform in ("gpu", "cuda", "rocm") and g < THIN_STAGE1
-      and tokens > THIN_STAGE1_MAX_TOKENS):
+  if g < THIN_STAGE1:
     return (f"q/l={g} < {THIN_STAGE1} at {tokens} tokens (> "
             f"{THIN_STAGE1_MAX_TOKENS}): the fused kernel's thin first stage "
             "was measured 2.4x slower than XLA on an H200")
+  if block_tokens is not None:
+    ratio = factor_rereads(w1_shape, w2_shape, block_tokens)
+    if ratio > MAX_FACTOR_REREADS:
+      return (f"{block_tokens}-token tiles re-read the factors: {ratio:.1f}x "
+              f"the activation bytes (> {MAX_FACTOR_REREADS}; ~4 was 2.4x "
+              "slower than XLA on an H200)")
   return None
 
 
