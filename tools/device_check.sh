@@ -6,7 +6,8 @@
 #      the fused Monarch against XLA at 1024-4096 tokens, the impl=auto rule);
 #   3. pretraining throughput of the 60M/130M presets (bf16, 65,536 tokens per
 #      step): dense and Monarch with impl=xla, Monarch with impl=auto (kernel
-#      where the shapes fit), with the losses of identical steps for comparison.
+#      where the shapes fit), with the losses of identical steps for comparison;
+#   4. the fused Monarch on padded blocks (768 = 4 x 192) against XLA.
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
@@ -109,14 +110,6 @@ if [ "$QUICK" = 1 ]; then KC="--sizes=64 --tokens=64 --nblocks=4 --quick --inter
 else KC="--sizes=4096 --nblocks=16 --tokens=1024,2048,4096"; fi
 timeout 45 $PY -m experiments.benchmark_kernels $KC --dtypes=bfloat16 \
   --impls="monarch xla,monarch pallas" --output_dir="$OUT/crossover"
-# Padded blocks (768 = 4 x 192, LLaMA-130M / GPT-2 attention; 32-token tiles
-# fit the shared memory): impl="auto" keeps XLA beyond 1024 tokens because the
-# factors are re-read 10.7x the activation bytes (monarch.factor_rereads), a
-# model from two measured points; this checks it.
-if [ "$QUICK" = 1 ]; then KP="--sizes=96 --tokens=32 --nblocks=4 --quick --interpret"
-else KP="--sizes=768 --nblocks=4 --tokens=512,4096,65536"; fi
-timeout 40 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
-  --impls="monarch xla,monarch pallas" --output_dir="$OUT/padded"
 
 echo "== 3. pretraining throughput"
 if [ "$QUICK" = 1 ]; then
@@ -139,3 +132,13 @@ for r in a:
         "dense", f"{dense['step_ms']:.1f} ms", "max loss diff",
         max(abs(u - v) for u, v in zip(r["losses"], base["losses"])))
 PY
+
+echo "== 4. padded Monarch blocks (last: the first thing a tight call loses)"
+# Padded blocks (768 = 4 x 192, LLaMA-130M / GPT-2 attention; 32-token tiles
+# fit the shared memory): impl="auto" keeps XLA beyond 1024 tokens because the
+# factors are re-read 10.7x the activation bytes (monarch.factor_rereads), a
+# model from two measured points; this checks it.
+if [ "$QUICK" = 1 ]; then KP="--sizes=96 --tokens=32 --nblocks=4 --quick --interpret"
+else KP="--sizes=768 --nblocks=4 --tokens=512,4096,65536"; fi
+timeout 40 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
+  --impls="monarch xla,monarch pallas" --output_dir="$OUT/padded"
