@@ -37,6 +37,17 @@ def test_sltrain_kernel_matches_reference(tokens, d_in, d_out, rank, density,
   assert set(poisoned) == {"sltrain_fwd", "sltrain_dvalues"}
 
 
+def test_jitted_bfloat16_gradients():
+  """Under jit in interpret mode XLA:CPU folded dx's transposed factors into
+  the kernel's bfloat16 dots and could not run them (benchmark_kernels' bf16
+  row, impl=pallas training in bfloat16); dx now takes them materialized."""
+  x, a, b, v, idx, g = _inputs(64, 64, 64, 16, 0.03, jnp.bfloat16)
+  check_kernel(lambda x, a, b, v: sk.sltrain_matmul_pallas(
+      x, a, b, v, idx, 2.0, interpret=True),
+               lambda x, a, b, v: ops.sltrain_matmul(x, a, b, v, idx, 2.0),
+               (x, a, b, v), g, 1e-2, ("dx", "da", "db", "dvalues"), jit=True)
+
+
 def test_dvalues_writes_only_the_support(monkeypatch):
   """Masked stores: every entry of the support is written, the padding past
   it is not (it belongs to no tile)."""

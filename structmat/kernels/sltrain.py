@@ -282,7 +282,10 @@ def _vjp_fwd(x, a, b, values, fwd_ts, bwd_ts, st):
 def _vjp_bwd(st, res, dy):
   x, a, b, values, fwd_ts, bwd_ts = res
   # dx = dy W^T: the same kernel on W^T = scale b^T a^T + S^T (tiles bn x bk).
-  dx = _call_fwd(dy, b.T, a.T, values[bwd_ts.order], bwd_ts, st.scale, st.bt,
+  # The barrier materializes the transposed factors: in interpret mode XLA:CPU
+  # would fold them into the kernel's bfloat16 dots, a form it cannot run.
+  bt_, at_ = jax.lax.optimization_barrier((b.T, a.T))
+  dx = _call_fwd(dy, bt_, at_, values[bwd_ts.order], bwd_ts, st.scale, st.bt,
                  st.bn, st.bk, st.chunk, st.interpret, st.platform)
   da, db = lowrank_grads(x, dy, a, b, st.scale)
   dv_sorted = _call_dvals(x, dy, fwd_ts, st.bt, st.bk, st.bn, st.chunk,
