@@ -6,7 +6,8 @@ r"""Kernel benchmark (GPU/TPU): dense, XLA Monarch, ragged_dot Monarch, Pallas k
 For each n in --sizes, token count in --tokens and dtype: forward and
 forward+backward time of a dense n x n matmul, the XLA Monarch path
 (``ops.monarch_matmul``), Monarch through ``jax.lax.ragged_dot``, the fused
-Pallas Monarch kernel, the Pallas block-diagonal kernel (and on TPUs megablox
+Pallas Monarch kernel (Triton; on GPUs also the Mosaic GPU forward), the
+Pallas block-diagonal kernel (and on TPUs megablox
 gmm and the TPU Monarch and SLTrain kernels), and SLTrain (rank
 n/32, 3% support) through XLA (dense W materialized) and the Pallas
 reconstruct-and-multiply kernel; the bytes
@@ -28,6 +29,7 @@ from structmat import ops
 from structmat.kernels import blockdiag_matmul_pallas
 from structmat.kernels.blockdiag_gmm import blockdiag_matmul_gmm
 from structmat.kernels import monarch as mk
+from structmat.kernels import monarch_mgpu as mg
 from structmat.kernels import monarch_tpu as mt
 from structmat.kernels import sltrain as sk
 from structmat.kernels import sltrain_tpu as stk
@@ -111,6 +113,11 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
             interpret=interp),
          (sa, sb, sv)),
     ]
+  if (jax.default_backend() == "gpu" or interpret) and itemsize == 2:
+    # Mosaic GPU (Hopper; 16-bit), factors resident in shared memory; its
+    # gradients go through the portable kernels' backward.
+    cases.append(("monarch mgpu", lambda x, a, b: mg.monarch_matmul_mgpu(
+        x, a, b, interpret=interpret or None), (w1, w2)))
   if jax.default_backend() == "tpu" or interpret:
     # megablox's grouped matmul, the TPU comparison for the block-diagonal
     # kernel.

@@ -296,3 +296,13 @@ def test_benchmark_kernels_smoke(tmp_path):
                                        "sltrain tpu",
                                        "monarch xla", "dense"}
   assert all(r.get("numerics_ok") for r in rows), rows
+  # The Mosaic GPU forward (16-bit only), through Mosaic GPU's interpreter.
+  p = subprocess.run([sys.executable, "-m", "experiments.benchmark_kernels",
+                      "--sizes=128", "--tokens=64", "--dtypes=bfloat16", "--nblocks=2",
+                      "--quick", "--interpret", "--impls=monarch xla,monarch mgpu",
+                      f"--output_dir={tmp_path}"],
+                     cwd=root, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  rows = json.load(open(tmp_path / "benchmark_kernels.json"))["rows"]
+  assert [r["impl"] for r in rows] == ["monarch xla", "monarch mgpu"]
+  assert all(r.get("numerics_ok") for r in rows), rows

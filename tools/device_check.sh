@@ -18,9 +18,13 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 QUICK=${QUICK:-0}
 PY=${PYTHON:-python3}  # the device image's python3 holds jax
 exec > >(tee -a "$OUT/run.log") 2>&1
+# STEPS="4" (or "3 4") runs only those steps, e.g. in a second call on a warm
+# machine when the first ran out of time.
+want() { [[ " ${STEPS:-1 2 3 4} " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv 2>/dev/null
 $PY -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())"
 
+if want 1; then
 echo "== 1. compiled kernels vs XLA reference"
 QUICK=$QUICK timeout 80 $PY - <<'PY'
 import os
@@ -64,6 +68,25 @@ for dtype, tol in ((jnp.float32, 2e-3), (jnp.bfloat16, 2e-2)):
       except Exception as ex:  # a shape the kernel cannot compile: report, go on
         print(name, jnp.dtype(dtype).name, f"n={n} nb={nb} t={t}", "ERROR",
               f"{type(ex).__name__}: {str(ex)[:400]}", flush=True)
+  # The Mosaic GPU Monarch forward (Hopper; 16-bit only), at the LLaMA-60M
+  # and -130M attention shapes, whose factors fit shared memory.
+  from structmat.kernels import monarch_mgpu as mg
+  for n, nb, t in ((128, 2, 128),) if quick else ((512, 4, 4096), (768, 4, 4096)):
+    if jnp.dtype(dtype).itemsize != 2:
+      continue
+    k = jax.random.split(jax.random.key(n + t), 3); b = n // nb
+    x = jax.random.normal(k[0], (t, n), dtype)
+    w1 = (jax.random.normal(k[1], (nb, b, b)) / b**.5).astype(dtype)
+    w2 = (jax.random.normal(k[2], (nb, b, b)) / b**.5).astype(dtype)
+    try:
+      y = jax.jit(mg.monarch_matmul_mgpu)(x, w1, w2).astype(jnp.float32)
+      r = ops.monarch_matmul(*f32(x, w1, w2))
+      e = float(jnp.linalg.norm(y - r) / jnp.linalg.norm(r))
+      print("monarch mgpu", jnp.dtype(dtype).name, f"n={n} nb={nb} t={t}",
+            f"fwd {e:.1e}", "OK" if e < tol else "FAIL", flush=True)
+    except Exception as ex:
+      print("monarch mgpu", f"n={n} nb={nb} t={t}", "ERROR",
+            f"{type(ex).__name__}: {str(ex)[:400]}", flush=True)
   # SLTrain: rank n/32, 3% support (the kernel never writes the dense W).
   from structmat.kernels import sltrain as sk
   for n, t in ((256, 64),) if quick else ((1024, 512), (4096, 4096)):
@@ -91,7 +114,9 @@ for dtype, tol in ((jnp.float32, 2e-3), (jnp.bfloat16, 2e-2)):
       print("sltrain", jnp.dtype(dtype).name, f"n={n} t={t}", "ERROR",
             f"{type(ex).__name__}: {str(ex)[:400]}", flush=True)
 PY
+fi
 
+if want 2; then
 echo "== 2. kernel benchmark"
 if [ "$QUICK" = 1 ]; then
   K="--sizes=64 --tokens=64 --nblocks=4 --quick --interpret"; KF="$K"
@@ -110,7 +135,9 @@ if [ "$QUICK" = 1 ]; then KC="--sizes=64 --tokens=64 --nblocks=4 --quick --inter
 else KC="--sizes=4096 --nblocks=16 --tokens=1024,2048,4096"; fi
 timeout 45 $PY -m experiments.benchmark_kernels $KC --dtypes=bfloat16 \
   --impls="monarch xla,monarch pallas" --output_dir="$OUT/crossover"
+fi
 
+if want 3; then
 echo "== 3. pretraining throughput"
 if [ "$QUICK" = 1 ]; then
   P="--presets=llama_tiny --batch_size=2 --seq_len=16 --vocab_size=256 --repeats=1"
@@ -132,13 +159,17 @@ for r in a:
         "dense", f"{dense['step_ms']:.1f} ms", "max loss diff",
         max(abs(u - v) for u, v in zip(r["losses"], base["losses"])))
 PY
+fi
 
-echo "== 4. padded Monarch blocks (last: the first thing a tight call loses)"
-# Padded blocks (768 = 4 x 192, LLaMA-130M / GPT-2 attention; 32-token tiles
-# fit the shared memory): impl="auto" keeps XLA beyond 1024 tokens because the
-# factors are re-read 10.7x the activation bytes (monarch.factor_rereads), a
-# model from two measured points; this checks it.
-if [ "$QUICK" = 1 ]; then KP="--sizes=96 --tokens=32 --nblocks=4 --quick --interpret"
-else KP="--sizes=768 --nblocks=4 --tokens=512,4096,65536"; fi
-timeout 40 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
-  --impls="monarch xla,monarch pallas" --output_dir="$OUT/padded"
+if want 4; then
+echo "== 4. attention-sized Monarch: padded Triton blocks, Mosaic GPU (last: the first thing a tight call loses)"
+# 768 = 4 x 192 (LLaMA-130M / GPT-2 attention): Triton pads to 256 / 64 and
+# fits 32-token tiles, so impl="auto" keeps XLA beyond 1024 tokens (factors
+# re-read 10.7x the activation bytes: monarch.factor_rereads, a model from two
+# measured points); 512 = 4 x 128 (LLaMA-60M). The Mosaic GPU forward keeps
+# the factors in shared memory. Run alone with STEPS=4 if a call ran out.
+if [ "$QUICK" = 1 ]; then KP="--sizes=128 --tokens=64 --nblocks=2 --quick --interpret"
+else KP="--sizes=768,512 --nblocks=4 --tokens=512,4096,65536"; fi
+timeout 60 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
+  --impls="monarch xla,monarch pallas,monarch mgpu" --output_dir="$OUT/attention"
+fi

@@ -1,0 +1,231 @@
+"""Fused Monarch forward for Mosaic GPU (Hopper): factors resident in shared memory.
+
+The portable (Triton) kernel gives every (token tile, output block l)
+program its own pass over l's factors, which it streams from L2 again for
+each tile; where tiles must be small that costs more than the activations
+(``monarch.factor_rereads``). Mosaic GPU has what Triton lacks here: shared
+memory that outlives a tile. So one CTA per (l, token chunk) copies l's
+factors into shared memory once (TMA) and then streams its token tiles:
+
+    for each 64-token tile:      (one warpgroup; wgmma needs M = 64)
+      for k:  x_k tile  --TMA (double-buffered)-->  SMEM
+              h   = x_k @ A[l,k]^T          wgmma, f32 accumulator (64 x q/l)
+              h   -> SMEM (16-bit)
+              o_l += h @ B[l,k]^T           wgmma, f32 accumulator (64 x s)
+      o_l -> SMEM --TMA--> y block-major (l, tokens, s)
+
+with A, B the regrouped factors of ``monarch.gather_weights``, pre-transposed
+in XLA (weight-sized) so both wgmma operands are K-major without transposed
+views. The final permutation P2 is XLA's transpose, as in the portable kernel.
+
+wgmma wants one shared-memory swizzle for both operands; the stage-1
+result's row (q/l elements) is the narrowest operand row, so every buffer uses
+the swizzle q/l allows (32 bytes at q/l = 16, 128 from 64 up).
+
+Scope: forward only, 16-bit dtypes (float32 would run as TF32), and shapes
+whose factors fit shared memory (``supported``); gradients go through the
+portable kernels' backward where those take the shapes, else XLA's. Runs on
+the CPU in Mosaic GPU's interpreter (which models TMA, barriers and wgmma) and
+cross-lowers for an H100; never compiled or timed on a GPU yet, so
+``impl="auto"`` does not take it: call ``monarch_matmul_mgpu`` (or the
+benchmark's "monarch mgpu" row). Reference: ``structmat.ops.monarch_matmul``.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from structmat.kernels import monarch as mk
+
+try:  # jax >= 0.11
+  _InterpretParams = plgpu.InterpretGPUParams
+except AttributeError:  # jax 0.10.2
+  from jax._src.pallas.mosaic_gpu.interpret.params import (  # pylint: disable=g-import-not-at-top
+      InterpretGPUParams as _InterpretParams)
+
+TILE = 64              # tokens per wgmma: one warpgroup's M
+SMEM_BUDGET = 220 * 1024  # of the 227 KiB a Hopper CTA may have
+SMS = 132              # H100/H200 SXM streaming multiprocessors
+
+
+def smem_bytes(w1_shape, w2_shape, itemsize: int, x_slots: int = 2) -> int:
+  """Shared memory one CTA holds: l's factors, ``x_slots`` x tiles, the
+  stage-1 result and the output tile (barriers aside)."""
+  k, q, p = w1_shape
+  l, s, _ = w2_shape
+  g = q // l
+  return (k * p * g + k * g * s + x_slots * TILE * p + TILE * g
+          + TILE * s) * itemsize
+
+
+def x_slots(w1_shape, w2_shape, itemsize: int) -> int:
+  """Two x buffers (the next block loads during the wgmmas) where shared
+  memory allows, else one (LLaMA-130M's 768 = 4 x 192 attention)."""
+  return 2 if smem_bytes(w1_shape, w2_shape, itemsize) <= SMEM_BUDGET else 1
+
+
+def supported(tokens: int, w1_shape, w2_shape, dtype) -> str | None:
+  """None if the Mosaic GPU kernel runs these shapes, else why not."""
+  if why := mk.layout_problem(w1_shape, w2_shape):
+    return why
+  k, q, p = w1_shape
+  l, s, _ = w2_shape
+  g = q // l
+  dtype = jnp.dtype(dtype)
+  if dtype.itemsize != 2:
+    return (f"dtype {dtype.name}: wgmma runs 16-bit operands here (float32 "
+            "would be TF32); use bfloat16 or the portable kernel")
+  if tokens % TILE:
+    return f"tokens {tokens} not a multiple of the {TILE}-token tile"
+  bad = {name: v for name, v in dict(p=p, g=g, s=s).items() if v % 16}
+  if bad:
+    return f"block dims {bad} must be multiples of 16 (wgmma's K and N steps)"
+  if max(g, s) > 256:
+    return f"q/l={g} and s={s} must be <= 256 (wgmma's N)"
+  need = smem_bytes(w1_shape, w2_shape, dtype.itemsize, x_slots=1)
+  if need > SMEM_BUDGET:
+    return (f"l's factors and tiles need {need // 1024} KiB of shared memory "
+            f"(budget {SMEM_BUDGET // 1024} KiB): use more, smaller blocks")
+  return None
+
+
+def _transforms(g: int, itemsize: int):
+  """Tiling and swizzle for every buffer: the swizzle rows of q/l allow."""
+  swizzle = plgpu.find_swizzle(g * itemsize * 8)
+  return (plgpu.TilingTransform((8, swizzle // itemsize)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def _chunks(tiles: int, l: int) -> int:
+  """Token chunks per output block: the largest divisor of ``tiles`` with
+  l * chunks <= the SM count (one CTA per SM, each streaming its tiles)."""
+  best = 1
+  for c in range(1, tiles + 1):
+    if tiles % c == 0 and l * c <= SMS:
+      best = c
+  return best
+
+
+def _forward(x, w1, w2, interpret: bool):
+  """x (tokens, k*p) -> block-major (l, tokens, s)."""
+  tokens = x.shape[0]
+  a, b = mk.gather_weights(w1, w2)           # (l, k, g, p), (l, k, s, g)
+  at = a.transpose(0, 1, 3, 2)               # (l, k, p, g): K-major for wgmma
+  bt = b.transpose(0, 1, 3, 2)               # (l, k, g, s)
+  l, k, g, p = a.shape
+  s = b.shape[2]
+  dtype = x.dtype
+  chunks = _chunks(tokens // TILE, l)
+  per_chunk = tokens // TILE // chunks
+  tr = _transforms(g, dtype.itemsize)
+  slots = x_slots(w1.shape, w2.shape, dtype.itemsize)
+
+  def body(x_g, at_g, bt_g, o_g, at_s, bt_s, x_s, h_s, o_s, wbar, xbar):
+    li = jax.lax.axis_index("l")
+    ci = jax.lax.axis_index("c")
+    # l's factors, once per CTA; one copy per block (TMA strides at most 5
+    # dims and the tiled layout adds 2).
+    for ki in range(k):
+      plgpu.copy_gmem_to_smem(at_g.at[li, ki], at_s.at[ki], wbar.at[0])
+      plgpu.copy_gmem_to_smem(bt_g.at[li, ki], bt_s.at[ki], wbar.at[1])
+      plgpu.barrier_wait(wbar.at[0])
+      plgpu.barrier_wait(wbar.at[1])
+
+    def tile(i, carry):
+      rows = pl.ds((ci * per_chunk + i) * TILE, TILE)
+      load = lambda ki: plgpu.copy_gmem_to_smem(
+          x_g.at[rows, pl.ds(ki * p, p)], x_s.at[ki % slots],
+          xbar.at[ki % slots])
+      load(0)
+
+      def accumulate(acc):
+        for ki in range(k):
+          if ki and slots == 1:   # the one buffer is free: wgmma_wait below
+            load(ki)
+          if ki + 1 < k and slots == 2:  # loads while this block multiplies
+            load(ki + 1)
+          plgpu.barrier_wait(xbar.at[ki % slots])
+
+          def stage1(h_acc):
+            plgpu.wgmma(h_acc, x_s.at[ki % slots], at_s.at[ki])
+            plgpu.wgmma_wait(0)
+            h_s[...] = h_acc[...].astype(dtype)
+
+          pl.run_scoped(stage1, plgpu.ACC((TILE, g), jnp.float32))
+          plgpu.commit_smem()  # h_s is read by the async proxy next
+          plgpu.wgmma(acc, h_s, bt_s.at[ki])
+          plgpu.wgmma_wait(0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_s is free again
+        o_s[...] = acc[...].astype(dtype)
+
+      pl.run_scoped(accumulate, plgpu.ACC((TILE, s), jnp.float32))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_s, o_g.at[li, rows])
+      return carry
+
+    jax.lax.fori_loop(0, per_chunk, tile, 0)
+    plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((l, tokens, s), dtype),
+      scratch_types=[plgpu.SMEM((k, p, g), dtype, transforms=tr),
+                     plgpu.SMEM((k, g, s), dtype, transforms=tr),
+                     plgpu.SMEM((slots, TILE, p), dtype, transforms=tr),
+                     plgpu.SMEM((TILE, g), dtype, transforms=tr),
+                     plgpu.SMEM((TILE, s), dtype, transforms=tr),
+                     plgpu.Barrier(num_barriers=2),
+                     plgpu.Barrier(num_barriers=2)],
+      grid=(l, chunks), grid_names=("l", "c"),
+      interpret=_InterpretParams() if interpret else None,
+  )(x, at.astype(dtype), bt.astype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _monarch(x, w1, w2, interpret):
+  return mk._to_output(_forward(x, w1, w2, interpret))  # pylint: disable=protected-access
+
+
+def _vjp_fwd(x, w1, w2, interpret):
+  return _monarch(x, w1, w2, interpret), (x, w1, w2)
+
+
+def _vjp_bwd(interpret, res, dy):
+  """The portable kernels' backward where they take the shapes, else XLA's."""
+  x, w1, w2 = res
+  platform = "cpu" if interpret else jax.default_backend()
+  bt = mk.fit_block_tokens(x.shape[0], w1.shape, w2.shape, x.dtype.itemsize,
+                           platform)
+  if mk.supported(x.shape[0], w1.shape, w2.shape, bt, platform,
+                  x.dtype.itemsize) is None:
+    return mk._vjp_bwd(bt, interpret, platform, res, dy)  # pylint: disable=protected-access
+  from structmat.ops.monarch import monarch_matmul  # pylint: disable=import-outside-toplevel
+  return jax.vjp(monarch_matmul, x, w1, w2)[1](dy)
+
+
+_monarch.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+def monarch_matmul_mgpu(x, w1, w2, *, interpret: bool | None = None):
+  """Monarch product through the Mosaic GPU kernel; ``ops.monarch_matmul``'s
+  contract without bias.
+
+  Args:
+    x: (..., k*p), 16-bit. w1: (k, q, p). w2: (l, s, r), l*r = k*q, q % l == 0.
+    interpret: run in Mosaic GPU's interpreter (default: on the CPU).
+
+  Returns:
+    (..., l*s), in x's dtype.
+  """
+  from structmat.ops.monarch import _check  # pylint: disable=import-outside-toplevel
+  _check(x.shape[-1], w1, w2)
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  x2 = x.reshape(-1, x.shape[-1])
+  if why := supported(x2.shape[0], w1.shape, w2.shape, x.dtype):
+    raise ValueError(f"the Mosaic GPU Monarch kernel cannot run these shapes: "
+                     f"{why}")
+  y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), interpret)
+  return y.reshape(*x.shape[:-1], y.shape[-1])
