@@ -114,8 +114,8 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
          (sa, sb, sv)),
     ]
   if (jax.default_backend() == "gpu" or interpret) and itemsize == 2:
-    # Mosaic GPU (Hopper; 16-bit), factors resident in shared memory; its
-    # gradients go through the portable kernels' backward.
+    # Mosaic GPU (Hopper; 16-bit), factors resident in shared memory: the
+    # forward and dx; dw1, dw2 through the portable kernels' backward.
     cases.append(("monarch mgpu", lambda x, a, b: mg.monarch_matmul_mgpu(
         x, a, b, interpret=interpret or None), (w1, w2)))
   if jax.default_backend() == "tpu" or interpret:

@@ -46,22 +46,36 @@ def test_token_loop_and_chunks(monkeypatch):
   test_forward_matches_reference(256, (2, 64, 64), (2, 64, 64))
 
 
-def test_gradients():
-  """Gradients go through the portable kernels' backward (interpreted)."""
-  x, w1, w2, g = _inputs(128, (2, 64, 64), (2, 64, 64))
+@pytest.mark.parametrize("tokens,s1,s2", SHAPES[:2])
+def test_gradients(tokens, s1, s2, monkeypatch):
+  """dx runs the same kernel on the transposed product; dw1, dw2 go through
+  the portable kernels' backward (both interpreted)."""
+  calls = []
+  blockwise = mg._blockwise  # pylint: disable=protected-access
+  monkeypatch.setattr(mg, "_blockwise",
+                      lambda x, *a: calls.append(x.shape) or blockwise(x, *a))
+  x, w1, w2, g = _inputs(tokens, s1, s2)
+  assert mg.supported(tokens, s1, s2, x.dtype, transposed=True) is None
   check_kernel(lambda *a: mg.monarch_matmul_mgpu(*a, interpret=True),
                ops.monarch_matmul, (x, w1, w2), g, 1e-2, ("dx", "dw1", "dw2"))
+  # the forward (x) and dx (dy with P2 undone): both through the kernel
+  assert (tokens, s1[0] * s1[2]) in calls and (tokens, s2[0] * s2[1]) in calls
 
 
 @pytest.mark.parametrize("tokens,s1,s2", [
     (4096, (4, 128, 128), (4, 128, 128)),   # LLaMA-60M attention
     (4096, (4, 192, 192), (4, 192, 192)),   # LLaMA-130M / GPT-2 attention
 ])
-def test_cross_lowering_for_h100(tokens, s1, s2):
+@pytest.mark.parametrize("grad", [False, True])
+def test_cross_lowering_for_h100(tokens, s1, s2, grad):
   args = [jax.ShapeDtypeStruct(s, jnp.bfloat16)
           for s in ((tokens, s1[0] * s1[2]), s1, s2)]
-  assert "mosaic_gpu" in cross_lower(
-      lambda *a: mg.monarch_matmul_mgpu(*a, interpret=False), args, "cuda")
+  text = cross_lower(lambda *a: mg.monarch_matmul_mgpu(
+      *a, interpret=False, platform="cuda"), args, "cuda",
+                     (0, 1, 2) if grad else None)
+  assert "mosaic_gpu" in text
+  if grad:  # dw1, dw2 through the Triton kernel
+    assert "monarch_dw" in text
 
 
 def test_supported_names_the_constraint():
@@ -73,6 +87,10 @@ def test_supported_names_the_constraint():
   assert "divisible" in mg.supported(64, (4, 6, 16), (4, 16, 6), bf16)
   assert mg.x_slots((4, 128, 128), (4, 128, 128), 2) == 2
   assert mg.x_slots((4, 192, 192), (4, 192, 192), 2) == 1
+  # The forward fits, dx's transposed problem (512-wide outputs) does not.
+  assert mg.supported(64, (4, 64, 512), (4, 16, 64), bf16) is None
+  assert "256" in mg.supported(64, (4, 64, 512), (4, 16, 64), bf16,
+                               transposed=True)
   with pytest.raises(ValueError, match="Mosaic GPU"):
     mg.monarch_matmul_mgpu(jnp.ones((64, 128), jnp.float32),
                            jnp.ones((2, 64, 64)), jnp.ones((2, 64, 64)))

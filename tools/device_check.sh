@@ -81,9 +81,17 @@ for dtype, tol in ((jnp.float32, 2e-3), (jnp.bfloat16, 2e-2)):
     try:
       y = jax.jit(mg.monarch_matmul_mgpu)(x, w1, w2).astype(jnp.float32)
       r = ops.monarch_matmul(*f32(x, w1, w2))
-      e = float(jnp.linalg.norm(y - r) / jnp.linalg.norm(r))
+      gy = jax.random.normal(k[0], r.shape, jnp.float32)
+      dx = jax.jit(jax.grad(lambda v: jnp.sum(
+          mg.monarch_matmul_mgpu(v, w1, w2).astype(jnp.float32) * gy)))(x)
+      dr = jax.grad(lambda v: jnp.sum(
+          ops.monarch_matmul(v, *f32(w1, w2)) * gy))(f32(x)[0])
+      rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b)
+                               / jnp.linalg.norm(b))
+      e, ex = rel(y, r), rel(dx, dr)
       print("monarch mgpu", jnp.dtype(dtype).name, f"n={n} nb={nb} t={t}",
-            f"fwd {e:.1e}", "OK" if e < tol else "FAIL", flush=True)
+            f"fwd {e:.1e} dx {ex:.1e}", "OK" if max(e, ex) < tol else "FAIL",
+            flush=True)
     except Exception as ex:
       print("monarch mgpu", f"n={n} nb={nb} t={t}", "ERROR",
             f"{type(ex).__name__}: {str(ex)[:400]}", flush=True)

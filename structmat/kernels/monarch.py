@@ -430,17 +430,23 @@ def _vjp_fwd(x, w1, w2, block_tokens, interpret, platform):
   return _monarch(x, w1, w2, block_tokens, interpret, platform), (x, w1, w2)
 
 
-def _vjp_bwd(block_tokens, interpret, platform, res, dy):
-  x, w1, w2 = res
+def backward(x, w1, w2, dy, block_tokens, interpret, platform, dx=True):
+  """(dx, dw1, dw2) through the kernels; dx=False leaves dx to the caller
+  (None), as the Mosaic GPU path does."""
   _, q, p = w1.shape
   l, s, _ = w2.shape
   g = q // l
   a, b = _padded_weights(w1, w2, pads_blocks(platform))
   do = dy.reshape(dy.shape[0], s, l).transpose(2, 0, 1)   # (l, tokens, s)
-  dx = _call_dx(do, a, b, p, block_tokens, interpret, platform)
+  dx_out = (_call_dx(do, a, b, p, block_tokens, interpret, platform)
+            if dx else None)
   da, db = _call_dw(x, do, a, b, p, block_tokens, interpret, platform)
   dw1, dw2 = scatter_weight_grads(da[:, :, :g, :p], db[:, :, :s, :g])
-  return dx, dw1.astype(w1.dtype), dw2.astype(w2.dtype)
+  return dx_out, dw1.astype(w1.dtype), dw2.astype(w2.dtype)
+
+
+def _vjp_bwd(block_tokens, interpret, platform, res, dy):
+  return backward(*res, dy, block_tokens, interpret, platform)
 
 
 _monarch.defvjp(_vjp_fwd, _vjp_bwd)

@@ -18,13 +18,19 @@ with A, B the regrouped factors of ``monarch.gather_weights``, pre-transposed
 in XLA (weight-sized) so both wgmma operands are K-major without transposed
 views. The final permutation P2 is XLA's transpose, as in the portable kernel.
 
+The kernel is block-wise generic, out_j = sum_i (in_i @ U[j,i]) @ V[j,i], and
+dx is the same kernel on the transposed product: dx_k = sum_l (do_l @
+B[l,k]) @ A[l,k], with dy's P2 undone first (an XLA transpose, as the
+portable backward does).
+
 wgmma wants one shared-memory swizzle for both operands; the stage-1
 result's row (q/l elements) is the narrowest operand row, so every buffer uses
 the swizzle q/l allows (32 bytes at q/l = 16, 128 from 64 up).
 
-Scope: forward only, 16-bit dtypes (float32 would run as TF32), and shapes
-whose factors fit shared memory (``supported``); gradients go through the
-portable kernels' backward where those take the shapes, else XLA's. Runs on
+Scope: forward and dx, 16-bit dtypes (float32 would run as TF32), and shapes
+whose factors fit shared memory (``supported``); dw1 and dw2 go through the
+portable kernels' backward where those take the shapes, else XLA's (so does
+dx when the transposed problem does not fit). Runs on
 the CPU in Mosaic GPU's interpreter (which models TMA, barriers and wgmma) and
 cross-lowers for an H100; never compiled or timed on a GPU yet, so
 ``impl="auto"`` does not take it: call ``monarch_matmul_mgpu`` (or the
@@ -38,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from structmat.kernels import monarch as mk
+from structmat.kernels.blockdiag import prepare
 
 try:  # jax >= 0.11
   _InterpretParams = plgpu.InterpretGPUParams
@@ -50,29 +57,43 @@ SMEM_BUDGET = 220 * 1024  # of the 227 KiB a Hopper CTA may have
 SMS = 132              # H100/H200 SXM streaming multiprocessors
 
 
-def smem_bytes(w1_shape, w2_shape, itemsize: int, x_slots: int = 2) -> int:
-  """Shared memory one CTA holds: l's factors, ``x_slots`` x tiles, the
-  stage-1 result and the output tile (barriers aside)."""
+def _dims(w1_shape, w2_shape, transposed: bool = False):
+  """(k, p, g, s) of the block-wise problem: inputs k blocks of p, inner
+  g = q/l, outputs blocks of s; ``transposed``: dx's (l, s, g, p)."""
   k, q, p = w1_shape
   l, s, _ = w2_shape
-  g = q // l
-  return (k * p * g + k * g * s + x_slots * TILE * p + TILE * g
+  return (l, s, q // l, p) if transposed else (k, p, q // l, s)
+
+
+def _smem(k, p, g, s, itemsize: int, slots: int) -> int:
+  """Shared memory one CTA holds: its output block's factors, ``slots``
+  input tiles, the stage-1 result and the output tile (barriers aside)."""
+  return (k * p * g + k * g * s + slots * TILE * p + TILE * g
           + TILE * s) * itemsize
 
 
-def x_slots(w1_shape, w2_shape, itemsize: int) -> int:
-  """Two x buffers (the next block loads during the wgmmas) where shared
+def _slots(k, p, g, s, itemsize: int) -> int:
+  """Two input buffers (the next block loads during the wgmmas) where shared
   memory allows, else one (LLaMA-130M's 768 = 4 x 192 attention)."""
-  return 2 if smem_bytes(w1_shape, w2_shape, itemsize) <= SMEM_BUDGET else 1
+  return 2 if _smem(k, p, g, s, itemsize, 2) <= SMEM_BUDGET else 1
 
 
-def supported(tokens: int, w1_shape, w2_shape, dtype) -> str | None:
-  """None if the Mosaic GPU kernel runs these shapes, else why not."""
+def smem_bytes(w1_shape, w2_shape, itemsize: int, x_slots: int = 2,
+               transposed: bool = False) -> int:
+  return _smem(*_dims(w1_shape, w2_shape, transposed), itemsize, x_slots)
+
+
+def x_slots(w1_shape, w2_shape, itemsize: int, transposed: bool = False) -> int:
+  return _slots(*_dims(w1_shape, w2_shape, transposed), itemsize)
+
+
+def supported(tokens: int, w1_shape, w2_shape, dtype,
+              transposed: bool = False) -> str | None:
+  """None if the Mosaic GPU kernel runs these shapes (``transposed``: dx's
+  problem), else why not."""
   if why := mk.layout_problem(w1_shape, w2_shape):
     return why
-  k, q, p = w1_shape
-  l, s, _ = w2_shape
-  g = q // l
+  _, p, g, s = _dims(w1_shape, w2_shape, transposed)
   dtype = jnp.dtype(dtype)
   if dtype.itemsize != 2:
     return (f"dtype {dtype.name}: wgmma runs 16-bit operands here (float32 "
@@ -84,10 +105,11 @@ def supported(tokens: int, w1_shape, w2_shape, dtype) -> str | None:
     return f"block dims {bad} must be multiples of 16 (wgmma's K and N steps)"
   if max(g, s) > 256:
     return f"q/l={g} and s={s} must be <= 256 (wgmma's N)"
-  need = smem_bytes(w1_shape, w2_shape, dtype.itemsize, x_slots=1)
+  need = smem_bytes(w1_shape, w2_shape, dtype.itemsize, 1, transposed)
   if need > SMEM_BUDGET:
-    return (f"l's factors and tiles need {need // 1024} KiB of shared memory "
-            f"(budget {SMEM_BUDGET // 1024} KiB): use more, smaller blocks")
+    return (f"an output block's factors and tiles need {need // 1024} KiB of "
+            f"shared memory (budget {SMEM_BUDGET // 1024} KiB): use more, "
+            "smaller blocks")
   return None
 
 
@@ -108,19 +130,17 @@ def _chunks(tiles: int, l: int) -> int:
   return best
 
 
-def _forward(x, w1, w2, interpret: bool):
-  """x (tokens, k*p) -> block-major (l, tokens, s)."""
+def _blockwise(x, at, bt, interpret: bool):
+  """out_j = sum_i (x_i @ at[j, i]) @ bt[j, i]: x (tokens, k*p), at
+  (l, k, p, g), bt (l, k, g, s) -> block-major (l, tokens, s)."""
   tokens = x.shape[0]
-  a, b = mk.gather_weights(w1, w2)           # (l, k, g, p), (l, k, s, g)
-  at = a.transpose(0, 1, 3, 2)               # (l, k, p, g): K-major for wgmma
-  bt = b.transpose(0, 1, 3, 2)               # (l, k, g, s)
-  l, k, g, p = a.shape
-  s = b.shape[2]
+  l, k, p, g = at.shape
+  s = bt.shape[3]
   dtype = x.dtype
   chunks = _chunks(tokens // TILE, l)
   per_chunk = tokens // TILE // chunks
   tr = _transforms(g, dtype.itemsize)
-  slots = x_slots(w1.shape, w2.shape, dtype.itemsize)
+  slots = _slots(k, p, g, s, dtype.itemsize)
 
   def body(x_g, at_g, bt_g, o_g, at_s, bt_s, x_s, h_s, o_s, wbar, xbar):
     li = jax.lax.axis_index("l")
@@ -183,49 +203,79 @@ def _forward(x, w1, w2, interpret: bool):
   )(x, at.astype(dtype), bt.astype(dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _monarch(x, w1, w2, interpret):
-  return mk._to_output(_forward(x, w1, w2, interpret))  # pylint: disable=protected-access
+def _forward(x, w1, w2, interpret: bool):
+  """x (tokens, k*p) -> y (tokens, l*s)."""
+  a, b = mk.gather_weights(w1, w2)           # (l, k, g, p), (l, k, s, g)
+  o = _blockwise(x, a.transpose(0, 1, 3, 2), b.transpose(0, 1, 3, 2),
+                 interpret)                  # K-major operands
+  return mk._to_output(o)  # pylint: disable=protected-access
 
 
-def _vjp_fwd(x, w1, w2, interpret):
-  return _monarch(x, w1, w2, interpret), (x, w1, w2)
+def _dx(dy, w1, w2, interpret: bool):
+  """dy (tokens, l*s) -> dx (tokens, k*p): dx_k = sum_l (do_l @ B[l,k]) @ A[l,k]."""
+  tokens = dy.shape[0]
+  k, _, p = w1.shape
+  l, s, _ = w2.shape
+  a, b = mk.gather_weights(w1, w2)
+  do = dy.reshape(tokens, s, l).transpose(0, 2, 1).reshape(tokens, l * s)
+  o = _blockwise(do, b.transpose(1, 0, 2, 3), a.transpose(1, 0, 2, 3),
+                 interpret)                  # (k, tokens, p)
+  return o.transpose(1, 0, 2).reshape(tokens, k * p)
 
 
-def _vjp_bwd(interpret, res, dy):
-  """The portable kernels' backward where they take the shapes, else XLA's."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _monarch(x, w1, w2, interpret, platform):
+  del platform  # the backward's portable kernels compile for it
+  return _forward(x, w1, w2, interpret)
+
+
+def _vjp_fwd(x, w1, w2, interpret, platform):
+  return _monarch(x, w1, w2, interpret, platform), (x, w1, w2)
+
+
+def _vjp_bwd(interpret, platform, res, dy):
+  """dx here where the transposed problem fits; dw1, dw2 (and dx otherwise)
+  through the portable kernels where they take the shapes, else XLA."""
   x, w1, w2 = res
-  platform = "cpu" if interpret else jax.default_backend()
-  bt = mk.fit_block_tokens(x.shape[0], w1.shape, w2.shape, x.dtype.itemsize,
+  tokens = x.shape[0]
+  own_dx = supported(tokens, w1.shape, w2.shape, x.dtype, transposed=True) is None
+  bt = mk.fit_block_tokens(tokens, w1.shape, w2.shape, x.dtype.itemsize,
                            platform)
-  if mk.supported(x.shape[0], w1.shape, w2.shape, bt, platform,
+  if mk.supported(tokens, w1.shape, w2.shape, bt, platform,
                   x.dtype.itemsize) is None:
-    return mk._vjp_bwd(bt, interpret, platform, res, dy)  # pylint: disable=protected-access
-  from structmat.ops.monarch import monarch_matmul  # pylint: disable=import-outside-toplevel
-  return jax.vjp(monarch_matmul, x, w1, w2)[1](dy)
+    dx, dw1, dw2 = mk.backward(x, w1, w2, dy, bt, interpret, platform,
+                               dx=not own_dx)
+  else:
+    from structmat.ops.monarch import monarch_matmul  # pylint: disable=import-outside-toplevel
+    dx, dw1, dw2 = jax.vjp(monarch_matmul, x, w1, w2)[1](dy)
+  if own_dx:
+    dx = _dx(dy, w1, w2, interpret)
+  return dx, dw1, dw2
 
 
 _monarch.defvjp(_vjp_fwd, _vjp_bwd)
 
 
-def monarch_matmul_mgpu(x, w1, w2, *, interpret: bool | None = None):
+def monarch_matmul_mgpu(x, w1, w2, *, interpret: bool | None = None,
+                        platform: str | None = None):
   """Monarch product through the Mosaic GPU kernel; ``ops.monarch_matmul``'s
   contract without bias.
 
   Args:
     x: (..., k*p), 16-bit. w1: (k, q, p). w2: (l, s, r), l*r = k*q, q % l == 0.
     interpret: run in Mosaic GPU's interpreter (default: on the CPU).
+    platform: what the backward's portable (Triton) kernels compile for
+      (default: the default backend; "cuda" when cross-lowering).
 
   Returns:
     (..., l*s), in x's dtype.
   """
   from structmat.ops.monarch import _check  # pylint: disable=import-outside-toplevel
   _check(x.shape[-1], w1, w2)
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  x2 = x.reshape(-1, x.shape[-1])
+  x2, _, interpret, platform = prepare(x, TILE, interpret, platform)
   if why := supported(x2.shape[0], w1.shape, w2.shape, x.dtype):
     raise ValueError(f"the Mosaic GPU Monarch kernel cannot run these shapes: "
                      f"{why}")
-  y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), interpret)
+  y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), interpret,
+               "cpu" if interpret else platform)
   return y.reshape(*x.shape[:-1], y.shape[-1])
