@@ -8,6 +8,8 @@
 #      step): dense and Monarch with impl=xla, Monarch with impl=auto (kernel
 #      where the shapes fit), with the losses of identical steps for comparison;
 #   4. the fused Monarch on padded blocks (768 = 4 x 192) against XLA.
+# Steps' timeouts add up to about 10.5 minutes, more than one 600-second device
+# call: run steps 1-3 first and STEPS=4 in a second call on the warm machine.
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
@@ -26,7 +28,7 @@ $PY -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.
 
 if want 1; then
 echo "== 1. compiled kernels vs XLA reference"
-QUICK=$QUICK timeout 80 $PY - <<'PY'
+QUICK=$QUICK timeout 100 $PY - <<'PY'
 import os
 import jax, jax.numpy as jnp
 from structmat import ops
