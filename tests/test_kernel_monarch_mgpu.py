@@ -84,6 +84,8 @@ def test_supported_names_the_constraint():
   assert "tile" in mg.supported(96, (2, 64, 64), (2, 64, 64), bf16)
   assert "multiples of 16" in mg.supported(64, (4, 32, 16), (4, 48, 32), bf16)
   assert "shared memory" in mg.supported(64, (16, 256, 256), (16, 256, 256), bf16)
+  # q/l = 64 allows the 128-byte swizzle: p and s must be multiples of 64.
+  assert "multiples of 64" in mg.supported(64, (2, 128, 48), (2, 64, 128), bf16)
   assert "divisible" in mg.supported(64, (4, 6, 16), (4, 16, 6), bf16)
   assert mg.x_slots((4, 128, 128), (4, 128, 128), 2) == 2
   assert mg.x_slots((4, 192, 192), (4, 192, 192), 2) == 1

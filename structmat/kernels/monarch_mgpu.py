@@ -105,6 +105,10 @@ def supported(tokens: int, w1_shape, w2_shape, dtype,
     return f"block dims {bad} must be multiples of 16 (wgmma's K and N steps)"
   if max(g, s) > 256:
     return f"q/l={g} and s={s} must be <= 256 (wgmma's N)"
+  row = _swizzle(g, dtype.itemsize) // dtype.itemsize
+  if p % row or s % row:
+    return (f"p={p} and s={s} must be multiples of {row}: every buffer is "
+            f"tiled by the swizzle q/l={g} allows ({row} elements)")
   need = smem_bytes(w1_shape, w2_shape, dtype.itemsize, 1, transposed)
   if need > SMEM_BUDGET:
     return (f"an output block's factors and tiles need {need // 1024} KiB of "
@@ -113,9 +117,14 @@ def supported(tokens: int, w1_shape, w2_shape, dtype,
   return None
 
 
+def _swizzle(g: int, itemsize: int) -> int:
+  """Bytes of the swizzle a row of q/l elements allows (32, 64 or 128)."""
+  return plgpu.find_swizzle(g * itemsize * 8)
+
+
 def _transforms(g: int, itemsize: int):
   """Tiling and swizzle for every buffer: the swizzle rows of q/l allow."""
-  swizzle = plgpu.find_swizzle(g * itemsize * 8)
+  swizzle = _swizzle(g, itemsize)
   return (plgpu.TilingTransform((8, swizzle // itemsize)),
           plgpu.SwizzleTransform(swizzle))
 
