@@ -39,6 +39,9 @@ shapes = ((64, 4, 32), (96, 4, 32)) if quick else (
     (1024, 4, 512), (1024, 16, 16384), (4096, 16, 16384), (2048, 8, 4096),
     (768, 4, 4096))
 f32 = lambda *a: [v.astype(jnp.float32) for v in a]
+# Relative L2 error of a kernel's result against the float32 reference.
+rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b)
+                         / (jnp.linalg.norm(b) + 1e-30))
 for dtype, tol in ((jnp.float32, 2e-3), (jnp.bfloat16, 2e-2)):
   for n, nb, t in shapes:
     k = jax.random.split(jax.random.key(n * nb + t), 4); b = n // nb
@@ -59,8 +62,6 @@ for dtype, tol in ((jnp.float32, 2e-3), (jnp.bfloat16, 2e-2)):
         loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * g)
         ga = jax.jit(jax.grad(loss(ker), argnums=(0, 1, 2)))(x, w1, w2)
         gb = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(x, w1, w2)
-        rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b)
-                                 / (jnp.linalg.norm(b) + 1e-30))
         errs = [rel(a, b) for a, b in zip(ga, gb)]
         y, r = jax.jit(ker)(x, w1, w2), jax.jit(ref)(x, w1, w2)
         e = rel(y, r)
@@ -88,8 +89,6 @@ for dtype, tol in ((jnp.float32, 2e-3), (jnp.bfloat16, 2e-2)):
           mg.monarch_matmul_mgpu(v, w1, w2).astype(jnp.float32) * gy)))(x)
       dr = jax.grad(lambda v: jnp.sum(
           ops.monarch_matmul(v, *f32(w1, w2)) * gy))(f32(x)[0])
-      rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b)
-                               / jnp.linalg.norm(b))
       e, ex = rel(y, r), rel(dx, dr)
       print("monarch mgpu", jnp.dtype(dtype).name, f"n={n} nb={nb} t={t}",
             f"fwd {e:.1e} dx {ex:.1e}", "OK" if max(e, ex) < tol else "FAIL",
@@ -113,8 +112,6 @@ for dtype, tol in ((jnp.float32, 2e-3), (jnp.bfloat16, 2e-2)):
       loss = lambda f: lambda *z: jnp.sum(f(*z).astype(jnp.float32) * g)
       ga = jax.jit(jax.grad(loss(ker), argnums=(0, 1, 2, 3)))(x, a, b, v)
       gb = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2, 3)))(x, a, b, v)
-      rel = lambda p, q: float(jnp.linalg.norm(p.astype(jnp.float32) - q)
-                               / (jnp.linalg.norm(q) + 1e-30))
       errs = [rel(jax.jit(ker)(x, a, b, v), jax.jit(ref)(x, a, b, v))] + [
           rel(p, q) for p, q in zip(ga, gb)]
       print("sltrain", jnp.dtype(dtype).name, f"n={n} t={t}",
