@@ -302,8 +302,9 @@ def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform):
       kernel,
       out_shape=jax.ShapeDtypeStruct((l, tokens, s), x.dtype),
       grid=(tokens // block_tokens, l),
-      in_specs=[pl.BlockSpec((block_tokens, *xs.shape[1:-1], pp) if pp != p
-                             else (block_tokens, xs.shape[1]),
+      # the whole row: (bt, k*p), or (bt, k, P) in the padded view
+      in_specs=[pl.BlockSpec((block_tokens, *xs.shape[1:-1],
+                              max(pp, xs.shape[-1])),
                              lambda i, j: (i,) + (0,) * (xs.ndim - 1)),
                 pl.BlockSpec((None, k, g, pp), lambda i, j: (j, 0, 0, 0)),
                 pl.BlockSpec((None, k, ss, g), lambda i, j: (j, 0, 0, 0))],
