@@ -93,6 +93,11 @@ def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
 def main(argv):
   del argv
   rows = []
+  meta = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+          "jax": jax.__version__, "dtype": _DTYPE.value, "batch": _BATCH.value,
+          "seq_len": _SEQ.value, "vocab": _VOCAB.value, "impl": _IMPL.value,
+          "attention": _ATTENTION.value}
+  os.makedirs(os.path.dirname(_OUTPUT.value) or ".", exist_ok=True)
   for preset in _PRESETS.value:
     for linear in _LINEARS.value:
       logging.info("%s %s", preset, linear)
@@ -105,13 +110,9 @@ def main(argv):
       print(f"  {preset} {linear}: {row['tokens_per_sec']:,.0f} tokens/s",
             flush=True)
       rows.append(row)
-  meta = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-          "jax": jax.__version__, "dtype": _DTYPE.value, "batch": _BATCH.value,
-          "seq_len": _SEQ.value, "vocab": _VOCAB.value, "impl": _IMPL.value,
-          "attention": _ATTENTION.value}
-  os.makedirs(os.path.dirname(_OUTPUT.value) or ".", exist_ok=True)
-  with open(_OUTPUT.value, "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+      # After every row: a run stopped by a timeout keeps what it measured.
+      with open(_OUTPUT.value, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
   print(f"\n{meta}\n")
   print(format_table(rows, ["preset", "linear", "params", "step_ms",
                             "tokens_per_sec", "gflops_per_token",

@@ -209,7 +209,8 @@ def test_monarch_supported_names_the_constraint():
   assert mk.padded_dims(192, 48, 192) == (256, 64, 256)
   assert mk.padded_dims(192, 48, 192, pad=False) == (192, 48, 192)
   assert mk.supported(64, (4, 192, 192), (4, 192, 192), 32, "gpu") is None
-  assert mk.padding_problem((4, 192, 192), (4, 192, 192), "gpu") is None
+  assert "p=192 pads to 256" in mk.padding_problem((4, 192, 192), (4, 192, 192), "gpu")
+  assert mk.padding_problem((4, 128, 128), (4, 128, 128), "gpu") is None
   assert "g=1 pads to 16" in mk.padding_problem((32, 32, 32), (32, 32, 32), "gpu")
   assert "p=129" in mk.padding_problem((2, 64, 129), (2, 64, 64), "gpu")
   assert mk.padding_problem((32, 32, 32), (32, 32, 32), "tpu") is None
@@ -251,34 +252,49 @@ def test_dispatch():
 
 
 def test_auto_keeps_xla_where_the_kernel_was_measured_slower(monkeypatch):
-  """On a GPU, auto takes the fused Monarch kernel except where an H200 timed
-  it slower than XLA (a thin first stage at many tokens)."""
+  """On a GPU, auto takes the fused Monarch kernel only where an H200 timed it
+  ahead of XLA, and the block-diagonal and SLTrain Triton kernels nowhere."""
   from structmat.kernels import dispatch
+  from structmat.kernels import sltrain as sk
   monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+  bf16 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  kernel_in = lambda f, *args: "pallas_call" in str(jax.make_jaxpr(f)(*args))
 
   def uses_kernel(tokens, w1_shape, w2_shape):
-    x = jax.ShapeDtypeStruct((tokens, w1_shape[0] * w1_shape[2]), jnp.bfloat16)
-    w1 = jax.ShapeDtypeStruct(w1_shape, jnp.bfloat16)
-    w2 = jax.ShapeDtypeStruct(w2_shape, jnp.bfloat16)
-    jaxpr = jax.make_jaxpr(lambda x, a, b: dispatch.monarch(x, a, b, None, "auto"))(
-        x, w1, w2)
-    return "pallas_call" in str(jaxpr)
+    x = bf16((tokens, w1_shape[0] * w1_shape[2]))
+    return kernel_in(lambda x, a, b: dispatch.monarch(x, a, b, None, "auto"),
+                     x, bf16(w1_shape), bf16(w2_shape))
 
   sixteen = ((16, 256, 256), (16, 256, 256))      # q/l = 16
-  assert not uses_kernel(16384, *sixteen)          # 0.893 vs 0.375 ms
-  assert uses_kernel(512, *sixteen)                # 0.060 vs 0.075 ms
+  assert not uses_kernel(16384, *sixteen)          # 1.58 vs 0.827 ms fwd+bwd
+  assert not uses_kernel(1024, *sixteen)           # 0.130 vs 0.061 ms
   assert uses_kernel(65536, (4, 128, 128), (4, 128, 128))   # 60M preset
-  # 130M's padded attention blocks fit only 32-token tiles, which re-read
-  # the factors 10.7x the activation bytes: the kernel at 512 tokens only.
+  assert uses_kernel(512, (4, 128, 128), (4, 128, 128))
+  # 130M's attention blocks (192) pad to 256: 2.2x slower at 65536 tokens,
+  # also slower at 512; besides, 32-token tiles re-read the factors 10.7x.
   attn_130m = ((4, 192, 192), (4, 192, 192))
   assert not uses_kernel(65536, *attn_130m)
-  assert uses_kernel(512, *attn_130m)
+  assert not uses_kernel(512, *attn_130m)
   assert "10.7x" in mk.slower_than_xla(65536, *attn_130m, "gpu", 32)
+  assert mk.slower_than_xla(1024, *attn_130m, "gpu", 32) is None
+  assert "pads to 256" in mk.padding_problem(*attn_130m, "gpu")
   assert mk.slower_than_xla(65536, (4, 128, 128), (4, 128, 128), "gpu", 128) is None
   assert mk.factor_rereads(*sixteen, 64) == 4.0
   assert not uses_kernel(512, (32, 32, 32), (32, 32, 32))   # q/l = 1 -> 16
-  assert "2.4x" in mk.slower_than_xla(16384, *sixteen, "gpu")
+  assert "q/l=16" in mk.slower_than_xla(512, *sixteen, "gpu")
   assert mk.slower_than_xla(16384, *sixteen, "tpu") is None
+
+  x, w = bf16((4096, 1024)), bf16((16, 64, 64))
+  assert not kernel_in(lambda x, w: dispatch.blockdiag(x, w, "auto"), x, w)
+  assert kernel_in(lambda x, w: dispatch.blockdiag(x, w, "pallas"), x, w)
+  assert "1.4x" in bd.slower_than_xla("gpu") and bd.slower_than_xla("tpu") is None
+  n, r = 256, 16
+  idx = ops.draw_support(jax.random.key(0), n, n, 0.03)
+  sl = lambda impl: lambda x, a, b, v: dispatch.sltrain(x, a, b, v, idx, 1.0, impl)
+  args = (bf16((512, n)), bf16((n, r)), bf16((r, n)), bf16(idx.shape))
+  assert not kernel_in(sl("auto"), *args)
+  assert kernel_in(sl("pallas"), *args)
+  assert "16x" in sk.slower_than_xla("gpu") and sk.slower_than_xla("tpu") is None
 
 
 def test_benchmark_kernels_smoke(tmp_path):

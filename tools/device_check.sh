@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One-call GPU check for the device tool (H100/H200, jax 0.11 cuda preinstalled):
 #   1. compiled (not interpreted) kernels against the XLA reference, forward and
-#      gradients, f32 and bf16, on fresh random inputs;
-#   2. the kernel benchmark (bf16 sweep over n, tokens and nblocks; f32 at n=4096;
-#      the fused Monarch against XLA at 1024-4096 tokens, the impl=auto rule);
-#   3. pretraining throughput of the 60M/130M presets (bf16, 65,536 tokens per
-#      step): dense and Monarch with impl=xla, Monarch with impl=auto (kernel
-#      where the shapes fit), with the losses of identical steps for comparison;
-#   4. the fused Monarch on padded blocks (768 = 4 x 192) against XLA.
-# Steps' timeouts add up to about 10.5 minutes, more than one 600-second device
-# call: run steps 1-3 first and STEPS=4 in a second call on the warm machine.
+#      gradients, bf16 then f32, on fresh random inputs (elapsed seconds per line);
+#   2. the kernel benchmark (bf16 sweep over n, tokens and nblocks, the sizes
+#      not yet timed first; f32 at n=4096);
+#   3. pretraining: the 60M Monarch preset with impl=xla and impl=auto (the
+#      losses of identical steps and the step times), the 130M Monarch with XLA;
+#   4. GPT-2 small (124M, 65,536 tokens per step, vocab 50257): dense, Monarch;
+#   5. (only when named) attention-sized Monarch: 768 = 4 x 192 (padded
+#      blocks) and 512 = 4 x 128, Triton and Mosaic GPU against XLA.
+# Steps in order of what is still unmeasured. Session 8 on an H200: steps 1-2
+# took 400 s, and 15 minutes of device time (start-up included) held steps
+# 1-2 in one call and 3 in a second on the warm machine (it goes back after
+# 30 s idle: make the second call at once). STEPS="1 2" then STEPS="3 4".
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
@@ -23,13 +26,14 @@ exec > >(tee -a "$OUT/run.log") 2>&1
 # STEPS="4" (or "3 4") runs only those steps, e.g. in a second call on a warm
 # machine when the first ran out of time.
 want() { [[ " ${STEPS:-1 2 3 4} " == *" $1 "* ]]; }
+SECONDS=0
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv 2>/dev/null
 $PY -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())"
 
 if want 1; then
 echo "== 1. compiled kernels vs XLA reference"
-QUICK=$QUICK timeout 100 $PY - <<'PY'
-import os
+QUICK=$QUICK timeout 150 $PY - <<'PY'
+import os, time
 import jax, jax.numpy as jnp
 from structmat import ops
 from structmat.kernels import blockdiag_matmul_pallas, monarch as mk
@@ -39,10 +43,13 @@ shapes = ((64, 4, 32), (96, 4, 32)) if quick else (
     (1024, 4, 512), (1024, 16, 16384), (4096, 16, 16384), (2048, 8, 4096),
     (768, 4, 4096))
 f32 = lambda *a: [v.astype(jnp.float32) for v in a]
+t0 = time.time()
+_print = print
+print = lambda *a, **k: _print(f"[{time.time() - t0:5.0f}s]", *a, **k)
 # Relative L2 error of a kernel's result against the float32 reference.
 rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b)
                          / (jnp.linalg.norm(b) + 1e-30))
-for dtype, tol in ((jnp.float32, 2e-3), (jnp.bfloat16, 2e-2)):
+for dtype, tol in ((jnp.bfloat16, 2e-2), (jnp.float32, 2e-3)):
   for n, nb, t in shapes:
     k = jax.random.split(jax.random.key(n * nb + t), 4); b = n // nb
     x = jax.random.normal(k[0], (t, n), dtype)
@@ -124,57 +131,103 @@ PY
 fi
 
 if want 2; then
-echo "== 2. kernel benchmark"
+echo "== 2. kernel benchmark [${SECONDS}s]"
 if [ "$QUICK" = 1 ]; then
   K="--sizes=64 --tokens=64 --nblocks=4 --quick --interpret"; KF="$K"
 else
-  K="--sizes=4096,1024,8192 --tokens=16384,512 --nblocks=16,64,4"
+  # n=4096 at 16384 tokens was timed in sessions 2 and 8: the rest first.
+  K="--sizes=1024,8192,4096 --tokens=16384,512 --nblocks=16,4,64"
   KF="--sizes=4096 --tokens=16384 --nblocks=16,64"
 fi
-timeout 200 $PY -m experiments.benchmark_kernels $K --dtypes=bfloat16 \
+timeout 180 $PY -m experiments.benchmark_kernels $K --dtypes=bfloat16 \
   --output_dir="$OUT"
 timeout 50 $PY -m experiments.benchmark_kernels $KF --dtypes=float32 \
   --output_dir="$OUT/f32"
-# Where the fused Monarch stops beating XLA at the issue's shape: impl="auto"
-# keeps XLA beyond 1024 tokens when q/l < 32 (monarch.slower_than_xla), a
-# line fitted through 512 and 16384 tokens only.
-if [ "$QUICK" = 1 ]; then KC="--sizes=64 --tokens=64 --nblocks=4 --quick --interpret"
-else KC="--sizes=4096 --nblocks=16 --tokens=1024,2048,4096"; fi
-timeout 45 $PY -m experiments.benchmark_kernels $KC --dtypes=bfloat16 \
-  --impls="monarch xla,monarch pallas" --output_dir="$OUT/crossover"
-fi
-
-if want 3; then
-echo "== 3. pretraining throughput"
-if [ "$QUICK" = 1 ]; then
-  P="--presets=llama_tiny --batch_size=2 --seq_len=16 --vocab_size=256 --repeats=1"
-else
-  P="--presets=llama_60m,llama_130m --batch_size=256 --seq_len=256 --vocab_size=32000"
-fi
-timeout 110 $PY -m experiments.benchmark_pretrain $P --linears=dense,monarch \
-  --dtype=bfloat16 --impl=xla --output="$OUT/pretrain_xla.json"
-timeout 70 $PY -m experiments.benchmark_pretrain $P --linears=monarch \
-  --dtype=bfloat16 --impl=auto --output="$OUT/pretrain_auto.json"
-$PY - "$OUT" <<'PY'
-import json, sys
-x = json.load(open(f"{sys.argv[1]}/pretrain_xla.json"))["rows"]
-a = json.load(open(f"{sys.argv[1]}/pretrain_auto.json"))["rows"]
-for r in a:
-  base = next(b for b in x if b["preset"] == r["preset"] and b["linear"] == r["linear"])
-  dense = next(b for b in x if b["preset"] == r["preset"] and b["linear"] == "dense")
-  print(r["preset"], "monarch auto vs xla step", f"{r['step_ms']:.1f} / {base['step_ms']:.1f} ms",
-        "dense", f"{dense['step_ms']:.1f} ms", "max loss diff",
-        max(abs(u - v) for u, v in zip(r["losses"], base["losses"])))
+# Where the SLTrain Triton forward's time goes (16x dense in session 8): the
+# same call with the stages left out one at a time (H200.md's method when no
+# profiler fits the lease): ~no sparse entries, rank 16 instead of n/32,
+# 64-token tiles, 32-wide tiles.
+QUICK=$QUICK timeout 60 $PY - <<'PY'
+import os
+import jax, jax.numpy as jnp
+from structmat import ops
+from structmat.kernels import sltrain as sk
+from structmat.utils.timing import time_fn
+quick = os.environ["QUICK"] == "1"
+n, t = (128, 64) if quick else (4096, 16384)
+k = jax.random.split(jax.random.key(0), 4)
+x = jax.random.normal(k[0], (t, n), jnp.bfloat16)
+for name, rank, density, kw in (
+    ("paper (rank n/32, 3%)", n // 32, 0.03, {}),
+    ("no sparse entries", n // 32, 1e-6, {}),
+    ("rank 16", 16, 0.03, {}),
+    ("64-token tiles", n // 32, 0.03, dict(block_tokens=64)),
+    ("32-wide tiles", n // 32, 0.03, dict(block_in=32, block_out=32))):
+  a = (jax.random.normal(k[1], (n, rank)) / n**.5).astype(jnp.bfloat16)
+  b = (jax.random.normal(k[2], (rank, n)) / rank**.5).astype(jnp.bfloat16)
+  idx = ops.draw_support(k[3], n, n, density)
+  v = jnp.ones(idx.shape, jnp.bfloat16)
+  orders = sk.support_orders(idx, n, n)  # 32-wide tiles sort in the call
+  f = jax.jit(lambda x, a, b, v: sk.sltrain_matmul_pallas(
+      x, a, b, v, idx, 1.0, orders=orders, interpret=quick or None, **kw))
+  try:
+    ms = 1e3 * time_fn(f, x, a, b, v, repeats=1 if quick else 10)
+    print(f"sltrain forward, {name}: {ms:.3f} ms", flush=True)
+  except Exception as ex:
+    print(f"sltrain forward, {name}: ERROR {type(ex).__name__}: {str(ex)[:300]}")
 PY
 fi
 
+if want 3; then
+echo "== 3. pretraining [${SECONDS}s]"
+if [ "$QUICK" = 1 ]; then
+  P="--batch_size=2 --seq_len=16 --vocab_size=256 --repeats=1"; P60=llama_tiny
+  P130=llama_tiny
+else
+  P="--batch_size=256 --seq_len=256 --vocab_size=32000"; P60=llama_60m
+  P130=llama_130m
+fi
+# Session 8 (H200): 60M dense 1,280,959 tokens/s, Monarch xla 858,549, auto
+# 928,810; each 60M row takes 25-50 s, the 130M Monarch more than 65 s.
+for impl in xla auto; do
+  timeout 75 $PY -m experiments.benchmark_pretrain $P --presets=$P60 \
+    --linears=monarch --dtype=bfloat16 --impl=$impl --output="$OUT/pretrain_$impl.json"
+done
+$PY - "$OUT" <<'PY'
+import json, os, sys
+load = lambda name: (json.load(open(f"{sys.argv[1]}/{name}"))["rows"]
+                     if os.path.exists(f"{sys.argv[1]}/{name}") else [])
+for r in load("pretrain_auto.json"):
+  base = next((b for b in load("pretrain_xla.json") if b["preset"] == r["preset"]
+               and b["linear"] == r["linear"]), None)
+  if base is None:
+    print(r["preset"], "no impl=xla row to compare with"); continue
+  print(r["preset"], r["linear"], "auto vs xla step",
+        f"{r['step_ms']:.1f} / {base['step_ms']:.1f} ms", "losses",
+        [f"{u:.5f}/{v:.5f}" for u, v in zip(r["losses"], base["losses"])],
+        "max rel diff", max(abs(u - v) / abs(v) for u, v in zip(r["losses"], base["losses"])))
+PY
+timeout 150 $PY -m experiments.benchmark_pretrain $P --presets=$P130 \
+  --linears=monarch --dtype=bfloat16 --impl=xla --output="$OUT/pretrain_130m.json"
+fi
+
 if want 4; then
-echo "== 4. attention-sized Monarch: padded Triton blocks, Mosaic GPU (last: the first thing a tight call loses)"
+echo "== 4. GPT-2 small [${SECONDS}s]"
+if [ "$QUICK" = 1 ]; then
+  G="--presets=gpt2_tiny --batch_size=2 --seq_len=16 --vocab_size=256 --repeats=1"
+else
+  G="--presets=gpt2_small --batch_size=64 --seq_len=1024 --vocab_size=50257"
+fi
+timeout 200 $PY -m experiments.benchmark_pretrain $G --linears=dense,monarch \
+  --dtype=bfloat16 --impl=auto --output="$OUT/gpt2.json"
+fi
+
+if [[ " ${STEPS:-} " == *" 5 "* ]]; then
+echo "== 5. attention-sized Monarch: padded Triton blocks, Mosaic GPU [${SECONDS}s]"
 # 768 = 4 x 192 (LLaMA-130M / GPT-2 attention): Triton pads to 256 / 64 and
-# fits 32-token tiles, so impl="auto" keeps XLA beyond 1024 tokens (factors
-# re-read 10.7x the activation bytes: monarch.factor_rereads, a model from two
-# measured points); 512 = 4 x 128 (LLaMA-60M). The Mosaic GPU forward keeps
-# the factors in shared memory. Run alone with STEPS=4 if a call ran out.
+# fits 32-token tiles; 512 = 4 x 128 (LLaMA-60M). The Mosaic GPU forward keeps
+# the factors in shared memory. Session 8 (H200): at 768 both kernels lost to
+# XLA at 512, 4096 and 65536 tokens; at 512 Triton won forward+backward.
 if [ "$QUICK" = 1 ]; then KP="--sizes=128 --tokens=64 --nblocks=2 --quick --interpret"
 else KP="--sizes=768,512 --nblocks=4 --tokens=512,4096,65536"; fi
 timeout 60 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \

@@ -5,7 +5,9 @@ interpret mode on the CPU) and raises if the shapes do not fit it; "auto" runs
 the kernel on GPU/TPU when the shapes meet its constraints (and no measurement
 says XLA wins there) and XLA otherwise
 (the CPU always gets XLA: interpret mode is for testing), logging the reason
-at debug level.
+at debug level. On H200s only the fused Monarch kernel beat XLA (q/l >= 32,
+unpadded blocks: the 60M preset's attention), so on GPUs auto runs the
+block-diagonal and SLTrain Triton kernels nowhere; impl="pallas" still does.
 """
 import functools
 
@@ -66,7 +68,8 @@ def blockdiag(x, w, impl: str, block_tokens: int = 128):
   from structmat.ops import blockdiag as ref  # pylint: disable=import-outside-toplevel
   tokens = x.size // x.shape[-1]
   bt = min(block_tokens, tokens)
-  if not choose(impl, lambda plat: bk.supported(tokens, w.shape, bt, plat)):
+  if not choose(impl, lambda plat: bk.supported(tokens, w.shape, bt, plat)
+                or bk.slower_than_xla(plat)):
     return ref.blockdiag_matmul(x, w)
   return bk.blockdiag_matmul_pallas(x, w, block_tokens=bt)
 
@@ -92,7 +95,8 @@ def sltrain(x, a, b, values, indices, scale, impl: str, orders=None,
     bk = sk.tile_for(d_in, sk.DEFAULT_TILE)
     bn = sk.tile_for(d_out, sk.DEFAULT_TILE)
     why_not = lambda plat: sk.supported(
-        tokens, d_in, d_out, a.shape[1], bt, bk, bn, sk.DEFAULT_CHUNK, plat)
+        tokens, d_in, d_out, a.shape[1], bt, bk, bn, sk.DEFAULT_CHUNK,
+        plat) or sk.slower_than_xla(plat)
     kernel = functools.partial(sk.sltrain_matmul_pallas, block_tokens=bt)
   if not choose(impl, why_not):
     return ref.sltrain_matmul(x, a, b, values, indices, scale)

@@ -126,29 +126,35 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
               f"powers of two {pp}, {gg}, {ss}) exceed a Triton tile")
     smem = smem_estimate(block_tokens, pp, gg, ss, itemsize)
     if smem > SMEM_BUDGET:
+      floor = smem_estimate(16, pp, gg, ss, itemsize)
+      fix = ("use fewer tokens per tile" if floor <= SMEM_BUDGET else
+             f"even 16-token tiles need ~{floor // 1024} KiB: use smaller "
+             "blocks (more nblocks) or a 16-bit dtype")
       return (f"block_tokens={block_tokens} needs ~{smem // 1024} KiB of shared "
-              f"memory (budget {SMEM_BUDGET // 1024} KiB); use fewer tokens "
-              "per tile")
+              f"memory (budget {SMEM_BUDGET // 1024} KiB); {fix}")
   if platform == "tpu":
     if p % 128 or g % 128 or s % 128 or block_tokens % 8:
       return "Mosaic TPU needs block dims multiple of (8, 128)"
   return None
 
 
-# Measured on an H200 (bf16, n=4096, 16 blocks of 256, so q/l = 16): the
-# fused kernel took 0.060 ms at 512 tokens (XLA 0.075) but 0.893 ms at 16384
-# (XLA 0.375). Its stage-1 dots are (tokens x p) @ (p x q/l): with q/l < 32
-# they underfill the tensor cores, and x is re-read once per output block. A
-# line through both points crosses XLA's near 1000 tokens.
+# Measured on H200s (bf16; forward / forward+backward ms, kernel vs XLA).
+# n=4096 in 16 blocks of 256 (q/l = 16): 512 tokens 0.060/0.071 vs
+# 0.075/0.069; 1024: 0.054/0.130 vs 0.081/0.061; 2048: 0.100/0.197 vs
+# 0.080/0.133; 16384: 0.889/1.58 vs 0.381/0.827. Its stage-1 dots are
+# (tokens x p) @ (p x q/l): with q/l < 32 they underfill the tensor cores, so
+# the kernel only ever wins a forward at <= 1024 tokens and never a training
+# step (forward+backward): auto keeps XLA for q/l < 32 at every token count.
 THIN_STAGE1 = 32
-THIN_STAGE1_MAX_TOKENS = 1024
 # Every (token tile, l) program also streams its l's factors, A[l] and B[l],
 # from L2. Relative to the activation bytes (x read, y written) that is
 # ``factor_rereads``: ~4 in the 16384-token case above (2.4x slower than XLA)
-# and ~1 in the 60M preset's attention (128-token tiles; the step got 8%
-# faster). Beyond 1024 tokens auto keeps XLA above this ratio, a bound
-# between the two measured points.
+# and ~1 in the 60M preset's attention (n=512 in 4 blocks, 128-token tiles:
+# 4096 tokens 0.063/0.052 vs 0.085/0.085, 65536 tokens 0.189/0.256 vs
+# 0.169/0.300; the 60M step 8% faster). Beyond 1024 tokens auto keeps XLA
+# above this ratio, a bound between the two measured points.
 MAX_FACTOR_REREADS = 2.0
+REREADS_MIN_TOKENS = 1024
 
 
 def factor_rereads(w1_shape, w2_shape, block_tokens: int,
@@ -165,17 +171,17 @@ def slower_than_xla(tokens: int, w1_shape, w2_shape, platform: str,
                     block_tokens: int | None = None) -> str | None:
   """Why ``impl="auto"`` should keep XLA although the kernel would run, or None.
 
-  Rules from GPU measurements, beyond 1024 tokens: a thin first stage, and
-  (given ``block_tokens``) tiles so small that re-reading the factors costs
-  more than the activations."""
-  if platform not in ("gpu", "cuda", "rocm") or tokens <= THIN_STAGE1_MAX_TOKENS:
+  Rules from H200 measurements: a thin first stage (any token count), and
+  beyond 1024 tokens (given ``block_tokens``) tiles so small that re-reading
+  the factors costs more than the activations."""
+  if platform not in ("gpu", "cuda", "rocm"):
     return None
   g = w1_shape[1] // w2_shape[0]
   if g < THIN_STAGE1:
-    return (f"q/l={g} < {THIN_STAGE1} at {tokens} tokens (> "
-            f"{THIN_STAGE1_MAX_TOKENS}): the fused kernel's thin first stage "
-            "was measured 2.4x slower than XLA on an H200")
-  if block_tokens is not None:
+    return (f"q/l={g} < {THIN_STAGE1}: the fused kernel's thin first stage "
+            "trained (forward+backward) 2.1x slower than XLA at 1024 tokens "
+            "and 1.9x at 16384 on an H200")
+  if block_tokens is not None and tokens > REREADS_MIN_TOKENS:
     ratio = factor_rereads(w1_shape, w2_shape, block_tokens)
     if ratio > MAX_FACTOR_REREADS:
       return (f"{block_tokens}-token tiles re-read the factors: {ratio:.1f}x "
@@ -184,22 +190,21 @@ def slower_than_xla(tokens: int, w1_shape, w2_shape, platform: str,
   return None
 
 
-# Padding multiplies a stage's FLOPs by the padded-to-real ratios of its two
-# block dims (192 -> 256 and 48 -> 64: 1.78x) while the bytes moved stay the
-# same. Not measured yet: impl="auto" takes padded blocks only up to this
-# ratio per dim (192, 48, 24 qualify; 129 -> 256 does not).
-MAX_PADDING = 1.5
-
-
 def padding_problem(w1_shape, w2_shape, platform: str) -> str | None:
-  """Why ``impl="auto"`` should keep XLA for blocks padded this much, or None."""
+  """Why ``impl="auto"`` should keep XLA for padded blocks, or None.
+
+  Padding multiplies a stage's FLOPs by its block dims' padded-to-real
+  ratios while the bytes stay the same. Measured on an H200 at 768 = 4 x 192
+  (padded to 256 / 64): forward+backward 0.056 vs 0.047 ms at 512 tokens,
+  0.127 vs 0.064 at 4096, 1.57 vs 0.716 at 65536, so auto takes no padding.
+  """
   if not pads_blocks(platform):
     return None
   p, g, s = w1_shape[2], w1_shape[1] // w2_shape[0], w2_shape[1]
   for name, v, padded in zip("pgs", (p, g, s), padded_dims(p, g, s)):
-    if padded > MAX_PADDING * v:
-      return (f"{name}={v} pads to {padded} (> {MAX_PADDING}x) for Triton; "
-              "impl='pallas' runs it anyway")
+    if padded != v:
+      return (f"{name}={v} pads to {padded} for Triton, measured up to 2.2x "
+              "slower than XLA at 768 = 4 x 192; impl='pallas' runs it anyway")
   return None
 
 

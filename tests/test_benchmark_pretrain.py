@@ -1,0 +1,36 @@
+"""experiments.benchmark_pretrain: rows, and nothing measured lost on a failure."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(tmp_path, linears):
+  out = tmp_path / "bench.json"
+  p = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark_pretrain",
+       "--presets=llama_tiny", f"--linears={linears}", "--batch_size=2",
+       "--seq_len=16", "--vocab_size=256", "--repeats=2", f"--output={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  rows = json.load(open(out))["rows"] if out.exists() else None
+  return p, rows
+
+
+def test_rows_and_losses(tmp_path):
+  p, rows = _run(tmp_path, "dense,monarch")
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert [r["linear"] for r in rows] == ["dense", "monarch"]
+  for r in rows:
+    assert r["tokens_per_sec"] > 0 and r["params"] > 0
+    assert len(r["losses"]) >= 2 and all(v > 0 for v in r["losses"])
+  assert rows[0]["step_vs_dense"] == 1.0
+  assert rows[1]["params"] < rows[0]["params"]
+
+
+def test_rows_written_before_a_later_row_fails(tmp_path):
+  """A run stopped part-way (a device timeout, a bad row) keeps its rows."""
+  p, rows = _run(tmp_path, "dense,no_such_linear")
+  assert p.returncode != 0
+  assert [r["linear"] for r in rows] == ["dense"]
