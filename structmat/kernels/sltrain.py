@@ -1,10 +1,12 @@
 """SLTrain reconstruct-and-multiply: y = x (scale * a @ b + S) without ever
 writing the dense (in, out) kernel to device memory.
 
-Every program owns one (token tile, output tile) and loops over input tiles;
-for each it rebuilds the (bk, bn) kernel tile on chip: the low-rank part as
-``a[k-tile] @ b[:, j-tile]`` and the sparse part from that tile's entries
-only, which the support lists contiguously once it is sorted by tile
+Every program owns one (token tile, output tile). The low-rank part enters
+once, as scale * u_tile @ b[:, j-tile] with u = x a (rank r, an XLA matmul:
+rebuilding a @ b per input tile cost r/bt of a dense product again). Then
+the program loops over input tiles and rebuilds each (bk, bn) sparse tile of
+S on chip from that tile's entries only, which the support lists
+contiguously once it is sorted by tile
 (``tile_support``: per-tile offsets plus an argsort, which ``support_orders``
 computes once per support, at the layer's init, for the default tiles, so no
 training step sorts). The sparse entries are placed with one-hot matmuls
@@ -13,7 +15,8 @@ scatter into a register tile), in chunks of ``chunk`` entries with a
 data-dependent trip count.
 
 Backward: dx is the same kernel on the transposed problem (W^T = scale b^T a^T
-+ S^T, with the support re-sorted for W^T's tiles); the factor gradients are
++ S^T with u = dy b^T, the support re-sorted for W^T's tiles); the factor
+gradients are
 low-rank XLA matmuls; dvalues is a sampled dense-dense product: one program per
 kernel tile accumulates x_k^T dy_j over token tiles on chip and reads off its
 own entries. Reference: ``structmat.ops.sltrain_matmul`` (which materializes W,
@@ -126,22 +129,30 @@ def supported(tokens: int, in_features: int, out_features: int, rank: int,
 def slower_than_xla(platform: str) -> str | None:
   """Why ``impl="auto"`` keeps XLA on ``platform`` although the kernel runs.
 
-  Each (token tile, output tile) program rebuilds its kernel tiles, so the
-  rebuild (the rank-r product and the one-hot placements) is repeated once
-  per token tile: ~tokens/bt x 2 n^2 r FLOPs, while XLA materializes W once
-  (2 n^2 r, then one dense matmul; writing W costs a few microseconds of
-  HBM). H200, bf16, n=4096, rank 128, 3% support, 16384 tokens: 13.3 / 15.7
-  ms forward / forward+backward against XLA's 0.84 / 1.68.
+  Each (token tile, output tile) program rebuilds its sparse tiles, so the
+  one-hot placement is repeated once per token tile (c/bt of a dense product
+  on top of the dense-sized tile GEMM), while XLA materializes W once and
+  runs one dense matmul (writing W costs a few microseconds of HBM). H200,
+  bf16, n=4096, rank 128, 3% support, 16384 tokens, measured before the
+  low-rank term was hoisted out of the input-tile loop: 13.3 / 15.7 ms
+  forward / forward+backward against XLA's 0.84 / 1.68. The hoisted version
+  is unmeasured; at best it is a dense GEMM plus c/bt, still behind XLA.
   """
   if platform in ("gpu", "cuda", "rocm"):
-    return ("the Triton SLTrain kernel rebuilds W per token tile: 16x slower "
-            "than XLA's materialize-and-multiply on an H200; impl='pallas' "
-            "runs it (it never writes the dense W)")
+    return ("the Triton SLTrain kernel rebuilds W's tiles per token tile: "
+            "16x slower than XLA's materialize-and-multiply on an H200; "
+            "impl='pallas' runs it (it never writes the dense W)")
   return None
 
 
 def _sparse_tile(rows_ref, cols_ref, vals_ref, start, end, bk, bn, chunk):
-  """The (bk, bn) sparse tile from entries [start, end) of the sorted lists."""
+  """The (bk, bn) sparse tile from entries [start, end) of the sorted lists.
+
+  The one-hot operands are in the values' dtype: 0, 1 and each value are
+  exact there, and a tile holds each (row, col) at most once, so every
+  element of the float32 result is exactly one value or 0 (16-bit dots run
+  at the tensor cores' full rate)."""
+  dtype = vals_ref.dtype
   rid = jax.lax.broadcasted_iota(jnp.int32, (chunk, bk), 1)
   cid = jax.lax.broadcasted_iota(jnp.int32, (chunk, bn), 1)
   pos = jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
@@ -152,9 +163,9 @@ def _sparse_tile(rows_ref, cols_ref, vals_ref, start, end, bk, bn, chunk):
     valid = (s + pos) < end                                  # (chunk, 1)
     r = rows_ref[sl][:, None]
     col = cols_ref[sl][:, None]
-    v = vals_ref[sl].astype(jnp.float32)[:, None]
-    one_r = jnp.where((r == rid) & valid, 1.0, 0.0)          # (chunk, bk)
-    one_c = jnp.where(col == cid, v, 0.0)                    # (chunk, bn)
+    v = vals_ref[sl][:, None]
+    one_r = jnp.where((r == rid) & valid, 1, 0).astype(dtype)   # (chunk, bk)
+    one_c = jnp.where(col == cid, v, 0).astype(dtype)           # (chunk, bn)
     return acc + jax.lax.dot_general(one_r, one_c, (((0,), (0,)), ((), ())),
                                      preferred_element_type=jnp.float32)
 
@@ -162,31 +173,33 @@ def _sparse_tile(rows_ref, cols_ref, vals_ref, start, end, bk, bn, chunk):
   return jax.lax.fori_loop(0, trips, body, jnp.zeros((bk, bn), jnp.float32))
 
 
-def _fwd_kernel(off_ref, x_ref, a_ref, b_ref, rows_ref, cols_ref, vals_ref,
+def _fwd_kernel(off_ref, x_ref, u_ref, b_ref, rows_ref, cols_ref, vals_ref,
                 o_ref, *, scale, bk, bn, n_k, n_tn, chunk):
+  """y tile = scale * (x a)_tile @ b[:, j] + sum_k x_k @ S_kj.
+
+  The low-rank term enters once per program from u = x a (rank-r, XLA), so
+  only the sparse tiles are rebuilt per input tile."""
   j = pl.program_id(1)
 
   def body(k, acc):
-    ks = pl.ds(k * bk, bk)
-    w = scale * jax.lax.dot_general(
-        a_ref[ks, :], b_ref[...], (((1,), (0,)), ((), ())),
-        preferred_element_type=jnp.float32)
     t = k * n_tn + j
-    w = w + _sparse_tile(rows_ref, cols_ref, vals_ref, off_ref[t],
-                         off_ref[t + 1], bk, bn, chunk)
+    w = _sparse_tile(rows_ref, cols_ref, vals_ref, off_ref[t], off_ref[t + 1],
+                     bk, bn, chunk)
     return acc + jax.lax.dot_general(
-        x_ref[:, ks], w.astype(x_ref.dtype), (((1,), (0,)), ((), ())),
-        preferred_element_type=jnp.float32)
+        x_ref[:, pl.ds(k * bk, bk)], w.astype(x_ref.dtype),
+        (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
-  bt = x_ref.shape[0]
-  acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros((bt, bn), jnp.float32))
-  o_ref[...] = acc.astype(o_ref.dtype)
+  low = scale * jax.lax.dot_general(u_ref[...], b_ref[...],
+                                    (((1,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+  o_ref[...] = jax.lax.fori_loop(0, n_k, body, low).astype(o_ref.dtype)
 
 
-def _call_fwd(x, a, b, vals_sorted, ts: TiledSupport, scale, bt, bk, bn, chunk,
+def _call_fwd(x, u, b, vals_sorted, ts: TiledSupport, scale, bt, bk, bn, chunk,
               interpret, platform):
+  """x (tokens, in) @ (scale a b + S) given u = x a (tokens, r)."""
   tokens, d_in = x.shape
-  d_out, rank = b.shape[1], a.shape[1]
+  d_out, rank = b.shape[1], b.shape[0]
   nnz_p = ts.rows.shape[0]
   vals = jnp.concatenate([vals_sorted, jnp.zeros((chunk,), vals_sorted.dtype)])
   kernel = functools.partial(_fwd_kernel, scale=scale, bk=bk, bn=bn,
@@ -198,14 +211,19 @@ def _call_fwd(x, a, b, vals_sorted, ts: TiledSupport, scale, bt, bk, bn, chunk,
       grid=(tokens // bt, d_out // bn),
       in_specs=[full(ts.offsets.shape[0]),
                 pl.BlockSpec((bt, d_in), lambda i, j: (i, 0)),
-                pl.BlockSpec((d_in, rank), lambda i, j: (0, 0)),
+                pl.BlockSpec((bt, rank), lambda i, j: (i, 0)),
                 pl.BlockSpec((rank, bn), lambda i, j: (0, j)),
                 full(nnz_p), full(nnz_p), full(nnz_p)],
       out_specs=pl.BlockSpec((bt, bn), lambda i, j: (i, j)),
       interpret=interpret,
       compiler_params=None if interpret else compiler_params(platform, 2),
       name="sltrain_fwd",
-  )(ts.offsets, x, a, b, ts.rows, ts.cols, vals)
+  )(ts.offsets, x, u, b, ts.rows, ts.cols, vals)
+
+
+def _project(x, a):
+  """x @ a in x's dtype with float32 accumulation: the rank-r activations."""
+  return jnp.dot(x, a, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _dvals_kernel(off_ref, x_ref, dy_ref, rows_ref, cols_ref, dv_ref, *, bt,
@@ -287,8 +305,9 @@ class _Static(NamedTuple):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _sltrain(x, a, b, values, fwd_ts, bwd_ts, st: _Static):
-  return _call_fwd(x, a, b, values[fwd_ts.order], fwd_ts, st.scale, st.bt,
-                   st.bk, st.bn, st.chunk, st.interpret, st.platform)
+  return _call_fwd(x, _project(x, a), b, values[fwd_ts.order], fwd_ts,
+                   st.scale, st.bt, st.bk, st.bn, st.chunk, st.interpret,
+                   st.platform)
 
 
 def _vjp_fwd(x, a, b, values, fwd_ts, bwd_ts, st):
@@ -298,12 +317,14 @@ def _vjp_fwd(x, a, b, values, fwd_ts, bwd_ts, st):
 
 def _vjp_bwd(st, res, dy):
   x, a, b, values, fwd_ts, bwd_ts = res
-  # dx = dy W^T: the same kernel on W^T = scale b^T a^T + S^T (tiles bn x bk).
-  # The barrier materializes the transposed factors: in interpret mode XLA:CPU
-  # would fold them into the kernel's bfloat16 dots, a form it cannot run.
+  # dx = dy W^T: the same kernel on W^T = scale b^T a^T + S^T (tiles bn x bk),
+  # with dy b^T as its rank-r activations. The barrier materializes the
+  # transposed factors: in interpret mode XLA:CPU would fold them into the
+  # kernel's bfloat16 dots, a form it cannot run.
   bt_, at_ = jax.lax.optimization_barrier((b.T, a.T))
-  dx = _call_fwd(dy, bt_, at_, values[bwd_ts.order], bwd_ts, st.scale, st.bt,
-                 st.bn, st.bk, st.chunk, st.interpret, st.platform)
+  dx = _call_fwd(dy, _project(dy, bt_), at_, values[bwd_ts.order], bwd_ts,
+                 st.scale, st.bt, st.bn, st.bk, st.chunk, st.interpret,
+                 st.platform)
   da, db = lowrank_grads(x, dy, a, b, st.scale)
   dv_sorted = _call_dvals(x, dy, fwd_ts, st.bt, st.bk, st.bn, st.chunk,
                           st.interpret, st.platform)[:values.shape[0]]
