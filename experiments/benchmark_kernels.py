@@ -90,6 +90,8 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
   cases = [
       ("dense", lambda x, w: x @ w, (w,)),
       ("monarch xla", ops.monarch_matmul, (w1, w2)),
+      # What impl="auto" runs on GPUs at small widths (kernels/roofline.py).
+      ("monarch materialized", ops.monarch_matmul_dense, (w1, w2)),
       ("monarch ragged_dot", ragged_monarch, (w1, w2)),
       ("blockdiag xla", ops.blockdiag_matmul, (wb,)),
       ("sltrain xla", lambda x, a, b, v: ops.sltrain_matmul(x, a, b, v, sidx,

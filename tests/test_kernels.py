@@ -10,6 +10,7 @@ import pytest
 from structmat import ops
 from structmat.kernels import blockdiag as bd
 from structmat.kernels import monarch as mk
+from structmat.kernels import roofline
 from structmat.kernels import blockdiag_matmul_pallas, supported
 from tests.helpers import check_kernel, cross_lower, poison_pallas_outputs
 
@@ -268,8 +269,11 @@ def test_auto_keeps_xla_where_the_kernel_was_measured_slower(monkeypatch):
   sixteen = ((16, 256, 256), (16, 256, 256))      # q/l = 16
   assert not uses_kernel(16384, *sixteen)          # 1.58 vs 0.827 ms fwd+bwd
   assert not uses_kernel(1024, *sixteen)           # 0.130 vs 0.061 ms
-  assert uses_kernel(65536, (4, 128, 128), (4, 128, 128))   # 60M preset
+  # The 60M attention: materialized at training batches (below), the kernel
+  # (measured ahead of XLA there) at 512 tokens, where building W costs as
+  # much as the product.
   assert uses_kernel(512, (4, 128, 128), (4, 128, 128))
+  assert uses_kernel(1024, (8, 256, 256), (8, 256, 256))    # n=2048, q/l=32
   # 130M's attention blocks (192) pad to 256: 2.2x slower at 65536 tokens,
   # also slower at 512; besides, 32-token tiles re-read the factors 10.7x.
   attn_130m = ((4, 192, 192), (4, 192, 192))
@@ -283,6 +287,28 @@ def test_auto_keeps_xla_where_the_kernel_was_measured_slower(monkeypatch):
   assert not uses_kernel(512, (32, 32, 32), (32, 32, 32))   # q/l = 1 -> 16
   assert "q/l=16" in mk.slower_than_xla(512, *sixteen, "gpu")
   assert mk.slower_than_xla(16384, *sixteen, "tpu") is None
+
+  # Materialized Monarch: one dense matmul where the roofline predicts it
+  # faster than the structured path (small widths, many tokens), on GPUs.
+  calls = []
+  dense = ops.monarch_matmul_dense
+  monkeypatch.setattr(ops.monarch, "monarch_matmul_dense",
+                      lambda *a: calls.append(a[1].shape) or dense(*a))
+  for tokens, shapes, materialized in (
+      (65536, ((4, 128, 128), (4, 128, 128)), True),    # 60M attention
+      (65536, ((4, 128, 128), (4, 344, 128)), True),    # 60M MLP up
+      (65536, ((4, 192, 192), (4, 192, 192)), True),    # 130M attention
+      (512, ((4, 128, 128), (4, 128, 128)), False),     # W costs the product
+      (16384, sixteen, False),                          # n=4096: structured
+      (65536, ((4, 512, 512), (4, 512, 512)), False)):  # n=2048: borderline
+    calls.clear()
+    kernel = uses_kernel(tokens, *shapes)
+    assert bool(calls) == materialized, (tokens, shapes)
+    assert not (kernel and materialized)
+  for platform in ("cpu", "tpu"):
+    assert "GPUs only" in roofline.materialize_problem(
+        65536, (4, 128, 128), (4, 128, 128), 2, platform)
+  assert "dense vs" in roofline.materialize_problem(16384, *sixteen, 2, "gpu")
 
   x, w = bf16((4096, 1024)), bf16((16, 64, 64))
   assert not kernel_in(lambda x, w: dispatch.blockdiag(x, w, "auto"), x, w)
@@ -310,7 +336,8 @@ def test_benchmark_kernels_smoke(tmp_path):
   assert {r["impl"] for r in rows} >= {"monarch pallas", "blockdiag pallas",
                                        "blockdiag gmm", "monarch tpu",
                                        "sltrain tpu",
-                                       "monarch xla", "dense"}
+                                       "monarch xla", "monarch materialized",
+                                       "dense"}
   assert all(r.get("numerics_ok") for r in rows), rows
   # The Mosaic GPU forward (16-bit only), through Mosaic GPU's interpreter.
   p = subprocess.run([sys.executable, "-m", "experiments.benchmark_kernels",

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # One-call GPU check for the device tool (H100/H200, jax 0.11 cuda preinstalled):
-#   1. compiled (not interpreted) kernels against the XLA reference, forward and
+#   1. pretraining, 60M and 130M Monarch presets, impl=xla against impl=auto
+#      (the losses of identical steps and the step times; auto now
+#      materializes these widths), and the 60M dense baseline;
+#   2. compiled (not interpreted) kernels against the XLA reference, forward and
 #      gradients, bf16 then f32, on fresh random inputs (elapsed seconds per line);
-#   2. the kernel benchmark (bf16 sweep over n, tokens and nblocks, the sizes
-#      not yet timed first; f32 at n=4096);
-#   3. pretraining: the 60M Monarch preset with impl=xla and impl=auto (the
-#      losses of identical steps and the step times), the 130M Monarch with XLA;
+#   3. the kernel benchmark (bf16 sweep over n, tokens and nblocks, the sizes
+#      not yet timed first; f32 at n=4096), then the SLTrain forward's anatomy;
 #   4. GPT-2 small (124M, 65,536 tokens per step, vocab 50257): dense, Monarch;
 #   5. (only when named) attention-sized Monarch: 768 = 4 x 192 (padded
-#      blocks) and 512 = 4 x 128, Triton and Mosaic GPU against XLA.
+#      blocks) and 512 = 4 x 128: XLA, materialized, Triton, Mosaic GPU.
 # Steps in order of what is still unmeasured. Session 8 on an H200: steps 1-2
 # took 400 s, and 15 minutes of device time (start-up included) held steps
 # 1-2 in one call and 3 in a second on the warm machine (it goes back after
-# 30 s idle: make the second call at once). STEPS="1 2" then STEPS="3 4".
+# 30 s idle: make the second call at once). Now: STEPS=1 (<= 415 s), then at
+# once STEPS="2 3" (<= 380 s) or STEPS=2 if less is left; STEPS=4 after.
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
@@ -31,8 +33,47 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv 2>/dev/null
 $PY -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())"
 
 if want 1; then
-echo "== 1. compiled kernels vs XLA reference"
-QUICK=$QUICK timeout 150 $PY - <<'PY'
+echo "== 1. pretraining [${SECONDS}s]"
+if [ "$QUICK" = 1 ]; then
+  P="--batch_size=2 --seq_len=16 --vocab_size=256 --repeats=1"; P60=llama_tiny
+  P130=gpt2_tiny
+else
+  P="--batch_size=256 --seq_len=256 --vocab_size=32000"; P60=llama_60m
+  P130=llama_130m
+fi
+# Session 8 (H200): 60M dense 1,280,959 tokens/s, Monarch xla 858,549, auto
+# (Triton attention) 928,810; 130M dense 609,706. Now auto materializes the
+# Monarch layers of both presets (kernels/roofline.py): this measures that.
+# Each 60M row takes 25-50 s, a 130M Monarch one more than 65 s.
+for preset in $P60 $P130; do
+  for impl in xla auto; do
+    L=monarch; T=120
+    [ $preset = $P60 ] && T=75 && [ $impl = xla ] && L=dense,monarch T=100
+    timeout $T $PY -m experiments.benchmark_pretrain $P --presets=$preset \
+      --linears=$L --dtype=bfloat16 --impl=$impl \
+      --output="$OUT/pretrain_${preset}_$impl.json"
+  done
+done
+$PY - "$OUT" $P60 $P130 <<'PY'
+import json, os, sys
+load = lambda name: (json.load(open(f"{sys.argv[1]}/{name}"))["rows"]
+                     if os.path.exists(f"{sys.argv[1]}/{name}") else [])
+for preset in sys.argv[2:]:
+ for r in load(f"pretrain_{preset}_auto.json"):
+  base = next((b for b in load(f"pretrain_{preset}_xla.json")
+               if b["linear"] == r["linear"]), None)
+  if base is None:
+    print(r["preset"], "no impl=xla row to compare with"); continue
+  print(r["preset"], r["linear"], "auto vs xla step",
+        f"{r['step_ms']:.1f} / {base['step_ms']:.1f} ms", "losses",
+        [f"{u:.5f}/{v:.5f}" for u, v in zip(r["losses"], base["losses"])],
+        "max rel diff", max(abs(u - v) / abs(v) for u, v in zip(r["losses"], base["losses"])))
+PY
+fi
+
+if want 2; then
+echo "== 2. compiled kernels vs XLA reference [${SECONDS}s]"
+QUICK=$QUICK timeout 120 $PY - <<'PY'
 import os, time
 import jax, jax.numpy as jnp
 from structmat import ops
@@ -130,8 +171,8 @@ for dtype, tol in ((jnp.bfloat16, 2e-2), (jnp.float32, 2e-3)):
 PY
 fi
 
-if want 2; then
-echo "== 2. kernel benchmark [${SECONDS}s]"
+if want 3; then
+echo "== 3. kernel benchmark [${SECONDS}s]"
 if [ "$QUICK" = 1 ]; then
   K="--sizes=64 --tokens=64 --nblocks=4 --quick --interpret"; KF="$K"
 else
@@ -139,7 +180,7 @@ else
   K="--sizes=1024,8192,4096 --tokens=16384,512 --nblocks=16,4,64"
   KF="--sizes=4096 --tokens=16384 --nblocks=16,64"
 fi
-timeout 180 $PY -m experiments.benchmark_kernels $K --dtypes=bfloat16 \
+timeout 150 $PY -m experiments.benchmark_kernels $K --dtypes=bfloat16 \
   --output_dir="$OUT"
 timeout 50 $PY -m experiments.benchmark_kernels $KF --dtypes=float32 \
   --output_dir="$OUT/f32"
@@ -178,39 +219,6 @@ for name, rank, density, kw in (
 PY
 fi
 
-if want 3; then
-echo "== 3. pretraining [${SECONDS}s]"
-if [ "$QUICK" = 1 ]; then
-  P="--batch_size=2 --seq_len=16 --vocab_size=256 --repeats=1"; P60=llama_tiny
-  P130=llama_tiny
-else
-  P="--batch_size=256 --seq_len=256 --vocab_size=32000"; P60=llama_60m
-  P130=llama_130m
-fi
-# Session 8 (H200): 60M dense 1,280,959 tokens/s, Monarch xla 858,549, auto
-# 928,810; each 60M row takes 25-50 s, the 130M Monarch more than 65 s.
-for impl in xla auto; do
-  timeout 75 $PY -m experiments.benchmark_pretrain $P --presets=$P60 \
-    --linears=monarch --dtype=bfloat16 --impl=$impl --output="$OUT/pretrain_$impl.json"
-done
-$PY - "$OUT" <<'PY'
-import json, os, sys
-load = lambda name: (json.load(open(f"{sys.argv[1]}/{name}"))["rows"]
-                     if os.path.exists(f"{sys.argv[1]}/{name}") else [])
-for r in load("pretrain_auto.json"):
-  base = next((b for b in load("pretrain_xla.json") if b["preset"] == r["preset"]
-               and b["linear"] == r["linear"]), None)
-  if base is None:
-    print(r["preset"], "no impl=xla row to compare with"); continue
-  print(r["preset"], r["linear"], "auto vs xla step",
-        f"{r['step_ms']:.1f} / {base['step_ms']:.1f} ms", "losses",
-        [f"{u:.5f}/{v:.5f}" for u, v in zip(r["losses"], base["losses"])],
-        "max rel diff", max(abs(u - v) / abs(v) for u, v in zip(r["losses"], base["losses"])))
-PY
-timeout 150 $PY -m experiments.benchmark_pretrain $P --presets=$P130 \
-  --linears=monarch --dtype=bfloat16 --impl=xla --output="$OUT/pretrain_130m.json"
-fi
-
 if want 4; then
 echo "== 4. GPT-2 small [${SECONDS}s]"
 if [ "$QUICK" = 1 ]; then
@@ -231,5 +239,6 @@ echo "== 5. attention-sized Monarch: padded Triton blocks, Mosaic GPU [${SECONDS
 if [ "$QUICK" = 1 ]; then KP="--sizes=128 --tokens=64 --nblocks=2 --quick --interpret"
 else KP="--sizes=768,512 --nblocks=4 --tokens=512,4096,65536"; fi
 timeout 60 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
-  --impls="monarch xla,monarch pallas,monarch mgpu" --output_dir="$OUT/attention"
+  --impls="monarch xla,monarch materialized,dense,monarch pallas,monarch mgpu" \
+  --output_dir="$OUT/attention"
 fi

@@ -8,11 +8,16 @@ says XLA wins there) and XLA otherwise
 at debug level. On H200s only the fused Monarch kernel beat XLA (q/l >= 32,
 unpadded blocks: the 60M preset's attention), so on GPUs auto runs the
 block-diagonal and SLTrain Triton kernels nowhere; impl="pallas" still does.
+Before any kernel, auto on GPUs runs a Monarch product as one dense matmul
+of its materialized matrix where ``roofline`` predicts that faster than the
+structured path (widths below ~1900: every GaLore LLaMA up to 350M).
 """
 import functools
 
 from absl import logging
 import jax
+
+from structmat.kernels import roofline
 
 IMPLS = ("auto", "xla", "pallas")
 
@@ -44,6 +49,13 @@ def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
   from structmat.ops import monarch as ref  # pylint: disable=import-outside-toplevel
   tokens = x.size // x.shape[-1]
   itemsize = x.dtype.itemsize  # the kernel computes in x's dtype
+  if impl == "auto":
+    why = roofline.materialize_problem(tokens, w1.shape, w2.shape, itemsize,
+                                       jax.default_backend())
+    if why is None:
+      logging.debug("impl=auto: Monarch %s -> %s materialized (dense matmul)",
+                    w1.shape, w2.shape)
+      return ref.monarch_matmul_dense(x, w1, w2, bias)
   if jax.default_backend() == "tpu":
     bt = mt.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize)
     why_not = lambda plat: mt.supported(tokens, w1.shape, w2.shape, bt,

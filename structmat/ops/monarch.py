@@ -115,23 +115,25 @@ def monarch_matmul(x, w1, w2, bias=None, impl: str = "xla"):
     bias: optional (l*s,) added to the output (fused, cheaper than adding it
       afterwards).
     impl: "xla" (this function), "pallas" (the fused kernel, interpret mode on
-      the CPU) or "auto" (the kernel on GPU/TPU where the shapes fit it); see
+      the CPU) or "auto" (on GPUs the materialized product where it is
+      predicted faster, else the kernel on GPU/TPU where the shapes fit and
+      measurements favor it, else this function); see
       ``structmat.kernels.dispatch``.
 
   Returns:
     (..., l*s). Differentiable in all arguments (reverse mode).
   """
   _check(x.shape[-1], w1, w2)
+  n_out = w2.shape[0] * w2.shape[1]
+  if bias is not None and bias.shape != (n_out,):
+    raise ValueError(f"bias must have shape ({n_out},), got {bias.shape}.")
   if impl != "xla":
     from structmat.kernels import dispatch  # pylint: disable=import-outside-toplevel
     return dispatch.monarch(x, w1, w2, bias, impl)
   dtype = jnp.result_type(x, w1, w2)
   batch_shape = x.shape[:-1]
-  n_out = w2.shape[0] * w2.shape[1]
   if bias is None:
     bias = jnp.zeros((n_out,), dtype)
-  elif bias.shape != (n_out,):
-    raise ValueError(f"bias must have shape ({n_out},), got {bias.shape}.")
   y = _monarch_2d(x.reshape(-1, x.shape[-1]).astype(dtype), w1.astype(dtype),
                   w2.astype(dtype), bias.astype(dtype))
   return y.reshape(*batch_shape, y.shape[-1])
@@ -141,6 +143,21 @@ def monarch_to_dense(w1, w2):
   """The (n, l*s) kernel in flax (in, out) layout computed by ``monarch_matmul``."""
   n = w1.shape[0] * w1.shape[2]
   return monarch_matmul(jnp.eye(n, dtype=w1.dtype), w1, w2)
+
+
+def monarch_matmul_dense(x, w1, w2, bias=None):
+  """``monarch_matmul`` through the materialized matrix: W is built from the
+  factors (a structured product of the identity), then one dense matmul.
+
+  The same function (gradients included, through W's construction); faster
+  on GPUs at small widths, where the structured path's permutations cost more
+  than the dense FLOPs (``structmat.kernels.roofline``). Shapes as
+  ``monarch_matmul``.
+  """
+  _check(x.shape[-1], w1, w2)
+  dtype = jnp.result_type(x, w1, w2)
+  y = x.astype(dtype) @ monarch_to_dense(w1.astype(dtype), w2.astype(dtype))
+  return y if bias is None else y + bias.astype(dtype)
 
 
 @functools.lru_cache(maxsize=None)
