@@ -46,7 +46,7 @@ def dense_seconds(tokens: int, w1_shape, w2_shape, itemsize: int) -> float:
   n_out = w2_shape[0] * w2_shape[1]
   build = structured_seconds(n_in, w1_shape, w2_shape, itemsize)
   return build + _seconds(2 * tokens * n_in * n_out,
-                          tokens * itemsize * (n_in + n_out + n_in * n_out / tokens))
+                          itemsize * (tokens * (n_in + n_out) + n_in * n_out))
 
 
 def materialize_problem(tokens: int, w1_shape, w2_shape, itemsize: int,
