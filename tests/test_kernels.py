@@ -309,6 +309,10 @@ def test_auto_keeps_xla_where_the_kernel_was_measured_slower(monkeypatch):
     assert "GPUs only" in roofline.materialize_problem(
         65536, (4, 128, 128), (4, 128, 128), 2, platform)
   assert "dense vs" in roofline.materialize_problem(16384, *sixteen, 2, "gpu")
+  # float32 (TF32 matmuls, twice the bytes): the crossover moves little.
+  wide, narrow = ((4, 512, 512),) * 2, ((4, 256, 256),) * 2
+  assert roofline.materialize_problem(65536, *narrow, 4, "gpu") is None
+  assert "dense vs" in roofline.materialize_problem(65536, *wide, 4, "gpu")
 
   x, w = bf16((4096, 1024)), bf16((16, 64, 64))
   assert not kernel_in(lambda x, w: dispatch.blockdiag(x, w, "auto"), x, w)

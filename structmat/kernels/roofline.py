@@ -5,19 +5,22 @@
 bound) and the materialized one (``ops.monarch_matmul_dense``: build the
 (in, out) matrix once per call, then one dense matmul, compute bound). The
 structured path moves about eight activation-sized passes per product, so
-below a width of roughly 8 x (matmul rate / copy rate) ~ 1900 features one
-dense matmul of the same layer is faster on an H200, in spite of its larger
-FLOP count.
+below a width of roughly 4 x itemsize x (matmul rate / copy rate) ~ 1900
+features in bf16 (~2000 in float32) one dense matmul of the same layer is
+faster on an H200, in spite of its larger FLOP count.
 
-Checked against H200 measurements (bf16, forward): n=4096 in 16 blocks at
-16384 tokens predicts 0.39 ms structured (measured 0.381) and 0.85 dense
-(0.795); n=512 in 4 blocks at 65536 tokens 0.19 structured (0.169); the 60M
-preset trains at 51.2 ms per step with dense layers and 76.3 ms with
+Checked against H200 measurements (forward): n=4096 in 16 blocks at 16384
+tokens predicts 0.39 ms structured (measured 0.381) and 0.85 dense (0.795)
+in bf16, 0.78 structured (0.626) in float32, whose matmul rate is taken from
+that point's dense row; n=512 in 4 blocks at 65536 tokens 0.19 structured
+(0.169) in bf16; the 60M preset trains at 51.2 ms per step with dense layers and 76.3 ms with
 structured Monarch ones.
 """
-# bf16 matmul and device-to-device copy rates measured on an H200 (the
-# guide's numbers; a dense 4096 x 4096 product at 16384 tokens reached 691).
-MATMUL_FLOPS = 646e12
+# Matmul rates by bytes per element and the device-to-device copy rate,
+# measured on an H200: 646 TFLOP/s bf16 (the guide's number; a dense 4096 x
+# 4096 product at 16384 tokens reached 691), 349 float32 (that product took
+# 1.575 ms in float32: XLA's default precision runs it on TF32 tensor cores).
+MATMUL_FLOPS = {2: 646e12, 4: 349e12}
 COPY_BYTES = 2.77e12
 # Materialize only when it is predicted clearly faster: the model ignores
 # launch overheads and cuBLAS's efficiency at small widths.
@@ -25,8 +28,9 @@ MARGIN = 0.75
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
-def _seconds(flops: float, nbytes: float) -> float:
-  return max(flops / MATMUL_FLOPS, nbytes / COPY_BYTES)
+def _seconds(flops: float, nbytes: float, itemsize: int) -> float:
+  rate = MATMUL_FLOPS.get(itemsize, min(MATMUL_FLOPS.values()))
+  return max(flops / rate, nbytes / COPY_BYTES)
 
 
 def structured_seconds(tokens: int, w1_shape, w2_shape, itemsize: int) -> float:
@@ -36,7 +40,7 @@ def structured_seconds(tokens: int, w1_shape, w2_shape, itemsize: int) -> float:
   l, s, r = w2_shape
   flops = 2 * tokens * (k * q * p + l * s * r)
   nbytes = 2 * tokens * itemsize * (k * p + k * q + l * r + l * s)
-  return _seconds(flops, nbytes)
+  return _seconds(flops, nbytes, itemsize)
 
 
 def dense_seconds(tokens: int, w1_shape, w2_shape, itemsize: int) -> float:
@@ -46,7 +50,8 @@ def dense_seconds(tokens: int, w1_shape, w2_shape, itemsize: int) -> float:
   n_out = w2_shape[0] * w2_shape[1]
   build = structured_seconds(n_in, w1_shape, w2_shape, itemsize)
   return build + _seconds(2 * tokens * n_in * n_out,
-                          itemsize * (tokens * (n_in + n_out) + n_in * n_out))
+                          itemsize * (tokens * (n_in + n_out) + n_in * n_out),
+                          itemsize)
 
 
 def materialize_problem(tokens: int, w1_shape, w2_shape, itemsize: int,
