@@ -250,6 +250,10 @@ def test_dispatch():
   assert dispatch.choose("pallas", lambda p: "anything")
   with pytest.raises(ValueError, match="impl"):
     dispatch.choose("cuda", lambda p: None)
+  # A shape the kernel refuses under impl="pallas" says what to use instead.
+  with pytest.raises(ValueError, match="cannot run.*impl='auto' runs XLA"):
+    ops.monarch_matmul(jnp.ones((8, 24)), jnp.ones((4, 6, 6)),
+                       jnp.ones((4, 6, 6)), impl="pallas")
 
 
 def test_auto_keeps_xla_where_the_kernel_was_measured_slower(monkeypatch):

@@ -41,6 +41,16 @@ def choose(impl: str, why_not) -> bool:
   return True
 
 
+def forced(kernel, *args, **kwargs):
+  """Run ``kernel``; a shape it refuses names the way out: impl="pallas"
+  forces kernels on every layer, "auto" runs XLA where they cannot."""
+  try:
+    return kernel(*args, **kwargs)
+  except ValueError as e:
+    raise ValueError(f"impl='pallas': {e}. impl='auto' runs XLA for shapes a "
+                     "kernel cannot take (and where XLA measured faster).") from e
+
+
 def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
   """The fused kernel for the platform: the TPU kernel (tokens in lanes) on
   TPUs, the portable one (Triton) elsewhere, interpreted on the CPU."""
@@ -71,7 +81,7 @@ def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
     kernel = functools.partial(mk.monarch_matmul_pallas, block_tokens=bt)
   if not choose(impl, why_not):
     return ref.monarch_matmul(x, w1, w2, bias)
-  y = kernel(x, w1, w2)
+  y = forced(kernel, x, w1, w2)
   return y if bias is None else y + bias.astype(y.dtype)
 
 
@@ -83,7 +93,7 @@ def blockdiag(x, w, impl: str, block_tokens: int = 128):
   if not choose(impl, lambda plat: bk.supported(tokens, w.shape, bt, plat)
                 or bk.slower_than_xla(plat)):
     return ref.blockdiag_matmul(x, w)
-  return bk.blockdiag_matmul_pallas(x, w, block_tokens=bt)
+  return forced(bk.blockdiag_matmul_pallas, x, w, block_tokens=bt)
 
 
 def sltrain(x, a, b, values, indices, scale, impl: str, orders=None,
@@ -112,4 +122,4 @@ def sltrain(x, a, b, values, indices, scale, impl: str, orders=None,
     kernel = functools.partial(sk.sltrain_matmul_pallas, block_tokens=bt)
   if not choose(impl, why_not):
     return ref.sltrain_matmul(x, a, b, values, indices, scale)
-  return kernel(x, a, b, values, indices, scale, orders=orders)
+  return forced(kernel, x, a, b, values, indices, scale, orders=orders)
