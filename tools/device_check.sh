@@ -14,7 +14,7 @@
 # took 400 s, and 15 minutes of device time (start-up included) held steps
 # 1-2 in one call and 3 in a second on the warm machine (it goes back after
 # 30 s idle: make the second call at once). Now: STEPS=1 (<= 415 s), then at
-# once STEPS="2 3" (<= 380 s) or STEPS=2 if less is left; STEPS=4 after.
+# once STEPS="2 3" (<= 400 s) or STEPS=2 if less is left; STEPS=4 after.
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
@@ -188,7 +188,7 @@ timeout 50 $PY -m experiments.benchmark_kernels $KF --dtypes=float32 \
 # same call with one thing changed at a time (H200.md's method when no
 # profiler fits the lease): ~no sparse entries (the kernel's GEMM floor),
 # chunks of 64 entries, 64-token tiles, 32-wide tiles.
-QUICK=$QUICK timeout 60 $PY - <<'PY'
+QUICK=$QUICK timeout 80 $PY - <<'PY'
 import os
 import jax, jax.numpy as jnp
 from structmat import ops
@@ -238,7 +238,7 @@ echo "== 5. attention-sized Monarch: padded Triton blocks, Mosaic GPU [${SECONDS
 # XLA at 512, 4096 and 65536 tokens; at 512 Triton won forward+backward.
 if [ "$QUICK" = 1 ]; then KP="--sizes=128 --tokens=64 --nblocks=2 --quick --interpret"
 else KP="--sizes=768,512 --nblocks=4 --tokens=512,4096,65536"; fi
-timeout 60 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
+timeout 120 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
   --impls="monarch xla,monarch materialized,dense,monarch pallas,monarch mgpu" \
   --output_dir="$OUT/attention"
 fi
