@@ -31,6 +31,7 @@ from structmat.kernels.blockdiag_gmm import blockdiag_matmul_gmm
 from structmat.kernels import monarch as mk
 from structmat.kernels import monarch_mgpu as mg
 from structmat.kernels import monarch_tpu as mt
+from structmat.kernels import roofline
 from structmat.kernels import sltrain as sk
 from structmat.kernels import sltrain_tpu as stk
 from structmat.utils.timing import format_table, time_fn
@@ -156,6 +157,13 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
       rows.append({"impl": name, "error": f"{type(e).__name__}: {e}"[:300]})
     rows[-1].update(n=n, tokens=tokens, nblocks=nb,
                     dtype=jnp.dtype(dtype).name)
+    # The forward time the impl="auto" roofline predicts for the XLA forms
+    # (an H200's rates), next to the measured one to check the model.
+    predict = {"monarch xla": roofline.structured_seconds,
+               "monarch materialized": roofline.dense_seconds}.get(name)
+    if predict:
+      rows[-1]["predicted_fwd_ms"] = 1e3 * predict(tokens, w1.shape, w2.shape,
+                                                   itemsize)
     r = rows[-1]
     print(f"  n={n} nb={nb} tokens={tokens} {r['dtype']} {name}: " + (
         f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f} ms, err "
@@ -205,7 +213,7 @@ def main(argv):
   print(f"\n{meta}\n")
   print(format_table(rows, ["n", "nblocks", "tokens", "dtype", "impl",
                             "numerics_ok",
-                            "fwd_ms", "fwd_bwd_ms", "GB_per_s",
+                            "fwd_ms", "predicted_fwd_ms", "fwd_bwd_ms", "GB_per_s",
                             "pct_copy_roofline", "error"]))
 
 

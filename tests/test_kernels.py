@@ -347,6 +347,8 @@ def test_benchmark_kernels_smoke(tmp_path):
                                        "monarch xla", "monarch materialized",
                                        "dense"}
   assert all(r.get("numerics_ok") for r in rows), rows
+  assert all(r["predicted_fwd_ms"] > 0 for r in rows
+             if r["impl"] in ("monarch xla", "monarch materialized"))
   # The Mosaic GPU forward (16-bit only), through Mosaic GPU's interpreter.
   p = subprocess.run([sys.executable, "-m", "experiments.benchmark_kernels",
                       "--sizes=128", "--tokens=64", "--dtypes=bfloat16", "--nblocks=2",
