@@ -157,13 +157,12 @@ MAX_FACTOR_REREADS = 2.0
 REREADS_MIN_TOKENS = 1024
 
 
-def factor_rereads(w1_shape, w2_shape, block_tokens: int,
-                   pad: bool = True) -> float:
+def factor_rereads(w1_shape, w2_shape, block_tokens: int) -> float:
   """Bytes of factors the forward's programs read, over the bytes of x and y:
   k*l*(G*P + S*G) / (block_tokens * (k*p + l*s)) with padded blocks."""
   k, q, p = w1_shape
   l, s, _ = w2_shape
-  pp, gg, ss = padded_dims(p, q // l, s, pad)
+  pp, gg, ss = padded_dims(p, q // l, s)
   return k * l * (gg * pp + ss * gg) / (block_tokens * (k * p + l * s))
 
 

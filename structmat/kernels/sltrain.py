@@ -285,10 +285,14 @@ def _call_dvals(x, dy, ts: TiledSupport, bt, bk, bn, chunk, interpret,
   )(ts.offsets, x, dy, ts.rows, ts.cols)
 
 
-def lowrank_grads(x, dy, a, b, scale: float):
-  """(da, db) of y = scale x a b, through rank-r XLA matmuls (float32)."""
+def lowrank_grads(x, dy, a, b, scale: float, dyb=None):
+  """(da, db) of y = scale x a b, through rank-r XLA matmuls (float32).
+
+  ``dyb``: dy b^T in float32 when the caller already has it."""
   f32 = lambda v: v.astype(jnp.float32)
-  da = scale * (f32(x).T @ (f32(dy) @ f32(b).T))             # (in, r)
+  if dyb is None:
+    dyb = f32(dy) @ f32(b).T
+  da = scale * (f32(x).T @ dyb)                              # (in, r)
   db = scale * ((f32(x) @ f32(a)).T @ f32(dy))               # (r, out)
   return da, db
 
@@ -322,10 +326,12 @@ def _vjp_bwd(st, res, dy):
   # transposed factors: in interpret mode XLA:CPU would fold them into the
   # kernel's bfloat16 dots, a form it cannot run.
   bt_, at_ = jax.lax.optimization_barrier((b.T, a.T))
-  dx = _call_fwd(dy, _project(dy, bt_), at_, values[bwd_ts.order], bwd_ts,
+  # dy b^T once, in float32: dx's rank-r activations and da's factor.
+  dyb = jnp.dot(dy, bt_, preferred_element_type=jnp.float32)
+  dx = _call_fwd(dy, dyb.astype(dy.dtype), at_, values[bwd_ts.order], bwd_ts,
                  st.scale, st.bt, st.bn, st.bk, st.chunk, st.interpret,
                  st.platform)
-  da, db = lowrank_grads(x, dy, a, b, st.scale)
+  da, db = lowrank_grads(x, dy, a, b, st.scale, dyb)
   dv_sorted = _call_dvals(x, dy, fwd_ts, st.bt, st.bk, st.bn, st.chunk,
                           st.interpret, st.platform)[:values.shape[0]]
   dv = jnp.zeros_like(dv_sorted).at[fwd_ts.order].set(dv_sorted)
