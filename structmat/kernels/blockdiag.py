@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plt
+from structmat.kernels import triton_backend
+from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 
 
 def prepare(x, block_tokens: int, interpret, platform):
@@ -104,7 +105,9 @@ def supported(batch: int, w_shape, block_tokens: int, platform: str) -> str | No
   k, q, p = w_shape
   if batch % block_tokens:
     return f"tokens {batch} not a multiple of block_tokens {block_tokens}"
-  if platform in ("gpu", "cuda", "rocm"):
+  if platform in GPU_PLATFORMS:
+    if why := triton_backend.problem(platform):
+      return why
     bad = [n for n in (block_tokens, q, p) if not _pow2(n)]
     if bad:
       return f"Triton needs power-of-two block sizes, got {bad}"
@@ -125,7 +128,7 @@ def slower_than_xla(platform: str) -> str | None:
   0.133/0.241 vs 0.093/0.189; 64 blocks 0.103/0.185 vs 0.095/0.168;
   16 blocks, 512 tokens 0.045/0.058 vs 0.046/0.057.
   """
-  if platform in ("gpu", "cuda", "rocm"):
+  if platform in GPU_PLATFORMS:
     return ("the Triton block-diagonal kernel was measured up to 1.4x slower "
             "than XLA on an H200 (never faster); impl='pallas' runs it")
   return None
@@ -133,7 +136,9 @@ def slower_than_xla(platform: str) -> str | None:
 
 def compiler_params(platform: str | None, n_grid_axes: int, num_warps: int = 4):
   """The backend's compiler parameters: Triton on GPUs, Mosaic on TPUs."""
-  if platform in ("gpu", "cuda", "rocm"):
+  if platform in GPU_PLATFORMS:
+    if why := triton_backend.problem(platform):
+      raise ValueError(why)
     return plt.CompilerParams(num_warps=num_warps, num_stages=TRITON_STAGES)
   if platform == "tpu":
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_grid_axes)

@@ -27,10 +27,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
+from structmat.kernels import triton_backend
 from structmat.kernels.blockdiag import (SMEM_BUDGET, _pow2, compiler_params,
                                          prepare, split_count)
+from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 
 
 MAX_TRITON_BLOCK = 256
@@ -114,7 +115,11 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
   if tokens % block_tokens:
     return f"tokens {tokens} not a multiple of block_tokens {block_tokens}"
   g = q // l
-  if platform in ("gpu", "cuda", "rocm"):
+  # Padded blocks are read and written through Triton's masked loads/stores.
+  masked = padded_dims(p, g, s) != (p, g, s)
+  if why := triton_backend.problem(platform, masked):
+    return why
+  if platform in GPU_PLATFORMS:
     if not _pow2(block_tokens) or block_tokens < 16:
       return (f"Triton needs a power-of-two block_tokens >= 16, got "
               f"{block_tokens}")
@@ -173,7 +178,7 @@ def slower_than_xla(tokens: int, w1_shape, w2_shape, platform: str,
   Rules from H200 measurements: a thin first stage (any token count), and
   beyond 1024 tokens (given ``block_tokens``) tiles so small that re-reading
   the factors costs more than the activations."""
-  if platform not in ("gpu", "cuda", "rocm"):
+  if platform not in GPU_PLATFORMS:
     return None
   g = w1_shape[1] // w2_shape[0]
   if g < THIN_STAGE1:

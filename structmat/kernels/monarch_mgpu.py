@@ -32,9 +32,12 @@ whose factors fit shared memory (``supported``); dw1 and dw2 go through the
 portable kernels' backward where those take the shapes, else XLA's (so does
 dx when the transposed problem does not fit). Runs on
 the CPU in Mosaic GPU's interpreter (which models TMA, barriers and wgmma) and
-cross-lowers for an H100; never compiled or timed on a GPU yet, so
-``impl="auto"`` does not take it: call ``monarch_matmul_mgpu`` (or the
-benchmark's "monarch mgpu" row). Reference: ``structmat.ops.monarch_matmul``.
+cross-lowers for an H100. Compiled and timed on an H200 (session 8, jax
+0.11.2): it tied XLA at the 60M attention shape (512 in 4 blocks) and lost at
+130M's (768 in 4 blocks), so ``impl="auto"`` does not take it: call
+``monarch_matmul_mgpu`` (or the benchmark's "monarch mgpu" row). Numbers:
+WORKSPACE.md, "GPU measurements, session 8". Reference:
+``structmat.ops.monarch_matmul``.
 """
 import functools
 

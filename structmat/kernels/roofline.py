@@ -16,6 +16,8 @@ that point's dense row; n=512 in 4 blocks at 65536 tokens 0.19 structured
 (0.169) in bf16; the 60M preset trains at 51.2 ms per step with dense layers and 76.3 ms with
 structured Monarch ones.
 """
+from structmat.kernels.triton_backend import GPU_PLATFORMS
+
 # Matmul rates by bytes per element and the device-to-device copy rate,
 # measured on an H200: 646 TFLOP/s bf16 (the guide's number; a dense 4096 x
 # 4096 product at 16384 tokens reached 691), 349 float32 (that product took
@@ -25,7 +27,6 @@ COPY_BYTES = 2.77e12
 # Materialize only when it is predicted clearly faster: the model ignores
 # launch overheads and cuBLAS's efficiency at small widths.
 MARGIN = 0.75
-GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
 def _seconds(flops: float, nbytes: float, itemsize: int) -> float:

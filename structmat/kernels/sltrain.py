@@ -28,9 +28,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
+from structmat.kernels import triton_backend
 from structmat.kernels.blockdiag import _pow2, compiler_params, prepare
+from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 
 
 class TiledSupport(NamedTuple):
@@ -114,15 +115,17 @@ def supported(tokens: int, in_features: int, out_features: int, rank: int,
                            ("features", out_features, bn)):
     if size % tile:
       return f"{name}={size} is not a multiple of its tile {tile}"
-  if platform in ("gpu", "cuda", "rocm"):
-    bad = [v for v in (bt, bk, bn, rank, chunk) if not _pow2(v) or v < 16]
-    if bad:
-      return f"Triton needs power-of-two tiles and rank >= 16, got {bad}"
   if platform == "tpu":
     # dvalues writes each tile's entries with masked stores, which only the
     # Triton lowering offers; TPUs have their own kernel (sltrain_tpu).
     return ("this SLTrain kernel is Triton-only (masked stores); TPUs use "
             "structmat.kernels.sltrain_tpu")
+  if why := triton_backend.problem(platform, masked=True):
+    return why
+  if platform in GPU_PLATFORMS:
+    bad = [v for v in (bt, bk, bn, rank, chunk) if not _pow2(v) or v < 16]
+    if bad:
+      return f"Triton needs power-of-two tiles and rank >= 16, got {bad}"
   return None
 
 
@@ -138,7 +141,7 @@ def slower_than_xla(platform: str) -> str | None:
   forward / forward+backward against XLA's 0.84 / 1.68. The hoisted version
   is unmeasured; at best it is a dense GEMM plus c/bt, still behind XLA.
   """
-  if platform in ("gpu", "cuda", "rocm"):
+  if platform in GPU_PLATFORMS:
     return ("the Triton SLTrain kernel rebuilds W's tiles per token tile: "
             "16x slower than XLA's materialize-and-multiply on an H200; "
             "impl='pallas' runs it (it never writes the dense W)")
