@@ -149,6 +149,11 @@ MONARCH_SHAPES = [  # (tokens, block_tokens, w1 shape, w2 shape)
     # 96 -> 72 with p=24, q/l=12, s=18.
     (32, 32, (4, 192, 192), (4, 192, 192)),
     (32, 16, (4, 48, 24), (4, 18, 48)),
+    # Blocks wider than a Triton tile, walked in 256-wide chunks: LLaMA-60M's
+    # MLP, 512 -> 1376 (s = 344 pads to 512: a full and a partial chunk)
+    # and 1376 -> 512 (p = 344).
+    (32, 32, (4, 128, 128), (4, 344, 128)),
+    (32, 32, (4, 128, 344), (4, 128, 128)),
 ]
 
 
@@ -165,6 +170,31 @@ def test_monarch_kernel_matches_reference(tokens, bt, s1, s2, dtype, tol,
   w1 = (jax.random.normal(keys[1], s1) / np.sqrt(s1[2])).astype(dtype)
   w2 = (jax.random.normal(keys[2], s2) / np.sqrt(s2[2])).astype(dtype)
   g = jax.random.normal(keys[3], (tokens, s2[0] * s2[1])).astype(dtype)
+  ker = lambda x, w1, w2: mk.monarch_matmul_pallas(x, w1, w2, block_tokens=bt,
+                                                   interpret=True)
+  check_kernel(ker, ops.monarch_matmul, (x, w1, w2), g, tol,
+               ("dx", "dw1", "dw2"))
+  assert set(poisoned) == {"monarch_fwd", "monarch_dx", "monarch_dw"}
+
+
+@pytest.mark.parametrize("tokens,bt,s1,s2,dtype,tol", [
+    (32, 16, (4, 16, 64), (4, 64, 16), jnp.float32, 1e-5),  # 4 whole chunks
+    (32, 16, (2, 32, 40), (2, 40, 32), jnp.float32, 1e-5),  # 16 + 16 + 8
+    (16, 16, (4, 16, 24), (2, 36, 32), jnp.float32, 1e-5),  # k != l
+    (32, 16, (2, 32, 40), (2, 40, 32), jnp.bfloat16, 1e-2),
+])
+def test_monarch_kernel_in_chunks(tokens, bt, s1, s2, dtype, tol, monkeypatch):
+  """Blocks wider than a Triton tile (here a 16-wide one, so small shapes
+  take several chunks, the last one partial): forward, dx and dw walk p and
+  s chunk by chunk; an unwritten chunk stays NaN."""
+  monkeypatch.setattr(mk, "MAX_TRITON_BLOCK", 16)
+  poisoned = poison_pallas_outputs(monkeypatch)
+  keys = jax.random.split(jax.random.key(tokens + sum(s2)), 4)
+  x = jax.random.normal(keys[0], (tokens, s1[0] * s1[2])).astype(dtype)
+  w1 = (jax.random.normal(keys[1], s1) / np.sqrt(s1[2])).astype(dtype)
+  w2 = (jax.random.normal(keys[2], s2) / np.sqrt(s2[2])).astype(dtype)
+  g = jax.random.normal(keys[3], (tokens, s2[0] * s2[1])).astype(dtype)
+  assert mk.supported(tokens, s1, s2, bt, "gpu") is None
   ker = lambda x, w1, w2: mk.monarch_matmul_pallas(x, w1, w2, block_tokens=bt,
                                                    interpret=True)
   check_kernel(ker, ops.monarch_matmul, (x, w1, w2), g, tol,
@@ -193,6 +223,9 @@ def _lower_monarch(platform, tokens, s1, s2, bt, grad):
     ("cuda", 256, (4, 64, 64), (4, 64, 64), 64),
     ("cuda", 512, (4, 128, 128), (4, 256, 128), 64),
     ("cuda", 256, (4, 192, 192), (4, 192, 192), 32),   # padded to 256 / 64
+    ("cuda", 256, (4, 128, 128), (4, 344, 128), 64),   # 60M MLP: chunked s
+    ("cuda", 256, (4, 128, 344), (4, 128, 128), 64),   # chunked p
+    ("cuda", 256, (4, 512, 512), (4, 512, 512), 16),   # 2048 in 4 blocks
     ("tpu", 256, (4, 512, 512), (4, 512, 512), 64),
 ])
 @pytest.mark.parametrize("grad", [False, True])
@@ -204,7 +237,11 @@ def test_monarch_cross_lowering(platform, tokens, s1, s2, bt, grad):
 def test_monarch_supported_names_the_constraint():
   assert "divisible" in mk.supported(64, (4, 6, 16), (4, 16, 6), 16, "gpu")
   assert "power-of-two" in mk.supported(96, (4, 32, 32), (4, 32, 32), 48, "gpu")
-  assert "256" in mk.supported(64, (4, 384, 384), (4, 384, 384), 16, "gpu")
+  # p and s wider than a tile are chunked; q/l (each dot's width) is not.
+  assert "q/l=512" in mk.supported(64, (2, 1024, 64), (2, 64, 1024), 16, "gpu")
+  assert mk.supported(64, (4, 384, 384), (4, 384, 384), 16, "gpu") is None
+  assert "wider than 256" in mk.padding_problem((4, 512, 512), (4, 512, 512),
+                                                "gpu")
   assert mk.supported(64, (32, 32, 32), (32, 32, 32), 64, "cpu") is None
   # Blocks are padded to powers of two; auto declines heavy padding.
   assert mk.padded_dims(192, 48, 192) == (256, 64, 256)
@@ -291,6 +328,8 @@ def test_auto_keeps_xla_where_the_kernel_was_measured_slower(monkeypatch):
   assert not uses_kernel(512, (32, 32, 32), (32, 32, 32))   # q/l = 1 -> 16
   assert "q/l=16" in mk.slower_than_xla(512, *sixteen, "gpu")
   assert mk.slower_than_xla(16384, *sixteen, "tpu") is None
+  # Blocks wider than a Triton tile run in chunks, never timed: XLA.
+  assert not uses_kernel(512, (4, 512, 512), (4, 512, 512))
 
   # Materialized Monarch: one dense matmul where the roofline predicts it
   # faster than the structured path (small widths, many tokens), on GPUs.

@@ -9,12 +9,15 @@
 #      not yet timed first; f32 at n=4096), then the SLTrain forward's anatomy;
 #   4. GPT-2 small (124M, 65,536 tokens per step, vocab 50257): dense, Monarch;
 #   5. (only when named) attention-sized Monarch: 768 = 4 x 192 (padded
-#      blocks) and 512 = 4 x 128: XLA, materialized, Triton, Mosaic GPU.
+#      blocks) and 512 = 4 x 128: XLA, materialized, Triton, Mosaic GPU;
+#   6. (only when named) the 60M Monarch preset with impl=pallas (every
+#      Monarch layer a Triton kernel, the MLPs' 344-wide blocks in chunks)
+#      against impl=xla: losses of identical steps and step times.
 # Steps in order of what is still unmeasured. Session 8 on an H200: steps 1-2
 # took 400 s, and 15 minutes of device time (start-up included) held steps
 # 1-2 in one call and 3 in a second on the warm machine (it goes back after
 # 30 s idle: make the second call at once). Now: STEPS=1 (<= 415 s), then at
-# once STEPS="2 3" (<= 400 s) or STEPS=2 if less is left; STEPS=4 after.
+# once STEPS="2 3" (<= 400 s) or STEPS=2 if less is left; STEPS=4 or 6 after.
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
@@ -79,10 +82,13 @@ import jax, jax.numpy as jnp
 from structmat import ops
 from structmat.kernels import blockdiag_matmul_pallas, monarch as mk
 quick = os.environ["QUICK"] == "1"
-# 768 = 4 x 192: blocks padded to powers of two (masked loads and stores).
-shapes = ((64, 4, 32), (96, 4, 32)) if quick else (
-    (1024, 4, 512), (1024, 16, 16384), (4096, 16, 16384), (2048, 8, 4096),
-    (768, 4, 4096))
+# (n_in, n_out, nblocks, tokens). 768 = 4 x 192: blocks padded to powers of
+# two (masked loads and stores); 512 <-> 1376 (LLaMA-60M's MLP, blocks of
+# 344 padded to 512): walked in 256-wide chunks, never compiled before.
+shapes = ((64, 64, 4, 32), (96, 96, 4, 32), (256, 688, 2, 32)) if quick else (
+    (1024, 1024, 4, 512), (1024, 1024, 16, 16384), (4096, 4096, 16, 16384),
+    (2048, 2048, 8, 4096), (768, 768, 4, 4096), (512, 1376, 4, 4096),
+    (1376, 512, 4, 4096))
 f32 = lambda *a: [v.astype(jnp.float32) for v in a]
 t0 = time.time()
 _print = print
@@ -91,12 +97,13 @@ print = lambda *a, **k: _print(f"[{time.time() - t0:5.0f}s]", *a, **k)
 rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b)
                          / (jnp.linalg.norm(b) + 1e-30))
 for dtype, tol in ((jnp.bfloat16, 2e-2), (jnp.float32, 2e-3)):
-  for n, nb, t in shapes:
-    k = jax.random.split(jax.random.key(n * nb + t), 4); b = n // nb
+  for n, n_out, nb, t in shapes:
+    k = jax.random.split(jax.random.key(n * nb + t), 4)
+    s1, s2, _, _ = ops.monarch_shapes(n, n_out, nb)
     x = jax.random.normal(k[0], (t, n), dtype)
-    w1 = (jax.random.normal(k[1], (nb, b, b)) / b**.5).astype(dtype)
-    w2 = (jax.random.normal(k[2], (nb, b, b)) / b**.5).astype(dtype)
-    g = jax.random.normal(k[3], (t, n), dtype)
+    w1 = (jax.random.normal(k[1], s1) / s1[2]**.5).astype(dtype)
+    w2 = (jax.random.normal(k[2], s2) / s2[2]**.5).astype(dtype)
+    g = jax.random.normal(k[3], (t, n_out), dtype)
     for name, ker, ref in (
         ("monarch", lambda x, a, c: mk.monarch_matmul_pallas(
             x, a, c, block_tokens=mk.fit_block_tokens(
@@ -104,7 +111,8 @@ for dtype, tol in ((jnp.bfloat16, 2e-2), (jnp.float32, 2e-3)):
          lambda x, a, c: ops.monarch_matmul(*f32(x, a, c))),
         ("blockdiag", lambda x, a, c: blockdiag_matmul_pallas(x, a, block_tokens=min(64, t)),
          lambda x, a, c: ops.blockdiag_matmul(*f32(x, a)))):
-      if name == "blockdiag" and b & (b - 1):
+      b = n // nb
+      if name == "blockdiag" and (b & (b - 1) or n != n_out):
         continue  # its Triton blocks must be powers of two (no padding)
       try:
         loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * g)
@@ -114,10 +122,10 @@ for dtype, tol in ((jnp.bfloat16, 2e-2), (jnp.float32, 2e-3)):
         y, r = jax.jit(ker)(x, w1, w2), jax.jit(ref)(x, w1, w2)
         e = rel(y, r)
         ok = all(v < tol for v in [e] + errs[:2 if name == "blockdiag" else 3])
-        print(name, jnp.dtype(dtype).name, f"n={n} nb={nb} t={t}", f"fwd {e:.1e}",
+        print(name, jnp.dtype(dtype).name, f"n={n}->{n_out} nb={nb} t={t}", f"fwd {e:.1e}",
               "grads", [f"{v:.1e}" for v in errs], "OK" if ok else "FAIL", flush=True)
       except Exception as ex:  # a shape the kernel cannot compile: report, go on
-        print(name, jnp.dtype(dtype).name, f"n={n} nb={nb} t={t}", "ERROR",
+        print(name, jnp.dtype(dtype).name, f"n={n}->{n_out} nb={nb} t={t}", "ERROR",
               f"{type(ex).__name__}: {str(ex)[:400]}", flush=True)
   # The Mosaic GPU Monarch forward (Hopper; 16-bit only), at the LLaMA-60M
   # and -130M attention shapes, whose factors fit shared memory.
@@ -241,4 +249,26 @@ else KP="--sizes=768,512 --nblocks=4 --tokens=512,4096,65536"; fi
 timeout 120 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
   --impls="monarch xla,monarch materialized,dense,monarch pallas,monarch mgpu" \
   --output_dir="$OUT/attention"
+fi
+
+if [[ " ${STEPS:-} " == *" 6 "* ]]; then
+echo "== 6. pretraining, 60M Monarch, impl=pallas vs xla [${SECONDS}s]"
+if [ "$QUICK" = 1 ]; then
+  P="--batch_size=2 --seq_len=16 --vocab_size=256 --repeats=1"; P60=llama_tiny
+else
+  P="--batch_size=256 --seq_len=256 --vocab_size=32000"; P60=llama_60m
+fi
+for impl in xla pallas; do
+  timeout 120 $PY -m experiments.benchmark_pretrain $P --presets=$P60 \
+    --linears=monarch --dtype=bfloat16 --impl=$impl \
+    --output="$OUT/pallas_${P60}_$impl.json"
+done
+$PY - "$OUT/pallas_${P60}" <<'PY'
+import json, os, sys
+rows = {i: json.load(open(f"{sys.argv[1]}_{i}.json"))["rows"]
+        for i in ("xla", "pallas") if os.path.exists(f"{sys.argv[1]}_{i}.json")}
+for r, b in zip(rows.get("pallas", []), rows.get("xla", [])):
+  print(r["preset"], "pallas vs xla step", f"{r['step_ms']:.1f} / {b['step_ms']:.1f} ms",
+        "max rel loss diff", max(abs(u - v) / abs(v) for u, v in zip(r["losses"], b["losses"])))
+PY
 fi

@@ -21,6 +21,16 @@ only power-of-two shapes: A and B are zero-padded to (G, P) and (S, G) blocks
 (weight-sized, in XLA), activations are read through masked loads that fill
 the columns past a block with zeros, and outputs are written through masked
 stores. Activations are never padded in memory.
+
+Blocks wider than a Triton tile (p or s above ``MAX_TRITON_BLOCK`` = 256:
+LLaMA-60M's MLP blocks of 344, 130M's 512, GPT-2's 768) are walked in
+256-wide chunks: stage 1 sums over p's chunks, stage 2 (and dx) produce one
+output chunk at a time from the k (or l) stage-1 results held in registers,
+and the weight gradients make one pass over the tokens per output chunk,
+recomputing the (tokens, q/l) intermediate. So impl="pallas" runs every
+Monarch layer of the GaLore LLaMA presets up to 1B in 16-bit dtypes; only
+q/l itself must fit a tile. Never timed on a GPU: ``impl="auto"`` does not
+take chunked blocks (``padding_problem``).
 """
 import functools
 
@@ -79,7 +89,8 @@ def smem_estimate(block_tokens: int, p: int, g: int, s: int,
                   itemsize: int) -> int:
   """Bytes of shared memory the Triton forward plans for, per program.
 
-  Takes the padded block sizes (``padded_dims``).
+  Takes the padded block sizes (``padded_dims``), or for blocks wider than
+  a tile the chunk width (``MAX_TRITON_BLOCK``) the kernels walk them in.
 
   Both dots' operand tiles ((bt x p) @ (p x g), then (bt x g) @ (g x s)) plus
   the float32 (bt x s) accumulator's store conversion. On an H200 this
@@ -124,14 +135,16 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
       return (f"Triton needs a power-of-two block_tokens >= 16, got "
               f"{block_tokens}")
     pp, gg, ss = padded_dims(p, g, s)
-    if max(pp, gg, ss) > MAX_TRITON_BLOCK:
-      # Whole (g, p) and (block_tokens, s) tiles live in registers/SMEM;
-      # blocks this big are compute-bound, where XLA's matmuls already win.
-      return (f"blocks above {MAX_TRITON_BLOCK} ({p=}, {g=}, {s=}, padded to "
-              f"powers of two {pp}, {gg}, {ss}) exceed a Triton tile")
-    smem = smem_estimate(block_tokens, pp, gg, ss, itemsize)
+    if gg > MAX_TRITON_BLOCK:
+      # p and s wider than a tile are walked in chunks; q/l is every dot's
+      # inner or outer width and stays whole.
+      return (f"q/l={g} (padded to {gg}) exceeds a Triton tile of "
+              f"{MAX_TRITON_BLOCK}: use more blocks")
+    # Blocks wider than a tile are processed a tile's width at a time.
+    pc, sc = min(pp, MAX_TRITON_BLOCK), min(ss, MAX_TRITON_BLOCK)
+    smem = smem_estimate(block_tokens, pc, gg, sc, itemsize)
     if smem > SMEM_BUDGET:
-      floor = smem_estimate(16, pp, gg, ss, itemsize)
+      floor = smem_estimate(16, pc, gg, sc, itemsize)
       fix = ("use fewer tokens per tile" if floor <= SMEM_BUDGET else
              f"even 16-token tiles need ~{floor // 1024} KiB: use smaller "
              "blocks (more nblocks) or a 16-bit dtype")
@@ -209,6 +222,11 @@ def padding_problem(w1_shape, w2_shape, platform: str) -> str | None:
     if padded != v:
       return (f"{name}={v} pads to {padded} for Triton, measured up to 2.2x "
               "slower than XLA at 768 = 4 x 192; impl='pallas' runs it anyway")
+  if max(p, s) > MAX_TRITON_BLOCK:
+    return (f"blocks wider than {MAX_TRITON_BLOCK} ({p=}, {s=}) run in chunks "
+            "that recompute stage 1 in the weight gradients: never timed on "
+            "a GPU, and compute-bound blocks are where XLA's matmuls win; "
+            "impl='pallas' runs them")
   return None
 
 
@@ -283,18 +301,59 @@ def _split_spec(rows: int, p: int, pp: int, index):
   return pl.BlockSpec((rows, None, pp), lambda *ids: (*index(*ids), 0))
 
 
-def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, p, s):
+def _tile(platform: str) -> int | None:
+  """The widest block dim a kernel takes whole: a Triton tile on GPUs and in
+  interpret mode (which tests the GPU code); any on TPUs."""
+  return MAX_TRITON_BLOCK if pads_blocks(platform) else None
+
+
+def _chunks(real: int, padded: int, tile: int | None):
+  """Static (start, size, valid) column chunks of a block dim: the whole
+  (padded) block when it fits ``tile``, else tiles of that width (chunks
+  wholly in the padding are skipped)."""
+  size = padded if tile is None else min(padded, tile)
+  return [(c, size, min(size, real - c)) for c in range(0, real, size)]
+
+
+def _span(full: int, start: int, size: int):
+  """Index of [start, start + size) along an axis of length ``full``: all of
+  it (``:``, as in the unchunked kernels measured on the H200) or a slice.
+  Callers index a ref once with it: Triton's masked loads take one indexer,
+  not a chain of ``.at``s."""
+  return slice(None) if start == 0 and size == full else pl.ds(start, size)
+
+
+def _sum(parts):
   acc = None
-  for ki in range(k):
-    if x_ref.ndim == 2:   # unpadded: (bt, k*p)
-      xk = x_ref[:, pl.ds(ki * p, p)]
-    else:                 # padded: (bt, k, P); a traced index because jax
-      # 0.10.2 interprets masked loads only with those
-      xk = _load(x_ref.at[:, jnp.int32(ki), :], p)
-    h = _dot_t(xk, a_ref[ki]).astype(x_ref.dtype)
-    part = _dot_t(h, b_ref[ki])
+  for part in parts:
     acc = part if acc is None else acc + part
-  _store(o_ref, acc.astype(o_ref.dtype), s)
+  return acc
+
+
+def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, p, s, tile):
+  pp, ss = a_ref.shape[-1], b_ref.shape[-2]
+  in_chunks, out_chunks = _chunks(p, pp, tile), _chunks(s, ss, tile)
+
+  def stage1(ki):   # x_k @ A[l, k]^T, (bt, G), summed over p's chunks
+    def part(c, size, valid):
+      if x_ref.ndim == 2:   # unpadded: (bt, k*p)
+        xk = x_ref[:, pl.ds(ki * p + c, size)]
+      else:                 # padded: (bt, k, P); a traced index because jax
+        # 0.10.2 interprets masked loads only with those
+        xk = _load(x_ref.at[:, jnp.int32(ki), _span(pp, c, size)], valid)
+      return _dot_t(xk, a_ref[ki, :, _span(pp, c, size)])
+    return _sum(part(*ch) for ch in in_chunks).astype(x_ref.dtype)
+
+  if len(out_chunks) == 1:   # each stage-1 block goes straight into stage 2
+    acc = _sum(_dot_t(stage1(ki), b_ref[ki]) for ki in range(k))
+    _store(o_ref, acc.astype(o_ref.dtype), s)
+    return
+  # Output blocks wider than a tile: stage 1 once, stage 2 per output chunk
+  # (a float32 accumulator for all of s would not fit in registers).
+  hs = [stage1(ki) for ki in range(k)]
+  for c, size, valid in out_chunks:
+    acc = _sum(_dot_t(hs[ki], b_ref[ki, pl.ds(c, size), :]) for ki in range(k))
+    _store(o_ref.at[:, pl.ds(c, size)], acc.astype(o_ref.dtype), valid)
 
 
 def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform):
@@ -305,7 +364,7 @@ def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform):
   tokens = x.shape[0]
   l, k, g, pp = a.shape
   ss = b.shape[2]
-  kernel = functools.partial(_fwd_kernel, k=k, p=p, s=s)
+  kernel = functools.partial(_fwd_kernel, k=k, p=p, s=s, tile=_tile(platform))
   xs = _split(x, p, pp)
   return pl.pallas_call(
       kernel,
@@ -327,13 +386,24 @@ def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform):
   )(xs, a, b)
 
 
-def _dx_kernel(do_ref, a_ref, b_ref, dx_ref, *, l, p, s):
-  acc = None
-  for li in range(l):
-    dh = _dot(_load(do_ref.at[jnp.int32(li)], s), b_ref[li]).astype(do_ref.dtype)
-    part = _dot(dh, a_ref[li])                                        # (bt, P)
-    acc = part if acc is None else acc + part
-  _store(dx_ref, acc.astype(dx_ref.dtype), p)
+def _dx_kernel(do_ref, a_ref, b_ref, dx_ref, *, l, p, s, tile):
+  pp, ss = a_ref.shape[-1], b_ref.shape[-2]
+  in_chunks, out_chunks = _chunks(s, ss, tile), _chunks(p, pp, tile)
+
+  def dh(li):       # do_l @ B[l, k], (bt, G), summed over s's chunks
+    return _sum(
+        _dot(_load(do_ref.at[jnp.int32(li), :, _span(ss, c, size)], valid),
+             b_ref[li, _span(ss, c, size), :])
+        for c, size, valid in in_chunks).astype(do_ref.dtype)
+
+  if len(out_chunks) == 1:
+    acc = _sum(_dot(dh(li), a_ref[li]) for li in range(l))       # (bt, P)
+    _store(dx_ref, acc.astype(dx_ref.dtype), p)
+    return
+  dhs = [dh(li) for li in range(l)]
+  for c, size, valid in out_chunks:
+    acc = _sum(_dot(dhs[li], a_ref[li, :, pl.ds(c, size)]) for li in range(l))
+    _store(dx_ref.at[:, pl.ds(c, size)], acc.astype(dx_ref.dtype), valid)
 
 
 def _call_dx(do, a, b, p, block_tokens, interpret, platform):
@@ -342,7 +412,7 @@ def _call_dx(do, a, b, p, block_tokens, interpret, platform):
   _, k, g, pp = a.shape
   ss = b.shape[2]
   dx = pl.pallas_call(
-      functools.partial(_dx_kernel, l=l, p=p, s=s),
+      functools.partial(_dx_kernel, l=l, p=p, s=s, tile=_tile(platform)),
       out_shape=jax.ShapeDtypeStruct(
           (tokens, k * p) if pp == p else (tokens, k, p), do.dtype),
       grid=(tokens // block_tokens, k),
@@ -358,9 +428,14 @@ def _call_dx(do, a, b, p, block_tokens, interpret, platform):
 
 
 def _dw_kernel(x_ref, do_ref, a_ref, b_ref, da_ref, db_ref, *, bt, n_tiles,
-               p, s):
+               p, s, tile):
   g, pp = a_ref.shape
   ss = b_ref.shape[0]
+  p_chunks, s_chunks = _chunks(p, pp, tile), _chunks(s, ss, tile)
+  if len(p_chunks) > 1 or len(s_chunks) > 1:
+    _dw_chunked(x_ref, do_ref, a_ref, b_ref, da_ref, db_ref, bt, n_tiles,
+                p_chunks, s_chunks)
+    return
 
   def body(t, carry):
     da, db = carry
@@ -378,6 +453,42 @@ def _dw_kernel(x_ref, do_ref, a_ref, b_ref, da_ref, db_ref, *, bt, n_tiles,
   db_ref[...] = db
 
 
+def _dw_chunked(x_ref, do_ref, a_ref, b_ref, da_ref, db_ref, bt, n_tiles,
+                p_chunks, s_chunks):
+  """dA and dB for blocks wider than a tile, one output chunk at a time
+  (float32 accumulators for a whole (G, P) or (S, G) block would not fit in
+  registers): each chunk's pass over the tokens recomputes the (bt, G)
+  stage-1 result or its gradient, summed over the other dim's chunks."""
+  g, pp = a_ref.shape
+  ss = b_ref.shape[0]
+  dtype = x_ref.dtype
+  x_at = lambda rows, c, size, valid: _load(
+      x_ref.at[rows, _span(pp, c, size)], valid)
+  do_at = lambda rows, c, size, valid: _load(
+      do_ref.at[rows, _span(ss, c, size)], valid)
+
+  def h(rows):      # x @ A^T
+    return _sum(_dot_t(x_at(rows, c, size, valid), a_ref[:, _span(pp, c, size)])
+                for c, size, valid in p_chunks).astype(dtype)
+
+  def dh(rows):     # do @ B
+    return _sum(_dot(do_at(rows, c, size, valid), b_ref[_span(ss, c, size), :])
+                for c, size, valid in s_chunks).astype(dtype)
+
+  for c, size, valid in p_chunks:
+    def da_body(t, da, c=c, size=size, valid=valid):
+      rows = pl.ds(t * bt, bt)
+      return da + _dot_tn(dh(rows), x_at(rows, c, size, valid))
+    da_ref[:, _span(pp, c, size)] = jax.lax.fori_loop(
+        0, n_tiles, da_body, jnp.zeros((g, size), jnp.float32))
+  for c, size, valid in s_chunks:
+    def db_body(t, db, c=c, size=size, valid=valid):
+      rows = pl.ds(t * bt, bt)
+      return db + _dot_tn(do_at(rows, c, size, valid), h(rows))
+    db_ref[_span(ss, c, size), :] = jax.lax.fori_loop(
+        0, n_tiles, db_body, jnp.zeros((size, g), jnp.float32))
+
+
 def _call_dw(x, do, a, b, p, block_tokens, interpret, platform):
   """(dA, dB), padded like a and b (float32): each program sums one token
   chunk of one (l, k) pair into a float32 partial (programs must not
@@ -390,7 +501,8 @@ def _call_dw(x, do, a, b, p, block_tokens, interpret, platform):
   chunks = split_count(tokens // block_tokens, l * k)
   rows = tokens // chunks
   kernel = functools.partial(_dw_kernel, bt=block_tokens,
-                             n_tiles=rows // block_tokens, p=p, s=s)
+                             n_tiles=rows // block_tokens, p=p, s=s,
+                             tile=_tile(platform))
   da, db = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((chunks,) + a.shape, jnp.float32),
