@@ -195,7 +195,8 @@ timeout 50 $PY -m experiments.benchmark_kernels $KF --dtypes=float32 \
 # Where the SLTrain Triton forward's time goes (16x dense in session 8): the
 # same call with one thing changed at a time (H200.md's method when no
 # profiler fits the lease): ~no sparse entries (the kernel's GEMM floor),
-# chunks of 64 entries, 64-token tiles, 32-wide tiles.
+# chunks of 64 entries, 64- and 256-token tiles (the one-hot placement costs
+# c/bt of the tile GEMM), 32-wide tiles.
 QUICK=$QUICK timeout 80 $PY - <<'PY'
 import os
 import jax, jax.numpy as jnp
@@ -211,6 +212,7 @@ for name, rank, density, kw in (
     ("no sparse entries", n // 32, 1e-6, {}),
     ("chunks of 64 entries", n // 32, 0.03, dict(chunk=64)),
     ("64-token tiles", n // 32, 0.03, dict(block_tokens=64)),
+    ("256-token tiles", n // 32, 0.03, dict(block_tokens=256)),
     ("32-wide tiles", n // 32, 0.03, dict(block_in=32, block_out=32))):
   a = (jax.random.normal(k[1], (n, rank)) / n**.5).astype(jnp.bfloat16)
   b = (jax.random.normal(k[2], (rank, n)) / rank**.5).astype(jnp.bfloat16)
