@@ -19,7 +19,8 @@ Variants by name after the colon (comma-separated key=value):
 Keys: model (preset), linear (registry name), data (stdlib | c4 | lm1b | any
 tfds name), optimizer (adamw | galore), galore_rank, svd (full | randomized),
 rank / density / alpha / nblocks / n (structure hyper-parameters;
-default per preset to the papers' settings), overrides (per-site structures,
+default per preset to the papers' settings), kernel_block (SLTrain: build W
+in blocks of that many columns, keeping none of it for the backward), overrides (per-site structures,
 ';'-separated site=name[:k=v] items), steps, tiny (a seconds-long smoke config).
 Everything else: --config.field=value, e.g. --config.total_steps=100.
 """
@@ -27,7 +28,7 @@ import ml_collections
 
 from structmat.train import sharding
 
-STRUCTURE_KEYS = ("rank", "density", "alpha", "nblocks", "n")
+STRUCTURE_KEYS = ("rank", "density", "alpha", "nblocks", "n", "kernel_block")
 
 
 def _parse(arg: str) -> dict:

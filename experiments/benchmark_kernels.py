@@ -97,6 +97,10 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
       ("blockdiag xla", ops.blockdiag_matmul, (wb,)),
       ("sltrain xla", lambda x, a, b, v: ops.sltrain_matmul(x, a, b, v, sidx,
                                                             1.0), (sa, sb, sv)),
+      # W built a quarter at a time, none of it kept for the backward
+      # (the layer's kernel_block).
+      ("sltrain blocked", lambda x, a, b, v: ops.sltrain_matmul(
+          x, a, b, v, sidx, 1.0, block=max(1, n // 4)), (sa, sb, sv)),
   ]
   if pallas_ok:
     interp = interpret or None

@@ -185,6 +185,8 @@ def test_config_selects_structure_and_overrides():
                                              "rank": 64})
   assert cfg.linear_for("q") == ("dense", {})
   assert cfg.linear_for("up") == ("lowrank", {"rank": 32})
+  c = pretrain_config.get_config("model=llama_60m,linear=sltrain,kernel_block=256")
+  assert loop.model_config(c, 32000).linear_for("k")[1]["kernel_block"] == 256
 
 
 def test_densify_preserves_function_and_moments():

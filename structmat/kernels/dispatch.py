@@ -97,10 +97,11 @@ def blockdiag(x, w, impl: str, block_tokens: int = 128):
 
 
 def sltrain(x, a, b, values, indices, scale, impl: str, orders=None,
-            block_tokens: int = 128):
+            block_tokens: int = 128, block: int = 0):
   """The reconstruct-and-multiply kernel for the platform: W column blocks
   rebuilt once in VMEM on TPUs (``sltrain_tpu``), the portable (Triton)
-  kernel elsewhere, interpreted on the CPU."""
+  kernel elsewhere, interpreted on the CPU. ``block``: the XLA fallback's
+  (``ops.sltrain_matmul``)."""
   from structmat.kernels import sltrain as sk  # pylint: disable=import-outside-toplevel
   from structmat.kernels import sltrain_tpu as stk  # pylint: disable=import-outside-toplevel
   from structmat.ops import sparse_lowrank as ref  # pylint: disable=import-outside-toplevel
@@ -121,5 +122,5 @@ def sltrain(x, a, b, values, indices, scale, impl: str, orders=None,
         plat) or sk.slower_than_xla(plat)
     kernel = functools.partial(sk.sltrain_matmul_pallas, block_tokens=bt)
   if not choose(impl, why_not):
-    return ref.sltrain_matmul(x, a, b, values, indices, scale)
+    return ref.sltrain_matmul(x, a, b, values, indices, scale, block=block)
   return forced(kernel, x, a, b, values, indices, scale, orders=orders)

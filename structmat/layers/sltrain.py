@@ -23,11 +23,17 @@ class SparsePlusLowRank(StructuredLinear):
   here so that the Pallas kernel (``impl``) never sorts in a training step.
   The scale multiplies in the forward pass, so Adam sees unscaled factors (as
   the official code).
+
+  ``kernel_block`` > 0: the XLA path materializes W that many columns (rows,
+  backward) at a time and keeps none of it between the passes
+  (``ops.sltrain_blocked``); 0 (default) builds all of W, which autodiff
+  keeps until the backward: a dense copy of the layer's weights.
   """
   rank: int = 128
   density: float = 0.03
   alpha: float = 32.0
   impl: str = "xla"  # "auto" | "xla" | "pallas": see structmat.kernels.dispatch
+  kernel_block: int = 0
 
   def check(self, in_features):
     require(0.0 < self.density <= 1.0,
@@ -35,6 +41,9 @@ class SparsePlusLowRank(StructuredLinear):
     require(1 <= self.rank <= min(in_features, self.features),
             f"rank={self.rank} must be in [1, {min(in_features, self.features)}]"
             f" for a {in_features}->{self.features} layer; lower rank.")
+    require(self.kernel_block >= 0,
+            f"kernel_block={self.kernel_block}: use 0 (materialize W whole) "
+            "or a positive block width such as 512.")
 
   @nn.nowrap
   def nnz(self, in_features):
@@ -72,7 +81,8 @@ class SparsePlusLowRank(StructuredLinear):
   def compute(self, x, p):
     return ops.sltrain_matmul(x, p["lora_a"], p["lora_b"], p["values"],
                               p["indices"], self.alpha / self.rank,
-                              impl=self.impl, orders=p["tile_orders"])
+                              impl=self.impl, orders=p["tile_orders"],
+                              block=self.kernel_block)
 
   def kernel_from(self, p, in_features):
     return ops.sltrain_kernel(p["lora_a"], p["lora_b"], p["values"],

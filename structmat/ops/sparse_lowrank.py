@@ -7,6 +7,8 @@ and S given by ``values`` at flat row-major ``indices`` into (in, out).
 import jax
 import jax.numpy as jnp
 
+from structmat.ops.sltrain_blocked import sltrain_matmul_blocked
+
 
 def draw_support(key, in_features: int, out_features: int, density: float):
   """Sorted int32 flat indices of a random support without replacement.
@@ -37,7 +39,7 @@ def sltrain_kernel(a, b, values, indices, scale: float):
 
 
 def sltrain_matmul(x, a, b, values, indices, scale: float, impl: str = "xla",
-                   orders=None):
+                   orders=None, block: int = 0):
   """y = x (scale * a @ b + S) (XLA reference path: materializes the kernel).
 
   Args:
@@ -49,11 +51,19 @@ def sltrain_matmul(x, a, b, values, indices, scale: float, impl: str = "xla",
     orders: optional (2, nnz) int32 tile orders of the support
       (``structmat.kernels.sltrain.support_orders``) so the kernel skips its
       sorts; the XLA path ignores them.
+    block: 0 materializes the whole kernel (kept by autodiff for the
+      backward, as a dense copy of the weights); > 0 materializes it
+      ``block`` columns (rows, in the backward) at a time and keeps none of
+      it between the passes (``ops.sltrain_blocked``). XLA paths only: the
+      kernels never materialize it.
 
   Returns:
     (..., out).
   """
   if impl != "xla":
     from structmat.kernels import dispatch  # pylint: disable=import-outside-toplevel
-    return dispatch.sltrain(x, a, b, values, indices, scale, impl, orders)
+    return dispatch.sltrain(x, a, b, values, indices, scale, impl, orders,
+                            block=block)
+  if block:
+    return sltrain_matmul_blocked(x, a, b, values, indices, scale, block)
   return x @ sltrain_kernel(a, b, values, indices, scale).astype(x.dtype)

@@ -1,0 +1,132 @@
+"""SLTrain's product materializing its kernel one block at a time.
+
+``sltrain_matmul`` (XLA) builds the whole (in, out) kernel W = scale a b + S,
+and autodiff keeps it from the forward to the backward pass: per layer a
+dense copy of the weights in the compute dtype, plus a float32 dW in the
+backward, which SLTrain's parameter savings exist to avoid (the official code
+at least rebuilds W in its backward). Here the forward scans over column
+blocks W[:, J] (y[:, J] = x W[:, J]) and the backward over row blocks W[I, :]
+(dx[:, I] = dy W[I, :]^T, and dW[I, :] = x[:, I]^T dy read off into the
+factor and value gradients), rebuilding each block from the factors; only
+x and the factors are kept between the passes. So at most one block of W
+and one of dW exist at a time, inside a loop, where no scheduler can hoist
+them (a rebuild of the whole W in the backward got hoisted into the forward
+by XLA:CPU's scheduler, saving nothing).
+
+Blocks have ``block`` columns (rows); when that does not divide the width,
+the last block starts early and overlaps the one before it (the overlap is
+written twice with equal values and counted once in the gradients). Each
+block's sparse part scatters the entries inside it (the others are dropped),
+so a step costs the dense product, the block builds, and nnz per block.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _starts(n: int, block: int):
+  """Block i covers [start_i, start_i + block) with start_i = min(i * block,
+  n - block); the true (non-overlapping) part begins at i * block."""
+  count = -(-n // block)
+  lo = jnp.arange(count) * block
+  return jnp.minimum(lo, n - block), lo
+
+
+def _kernel_block(a, b, values, indices, scale, start, block, axis):
+  """W's columns (axis=1) or rows (axis=0) [start, start + block): (in,
+  block) or (block, out), in float32 or the factors' dtype."""
+  d_in, d_out = a.shape[0], b.shape[1]
+  r, c = indices // d_out, indices % d_out
+  if axis == 1:
+    low = a @ jax.lax.dynamic_slice_in_dim(b, start, block, 1)
+    local, inside = r * block + (c - start), (c >= start) & (c < start + block)
+  else:
+    low = jax.lax.dynamic_slice_in_dim(a, start, block, 0) @ b
+    local, inside = (r - start) * d_out + c, (r >= start) & (r < start + block)
+  size = low.size
+  # Entries outside the block go to an out-of-range index and are dropped
+  # (one shared in-range target would serialize the scatter on GPUs).
+  sparse = jnp.zeros((size,), values.dtype).at[
+      jnp.where(inside, local, size)].add(values, mode="drop")
+  return scale * low + sparse.reshape(low.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _blocked(x, a, b, values, indices, scale, blocks):
+  d_out = b.shape[1]
+  block = blocks[0]
+  starts, _ = _starts(d_out, block)
+
+  def body(y, start):
+    w = _kernel_block(a, b, values, indices, scale, start, block, 1)
+    return jax.lax.dynamic_update_slice_in_dim(
+        y, x @ w.astype(x.dtype), start, 1), None
+
+  y, _ = jax.lax.scan(body, jnp.zeros((x.shape[0], d_out), x.dtype), starts)
+  return y
+
+
+def _fwd(x, a, b, values, indices, scale, blocks):
+  return (_blocked(x, a, b, values, indices, scale, blocks),
+          (x, a, b, values, indices))
+
+
+def _bwd(scale, blocks, res, dy):
+  x, a, b, values, indices = res
+  d_in, d_out = a.shape[0], b.shape[1]
+  block = blocks[1]
+  row = indices // d_out
+  col = indices % d_out
+  starts, los = _starts(d_in, block)
+
+  def body(carry, start_lo):
+    dx, da, db, dv = carry
+    start, lo = start_lo
+    w = _kernel_block(a, b, values, indices, scale, start, block, 0)
+    dx = jax.lax.dynamic_update_slice_in_dim(
+        dx, dy @ w.astype(dy.dtype).T, start, 1)
+    xi = jax.lax.dynamic_slice_in_dim(x, start, block, 1)
+    dw = jnp.dot(xi.T, dy, preferred_element_type=jnp.float32)  # (block, out)
+    # Rows before lo belong to the previous block (an overlapping last one).
+    own = (jnp.arange(block) + start >= lo)[:, None]
+    da = jax.lax.dynamic_update_slice_in_dim(
+        da, scale * (dw @ b.astype(jnp.float32).T), start, 0)
+    ai = jax.lax.dynamic_slice_in_dim(a, start, block, 0).astype(jnp.float32)
+    db = db + scale * (ai.T @ jnp.where(own, dw, 0.0))
+    mine = (row >= lo) & (row < start + block)
+    dv = dv + jnp.where(mine, dw[jnp.clip(row - start, 0, block - 1), col], 0.0)
+    return (dx, da, db, dv), None
+
+  init = (jnp.zeros(x.shape, dy.dtype), jnp.zeros(a.shape, jnp.float32),
+          jnp.zeros(b.shape, jnp.float32), jnp.zeros(values.shape, jnp.float32))
+  (dx, da, db, dv), _ = jax.lax.scan(body, init, (starts, los))
+  return (dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype),
+          dv.astype(values.dtype), None)
+
+
+_blocked.defvjp(_fwd, _bwd)
+
+
+def sltrain_matmul_blocked(x, a, b, values, indices, scale: float, block: int):
+  """``sltrain_matmul`` with at most a ``block``-wide slice of the kernel
+  (and of its gradient) in memory at a time, none kept between the passes.
+
+  Args:
+    x: (..., in). a: (in, r). b: (r, out). values: (nnz,). indices: (nnz,)
+      int32 flat indices into (in, out). scale: alpha / r.
+    block: columns per forward block and rows per backward block (at most
+      the width; the last block overlaps when it does not divide it).
+
+  Returns:
+    (..., out) in x's dtype (each kernel block is cast to it, as
+    ``sltrain_matmul`` casts the whole kernel).
+  """
+  d_in, d_out = a.shape[0], b.shape[1]
+  if x.shape[-1] != d_in:
+    raise ValueError(f"x has {x.shape[-1]} features, the kernel {d_in} rows.")
+  if block < 1:
+    raise ValueError(f"block={block}: use a positive number of columns.")
+  y = _blocked(x.reshape(-1, d_in), a, b, values, indices, float(scale),
+               (min(block, d_out), min(block, d_in)))
+  return y.reshape(*x.shape[:-1], d_out)
