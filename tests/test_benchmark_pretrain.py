@@ -7,12 +7,13 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(tmp_path, linears):
+def _run(tmp_path, linears, *flags):
   out = tmp_path / "bench.json"
   p = subprocess.run(
       [sys.executable, "-m", "experiments.benchmark_pretrain",
        "--presets=llama_tiny", f"--linears={linears}", "--batch_size=2",
-       "--seq_len=16", "--vocab_size=256", "--repeats=2", f"--output={out}"],
+       "--seq_len=16", "--vocab_size=256", "--repeats=2", f"--output={out}",
+       *flags],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   rows = json.load(open(out))["rows"] if out.exists() else None
   return p, rows
@@ -34,3 +35,15 @@ def test_rows_written_before_a_later_row_fails(tmp_path):
   p, rows = _run(tmp_path, "dense,no_such_linear")
   assert p.returncode != 0
   assert [r["linear"] for r in rows] == ["dense"]
+
+
+def test_sltrain_kernel_block_same_losses(tmp_path):
+  """--kernel_block reaches the SLTrain layers: the same steps (same init and
+  batches) give the same losses with W built whole or in blocks."""
+  p, whole = _run(tmp_path, "sltrain")
+  assert p.returncode == 0, p.stderr[-3000:]
+  p, blocked = _run(tmp_path, "sltrain", "--kernel_block=8")
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert (whole[0]["kernel_block"], blocked[0]["kernel_block"]) == (0, 8)
+  for u, v in zip(blocked[0]["losses"], whole[0]["losses"]):
+    assert abs(u - v) <= 1e-5 * abs(v), (u, v)

@@ -12,7 +12,10 @@
 #      blocks) and 512 = 4 x 128: XLA, materialized, Triton, Mosaic GPU;
 #   6. (only when named) the 60M Monarch preset with impl=pallas (every
 #      Monarch layer a Triton kernel, the MLPs' 344-wide blocks in chunks)
-#      against impl=xla: losses of identical steps and step times.
+#      against impl=xla: losses of identical steps and step times;
+#   7. (only when named) SLTrain with W built whole or in blocks
+#      (--kernel_block): step time at 60M (256 x 256 tokens) and memory at 1B
+#      (1 x 256 tokens, where XLA:CPU measured 19.3 -> 14.3 GB).
 # Steps in order of what is still unmeasured. Session 8 on an H200: steps 1-2
 # took 400 s, and 15 minutes of device time (start-up included) held steps
 # 1-2 in one call and 3 in a second on the warm machine (it goes back after
@@ -273,4 +276,22 @@ for r, b in zip(rows.get("pallas", []), rows.get("xla", [])):
   print(r["preset"], "pallas vs xla step", f"{r['step_ms']:.1f} / {b['step_ms']:.1f} ms",
         "max rel loss diff", max(abs(u - v) / abs(v) for u, v in zip(r["losses"], b["losses"])))
 PY
+fi
+
+if [[ " ${STEPS:-} " == *" 7 "* ]]; then
+echo "== 7. SLTrain, W whole vs in blocks [${SECONDS}s]"
+if [ "$QUICK" = 1 ]; then
+  RUNS="llama_tiny:2:16:256:8"
+else  # preset:batch:seq:vocab:block
+  RUNS="llama_60m:256:256:32000:512 llama_1b:1:256:32000:1024"
+fi
+for run in $RUNS; do
+  IFS=: read -r preset batch seq vocab block <<< "$run"
+  for kb in 0 $block; do
+    timeout 150 $PY -m experiments.benchmark_pretrain --presets=$preset \
+      --linears=sltrain --batch_size=$batch --seq_len=$seq \
+      --vocab_size=$vocab --dtype=bfloat16 --repeats=3 --kernel_block=$kb \
+      --output="$OUT/sltrain_${preset}_kb$kb.json"
+  done
+done
 fi

@@ -43,15 +43,15 @@ def family_of(cfg) -> str:
 
 
 def preset_config(preset: str, linear: str = "dense", vocab_size: int = 32000,
-                  max_len: int = 1024, **fields):
+                  max_len: int = 1024, linear_kwargs=None, **fields):
   """The config of any size preset (llama_* or gpt2_*) with the structure's
-  default hyper-parameters; ``fields`` set config fields (dtype, impl,
-  attention, ...) the family has."""
+  default hyper-parameters updated by ``linear_kwargs`` (a dict); ``fields``
+  set config fields (dtype, impl, attention, ...) the family has."""
   if preset not in GPT2_SIZES:
     return llama_config(preset, linear, vocab_size=vocab_size,
-                        max_len=max_len, **fields)
+                        max_len=max_len, **(linear_kwargs or {}), **fields)
   return gpt2_config(vocab_size, linear, gpt2_dims(preset, max_len), preset,
-                     **fields)
+                     linear_kwargs=linear_kwargs, **fields)
 
 
 def gpt2_config(vocab_size: int, linear: str, dims: dict,
