@@ -150,9 +150,16 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
       raise ValueError(f"--impls: unknown {sorted(unknown)}; rows here are "
                        f"{[c[0] for c in cases]}.")
     cases = [c for c in cases if c[0] in _IMPLS.value]
+  # Blocks wider than a Triton tile run in chunks (impl="pallas" only, never
+  # taken by auto): unless named in --impls, a GPU sweep skips their compiles.
+  skip_chunked = (not _IMPLS.value and blk > mk.MAX_TRITON_BLOCK
+                  and jax.default_backend() == "gpu")
   rows = []
   for name, fn, weights in cases:
     try:
+      if skip_chunked and name.startswith("monarch pallas"):
+        raise ValueError("skipped: blocks wider than a Triton tile run in "
+                         "chunks; name the row in --impls to time it")
       rows.append(_measure(name, fn, x, weights, refs[name.split()[0]], dtype,
                            repeats, inner, copy_bw))
     except Exception as e:  # pylint: disable=broad-except
