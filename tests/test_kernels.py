@@ -398,3 +398,26 @@ def test_benchmark_kernels_smoke(tmp_path):
   rows = json.load(open(tmp_path / "benchmark_kernels.json"))["rows"]
   assert [r["impl"] for r in rows] == ["monarch xla", "monarch mgpu"]
   assert all(r.get("numerics_ok") for r in rows), rows
+
+
+def test_benchmark_gpu_sweep_skips_chunked_monarch():
+  """On a GPU (patched here), a sweep leaves the chunked Monarch Triton rows
+  out (with a row saying so) unless --impls names them."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = (
+      "import jax, jax.numpy as jnp\n"
+      "from absl import flags\n"
+      "from experiments import benchmark_kernels as bk\n"
+      "flags.FLAGS(['bk'])\n"
+      "jax.default_backend = lambda: 'gpu'\n"
+      "rows = {r['impl']: r for r in bk.rows_for(512, 16, jnp.float32, 1, 1,"
+      " False)}\n"
+      "assert 'skipped: blocks wider' in rows['monarch pallas']['error']\n"
+      "assert 'fwd_ms' in rows['monarch xla'], rows\n"
+      "print('OK')\n")
+  p = subprocess.run([sys.executable, "-c", script], cwd=root,
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0 and p.stdout.strip().endswith("OK"), (
+      p.stdout[-2000:] + p.stderr[-3000:])
