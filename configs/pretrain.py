@@ -20,8 +20,9 @@ Keys: model (preset), linear (registry name), data (stdlib | c4 | lm1b | any
 tfds name), optimizer (adamw | galore), galore_rank, svd (full | randomized),
 rank / density / alpha / nblocks / n (structure hyper-parameters;
 default per preset to the papers' settings), kernel_block (SLTrain: build W
-in blocks of that many columns, keeping none of it for the backward), overrides (per-site structures,
-';'-separated site=name[:k=v] items), steps, tiny (a seconds-long smoke config).
+in blocks of that many columns, keeping none of it for the backward),
+overrides (per-site structures, ';'-separated site=name[:k=v] items), steps,
+tiny (a seconds-long smoke config).
 Everything else: --config.field=value, e.g. --config.total_steps=100.
 """
 import ml_collections
