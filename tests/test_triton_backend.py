@@ -11,16 +11,13 @@ import textwrap
 _CHECK = textwrap.dedent("""
     import sys
     sys.modules["jax.experimental.pallas.triton"] = None  # import -> ImportError
-    import jax, jax.numpy as jnp, numpy as np
+    import jax, jax.numpy as jnp
     from structmat import ops
     from structmat.kernels import (blockdiag as bk, dispatch, monarch as mk,
                                    monarch_mgpu, monarch_tpu, sltrain as sk,
                                    triton_backend)
+    from tests.helpers import assert_close as close
     assert triton_backend.plt is None
-
-    def close(a, b):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
-                                 atol=1e-5)
 
     def refuses(f, *args, **kw):
       try:

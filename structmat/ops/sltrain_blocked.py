@@ -33,11 +33,11 @@ def _starts(n: int, block: int):
   return jnp.minimum(lo, n - block), lo
 
 
-def _kernel_block(a, b, values, indices, scale, start, block, axis):
+def _kernel_block(a, b, values, r, c, scale, start, block, axis):
   """W's columns (axis=1) or rows (axis=0) [start, start + block): (in,
-  block) or (block, out), in float32 or the factors' dtype."""
-  d_in, d_out = a.shape[0], b.shape[1]
-  r, c = indices // d_out, indices % d_out
+  block) or (block, out), in float32 or the factors' dtype. ``r``, ``c``:
+  the support's rows and columns."""
+  d_out = b.shape[1]
   if axis == 1:
     low = a @ jax.lax.dynamic_slice_in_dim(b, start, block, 1)
     local, inside = r * block + (c - start), (c >= start) & (c < start + block)
@@ -57,9 +57,10 @@ def _blocked(x, a, b, values, indices, scale, blocks):
   d_out = b.shape[1]
   block = blocks[0]
   starts, _ = _starts(d_out, block)
+  row, col = indices // d_out, indices % d_out
 
   def body(y, start):
-    w = _kernel_block(a, b, values, indices, scale, start, block, 1)
+    w = _kernel_block(a, b, values, row, col, scale, start, block, 1)
     return jax.lax.dynamic_update_slice_in_dim(
         y, x @ w.astype(x.dtype), start, 1), None
 
@@ -76,14 +77,13 @@ def _bwd(scale, blocks, res, dy):
   x, a, b, values, indices = res
   d_in, d_out = a.shape[0], b.shape[1]
   block = blocks[1]
-  row = indices // d_out
-  col = indices % d_out
+  row, col = indices // d_out, indices % d_out
   starts, los = _starts(d_in, block)
 
   def body(carry, start_lo):
     dx, da, db, dv = carry
     start, lo = start_lo
-    w = _kernel_block(a, b, values, indices, scale, start, block, 0)
+    w = _kernel_block(a, b, values, row, col, scale, start, block, 0)
     dx = jax.lax.dynamic_update_slice_in_dim(
         dx, dy @ w.astype(dy.dtype).T, start, 1)
     xi = jax.lax.dynamic_slice_in_dim(x, start, block, 1)
