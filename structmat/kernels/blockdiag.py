@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
 from structmat.kernels import triton_backend
 from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 
