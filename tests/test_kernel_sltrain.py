@@ -17,6 +17,7 @@ SHAPES = [
     (16, 32, 32, 8, 0.3, 16, 32, 32, 16),      # one tile, dense-ish support
     (48, 64, 64, 16, 0.05, 16, 64, 16, 8),     # 3 token tiles, wide in-tiles
     (8, 24, 40, 2, 0.1, 8, 8, 8, 4),           # awkward sizes (tiles of 8)
+    (16, 36, 100, 4, 0.1, 16, 16, 32, 8),      # no tile divides: zero-padded
 ]
 CASES = ([(*c, jnp.float32, 1e-5) for c in SHAPES]
          + [(*c, jnp.bfloat16, 1e-2) for c in SHAPES[:1]])
@@ -92,6 +93,44 @@ def test_precomputed_orders_skip_the_sort():
                              interpret=True)
 
 
+def test_padded_dim_plans_whole_tiles():
+  """Dims no Triton tile divides are padded to whole tiles of the cap (so the
+  layer's stored orders stay valid); interpret mode keeps tiles of 8."""
+  assert sk.padded_dim(2048, 64, "cuda") == (64, 2048)
+  assert sk.padded_dim(5461, 64, "cuda") == (64, 5504)   # LLaMA-1B's MLP
+  assert sk.padded_dim(200, 64, "cuda") == (64, 256)     # tile_for: 8
+  assert sk.padded_dim(200, 64, "cpu") == (8, 200)
+  assert sk.padded_dim(48, 64, "cuda") == (64, 64)
+  assert sk.padded_dim(24, 64, "cpu") == (24, 24)
+  assert sk.padded_dim(100, 32, "cpu") == (32, 128)
+
+
+def test_every_llama_preset_layer_runs_on_gpus():
+  """impl="pallas" takes every SLTrain linear of the LLaMA presets on a GPU
+  (LLaMA-1B's 5461-wide MLP used to be refused: no tile divides it)."""
+  from structmat.models.family import linear_shapes, preset_config  # pylint: disable=import-outside-toplevel
+  for preset in ("llama_60m", "llama_130m", "llama_350m", "llama_1b"):
+    cfg = preset_config(preset, "sltrain")
+    rank = dict(cfg.linear_kwargs)["rank"]
+    for site, (d_in, d_out) in linear_shapes(cfg).items():
+      (bk, d_in_p), (bn, d_out_p) = (sk.padded_dim(d_in, 64, "cuda"),
+                                     sk.padded_dim(d_out, 64, "cuda"))
+      why = sk.supported(4096, d_in_p, d_out_p, rank, 128, bk, bn, 32, "cuda")
+      assert why is None, (preset, site, why)
+
+
+def test_padded_dims_keep_the_stored_orders():
+  """100 x 150 pads to 128 x 192 at the default 64-wide tiles; the orders
+  the layer stores for the unpadded support still skip the sort."""
+  d_in, d_out = 100, 150
+  x, a, b, v, idx, g = _inputs(32, d_in, d_out, 8, 0.05, jnp.float32)
+  check_orders_skip_the_sort(
+      lambda x, a, b, v, orders: sk.sltrain_matmul_pallas(
+          x, a, b, v, idx, 2.0, orders=orders, block_tokens=16,
+          interpret=True),
+      (x, a, b, v), g, sk.support_orders(idx, d_in, d_out))
+
+
 def test_supported_names_the_constraint():
   assert "Triton" in sk.supported(64, 64, 64, 4, 64, 64, 64, 32, "cuda")
   assert "multiple" in sk.supported(60, 64, 64, 16, 64, 64, 64, 32, "cuda")
@@ -103,9 +142,10 @@ def test_supported_names_the_constraint():
                              interpret=False)
 
 
-@pytest.mark.parametrize("grad", [False, True])
-def test_cross_lowering_for_h100(grad):
-  d_in, d_out, r, t = 256, 512, 16, 256
+@pytest.mark.parametrize("grad,d_in", [(False, 256), (True, 256),
+                                        (True, 200)])   # 200: padded to 256
+def test_cross_lowering_for_h100(grad, d_in):
+  d_out, r, t = 512, 16, 256
   nnz = int(0.03 * d_in * d_out)
   fwd = lambda x, a, b, v, i: sk.sltrain_matmul_pallas(
       x, a, b, v, i, 2.0, block_tokens=64, block_in=64, block_out=64,

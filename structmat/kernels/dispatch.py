@@ -115,11 +115,12 @@ def sltrain(x, a, b, values, indices, scale, impl: str, orders=None,
     kernel = functools.partial(stk.sltrain_matmul_tpu, block_tokens=bt)
   else:
     bt = min(block_tokens, tokens)
-    bk = sk.tile_for(d_in, sk.DEFAULT_TILE)
-    bn = sk.tile_for(d_out, sk.DEFAULT_TILE)
-    why_not = lambda plat: sk.supported(
-        tokens, d_in, d_out, a.shape[1], bt, bk, bn, sk.DEFAULT_CHUNK,
-        plat) or sk.slower_than_xla(plat)
+
+    def why_not(plat):
+      (bk, d_in_p), (bn, d_out_p) = (sk.padded_dim(d_in, sk.DEFAULT_TILE, plat),
+                                     sk.padded_dim(d_out, sk.DEFAULT_TILE, plat))
+      return sk.supported(tokens, d_in_p, d_out_p, a.shape[1], bt, bk, bn,
+                          sk.DEFAULT_CHUNK, plat) or sk.slower_than_xla(plat)
     kernel = functools.partial(sk.sltrain_matmul_pallas, block_tokens=bt)
   if not choose(impl, why_not):
     return ref.sltrain_matmul(x, a, b, values, indices, scale, block=block)
