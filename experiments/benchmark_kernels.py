@@ -152,14 +152,15 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
     cases = [c for c in cases if c[0] in _IMPLS.value]
   # Blocks wider than a Triton tile run in chunks (impl="pallas" only, never
   # taken by auto): unless named in --impls, a GPU sweep skips their compiles.
-  skip_chunked = (not _IMPLS.value and blk > mk.MAX_TRITON_BLOCK
-                  and jax.default_backend() == "gpu")
+  skip_chunked = (not _IMPLS.value and jax.default_backend() == "gpu"
+                  and mk.chunked(w1.shape, w2.shape, itemsize))
   rows = []
   for name, fn, weights in cases:
     try:
       if skip_chunked and name.startswith("monarch pallas"):
-        raise ValueError("skipped: blocks wider than a Triton tile run in "
-                         "chunks; name the row in --impls to time it")
+        raise ValueError("skipped: blocks wider than a chunk of shared "
+                         "memory run in chunks; name the row in --impls to "
+                         "time it")
       rows.append(_measure(name, fn, x, weights, refs[name.split()[0]], dtype,
                            repeats, inner, copy_bw))
     except Exception as e:  # pylint: disable=broad-except

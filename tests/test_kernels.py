@@ -202,6 +202,57 @@ def test_monarch_kernel_in_chunks(tokens, bt, s1, s2, dtype, tol, monkeypatch):
   assert set(poisoned) == {"monarch_fwd", "monarch_dx", "monarch_dw"}
 
 
+def test_monarch_kernel_in_narrowed_chunks(monkeypatch):
+  """Where 16-token tiles of whole blocks overflow shared memory (a budget
+  shrunk here so 32-wide blocks take 16-wide chunks), the chunks narrow
+  instead of the kernel refusing the shape: float32, forward and gradients,
+  an unwritten chunk stays NaN; auto still declines chunked blocks."""
+  s1, s2 = (4, 64, 32), (4, 32, 64)   # p = s = 32, q/l = 16
+  assert mk.chunk_width(32, 16, 32, 4) == 32 and not mk.chunked(s1, s2, 4)
+  monkeypatch.setattr(mk, "SMEM_BUDGET", 6000)
+  assert mk.chunk_width(32, 16, 32, 4) == 16 and mk.chunked(s1, s2, 4)
+  assert mk.supported(32, s1, s2, 16, "gpu", 4) is None
+  assert "16-wide chunks" in mk.supported(32, s1, s2, 32, "gpu", 4)
+  assert "wider than 16" in mk.padding_problem(s1, s2, "gpu", 4)
+  poisoned = poison_pallas_outputs(monkeypatch)
+  keys = jax.random.split(jax.random.key(7), 4)
+  x = jax.random.normal(keys[0], (32, 128))
+  w1 = jax.random.normal(keys[1], s1) / np.sqrt(32)
+  w2 = jax.random.normal(keys[2], s2) / np.sqrt(32)
+  g = jax.random.normal(keys[3], (32, 128))
+  ker = lambda x, w1, w2: mk.monarch_matmul_pallas(x, w1, w2, block_tokens=16,
+                                                   interpret=True)
+  check_kernel(ker, ops.monarch_matmul, (x, w1, w2), g, 1e-5,
+               ("dx", "dw1", "dw2"))
+  assert set(poisoned) == {"monarch_fwd", "monarch_dx", "monarch_dw"}
+
+
+def test_every_monarch_preset_layer_runs_on_gpus():
+  """impl="pallas" takes every Monarch linear of the LLaMA and GPT-2 presets
+  on a GPU in bfloat16 and float32 (float32 from 130M on, and LLaMA-7B's q/l
+  = 256 in any dtype, used to overflow 256-wide chunks); 16-bit presets keep
+  their whole 256-wide chunks."""
+  from structmat.models.family import linear_shapes, preset_config  # pylint: disable=import-outside-toplevel
+  from structmat.models.presets import GPT2_SIZES, SIZES  # pylint: disable=import-outside-toplevel
+  widths = {}
+  for preset in [p for p in SIZES if p.startswith("llama")] + list(GPT2_SIZES):
+    cfg = preset_config(preset, "monarch")
+    nb = dict(cfg.linear_kwargs)["nblocks"]
+    for site, (d_in, d_out) in linear_shapes(cfg).items():
+      w1, w2, _, _ = ops.monarch_shapes(d_in, d_out, nb)
+      for itemsize in (2, 4):
+        bt = mk.fit_block_tokens(65536, w1, w2, itemsize, "cuda")
+        why = mk.supported(65536, w1, w2, bt, "cuda", itemsize)
+        assert why is None, (preset, site, itemsize, why)
+        p, g, s = w1[2], w1[1] // w2[0], w2[1]
+        if site == "down":   # the MLP's widest blocks
+          widths[preset, itemsize] = mk.chunk_width(*mk.padded_dims(p, g, s),
+                                                    itemsize)
+  assert widths["llama_60m", 4] == widths["llama_1b", 2] == 256
+  assert widths["llama_130m", 4] == widths["llama_7b", 2] == 128
+  assert widths["llama_7b", 4] == 64
+
+
 def test_monarch_gathered_weights_roundtrip():
   w1 = jax.random.normal(jax.random.key(0), (4, 8, 16))
   w2 = jax.random.normal(jax.random.key(1), (4, 12, 8))
@@ -226,6 +277,7 @@ def _lower_monarch(platform, tokens, s1, s2, bt, grad):
     ("cuda", 256, (4, 128, 128), (4, 344, 128), 64),   # 60M MLP: chunked s
     ("cuda", 256, (4, 128, 344), (4, 128, 128), 64),   # chunked p
     ("cuda", 256, (4, 512, 512), (4, 512, 512), 16),   # 2048 in 4 blocks
+    ("cuda", 64, (4, 1024, 1024), (4, 1024, 1024), 16),  # 7B: 128-wide chunks
     ("tpu", 256, (4, 512, 512), (4, 512, 512), 64),
 ])
 @pytest.mark.parametrize("grad", [False, True])

@@ -77,7 +77,7 @@ def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
     why_not = lambda plat: (
         mk.supported(tokens, w1.shape, w2.shape, bt, plat, itemsize)
         or mk.slower_than_xla(tokens, w1.shape, w2.shape, plat, bt)
-        or mk.padding_problem(w1.shape, w2.shape, plat))
+        or mk.padding_problem(w1.shape, w2.shape, plat, itemsize))
     kernel = functools.partial(mk.monarch_matmul_pallas, block_tokens=bt)
   if not choose(impl, why_not):
     return ref.monarch_matmul(x, w1, w2, bias)

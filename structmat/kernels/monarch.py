@@ -27,10 +27,12 @@ LLaMA-60M's MLP blocks of 344, 130M's 512, GPT-2's 768) are walked in
 256-wide chunks: stage 1 sums over p's chunks, stage 2 (and dx) produce one
 output chunk at a time from the k (or l) stage-1 results held in registers,
 and the weight gradients make one pass over the tokens per output chunk,
-recomputing the (tokens, q/l) intermediate. So impl="pallas" runs every
-Monarch layer of the GaLore LLaMA presets up to 1B in 16-bit dtypes; only
-q/l itself must fit a tile. Never timed on a GPU: ``impl="auto"`` does not
-take chunked blocks (``padding_problem``).
+recomputing the (tokens, q/l) intermediate. Where even 16-token tiles of
+256-wide chunks overflow shared memory (float32 from 130M on, LLaMA-7B's
+q/l = 256) the chunks narrow to 128, 64, ... (``chunk_width``). So
+impl="pallas" runs every Monarch layer of the GaLore LLaMA presets and GPT-2
+in 16-bit and 32-bit dtypes; only q/l itself must fit a tile. Never timed on
+a GPU: ``impl="auto"`` does not take chunked blocks (``padding_problem``).
 """
 import functools
 
@@ -90,7 +92,7 @@ def smem_estimate(block_tokens: int, p: int, g: int, s: int,
   """Bytes of shared memory the Triton forward plans for, per program.
 
   Takes the padded block sizes (``padded_dims``), or for blocks wider than
-  a tile the chunk width (``MAX_TRITON_BLOCK``) the kernels walk them in.
+  a chunk the width (``chunk_width``) the kernels walk them in.
 
   Both dots' operand tiles ((bt x p) @ (p x g), then (bt x g) @ (g x s)) plus
   the float32 (bt x s) accumulator's store conversion. On an H200 this
@@ -100,6 +102,30 @@ def smem_estimate(block_tokens: int, p: int, g: int, s: int,
   """
   return (((block_tokens + g) * p + (block_tokens + s) * g) * itemsize
           + block_tokens * s * 4)
+
+
+def chunk_width(pp: int, gg: int, ss: int, itemsize: int) -> int:
+  """Width of the chunks the Triton kernels walk padded blocks (pp, ss) in.
+
+  The widest of ``MAX_TRITON_BLOCK`` (or the wider block, if narrower),
+  halving down to 16, at which 16-token
+  tiles fit the shared-memory budget: a whole tile's width for every 16-bit
+  preset, narrower where float32 or LLaMA-7B's q/l = 256 would overflow it
+  (LLaMA-130M's 4 x 192 in float32: 128; 7B in bfloat16: 128, float32: 64).
+  Choosing it from the 16-token floor keeps every shape that fits 256-wide
+  chunks at that width; ``fit_block_tokens`` then picks the tile."""
+  width = min(MAX_TRITON_BLOCK, max(pp, ss))   # blocks that fit are whole
+  while width > 16 and smem_estimate(16, min(pp, width), gg, min(ss, width),
+                                     itemsize) > SMEM_BUDGET:
+    width //= 2
+  return width
+
+
+def chunked(w1_shape, w2_shape, itemsize: int) -> bool:
+  """Whether the Triton kernels walk these (padded) blocks in chunks."""
+  p, g, s = w1_shape[2], w1_shape[1] // w2_shape[0], w2_shape[1]
+  pp, gg, ss = padded_dims(p, g, s)
+  return max(pp, ss) > chunk_width(pp, gg, ss, itemsize)
 
 
 def layout_problem(w1_shape, w2_shape) -> str | None:
@@ -136,20 +162,21 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
               f"{block_tokens}")
     pp, gg, ss = padded_dims(p, g, s)
     if gg > MAX_TRITON_BLOCK:
-      # p and s wider than a tile are walked in chunks; q/l is every dot's
+      # p and s wider than a chunk are walked in chunks; q/l is every dot's
       # inner or outer width and stays whole.
       return (f"q/l={g} (padded to {gg}) exceeds a Triton tile of "
               f"{MAX_TRITON_BLOCK}: use more blocks")
-    # Blocks wider than a tile are processed a tile's width at a time.
-    pc, sc = min(pp, MAX_TRITON_BLOCK), min(ss, MAX_TRITON_BLOCK)
-    smem = smem_estimate(block_tokens, pc, gg, sc, itemsize)
+    width = chunk_width(pp, gg, ss, itemsize)
+    smem = smem_estimate(block_tokens, min(pp, width), gg, min(ss, width),
+                         itemsize)
     if smem > SMEM_BUDGET:
-      floor = smem_estimate(16, pc, gg, sc, itemsize)
+      floor = smem_estimate(16, min(pp, width), gg, min(ss, width), itemsize)
       fix = ("use fewer tokens per tile" if floor <= SMEM_BUDGET else
              f"even 16-token tiles need ~{floor // 1024} KiB: use smaller "
              "blocks (more nblocks) or a 16-bit dtype")
       return (f"block_tokens={block_tokens} needs ~{smem // 1024} KiB of shared "
-              f"memory (budget {SMEM_BUDGET // 1024} KiB); {fix}")
+              f"memory in {width}-wide chunks (budget {SMEM_BUDGET // 1024} "
+              f"KiB); {fix}")
   if platform == "tpu":
     if p % 128 or g % 128 or s % 128 or block_tokens % 8:
       return "Mosaic TPU needs block dims multiple of (8, 128)"
@@ -207,13 +234,15 @@ def slower_than_xla(tokens: int, w1_shape, w2_shape, platform: str,
   return None
 
 
-def padding_problem(w1_shape, w2_shape, platform: str) -> str | None:
+def padding_problem(w1_shape, w2_shape, platform: str,
+                    itemsize: int = 2) -> str | None:
   """Why ``impl="auto"`` should keep XLA for padded blocks, or None.
 
   Padding multiplies a stage's FLOPs by its block dims' padded-to-real
   ratios while the bytes stay the same. Measured on an H200 at 768 = 4 x 192
   (padded to 256 / 64): forward+backward 0.056 vs 0.047 ms at 512 tokens,
   0.127 vs 0.064 at 4096, 1.57 vs 0.716 at 65536, so auto takes no padding.
+  Nor chunks (``chunked``; ``itemsize``: bytes per element of x).
   """
   if not pads_blocks(platform):
     return None
@@ -222,8 +251,9 @@ def padding_problem(w1_shape, w2_shape, platform: str) -> str | None:
     if padded != v:
       return (f"{name}={v} pads to {padded} for Triton, measured up to 2.2x "
               "slower than XLA at 768 = 4 x 192; impl='pallas' runs it anyway")
-  if max(p, s) > MAX_TRITON_BLOCK:
-    return (f"blocks wider than {MAX_TRITON_BLOCK} ({p=}, {s=}) run in chunks "
+  if chunked(w1_shape, w2_shape, itemsize):
+    width = chunk_width(p, g, s, itemsize)
+    return (f"blocks wider than {width} ({p=}, {s=}) run in chunks "
             "that recompute stage 1 in the weight gradients: never timed on "
             "a GPU, and compute-bound blocks are where XLA's matmuls win; "
             "impl='pallas' runs them")
@@ -301,10 +331,13 @@ def _split_spec(rows: int, p: int, pp: int, index):
   return pl.BlockSpec((rows, None, pp), lambda *ids: (*index(*ids), 0))
 
 
-def _tile(platform: str) -> int | None:
-  """The widest block dim a kernel takes whole: a Triton tile on GPUs and in
-  interpret mode (which tests the GPU code); any on TPUs."""
-  return MAX_TRITON_BLOCK if pads_blocks(platform) else None
+def _tile(platform: str, a, b) -> int | None:
+  """The widest block dim a kernel takes whole, given the padded factors a
+  (.., G, P) and b (.., S, G): the ``chunk_width`` on GPUs and in interpret
+  mode (which tests the GPU code); any on TPUs."""
+  if not pads_blocks(platform):
+    return None
+  return chunk_width(a.shape[-1], a.shape[-2], b.shape[-2], a.dtype.itemsize)
 
 
 def _chunks(real: int, padded: int, tile: int | None):
@@ -364,7 +397,8 @@ def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform):
   tokens = x.shape[0]
   l, k, g, pp = a.shape
   ss = b.shape[2]
-  kernel = functools.partial(_fwd_kernel, k=k, p=p, s=s, tile=_tile(platform))
+  kernel = functools.partial(_fwd_kernel, k=k, p=p, s=s,
+                             tile=_tile(platform, a, b))
   xs = _split(x, p, pp)
   return pl.pallas_call(
       kernel,
@@ -412,7 +446,8 @@ def _call_dx(do, a, b, p, block_tokens, interpret, platform):
   _, k, g, pp = a.shape
   ss = b.shape[2]
   dx = pl.pallas_call(
-      functools.partial(_dx_kernel, l=l, p=p, s=s, tile=_tile(platform)),
+      functools.partial(_dx_kernel, l=l, p=p, s=s,
+                        tile=_tile(platform, a, b)),
       out_shape=jax.ShapeDtypeStruct(
           (tokens, k * p) if pp == p else (tokens, k, p), do.dtype),
       grid=(tokens // block_tokens, k),
@@ -502,7 +537,7 @@ def _call_dw(x, do, a, b, p, block_tokens, interpret, platform):
   rows = tokens // chunks
   kernel = functools.partial(_dw_kernel, bt=block_tokens,
                              n_tiles=rows // block_tokens, p=p, s=s,
-                             tile=_tile(platform))
+                             tile=_tile(platform, a, b))
   da, db = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((chunks,) + a.shape, jnp.float32),
