@@ -87,7 +87,8 @@ from structmat.kernels import blockdiag_matmul_pallas, monarch as mk
 quick = os.environ["QUICK"] == "1"
 # (n_in, n_out, nblocks, tokens). 768 = 4 x 192: blocks padded to powers of
 # two (masked loads and stores); 512 <-> 1376 (LLaMA-60M's MLP, blocks of
-# 344 padded to 512): walked in 256-wide chunks, never compiled before.
+# 344 padded to 512): walked in 256-wide chunks, never compiled before; in
+# float32 768's chunks narrow to 128 (session 10: refused before).
 shapes = ((64, 64, 4, 32), (96, 96, 4, 32), (256, 688, 2, 32)) if quick else (
     (1024, 1024, 4, 512), (1024, 1024, 16, 16384), (4096, 4096, 16, 16384),
     (2048, 2048, 8, 4096), (768, 768, 4, 4096), (512, 1376, 4, 4096),
@@ -156,15 +157,18 @@ for dtype, tol in ((jnp.bfloat16, 2e-2), (jnp.float32, 2e-3)):
       print("monarch mgpu", f"n={n} nb={nb} t={t}", "ERROR",
             f"{type(ex).__name__}: {str(ex)[:400]}", flush=True)
   # SLTrain: rank n/32, 3% support (the kernel never writes the dense W).
+  # 512 -> 1365: no tile divides 1365, so the kernel zero-pads it to 1408
+  # (as LLaMA-1B's 5461-wide MLP; session 10, never compiled before).
   from structmat.kernels import sltrain as sk
-  for n, t in ((256, 64),) if quick else ((1024, 512), (4096, 4096)):
+  for n, m, t in ((256, 256, 64), (64, 100, 64)) if quick else (
+      (1024, 1024, 512), (4096, 4096, 4096), (512, 1365, 512)):
     k = jax.random.split(jax.random.key(n + t), 5); r = max(16, n // 32)
     x = jax.random.normal(k[0], (t, n), dtype)
     a = (jax.random.normal(k[1], (n, r)) / n**.5).astype(dtype)
-    b = (jax.random.normal(k[2], (r, n)) / r**.5).astype(dtype)
-    idx = ops.draw_support(k[3], n, n, 0.03)
+    b = (jax.random.normal(k[2], (r, m)) / r**.5).astype(dtype)
+    idx = ops.draw_support(k[3], n, m, 0.03)
     v = (jax.random.normal(k[4], idx.shape) / n**.5).astype(dtype)
-    g = jax.random.normal(k[0], (t, n), dtype)
+    g = jax.random.normal(k[0], (t, m), dtype)
     try:
       ker = lambda x, a, b, v: sk.sltrain_matmul_pallas(x, a, b, v, idx, 1.0)
       ref = lambda x, a, b, v: ops.sltrain_matmul(*f32(x, a, b, v), idx, 1.0)
@@ -173,11 +177,11 @@ for dtype, tol in ((jnp.bfloat16, 2e-2), (jnp.float32, 2e-3)):
       gb = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2, 3)))(x, a, b, v)
       errs = [rel(jax.jit(ker)(x, a, b, v), jax.jit(ref)(x, a, b, v))] + [
           rel(p, q) for p, q in zip(ga, gb)]
-      print("sltrain", jnp.dtype(dtype).name, f"n={n} t={t}",
+      print("sltrain", jnp.dtype(dtype).name, f"n={n}->{m} t={t}",
             [f"{e:.1e}" for e in errs], "OK" if max(errs) < tol else "FAIL",
             flush=True)
     except Exception as ex:
-      print("sltrain", jnp.dtype(dtype).name, f"n={n} t={t}", "ERROR",
+      print("sltrain", jnp.dtype(dtype).name, f"n={n}->{m} t={t}", "ERROR",
             f"{type(ex).__name__}: {str(ex)[:400]}", flush=True)
 PY
 fi

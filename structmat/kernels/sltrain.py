@@ -51,9 +51,9 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _tile_of(indices, out_features: int, bk: int, bn: int):
-  """Row-major (bk, bn) tile of each flat (in, out) index. A partial last
-  tile counts as a whole one, so the order is the same before and after
-  ``padded_dim`` pads the layer to whole tiles."""
+  """Row-major (bk, bn) tile of each flat (in, out) index; a partial last
+  tile counts as a whole one (ids as in the layer ``padded_dim`` pads to
+  whole tiles, whose tile order is the unpadded one)."""
   r, c = indices // out_features, indices % out_features
   return (r // bk) * _cdiv(out_features, bn) + c // bn
 
@@ -313,17 +313,15 @@ def _call_dvals(x, dy, ts: TiledSupport, bt, bk, bn, chunk, interpret,
   )(ts.offsets, x, dy, ts.rows, ts.cols)
 
 
-def lowrank_grads(x, dy, a, b, scale: float, dyb=None, u=None):
+def lowrank_grads(x, dy, a, b, scale: float, dyb=None):
   """(da, db) of y = scale x a b, through rank-r XLA matmuls (float32).
 
-  ``dyb``: dy b^T in float32, ``u``: x a, when the caller already has them."""
+  ``dyb``: dy b^T in float32 when the caller already has it."""
   f32 = lambda v: v.astype(jnp.float32)
   if dyb is None:
     dyb = f32(dy) @ f32(b).T
-  if u is None:
-    u = f32(x) @ f32(a)
   da = scale * (f32(x).T @ dyb)                              # (in, r)
-  db = scale * (f32(u).T @ f32(dy))                          # (r, out)
+  db = scale * ((f32(x) @ f32(a)).T @ f32(dy))               # (r, out)
   return da, db
 
 
@@ -337,25 +335,23 @@ class _Static(NamedTuple):
   platform: str
 
 
-def _forward(x, u, b, values, fwd_ts, st: "_Static"):
-  return _call_fwd(x, u, b, values[fwd_ts.order], fwd_ts, st.scale, st.bt,
-                   st.bk, st.bn, st.chunk, st.interpret, st.platform)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _sltrain(x, a, b, values, fwd_ts, bwd_ts, st: _Static):
-  return _forward(x, _project(x, a), b, values, fwd_ts, st)
+  return _call_fwd(x, _project(x, a), b, values[fwd_ts.order], fwd_ts,
+                   st.scale, st.bt, st.bk, st.bn, st.chunk, st.interpret,
+                   st.platform)
 
 
 def _vjp_fwd(x, a, b, values, fwd_ts, bwd_ts, st):
-  # u = x a is kept for db: (tokens, r), a rank-r matmul less in the backward.
-  u = _project(x, a)
-  return _forward(x, u, b, values, fwd_ts, st), (x, u, a, b, values, fwd_ts,
-                                                 bwd_ts)
+  # u = x a is not kept for db: a (tokens, r) residual per layer costs memory,
+  # the kernel's one advantage, to save a rank-r matmul; db recomputes it in
+  # float32 (u itself is rounded to x's dtype).
+  return _sltrain(x, a, b, values, fwd_ts, bwd_ts, st), (x, a, b, values,
+                                                          fwd_ts, bwd_ts)
 
 
 def _vjp_bwd(st, res, dy):
-  x, u, a, b, values, fwd_ts, bwd_ts = res
+  x, a, b, values, fwd_ts, bwd_ts = res
   # dx = dy W^T: the same kernel on W^T = scale b^T a^T + S^T (tiles bn x bk),
   # with dy b^T as its rank-r activations. The barrier materializes the
   # transposed factors: in interpret mode XLA:CPU would fold them into the
@@ -366,7 +362,7 @@ def _vjp_bwd(st, res, dy):
   dx = _call_fwd(dy, dyb.astype(dy.dtype), at_, values[bwd_ts.order], bwd_ts,
                  st.scale, st.bt, st.bn, st.bk, st.chunk, st.interpret,
                  st.platform)
-  da, db = lowrank_grads(x, dy, a, b, st.scale, dyb, u)
+  da, db = lowrank_grads(x, dy, a, b, st.scale, dyb)
   dv_sorted = _call_dvals(x, dy, fwd_ts, st.bt, st.bk, st.bn, st.chunk,
                           st.interpret, st.platform)[:values.shape[0]]
   dv = jnp.zeros_like(dv_sorted).at[fwd_ts.order].set(dv_sorted)
