@@ -18,6 +18,11 @@ SHAPES = [
     (384, 128, (4, 128, 32), (8, 64, 64)),     # 128 -> 512, three tiles
     (256, 128, (2, 128, 128), (2, 128, 128)),  # 128-wide blocks
     (256, 128, (16, 16, 8), (2, 64, 128)),     # 8-wide input blocks
+    # Feature counts off whole lanes, padded per block (padded_blocks):
+    # 128 -> 344 (s: 43 -> 48 rows, output sliced) and 344 -> 128 (p: x
+    # copied into the padded layout), as LLaMA-60M's 512 <-> 1376 MLP.
+    (256, 128, (8, 64, 16), (8, 43, 64)),
+    (128, 128, (8, 64, 43), (8, 16, 64)),
 ]
 CASES = ([(*c, jnp.float32, 1e-5) for c in SHAPES]
          + [(*c, jnp.bfloat16, 1e-2) for c in SHAPES[1:3]])  # g >= 16
@@ -81,6 +86,8 @@ def _lower(tokens, s1, s2, bt, grad, dtype=jnp.bfloat16):
     (1024, (16, 256, 256), (16, 256, 256), 128, jnp.bfloat16),
     (1024, (8, 128, 128), (8, 128, 128), 512, jnp.bfloat16),
     (512, (2, 64, 64), (4, 64, 32), 256, jnp.float32),
+    (512, (4, 128, 128), (4, 344, 128), 256, jnp.bfloat16),   # 60M MLP up
+    (512, (4, 128, 344), (4, 128, 128), 256, jnp.bfloat16),   # and down
 ])
 @pytest.mark.parametrize("grad", [False, True])
 def test_cross_lowering_for_tpu(tokens, s1, s2, bt, dtype, grad):
@@ -94,7 +101,13 @@ def test_cross_lowering_for_tpu(tokens, s1, s2, bt, dtype, grad):
 
 def test_supported_names_the_constraint():
   assert "multiples of 128" in mt.supported(256, (4, 64, 32), (8, 16, 32), 64)
-  assert "feature counts" in mt.supported(256, (2, 32, 32), (2, 32, 32), 128)
+  # Feature counts off whole lanes are padded per block, q/l is not.
+  assert mt.supported(256, (2, 32, 32), (2, 32, 32), 128) is None
+  assert mt.padded_blocks((2, 32, 32), (2, 32, 32), 2) == (64, 64)
+  assert mt.padded_blocks((4, 128, 344), (4, 344, 128), 2) == (352, 352)
+  assert mt.padded_blocks((4, 192, 192), (4, 192, 192), 2) == (192, 192)
+  assert "pad to (64, 64)" in mt.padding_problem((2, 32, 32), (2, 32, 32), 2)
+  assert mt.padding_problem((4, 192, 192), (4, 192, 192), 2) is None
   assert "not divisible" in mt.supported(256, (4, 48, 32), (64, 16, 3), 128)
   # g = q/l = 8 rows: a whole VMEM tile in float32, half of one in bfloat16.
   assert mt.supported(256, (4, 64, 32), (8, 16, 32), 128, 4) is None
@@ -128,3 +141,5 @@ def test_auto_takes_the_tpu_kernel_on_tpus(monkeypatch):
   assert kernel_names(16384, *sixteen) == {"monarch_tpu_fwd"}
   assert kernel_names(16384, (64, 64, 64), (64, 64, 64)) == set()  # q/l = 1
   assert kernel_names(100, *sixteen) == set()        # tokens not tiled
+  # LLaMA-60M's MLP (344-wide blocks): padded, unmeasured, so XLA.
+  assert kernel_names(16384, (4, 128, 128), (4, 344, 128)) == set()

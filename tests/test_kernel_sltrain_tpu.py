@@ -21,6 +21,7 @@ SHAPES = [
     (256, 256, 128, 16, 0.05, 256),   # narrowing; 256-token tiles
     (384, 128, 384, 8, 0.05, 128),    # three 128-wide blocks, three tiles
     (256, 128, 128, 4, 0.3, 128),     # ~1200 entries per tile: 10 chunks
+    (128, 96, 200, 4, 0.05, 128),     # off whole lanes: padded to 128 x 256
 ]
 CASES = ([(*c, jnp.float32, 1e-5) for c in SHAPES]
          + [(*c, jnp.bfloat16, 1e-2) for c in SHAPES[:1]])
@@ -77,8 +78,10 @@ def test_padded_support_layout():
   assert ps.rows.shape[0] >= start[-1] + count[-1]
 
 
-def test_stored_orders_skip_the_sort():
-  d_in, d_out = 128, 256
+@pytest.mark.parametrize("d_in,d_out", [(128, 256), (96, 344)])
+def test_stored_orders_skip_the_sort(d_in, d_out):
+  """Also for dims padded to whole lanes (96 x 344 -> 128 x 384 at the
+  unpadded layer's 32 x 8 tiles, whose orders the layer stores)."""
   x, a, b, v, idx, g = _inputs(128, d_in, d_out, 4, 0.05, jnp.float32)
   check_orders_skip_the_sort(
       lambda x, v, orders: stk.sltrain_matmul_tpu(
@@ -102,9 +105,9 @@ def test_tpu_interpreter_finds_no_races():
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_cross_lowering_for_tpu(grad):
-  # The 60M preset's MLP up-projection: 512 -> 1536 (1376 rounded to 128s
-  # here), rank 128, 3% support.
-  d_in, d_out, r, t = 512, 1536, 128, 4096
+  # The 60M preset's MLP up-projection: 512 -> 1376 (padded to 1408), rank
+  # 128, 3% support.
+  d_in, d_out, r, t = 512, 1376, 128, 4096
   nnz = int(0.03 * d_in * d_out)
   assert stk.supported(t, d_in, d_out, r, nnz, 256) is None
   fwd = lambda x, a, b, v, i, o: stk.sltrain_matmul_tpu(
@@ -123,7 +126,11 @@ def test_cross_lowering_for_tpu(grad):
 def test_supported_names_the_constraint():
   assert "multiple of 128" in stk.supported(256, 128, 128, 4, 100, 64)
   assert "not a multiple" in stk.supported(200, 128, 128, 4, 100, 128)
-  assert "feature counts" in stk.supported(256, 96, 128, 4, 100, 128)
+  # Feature counts off whole lanes are padded, keeping the default tiles
+  # where they divide the padded dims.
+  assert stk.supported(256, 96, 128, 4, 100, 128) is None
+  assert stk.padded_dims(1376, 5461) == (1408, 5504, 32, 64)
+  assert stk.padded_dims(48, 128) == (128, 128, 64, 64)    # 48 | 128 not
   assert "VMEM" in stk.supported(4096, 8192, 8192, 512, 2_000_000, 512)
   assert stk.supported(256, 128, 256, 8, 100, 128) is None
   x, a, b, v, idx, _ = _inputs(100, 128, 128, 4, 0.1, jnp.float32)
@@ -146,5 +153,7 @@ def test_auto_takes_the_tpu_kernel_on_tpus(monkeypatch):
     return {n for n in ("sltrain_tpu_fwd", "sltrain_fwd") if n in jaxpr}
 
   assert kernel_names(512, 128, 256) == {"sltrain_tpu_fwd"}
-  assert kernel_names(512, 96, 256) == set()     # features not 128-aligned
+  assert kernel_names(512, 96, 256) == set()     # padded: never timed
+  assert "pads to 128 -> 256" in stk.padding_problem(96, 256)
+  assert stk.padding_problem(128, 256) is None
   assert kernel_names(100, 128, 256) == set()    # tokens not tiled

@@ -68,8 +68,9 @@ def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
       return ref.monarch_matmul_dense(x, w1, w2, bias)
   if jax.default_backend() == "tpu":
     bt = mt.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize)
-    why_not = lambda plat: mt.supported(tokens, w1.shape, w2.shape, bt,
-                                        itemsize)
+    why_not = lambda plat: (
+        mt.supported(tokens, w1.shape, w2.shape, bt, itemsize)
+        or mt.padding_problem(w1.shape, w2.shape, itemsize))
     kernel = functools.partial(mt.monarch_matmul_tpu, block_tokens=bt)
   else:
     bt = mk.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize,
@@ -109,9 +110,10 @@ def sltrain(x, a, b, values, indices, scale, impl: str, orders=None,
   d_in, d_out = a.shape[0], b.shape[1]
   if jax.default_backend() == "tpu":
     bt = 256 if tokens % 256 == 0 else 128
-    why_not = lambda plat: stk.supported(tokens, d_in, d_out, a.shape[1],
-                                         indices.shape[0], bt,
-                                         x.dtype.itemsize)
+    why_not = lambda plat: (
+        stk.supported(tokens, d_in, d_out, a.shape[1], indices.shape[0], bt,
+                      x.dtype.itemsize)
+        or stk.padding_problem(d_in, d_out))
     kernel = functools.partial(stk.sltrain_matmul_tpu, block_tokens=bt)
   else:
     bt = min(block_tokens, tokens)

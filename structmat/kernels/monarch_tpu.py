@@ -23,10 +23,19 @@ token tile ("arbitrary": the grid runs in order and the float32 weight
 gradients stay resident in VMEM, accumulated over tiles); it recomputes the
 stage-1 result, so nothing activation-sized is saved besides x.
 
+Feature counts that are not multiples of 128 (GaLore's MLP widths: 1376 at
+60M, 2736 at 350M, 5464 at 1B) are zero-padded per block (``padded_blocks``):
+extra output rows s of every w2 block land past the real outputs (P2 puts
+output s_idx*l + li at the end for s_idx >= s), so y is sliced; extra input
+columns p of every block need x copied into the padded layout. Gradients
+flow through the pads and slices. ``impl="auto"`` declines padded shapes
+(``padding_problem``; unmeasured), ``impl="pallas"`` runs them.
+
 Reference: ``structmat.ops.monarch_matmul``. ``structmat.kernels.monarch`` is
 the portable (Triton) version.
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -83,29 +92,51 @@ def vmem_estimate(block_tokens: int, w1_shape, w2_shape, itemsize: int,
   return total
 
 
+def padded_blocks(w1_shape, w2_shape, itemsize: int) -> tuple[int, int]:
+  """(P, S): the block dims p and s zero-padded so that k*P and l*S are
+  multiples of 128 lanes and P, S of a VMEM tile's rows (LLaMA-60M's MLP,
+  4 blocks of 344: 352). Unpadded shapes give (p, s)."""
+  k, _, p = w1_shape
+  l, s, _ = w2_shape
+  rows = _sublanes(itemsize)
+  up = lambda v, n: -(-v // (m := math.lcm(rows, LANES // math.gcd(n, LANES))
+                             )) * m
+  return (p if (k * p) % LANES == 0 and p % rows == 0 else up(p, k),
+          s if (l * s) % LANES == 0 and s % rows == 0 else up(s, l))
+
+
+def padding_problem(w1_shape, w2_shape, itemsize: int) -> str | None:
+  """Why ``impl="auto"`` keeps XLA for shapes the kernel runs padded."""
+  p, s = w1_shape[2], w2_shape[1]
+  pp, ss = padded_blocks(w1_shape, w2_shape, itemsize)
+  if (pp, ss) != (p, s):
+    return (f"blocks ({p=}, {s=}) pad to ({pp}, {ss}) for whole lanes (x "
+            "copied into the padded layout, y sliced): never timed on a TPU; "
+            "impl='pallas' runs them")
+  return None
+
+
 def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
               itemsize: int = 2) -> str | None:
-  """None if the TPU kernel runs these shapes, else why not."""
-  k, q, p = w1_shape
-  l, s, _ = w2_shape
+  """None if the TPU kernel runs these shapes (p and s padded by
+  ``padded_blocks``), else why not."""
+  k, q, _ = w1_shape
+  l, _, r = w2_shape
   if why := layout_problem(w1_shape, w2_shape):
     return why
   if block_tokens % LANES:
     return (f"block_tokens={block_tokens}: tokens sit in lanes, so tiles "
             f"must be multiples of {LANES}")
-  if (k * p) % LANES or (l * s) % LANES:
-    return (f"{k * p} inputs -> {l * s} outputs: feature counts must be "
-            f"multiples of {LANES} (tiles are transposed through "
-            f"{LANES} x {LANES} blocks)")
   if tokens % block_tokens:
     return f"tokens {tokens} not a multiple of block_tokens {block_tokens}"
   rows = _sublanes(itemsize)
-  dims = dict(p=p, q=q, g=q // l, s=s)
+  dims = dict(q=q, g=q // l)
   bad = {name: v for name, v in dims.items() if v % rows}
   if bad:
     return (f"block dims {bad} must be multiples of {rows} (rows of a VMEM "
-            f"tile for {itemsize}-byte elements)")
-  need = vmem_estimate(block_tokens, w1_shape, w2_shape, itemsize, True)
+            f"tile for {itemsize}-byte elements; p and s are padded, q is not)")
+  pp, ss = padded_blocks(w1_shape, w2_shape, itemsize)
+  need = vmem_estimate(block_tokens, (k, q, pp), (l, ss, r), itemsize, True)
   if need > VMEM_BUDGET:
     return (f"block_tokens={block_tokens} needs ~{need >> 20} MiB of VMEM "
             f"(budget {VMEM_BUDGET >> 20} MiB): use fewer tokens per tile "
@@ -312,6 +343,14 @@ def monarch_matmul_tpu(x, w1, w2, *, block_tokens: int = 512,
                   x2.dtype.itemsize)
   if why:
     raise ValueError(f"the TPU Monarch kernel cannot run these shapes: {why}")
-  y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), block_tokens,
-               interpret)
-  return y.reshape(*x.shape[:-1], y.shape[-1])
+  (k, _, p), (l, s, _) = w1.shape, w2.shape
+  pp, ss = padded_blocks(w1.shape, w2.shape, x2.dtype.itemsize)
+  w1, w2 = w1.astype(x.dtype), w2.astype(x.dtype)
+  if pp != p:   # zero columns after every input block
+    x2 = jnp.pad(x2.reshape(-1, k, p), ((0, 0), (0, 0), (0, pp - p)))
+    x2 = x2.reshape(-1, k * pp)
+    w1 = jnp.pad(w1, ((0, 0), (0, 0), (0, pp - p)))
+  if ss != s:   # zero rows: outputs s_idx*l + li >= l*s, sliced off below
+    w2 = jnp.pad(w2, ((0, 0), (0, ss - s), (0, 0)))
+  y = _monarch(x2, w1, w2, block_tokens, interpret)[:, :l * s]
+  return y.reshape(*x.shape[:-1], l * s)

@@ -57,13 +57,42 @@ def num_chunks(nnz: int, tiles: int) -> int:
   return nnz // CHUNK + tiles + 1
 
 
+def padded_dims(in_features: int, out_features: int):
+  """(in, out, bk, bn): the feature counts zero-padded to whole lanes and
+  the (bk, bn) tiles the support is grouped by. The tiles are the unpadded
+  layer's default ones (``sltrain.tile_for``) wherever they divide the
+  padded dims, so the tile orders the layer stores at init stay valid (a
+  tile's order does not depend on how many tiles a row has)."""
+  def dim(size):
+    padded = -(-size // LANES) * LANES
+    tile = sk.tile_for(size, sk.DEFAULT_TILE)
+    return padded, (tile if padded % tile == 0
+                    else sk.tile_for(padded, sk.DEFAULT_TILE))
+  (d_in, bk), (d_out, bn) = dim(in_features), dim(out_features)
+  return d_in, d_out, bk, bn
+
+
+def padding_problem(in_features: int, out_features: int) -> str | None:
+  """Why ``impl="auto"`` keeps XLA for feature counts the kernel pads."""
+  d_in, d_out, _, _ = padded_dims(in_features, out_features)
+  if (d_in, d_out) != (in_features, out_features):
+    return (f"{in_features} -> {out_features} pads to {d_in} -> {d_out} for "
+            "whole lanes (x copied, y sliced): never timed on a TPU; "
+            "impl='pallas' runs it")
+  return None
+
+
+def _default_tiles(in_features: int, out_features: int):
+  return (sk.tile_for(in_features, sk.DEFAULT_TILE),
+          sk.tile_for(out_features, sk.DEFAULT_TILE))
+
+
 def padded_support(indices, in_features: int, out_features: int,
-                   order=None) -> PaddedSupport:
-  """Lay the support out for the kernel at the default tiles; ``order``
-  (``sltrain.tile_order`` at those tiles, as the layer stores it) skips the
-  sort."""
-  bk = sk.tile_for(in_features, sk.DEFAULT_TILE)
-  bn = sk.tile_for(out_features, sk.DEFAULT_TILE)
+                   order=None, tiles=None) -> PaddedSupport:
+  """Lay the support out for the kernel at the (bk, bn) ``tiles`` (default:
+  ``tile_for`` of the dims); ``order`` (``sltrain.tile_order`` at those
+  tiles, as the layer stores it) skips the sort."""
+  bk, bn = tiles or _default_tiles(in_features, out_features)
   ts = sk.tile_support(indices, in_features, out_features, bk, bn, CHUNK,
                        order)
   nnz = indices.shape[0]
@@ -87,16 +116,17 @@ def _block_out(out_features: int) -> int:
 
 
 def vmem_estimate(in_features: int, out_features: int, rank: int, nnz: int,
-                  bt: int, itemsize: int) -> int:
+                  bt: int, itemsize: int, tiles=None) -> int:
   """Bytes of VMEM the larger of the forward (or dx) and dvalues programs
   plans for: the W block (float32 and x's dtype), the resident a and
-  support, double-buffered tiles, one float32 tile of temporaries."""
+  support, double-buffered tiles, one float32 tile of temporaries.
+  ``tiles``: (bk, bn), default ``tile_for`` of the dims."""
   worst = 0
-  for d_in, d_out in ((in_features, out_features),
-                      (out_features, in_features)):
+  bk, bn = tiles or _default_tiles(in_features, out_features)
+  for d_in, d_out, tk, tn in ((in_features, out_features, bk, bn),
+                              (out_features, in_features, bn, bk)):
     nb = _block_out(d_out)
-    tiles = (d_in // sk.tile_for(d_in, sk.DEFAULT_TILE)) * (
-        d_out // sk.tile_for(d_out, sk.DEFAULT_TILE))
+    tiles = (d_in // tk) * (d_out // tn)
     support = num_chunks(nnz, tiles) * CHUNK * 12
     w = d_in * nb * (4 + itemsize)
     fwd = (w + d_in * rank * itemsize + 2 * rank * nb * itemsize + support
@@ -109,16 +139,14 @@ def vmem_estimate(in_features: int, out_features: int, rank: int, nnz: int,
 
 def supported(tokens: int, in_features: int, out_features: int, rank: int,
               nnz: int, bt: int, itemsize: int = 2) -> str | None:
-  """None if the TPU kernel runs these shapes, else why not."""
+  """None if the TPU kernel runs these shapes (feature counts padded to
+  whole lanes by ``padded_dims``), else why not."""
   if bt % LANES:
     return f"block_tokens={bt} must be a multiple of {LANES}"
   if tokens % bt:
     return f"tokens={tokens} is not a multiple of block_tokens {bt}"
-  if in_features % LANES or out_features % LANES:
-    return (f"{in_features} -> {out_features}: feature counts must be "
-            f"multiples of {LANES} (W blocks are {LANES}-lane column blocks "
-            "of W and of W^T)")
-  need = vmem_estimate(in_features, out_features, rank, nnz, bt, itemsize)
+  d_in, d_out, bk, bn = padded_dims(in_features, out_features)
+  need = vmem_estimate(d_in, d_out, rank, nnz, bt, itemsize, (bk, bn))
   if need > VMEM_BUDGET:
     return (f"needs ~{need >> 20} MiB of VMEM (budget {VMEM_BUDGET >> 20} "
             "MiB): use fewer tokens per tile")
@@ -177,13 +205,13 @@ def _fwd_kernel(start_ref, count_ref, x_ref, a_ref, b_ref, rows_ref, cols_ref,
   y_ref[...] = _mm(x_ref[...], wd_ref[...]).astype(y_ref.dtype)
 
 
-def _call_fwd(x, a, b, vals, ps: PaddedSupport, scale, bt, interpret):
+def _call_fwd(x, a, b, vals, ps: PaddedSupport, scale, bt, interpret,
+              tiles):
   """x (tokens, d_in) @ W, W = scale a @ b + S (S given by ``ps``, ``vals``
   laid out the same way)."""
   tokens, d_in = x.shape
   rank, d_out = b.shape
-  bk = sk.tile_for(d_in, sk.DEFAULT_TILE)
-  bn = sk.tile_for(d_out, sk.DEFAULT_TILE)
+  bk, bn = tiles
   nb = _block_out(d_out)
   kernel = functools.partial(_fwd_kernel, scale=scale, bk=bk, bn=bn,
                              n_tn=d_out // bn)
@@ -241,13 +269,12 @@ def _dvals_kernel(start_ref, count_ref, x_ref, dy_ref, rows_ref, cols_ref,
     _for_each_tile(j, d_in, bk, bn, nb, n_tn, tile)
 
 
-def _call_dvals(x, dy, ps: PaddedSupport, bt, interpret):
+def _call_dvals(x, dy, ps: PaddedSupport, bt, interpret, tiles):
   """(chunks, 128) float32: G[row, col] for every slot of ``ps`` (padding
   slots hold G at the tile's corner; callers drop them)."""
   tokens, d_in = x.shape
   d_out = dy.shape[1]
-  bk = sk.tile_for(d_in, sk.DEFAULT_TILE)
-  bn = sk.tile_for(d_out, sk.DEFAULT_TILE)
+  bk, bn = tiles
   nb = _block_out(d_out)
   kernel = functools.partial(_dvals_kernel, bk=bk, bn=bn, n_tn=d_out // bn,
                              n_i=tokens // bt)
@@ -279,12 +306,13 @@ class _Static(NamedTuple):
   scale: float
   bt: int
   interpret: object
+  tiles: tuple   # (bk, bn) of W
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _sltrain(x, a, b, values, fwd_ps, bwd_ps, st: _Static):
   return _call_fwd(x, a, b, _layout_values(values, fwd_ps), fwd_ps, st.scale,
-                   st.bt, st.interpret)
+                   st.bt, st.interpret, st.tiles)
 
 
 def _vjp_fwd(x, a, b, values, fwd_ps, bwd_ps, st):
@@ -296,9 +324,10 @@ def _vjp_bwd(st, res, dy):
   x, a, b, values, fwd_ps, bwd_ps = res
   # dx = dy W^T: the same kernel on W^T = scale b^T a^T + S^T.
   dx = _call_fwd(dy, b.T, a.T, _layout_values(values, bwd_ps), bwd_ps,
-                 st.scale, st.bt, st.interpret)
+                 st.scale, st.bt, st.interpret, st.tiles[::-1])
   da, db = sk.lowrank_grads(x, dy, a, b, st.scale)
-  dv_slots = _call_dvals(x, dy, fwd_ps, st.bt, st.interpret).reshape(-1)
+  dv_slots = _call_dvals(x, dy, fwd_ps, st.bt, st.interpret,
+                         st.tiles).reshape(-1)
   dv = jnp.zeros(values.shape, jnp.float32).at[fwd_ps.order].set(
       dv_slots[fwd_ps.pos])
   zero = lambda ps: jax.tree.map(jnp.zeros_like, ps)
@@ -339,11 +368,21 @@ def sltrain_matmul_tpu(x, a, b, values, indices, scale: float, *,
   if orders is not None and orders.shape != (2, indices.shape[0]):
     raise ValueError(f"orders must have shape (2, {indices.shape[0]}) (from "
                      f"support_orders), got {orders.shape}.")
-  fwd_o, bwd_o = (None, None) if orders is None else (orders[0], orders[1])
-  fwd_ps = padded_support(indices, d_in, d_out, fwd_o)
-  bwd_ps = padded_support(sk.transposed_indices(indices, d_in, d_out), d_out,
-                          d_in, bwd_o)
-  st = _Static(float(scale), bt, interpret)
-  y = _sltrain(x2, a.astype(x.dtype), b.astype(x.dtype),
+  d_in_p, d_out_p, bk, bn = padded_dims(d_in, d_out)
+  fwd_o, bwd_o = (orders[0], orders[1]) if (
+      orders is not None and (bk, bn) == _default_tiles(d_in, d_out)) else (
+          None, None)
+  # Feature counts off whole lanes are zero-padded (the pads' and the
+  # slice's gradients drop the padding); the support keeps its (row, col).
+  idx = (indices // d_out) * d_out_p + indices % d_out
+  fwd_ps = padded_support(idx, d_in_p, d_out_p, fwd_o, (bk, bn))
+  bwd_ps = padded_support(sk.transposed_indices(idx, d_in_p, d_out_p),
+                          d_out_p, d_in_p, bwd_o, (bn, bk))
+  st = _Static(float(scale), bt, interpret, (bk, bn))
+  pad = lambda v, axis, n: v if n == 0 else jnp.pad(
+      v, [(0, n if i == axis else 0) for i in range(v.ndim)])
+  y = _sltrain(pad(x2, 1, d_in_p - d_in),
+               pad(a.astype(x.dtype), 0, d_in_p - d_in),
+               pad(b.astype(x.dtype), 1, d_out_p - d_out),
                values.astype(x.dtype), fwd_ps, bwd_ps, st)
-  return y.reshape(*x.shape[:-1], d_out)
+  return y[:, :d_out].reshape(*x.shape[:-1], d_out)
