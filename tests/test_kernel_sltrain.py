@@ -61,6 +61,27 @@ def test_dvalues_writes_only_the_support(monkeypatch):
   assert bool(jnp.isnan(dv[idx.shape[0]:]).all())
 
 
+def test_dvalues_picks_entries_exactly_on_gpus(monkeypatch, capsys):
+  """Triton runs float32 dots as TF32 unless told otherwise: the dvalues
+  kernel's one-hot pick of its accumulated G must lower to an IEEE dot (an
+  exact selection), while G's accumulation stays TF32 as XLA's default is."""
+  orig = sk.pl.pallas_call
+  monkeypatch.setattr(sk.pl, "pallas_call",
+                      lambda *a, **k: orig(*a, **{**k, "debug": True}))
+  s = jax.ShapeDtypeStruct
+  args = [s((64, 64), jnp.float32), s((64, 16), jnp.float32),
+          s((16, 64), jnp.float32), s((100,), jnp.float32),
+          s((100,), jnp.int32)]
+  cross_lower(lambda x, a, b, v, i: sk.sltrain_matmul_pallas(
+      x, a, b, v, i, 2.0, block_tokens=32, interpret=False, platform="cuda"),
+              args, "cuda", (3,))
+  module = capsys.readouterr().out.split(
+      "The Triton module for pallas_call sltrain_dvalues")[1]
+  dots = [line for line in module.splitlines() if "tt.dot" in line]
+  assert len(dots) == 2, dots
+  assert sum("inputPrecision = tf32" in d for d in dots) == 1, dots
+
+
 def test_tile_support_groups_entries_by_tile():
   idx = ops.draw_support(jax.random.key(3), 32, 48, 0.2)
   ts = sk.tile_support(idx, 32, 48, 8, 16, 4)

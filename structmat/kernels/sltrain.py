@@ -278,8 +278,11 @@ def _dvals_kernel(off_ref, x_ref, dy_ref, rows_ref, cols_ref, dv_ref, *, bt,
     sl = pl.ds(s, chunk)
     one_r = jnp.where(rows_ref[sl][:, None] == rid, 1.0, 0.0)   # (chunk, bk)
     one_c = jnp.where(cols_ref[sl][:, None] == cid, 1.0, 0.0)   # (chunk, bn)
+    # HIGHEST: Triton runs float32 dots as TF32 otherwise, which would round
+    # the accumulated G to 10 mantissa bits; IEEE picks its entries exactly.
     picked = jnp.sum(jax.lax.dot_general(
         one_r, g, (((1,), (0,)), ((), ())),
+        precision=jax.lax.Precision.HIGHEST,
         preferred_element_type=jnp.float32) * one_c, axis=1)
     # Masked: the chunk's tail belongs to the next tile (another program).
     plt.store(dv_ref.at[sl], picked.astype(dv_ref.dtype), mask=s + pos < end)
