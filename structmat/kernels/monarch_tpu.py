@@ -99,10 +99,11 @@ def padded_blocks(w1_shape, w2_shape, itemsize: int) -> tuple[int, int]:
   k, _, p = w1_shape
   l, s, _ = w2_shape
   rows = _sublanes(itemsize)
-  up = lambda v, n: -(-v // (m := math.lcm(rows, LANES // math.gcd(n, LANES))
-                             )) * m
-  return (p if (k * p) % LANES == 0 and p % rows == 0 else up(p, k),
-          s if (l * s) % LANES == 0 and s % rows == 0 else up(s, l))
+
+  def up(v: int, blocks: int) -> int:   # blocks * v whole lanes, v whole rows
+    step = math.lcm(rows, LANES // math.gcd(blocks, LANES))
+    return -(-v // step) * step
+  return up(p, k), up(s, l)
 
 
 def padding_problem(w1_shape, w2_shape, itemsize: int) -> str | None:

@@ -377,6 +377,19 @@ def _vjp_bwd(st, res, dy):
 _sltrain.defvjp(_vjp_fwd, _vjp_bwd)
 
 
+def zero_padded(x, a, b, indices, d_in: int, d_out: int):
+  """x (tokens, in), a (in, r), b (r, out) zero-padded to ``d_in`` inputs
+  and ``d_out`` outputs, and the support's flat indices into the padded
+  (d_in, d_out) kernel (each entry keeps its row and column, so its tile
+  order). The pads' and the caller's slice's gradients drop the padding."""
+  n_in, n_out = a.shape[0], b.shape[1]
+  pad = lambda v, axis, n: v if n == 0 else jnp.pad(
+      v, [(0, n if i == axis else 0) for i in range(v.ndim)])
+  return (pad(x, 1, d_in - n_in), pad(a, 0, d_in - n_in),
+          pad(b, 1, d_out - n_out),
+          (indices // n_out) * d_out + indices % n_out)
+
+
 def sltrain_matmul_pallas(x, a, b, values, indices, scale: float, *,
                           orders=None, block_tokens: int = 128,
                           block_in: int = DEFAULT_TILE,
@@ -414,18 +427,11 @@ def sltrain_matmul_pallas(x, a, b, values, indices, scale: float, *,
                      f"support_orders), got {orders.shape}.")
   fwd_o, bwd_o = (orders[0], orders[1]) if (
       orders is not None and (bk, bn) == default) else (None, None)
-  # Dims no tile divides are zero-padded to whole tiles (the gradients of the
-  # pads and the slice drop the padding again); the support keeps its (row,
-  # col) and so its tile order.
-  idx = (indices // d_out) * d_out_p + indices % d_out
+  x2, a, b, idx = zero_padded(x2, a.astype(x.dtype), b.astype(x.dtype),
+                              indices, d_in_p, d_out_p)
   fwd_ts = tile_support(idx, d_in_p, d_out_p, bk, bn, chunk, fwd_o)
   t_idx = transposed_indices(idx, d_in_p, d_out_p)
   bwd_ts = tile_support(t_idx, d_out_p, d_in_p, bn, bk, chunk, bwd_o)
   st = _Static(float(scale), bt, bk, bn, chunk, interpret, platform)
-  pad = lambda v, axis, n: v if n == 0 else jnp.pad(
-      v, [(0, n if i == axis else 0) for i in range(v.ndim)])
-  y = _sltrain(pad(x2, 1, d_in_p - d_in), pad(a.astype(x.dtype), 0,
-                                              d_in_p - d_in),
-               pad(b.astype(x.dtype), 1, d_out_p - d_out),
-               values.astype(x.dtype), fwd_ts, bwd_ts, st)
+  y = _sltrain(x2, a, b, values.astype(x.dtype), fwd_ts, bwd_ts, st)
   return y[:, :d_out].reshape(*x.shape[:-1], d_out)

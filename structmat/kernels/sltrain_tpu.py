@@ -372,17 +372,12 @@ def sltrain_matmul_tpu(x, a, b, values, indices, scale: float, *,
   fwd_o, bwd_o = (orders[0], orders[1]) if (
       orders is not None and (bk, bn) == _default_tiles(d_in, d_out)) else (
           None, None)
-  # Feature counts off whole lanes are zero-padded (the pads' and the
-  # slice's gradients drop the padding); the support keeps its (row, col).
-  idx = (indices // d_out) * d_out_p + indices % d_out
+  # Feature counts off whole lanes are zero-padded.
+  x2, a, b, idx = sk.zero_padded(x2, a.astype(x.dtype), b.astype(x.dtype),
+                                 indices, d_in_p, d_out_p)
   fwd_ps = padded_support(idx, d_in_p, d_out_p, fwd_o, (bk, bn))
   bwd_ps = padded_support(sk.transposed_indices(idx, d_in_p, d_out_p),
                           d_out_p, d_in_p, bwd_o, (bn, bk))
   st = _Static(float(scale), bt, interpret, (bk, bn))
-  pad = lambda v, axis, n: v if n == 0 else jnp.pad(
-      v, [(0, n if i == axis else 0) for i in range(v.ndim)])
-  y = _sltrain(pad(x2, 1, d_in_p - d_in),
-               pad(a.astype(x.dtype), 0, d_in_p - d_in),
-               pad(b.astype(x.dtype), 1, d_out_p - d_out),
-               values.astype(x.dtype), fwd_ps, bwd_ps, st)
+  y = _sltrain(x2, a, b, values.astype(x.dtype), fwd_ps, bwd_ps, st)
   return y[:, :d_out].reshape(*x.shape[:-1], d_out)
