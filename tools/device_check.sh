@@ -4,7 +4,8 @@
 #      (the losses of identical steps and the step times; auto now
 #      materializes these widths), and the 60M dense baseline;
 #   2. compiled (not interpreted) kernels against the XLA reference, forward and
-#      gradients, bf16 then f32, on fresh random inputs (elapsed seconds per line);
+#      gradients, on fresh random inputs, never-compiled shapes first (elapsed
+#      seconds per line);
 #   3. the kernel benchmark (bf16 sweep over n, tokens and nblocks, the sizes
 #      not yet timed first; f32 at n=4096), then the SLTrain forward's anatomy;
 #   4. GPT-2 small (124M, 65,536 tokens per step, vocab 50257): dense, Monarch;
@@ -84,15 +85,38 @@ import os, time
 import jax, jax.numpy as jnp
 from structmat import ops
 from structmat.kernels import blockdiag_matmul_pallas, monarch as mk
+from structmat.kernels import monarch_mgpu as mg, sltrain as sk
 quick = os.environ["QUICK"] == "1"
-# (n_in, n_out, nblocks, tokens). 768 = 4 x 192: blocks padded to powers of
-# two (masked loads and stores); 512 <-> 1376 (LLaMA-60M's MLP, blocks of
-# 344 padded to 512): walked in 256-wide chunks, never compiled before; in
-# float32 768's chunks narrow to 128 (session 10: refused before).
-shapes = ((64, 64, 4, 32), (96, 96, 4, 32), (256, 688, 2, 32)) if quick else (
-    (1024, 1024, 4, 512), (1024, 1024, 16, 16384), (4096, 4096, 16, 16384),
-    (2048, 2048, 8, 4096), (768, 768, 4, 4096), (512, 1376, 4, 4096),
-    (1376, 512, 4, 4096))
+bf16, fp32 = jnp.bfloat16, jnp.float32
+TOL = {bf16: 2e-2, fp32: 2e-3}
+# (kind, dtype, shape), never-compiled shapes first: the 120 s may not reach
+# the end (Triton compiles each shape for seconds). Monarch / blockdiag
+# shapes are (n_in, n_out, nblocks, tokens): 512 <-> 1376 (LLaMA-60M's MLP,
+# blocks of 344 padded to 512) walked in 256-wide chunks; 768 = 4 x 192
+# padded to powers of two, in float32 in 128-wide chunks (session 10:
+# refused before). SLTrain (n_in, n_out, tokens): 512 -> 1365 has no tile,
+# so the kernel zero-pads it to 1408 (as LLaMA-1B's 5461-wide MLP). Mosaic
+# GPU (n, nblocks, tokens): the LLaMA-60M / -130M attention shapes.
+if quick:
+  checks = ([("monarch", d, s) for d in (bf16, fp32) for s in (
+                (64, 64, 4, 32), (96, 96, 4, 32), (256, 688, 2, 32))]
+            + [("mgpu", bf16, (128, 2, 128))]
+            + [("sltrain", d, s) for d in (bf16, fp32)
+               for s in ((256, 256, 64), (64, 100, 64))])
+else:
+  checks = ([("monarch", bf16, (512, 1376, 4, 4096)),
+             ("monarch", bf16, (1376, 512, 4, 4096)),
+             ("monarch", fp32, (768, 768, 4, 4096)),
+             ("sltrain", bf16, (512, 1365, 512)),
+             ("sltrain", fp32, (512, 1365, 512)),
+             ("monarch", fp32, (512, 1376, 4, 4096)),
+             ("mgpu", bf16, (512, 4, 4096)), ("mgpu", bf16, (768, 4, 4096)),
+             ("monarch", bf16, (768, 768, 4, 4096))]
+            + [("monarch", d, s) for d in (bf16, fp32) for s in (
+                (1024, 1024, 4, 512), (1024, 1024, 16, 16384),
+                (4096, 4096, 16, 16384), (2048, 2048, 8, 4096))]
+            + [("sltrain", d, s) for d in (bf16, fp32)
+               for s in ((1024, 1024, 512), (4096, 4096, 4096))])
 f32 = lambda *a: [v.astype(jnp.float32) for v in a]
 t0 = time.time()
 _print = print
@@ -100,89 +124,75 @@ print = lambda *a, **k: _print(f"[{time.time() - t0:5.0f}s]", *a, **k)
 # Relative L2 error of a kernel's result against the float32 reference.
 rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b)
                          / (jnp.linalg.norm(b) + 1e-30))
-for dtype, tol in ((jnp.bfloat16, 2e-2), (jnp.float32, 2e-3)):
-  for n, n_out, nb, t in shapes:
-    k = jax.random.split(jax.random.key(n * nb + t), 4)
-    s1, s2, _, _ = ops.monarch_shapes(n, n_out, nb)
-    x = jax.random.normal(k[0], (t, n), dtype)
-    w1 = (jax.random.normal(k[1], s1) / s1[2]**.5).astype(dtype)
-    w2 = (jax.random.normal(k[2], s2) / s2[2]**.5).astype(dtype)
-    g = jax.random.normal(k[3], (t, n_out), dtype)
-    for name, ker, ref in (
-        ("monarch", lambda x, a, c: mk.monarch_matmul_pallas(
-            x, a, c, block_tokens=mk.fit_block_tokens(
-                t, a.shape, c.shape, x.dtype.itemsize, jax.default_backend(), 64)),
-         lambda x, a, c: ops.monarch_matmul(*f32(x, a, c))),
-        ("blockdiag", lambda x, a, c: blockdiag_matmul_pallas(x, a, block_tokens=min(64, t)),
-         lambda x, a, c: ops.blockdiag_matmul(*f32(x, a)))):
-      b = n // nb
-      if name == "blockdiag" and (b & (b - 1) or n != n_out):
-        continue  # its Triton blocks must be powers of two (no padding)
-      try:
-        loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * g)
-        ga = jax.jit(jax.grad(loss(ker), argnums=(0, 1, 2)))(x, w1, w2)
-        gb = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(x, w1, w2)
-        errs = [rel(a, b) for a, b in zip(ga, gb)]
-        y, r = jax.jit(ker)(x, w1, w2), jax.jit(ref)(x, w1, w2)
-        e = rel(y, r)
-        ok = all(v < tol for v in [e] + errs[:2 if name == "blockdiag" else 3])
-        print(name, jnp.dtype(dtype).name, f"n={n}->{n_out} nb={nb} t={t}", f"fwd {e:.1e}",
-              "grads", [f"{v:.1e}" for v in errs], "OK" if ok else "FAIL", flush=True)
-      except Exception as ex:  # a shape the kernel cannot compile: report, go on
-        print(name, jnp.dtype(dtype).name, f"n={n}->{n_out} nb={nb} t={t}", "ERROR",
-              f"{type(ex).__name__}: {str(ex)[:400]}", flush=True)
-  # The Mosaic GPU Monarch forward (Hopper; 16-bit only), at the LLaMA-60M
-  # and -130M attention shapes, whose factors fit shared memory.
-  from structmat.kernels import monarch_mgpu as mg
-  for n, nb, t in ((128, 2, 128),) if quick else ((512, 4, 4096), (768, 4, 4096)):
-    if jnp.dtype(dtype).itemsize != 2:
-      continue
-    k = jax.random.split(jax.random.key(n + t), 3); b = n // nb
-    x = jax.random.normal(k[0], (t, n), dtype)
-    w1 = (jax.random.normal(k[1], (nb, b, b)) / b**.5).astype(dtype)
-    w2 = (jax.random.normal(k[2], (nb, b, b)) / b**.5).astype(dtype)
-    try:
-      y = jax.jit(mg.monarch_matmul_mgpu)(x, w1, w2).astype(jnp.float32)
-      r = ops.monarch_matmul(*f32(x, w1, w2))
-      gy = jax.random.normal(k[0], r.shape, jnp.float32)
-      dx = jax.jit(jax.grad(lambda v: jnp.sum(
-          mg.monarch_matmul_mgpu(v, w1, w2).astype(jnp.float32) * gy)))(x)
-      dr = jax.grad(lambda v: jnp.sum(
-          ops.monarch_matmul(v, *f32(w1, w2)) * gy))(f32(x)[0])
-      e, ex = rel(y, r), rel(dx, dr)
-      print("monarch mgpu", jnp.dtype(dtype).name, f"n={n} nb={nb} t={t}",
-            f"fwd {e:.1e} dx {ex:.1e}", "OK" if max(e, ex) < tol else "FAIL",
-            flush=True)
-    except Exception as ex:
-      print("monarch mgpu", f"n={n} nb={nb} t={t}", "ERROR",
-            f"{type(ex).__name__}: {str(ex)[:400]}", flush=True)
-  # SLTrain: rank n/32, 3% support (the kernel never writes the dense W).
-  # 512 -> 1365: no tile divides 1365, so the kernel zero-pads it to 1408
-  # (as LLaMA-1B's 5461-wide MLP; session 10, never compiled before).
-  from structmat.kernels import sltrain as sk
-  for n, m, t in ((256, 256, 64), (64, 100, 64)) if quick else (
-      (1024, 1024, 512), (4096, 4096, 4096), (512, 1365, 512)):
-    k = jax.random.split(jax.random.key(n + t), 5); r = max(16, n // 32)
-    x = jax.random.normal(k[0], (t, n), dtype)
-    a = (jax.random.normal(k[1], (n, r)) / n**.5).astype(dtype)
-    b = (jax.random.normal(k[2], (r, m)) / r**.5).astype(dtype)
-    idx = ops.draw_support(k[3], n, m, 0.03)
-    v = (jax.random.normal(k[4], idx.shape) / n**.5).astype(dtype)
-    g = jax.random.normal(k[0], (t, m), dtype)
-    try:
-      ker = lambda x, a, b, v: sk.sltrain_matmul_pallas(x, a, b, v, idx, 1.0)
-      ref = lambda x, a, b, v: ops.sltrain_matmul(*f32(x, a, b, v), idx, 1.0)
-      loss = lambda f: lambda *z: jnp.sum(f(*z).astype(jnp.float32) * g)
-      ga = jax.jit(jax.grad(loss(ker), argnums=(0, 1, 2, 3)))(x, a, b, v)
-      gb = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2, 3)))(x, a, b, v)
-      errs = [rel(jax.jit(ker)(x, a, b, v), jax.jit(ref)(x, a, b, v))] + [
-          rel(p, q) for p, q in zip(ga, gb)]
-      print("sltrain", jnp.dtype(dtype).name, f"n={n}->{m} t={t}",
-            [f"{e:.1e}" for e in errs], "OK" if max(errs) < tol else "FAIL",
-            flush=True)
-    except Exception as ex:
-      print("sltrain", jnp.dtype(dtype).name, f"n={n}->{m} t={t}", "ERROR",
-            f"{type(ex).__name__}: {str(ex)[:400]}", flush=True)
+loss = lambda f, g: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * g)
+
+
+def grads_vs_ref(ker, ref, args, g):
+  """Relative errors of the value and of every argument's gradient."""
+  n = tuple(range(len(args)))
+  ga = jax.jit(jax.grad(loss(ker, g), argnums=n))(*args)
+  gb = jax.jit(jax.grad(loss(ref, g), argnums=n))(*args)
+  return [rel(jax.jit(ker)(*args), jax.jit(ref)(*args))] + [
+      rel(p, q) for p, q in zip(ga, gb)]
+
+
+def monarch(dtype, n, n_out, nb, t):
+  k = jax.random.split(jax.random.key(n * nb + t), 4)
+  s1, s2, _, _ = ops.monarch_shapes(n, n_out, nb)
+  x = jax.random.normal(k[0], (t, n), dtype)
+  w1 = (jax.random.normal(k[1], s1) / s1[2]**.5).astype(dtype)
+  w2 = (jax.random.normal(k[2], s2) / s2[2]**.5).astype(dtype)
+  g = jax.random.normal(k[3], (t, n_out), dtype)
+  bt = mk.fit_block_tokens(t, s1, s2, x.dtype.itemsize, jax.default_backend(),
+                           64)
+  yield "monarch", grads_vs_ref(
+      lambda x, a, c: mk.monarch_matmul_pallas(x, a, c, block_tokens=bt),
+      lambda x, a, c: ops.monarch_matmul(*f32(x, a, c)), (x, w1, w2), g)
+  b = n // nb
+  if b & (b - 1) == 0 and n == n_out:  # Triton blocks: powers of two
+    yield "blockdiag", grads_vs_ref(
+        lambda x, a: blockdiag_matmul_pallas(x, a, block_tokens=min(64, t)),
+        lambda x, a: ops.blockdiag_matmul(*f32(x, a)), (x, w1), g[:, :n])
+
+
+def mgpu(dtype, n, nb, t):
+  # The Mosaic GPU forward and dx (its dw goes through the Triton kernels).
+  k = jax.random.split(jax.random.key(n + t), 4); b = n // nb
+  x = jax.random.normal(k[0], (t, n), dtype)
+  w1 = (jax.random.normal(k[1], (nb, b, b)) / b**.5).astype(dtype)
+  w2 = (jax.random.normal(k[2], (nb, b, b)) / b**.5).astype(dtype)
+  g = jax.random.normal(k[3], (t, n), dtype)
+  errs = grads_vs_ref(lambda v: mg.monarch_matmul_mgpu(v, w1, w2),
+                      lambda v: ops.monarch_matmul(*f32(v, w1, w2)), (x,), g)
+  yield "monarch mgpu", errs
+
+
+def sltrain(dtype, n, m, t):
+  # rank n/32, 3% support (the kernel never writes the dense W).
+  k = jax.random.split(jax.random.key(n + t), 5); r = max(16, n // 32)
+  x = jax.random.normal(k[0], (t, n), dtype)
+  a = (jax.random.normal(k[1], (n, r)) / n**.5).astype(dtype)
+  b = (jax.random.normal(k[2], (r, m)) / r**.5).astype(dtype)
+  idx = ops.draw_support(k[3], n, m, 0.03)
+  v = (jax.random.normal(k[4], idx.shape) / n**.5).astype(dtype)
+  g = jax.random.normal(k[0], (t, m), dtype)
+  yield "sltrain", grads_vs_ref(
+      lambda x, a, b, v: sk.sltrain_matmul_pallas(x, a, b, v, idx, 1.0),
+      lambda x, a, b, v: ops.sltrain_matmul(*f32(x, a, b, v), idx, 1.0),
+      (x, a, b, v), g)
+
+
+RUN = {"monarch": monarch, "mgpu": mgpu, "sltrain": sltrain}
+for kind, dtype, shape in checks:
+  what = f"{jnp.dtype(dtype).name} {shape}"
+  try:
+    for name, errs in RUN[kind](dtype, *shape):
+      ok = max(errs) < TOL[dtype]
+      print(name, what, "value, grads", [f"{e:.1e}" for e in errs],
+            "OK" if ok else "FAIL", flush=True)
+  except Exception as ex:  # a shape a kernel cannot compile: report, go on
+    print(kind, what, "ERROR", f"{type(ex).__name__}: {str(ex)[:400]}",
+          flush=True)
 PY
 fi
 
