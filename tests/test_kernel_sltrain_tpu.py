@@ -130,7 +130,7 @@ def test_supported_names_the_constraint():
   # where they divide the padded dims.
   assert stk.supported(256, 96, 128, 4, 100, 128) is None
   assert stk.padded_dims(1376, 5461) == (1408, 5504, 32, 64)
-  assert stk.padded_dims(48, 128) == (128, 128, 64, 64)    # 48 | 128 not
+  assert stk.padded_dims(48, 128) == (128, 128, 64, 64)  # tile 48 cannot stay
   assert "VMEM" in stk.supported(4096, 8192, 8192, 512, 2_000_000, 512)
   assert stk.supported(256, 128, 256, 8, 100, 128) is None
   x, a, b, v, idx, _ = _inputs(100, 128, 128, 4, 0.1, jnp.float32)
