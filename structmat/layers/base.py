@@ -11,8 +11,9 @@ forward product from those parameters) and ``kernel_from`` (the explicit dense
 (in, out) kernel, the reference every test compares against), plus analytic
 ``param_count`` and ``flops_per_token``.
 """
+import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -22,6 +23,27 @@ from structmat.layers import init as sm_init
 
 Array = jax.Array
 INIT_SCHEMES = ("reference", "mup")
+
+
+class Elementwise(NamedTuple):
+  """A layer input given as ``fn(*args)``, fn elementwise (``apply_to``)."""
+  fn: Callable
+  args: tuple
+
+
+def apply_to(layer, fn: Callable, *args):
+  """``layer(fn(*args))``, for an input that is an elementwise function of
+  other activations (the LLaMA MLP's silu(gate) * up). A layer whose
+  backward can rebuild its input a block at a time (``rebuilds_input``:
+  SLTrain with ``kernel_block``) gets fn and args instead, so fn(*args) is
+  not kept for the backward pass (the args are kept anyway)."""
+  if getattr(layer, "rebuilds_input", False):
+    return layer(Elementwise(fn, args))
+  return layer(fn(*args))
+
+
+def _cast_out(fn, dtype, *args):
+  return fn(*args).astype(dtype)
 
 
 class StructuredLinear(nn.Module):
@@ -93,22 +115,37 @@ class StructuredLinear(nn.Module):
     return self.param("bias", nn.with_logical_partitioning(
         init, (self.kernel_axes[1],)), (self.features,), self.param_dtype)
 
+  rebuilds_input = False   # takes an ``Elementwise`` input (``apply_to``)
+
+  def compute_of(self, fn: Callable, args: tuple, p: dict[str, Array]) -> Array:
+    """compute(fn(*args), p) without keeping fn(*args) for the backward;
+    layers with ``rebuilds_input`` define it."""
+    raise NotImplementedError
+
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """(..., in) -> (..., features)."""
-    in_features = x.shape[-1]
+  def __call__(self, x: Array | Elementwise) -> Array:
+    """(..., in) -> (..., features); x may be an ``Elementwise`` input when
+    the layer ``rebuilds_input``."""
+    fused = isinstance(x, Elementwise)
+    inputs = x.args if fused else (x,)
+    in_features = inputs[0].shape[-1]
     self.check(in_features)
     p = self.make_params(in_features)
-    dtype = self.dtype or jnp.result_type(x, *[
+    dtype = self.dtype or jnp.result_type(*inputs, *[
         v for v in p.values() if jnp.issubdtype(v.dtype, jnp.floating)])
     p = {k: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
          for k, v in p.items()}
     bias = self._bias(in_features).astype(dtype) if self.use_bias else None
     # Ops see 2-D (tokens, in): XLA:CPU runs a weight gradient that contracts
     # over several batch dims on a slow path (6x the forward for the MLP).
-    batch_shape = x.shape[:-1]
-    y = self.compute_with_bias(x.reshape(-1, in_features).astype(dtype), p,
-                               bias)
+    batch_shape = inputs[0].shape[:-1]
+    if fused:
+      y = self.compute_of(functools.partial(_cast_out, x.fn, dtype),
+                          tuple(v.reshape(-1, in_features) for v in inputs), p)
+      y = y if bias is None else y + bias
+    else:
+      y = self.compute_with_bias(x.reshape(-1, in_features).astype(dtype), p,
+                                 bias)
     return y.reshape(*batch_shape, y.shape[-1])
 
   def compute_with_bias(self, x: Array, p: dict[str, Array],

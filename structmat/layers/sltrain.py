@@ -84,6 +84,17 @@ class SparsePlusLowRank(StructuredLinear):
                               impl=self.impl, orders=p["tile_orders"],
                               block=self.kernel_block)
 
+  @property
+  def rebuilds_input(self) -> bool:
+    """With ``kernel_block`` on the XLA path the backward rebuilds W a row
+    block at a time, and so can rebuild the input (``compute_of``)."""
+    return bool(self.kernel_block) and self.impl == "xla"
+
+  def compute_of(self, fn, args, p):
+    return ops.sltrain_matmul_blocked_of(
+        fn, args, p["lora_a"], p["lora_b"], p["values"], p["indices"],
+        self.alpha / self.rank, self.kernel_block)
+
   def kernel_from(self, p, in_features):
     return ops.sltrain_kernel(p["lora_a"], p["lora_b"], p["values"],
                               p["indices"], self.alpha / self.rank)

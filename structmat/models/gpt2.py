@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from structmat.layers import apply_to
 from structmat.models.llama import LlamaConfig, _linear, attend
 
 GPT2_SITES = ("q", "k", "v", "o", "fc", "proj")
@@ -81,6 +82,10 @@ class GPT2Attention(nn.Module):
     return lin("o", d, ("heads", "embed"))(out)
 
 
+def gelu(h):
+  return nn.gelu(h, approximate=True)
+
+
 class GPT2MLP(nn.Module):
   cfg: GPT2Config
   layer: int = 0
@@ -89,8 +94,8 @@ class GPT2MLP(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     lin = functools.partial(_linear, cfg, self.layer, use_bias=True)
-    h = nn.gelu(lin("fc", cfg.d_ff, ("embed", "mlp"))(x), approximate=True)
-    return lin("proj", cfg.d_model, ("mlp", "embed"))(h)
+    h = lin("fc", cfg.d_ff, ("embed", "mlp"))(x)
+    return apply_to(lin("proj", cfg.d_model, ("mlp", "embed")), gelu, h)
 
 
 class GPT2Block(nn.Module):

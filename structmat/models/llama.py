@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from structmat.layers import LINEARS, make_linear
+from structmat.layers import LINEARS, apply_to, make_linear
 from structmat.layers.adapters import CompacterAdapter
 from structmat.layers.phm import PHMRule
 
@@ -251,6 +251,10 @@ class Attention(nn.Module):
     return lin("o", cfg.d_model, ("heads", "embed"))(out)
 
 
+def swiglu(gate, up):
+  return nn.silu(gate) * up
+
+
 class MLP(nn.Module):
   cfg: LlamaConfig
   layer: int = 0
@@ -261,7 +265,10 @@ class MLP(nn.Module):
     lin = functools.partial(_linear, cfg, self.layer)
     gate = lin("gate", cfg.d_ff, ("embed", "mlp"))(x)
     up = lin("up", cfg.d_ff, ("embed", "mlp"))(x)
-    return lin("down", cfg.d_model, ("mlp", "embed"))(nn.silu(gate) * up)
+    # apply_to: an SLTrain down projection with kernel_block rebuilds its
+    # input from gate and up in its backward instead of keeping it.
+    return apply_to(lin("down", cfg.d_model, ("mlp", "embed")), swiglu, gate,
+                    up)
 
 
 class Block(nn.Module):

@@ -6,6 +6,7 @@ from structmat.ops.monarch import (monarch_matmul, monarch_matmul_dense,
                                    monarch_to_dense)
 from structmat.ops.nola import combine_bases
 from structmat.ops.phm import phm_kernel, phm_matmul
-from structmat.ops.sltrain_blocked import sltrain_matmul_blocked
+from structmat.ops.sltrain_blocked import (sltrain_matmul_blocked,
+                                          sltrain_matmul_blocked_of)
 from structmat.ops.sparse_lowrank import (draw_support, sltrain_kernel,
                                           sltrain_matmul, sparse_to_dense)

@@ -73,20 +73,24 @@ def _fwd(x, a, b, values, indices, scale, blocks):
           (x, a, b, values, indices))
 
 
-def _bwd(scale, blocks, res, dy):
-  x, a, b, values, indices = res
-  d_in, d_out = a.shape[0], b.shape[1]
-  block = blocks[1]
+def _backward(a, b, values, indices, scale, block, dy, x_rows, n_in):
+  """The gradients of y = x W through row blocks of W. ``x_rows(start)``
+  gives (x[:, I], pull) for the block I at ``start``: pull(dx[:, I]) -> the
+  block's part of the input gradients (a tuple), written back at ``start``
+  along axis 1 of each input. Returns (input gradients, da, db, dvalues)."""
+  d_out = b.shape[1]
   row, col = indices // d_out, indices % d_out
-  starts, los = _starts(d_in, block)
+  starts, los = _starts(n_in, block)
 
   def body(carry, start_lo):
-    dx, da, db, dv = carry
+    dins, da, db, dv = carry
     start, lo = start_lo
     w = _kernel_block(a, b, values, row, col, scale, start, block, 0)
-    dx = jax.lax.dynamic_update_slice_in_dim(
-        dx, dy @ w.astype(dy.dtype).T, start, 1)
-    xi = jax.lax.dynamic_slice_in_dim(x, start, block, 1)
+    xi, pull = x_rows(start)
+    parts = pull(dy @ w.astype(dy.dtype).T)                  # dx[:, I] ...
+    dins = tuple(jax.lax.dynamic_update_slice_in_dim(d, p.astype(d.dtype),
+                                                     start, 1)
+                 for d, p in zip(dins, parts))
     dw = jnp.dot(xi.T, dy, preferred_element_type=jnp.float32)  # (block, out)
     # Rows before lo belong to the previous block (an overlapping last one).
     own = (jnp.arange(block) + start >= lo)[:, None]
@@ -96,16 +100,60 @@ def _bwd(scale, blocks, res, dy):
     db = db + scale * (ai.T @ jnp.where(own, dw, 0.0))
     mine = (row >= lo) & (row < start + block)
     dv = dv + jnp.where(mine, dw[jnp.clip(row - start, 0, block - 1), col], 0.0)
-    return (dx, da, db, dv), None
+    return (dins, da, db, dv), None
 
-  init = (jnp.zeros(x.shape, dy.dtype), jnp.zeros(a.shape, jnp.float32),
-          jnp.zeros(b.shape, jnp.float32), jnp.zeros(values.shape, jnp.float32))
-  (dx, da, db, dv), _ = jax.lax.scan(body, init, (starts, los))
-  return (dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype),
-          dv.astype(values.dtype), None)
+  return body, starts, los
+
+
+def _run_backward(body, starts, los, ins, a, b, values, dy):
+  init = (tuple(jnp.zeros(v.shape, dy.dtype) for v in ins),
+          jnp.zeros(a.shape, jnp.float32), jnp.zeros(b.shape, jnp.float32),
+          jnp.zeros(values.shape, jnp.float32))
+  (dins, da, db, dv), _ = jax.lax.scan(body, init, (starts, los))
+  return (tuple(d.astype(v.dtype) for d, v in zip(dins, ins)),
+          da.astype(a.dtype), db.astype(b.dtype), dv.astype(values.dtype))
+
+
+def _bwd(scale, blocks, res, dy):
+  x, a, b, values, indices = res
+  block = blocks[1]
+  rows = lambda start: (jax.lax.dynamic_slice_in_dim(x, start, block, 1),
+                        lambda d: (d,))
+  body, starts, los = _backward(a, b, values, indices, scale, block, dy, rows,
+                                a.shape[0])
+  (dx,), da, db, dv = _run_backward(body, starts, los, (x,), a, b, values, dy)
+  return dx, da, db, dv, None
 
 
 _blocked.defvjp(_fwd, _bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7))
+def _blocked_of(fn, args, a, b, values, indices, scale, blocks):
+  return _blocked(fn(*args), a, b, values, indices, scale, blocks)
+
+
+def _fwd_of(fn, args, a, b, values, indices, scale, blocks):
+  # x = fn(*args) is transient: the backward rebuilds it a block at a time.
+  return (_blocked_of(fn, args, a, b, values, indices, scale, blocks),
+          (args, a, b, values, indices))
+
+
+def _bwd_of(fn, scale, blocks, res, dy):
+  args, a, b, values, indices = res
+  block = blocks[1]
+
+  def rows(start):
+    xi, pull = jax.vjp(fn, *[jax.lax.dynamic_slice_in_dim(v, start, block, 1)
+                             for v in args])
+    return xi, lambda d: pull(d.astype(xi.dtype))
+  body, starts, los = _backward(a, b, values, indices, scale, block, dy, rows,
+                                a.shape[0])
+  dargs, da, db, dv = _run_backward(body, starts, los, args, a, b, values, dy)
+  return dargs, da, db, dv, None
+
+
+_blocked_of.defvjp(_fwd_of, _bwd_of)
 
 
 def sltrain_matmul_blocked(x, a, b, values, indices, scale: float, block: int):
@@ -130,3 +178,34 @@ def sltrain_matmul_blocked(x, a, b, values, indices, scale: float, block: int):
   y = _blocked(x.reshape(-1, d_in), a, b, values, indices, float(scale),
                (min(block, d_out), min(block, d_in)))
   return y.reshape(*x.shape[:-1], d_out)
+
+
+def sltrain_matmul_blocked_of(fn, args, a, b, values, indices, scale: float,
+                              block: int):
+  """``sltrain_matmul_blocked(fn(*args), ...)`` without keeping fn(*args).
+
+  For an input that is an elementwise function of other activations (the
+  LLaMA MLP's down projection takes silu(gate) * up): the backward rebuilds
+  each row block's x[:, I] = fn(*args[:, I]) from the args, which the model
+  keeps anyway, instead of keeping x as a residual (a (tokens, in) buffer
+  per layer that XLA's own autodiff of the whole-kernel path avoids by
+  recomputing the product in its backward fusions).
+
+  Args:
+    fn: elementwise in its arguments (column blocks independent).
+    args: arrays of shape (..., in), fn(*args) has shape (..., in).
+    Others: as ``sltrain_matmul_blocked``.
+
+  Returns:
+    (..., out) in fn's output dtype.
+  """
+  d_in, d_out = a.shape[0], b.shape[1]
+  shape = args[0].shape
+  if any(v.shape != shape for v in args) or shape[-1] != d_in:
+    raise ValueError(f"args must all have shape (..., {d_in}), got "
+                     f"{[v.shape for v in args]}.")
+  if block < 1:
+    raise ValueError(f"block={block}: use a positive number of columns.")
+  y = _blocked_of(fn, tuple(v.reshape(-1, d_in) for v in args), a, b, values,
+                  indices, float(scale), (min(block, d_out), min(block, d_in)))
+  return y.reshape(*shape[:-1], d_out)
