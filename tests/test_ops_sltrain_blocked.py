@@ -153,7 +153,7 @@ def test_models_rebuild_the_down_projection_input(preset, monkeypatch):
     assert_close(a, b, atol=1e-5 * scale)
 
 
-def test_apply_to_materializes_for_other_layers():
+def test_apply_to_materializes_for_other_layers(monkeypatch):
   """apply_to(layer, fn, *args) is layer(fn(*args)) for layers that do not
   rebuild their input (dense; SLTrain without kernel_block or off XLA)."""
   from structmat.layers import apply_to  # pylint: disable=import-outside-toplevel
@@ -170,6 +170,11 @@ def test_apply_to_materializes_for_other_layers():
                  layer.apply(v, fn(g, u)), atol=1e-6)
   assert make_linear("sltrain", features=5, rank=2,
                      kernel_block=4).rebuilds_input
+  auto = make_linear("sltrain", features=5, rank=2, kernel_block=4,
+                     impl="auto")
+  assert auto.rebuilds_input    # the CPU: auto runs the blocked XLA path
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert not auto.rebuilds_input   # the TPU kernel may take it there
 
 
 def test_ops_and_layer_route_block():

@@ -87,8 +87,13 @@ class SparsePlusLowRank(StructuredLinear):
   @property
   def rebuilds_input(self) -> bool:
     """With ``kernel_block`` on the XLA path the backward rebuilds W a row
-    block at a time, and so can rebuild the input (``compute_of``)."""
-    return bool(self.kernel_block) and self.impl == "xla"
+    block at a time, and so can rebuild the input (``compute_of``). That
+    path runs under impl="xla", and under "auto" off TPUs (which may take
+    the TPU kernel; on GPUs auto declines the Triton one)."""
+    if not self.kernel_block:
+      return False
+    return self.impl == "xla" or (self.impl == "auto"
+                                  and jax.default_backend() != "tpu")
 
   def compute_of(self, fn, args, p):
     return ops.sltrain_matmul_blocked_of(
