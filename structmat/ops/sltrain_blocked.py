@@ -52,8 +52,15 @@ def _kernel_block(a, b, values, r, c, scale, start, block, axis):
   return scale * low + sparse.reshape(low.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _blocked(x, a, b, values, indices, scale, blocks):
+def _identity(x):
+  return x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7))
+def _blocked(fn, args, a, b, values, indices, scale, blocks):
+  """y = fn(*args) @ W, W built a column block at a time; fn is elementwise
+  (``_identity`` for a plain input)."""
+  x = fn(*args)
   d_out = b.shape[1]
   block = blocks[0]
   starts, _ = _starts(d_out, block)
@@ -68,29 +75,30 @@ def _blocked(x, a, b, values, indices, scale, blocks):
   return y
 
 
-def _fwd(x, a, b, values, indices, scale, blocks):
-  return (_blocked(x, a, b, values, indices, scale, blocks),
-          (x, a, b, values, indices))
+def _fwd(fn, args, a, b, values, indices, scale, blocks):
+  # Only the args are kept: the backward rebuilds fn(*args) a block at a time.
+  return (_blocked(fn, args, a, b, values, indices, scale, blocks),
+          (args, a, b, values, indices))
 
 
-def _backward(a, b, values, indices, scale, block, dy, x_rows, n_in):
-  """The gradients of y = x W through row blocks of W. ``x_rows(start)``
-  gives (x[:, I], pull) for the block I at ``start``: pull(dx[:, I]) -> the
-  block's part of the input gradients (a tuple), written back at ``start``
-  along axis 1 of each input. Returns (input gradients, da, db, dvalues)."""
+def _bwd(fn, scale, blocks, res, dy):
+  args, a, b, values, indices = res
   d_out = b.shape[1]
+  block = blocks[1]
   row, col = indices // d_out, indices % d_out
-  starts, los = _starts(n_in, block)
+  starts, los = _starts(a.shape[0], block)
 
   def body(carry, start_lo):
-    dins, da, db, dv = carry
+    dargs, da, db, dv = carry
     start, lo = start_lo
     w = _kernel_block(a, b, values, row, col, scale, start, block, 0)
-    xi, pull = x_rows(start)
-    parts = pull(dy @ w.astype(dy.dtype).T)                  # dx[:, I] ...
-    dins = tuple(jax.lax.dynamic_update_slice_in_dim(d, p.astype(d.dtype),
-                                                     start, 1)
-                 for d, p in zip(dins, parts))
+    # x[:, I] = fn(args[:, I]); its gradient dy W[I, :]^T goes to the args.
+    xi, pull = jax.vjp(fn, *[jax.lax.dynamic_slice_in_dim(v, start, block, 1)
+                             for v in args])
+    parts = pull((dy @ w.astype(dy.dtype).T).astype(xi.dtype))
+    dargs = tuple(jax.lax.dynamic_update_slice_in_dim(d, p.astype(d.dtype),
+                                                      start, 1)
+                  for d, p in zip(dargs, parts))
     dw = jnp.dot(xi.T, dy, preferred_element_type=jnp.float32)  # (block, out)
     # Rows before lo belong to the previous block (an overlapping last one).
     own = (jnp.arange(block) + start >= lo)[:, None]
@@ -100,60 +108,18 @@ def _backward(a, b, values, indices, scale, block, dy, x_rows, n_in):
     db = db + scale * (ai.T @ jnp.where(own, dw, 0.0))
     mine = (row >= lo) & (row < start + block)
     dv = dv + jnp.where(mine, dw[jnp.clip(row - start, 0, block - 1), col], 0.0)
-    return (dins, da, db, dv), None
+    return (dargs, da, db, dv), None
 
-  return body, starts, los
-
-
-def _run_backward(body, starts, los, ins, a, b, values, dy):
-  init = (tuple(jnp.zeros(v.shape, dy.dtype) for v in ins),
+  init = (tuple(jnp.zeros(v.shape, dy.dtype) for v in args),
           jnp.zeros(a.shape, jnp.float32), jnp.zeros(b.shape, jnp.float32),
           jnp.zeros(values.shape, jnp.float32))
-  (dins, da, db, dv), _ = jax.lax.scan(body, init, (starts, los))
-  return (tuple(d.astype(v.dtype) for d, v in zip(dins, ins)),
-          da.astype(a.dtype), db.astype(b.dtype), dv.astype(values.dtype))
-
-
-def _bwd(scale, blocks, res, dy):
-  x, a, b, values, indices = res
-  block = blocks[1]
-  rows = lambda start: (jax.lax.dynamic_slice_in_dim(x, start, block, 1),
-                        lambda d: (d,))
-  body, starts, los = _backward(a, b, values, indices, scale, block, dy, rows,
-                                a.shape[0])
-  (dx,), da, db, dv = _run_backward(body, starts, los, (x,), a, b, values, dy)
-  return dx, da, db, dv, None
+  (dargs, da, db, dv), _ = jax.lax.scan(body, init, (starts, los))
+  return (tuple(d.astype(v.dtype) for d, v in zip(dargs, args)),
+          da.astype(a.dtype), db.astype(b.dtype), dv.astype(values.dtype),
+          None)
 
 
 _blocked.defvjp(_fwd, _bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7))
-def _blocked_of(fn, args, a, b, values, indices, scale, blocks):
-  return _blocked(fn(*args), a, b, values, indices, scale, blocks)
-
-
-def _fwd_of(fn, args, a, b, values, indices, scale, blocks):
-  # x = fn(*args) is transient: the backward rebuilds it a block at a time.
-  return (_blocked_of(fn, args, a, b, values, indices, scale, blocks),
-          (args, a, b, values, indices))
-
-
-def _bwd_of(fn, scale, blocks, res, dy):
-  args, a, b, values, indices = res
-  block = blocks[1]
-
-  def rows(start):
-    xi, pull = jax.vjp(fn, *[jax.lax.dynamic_slice_in_dim(v, start, block, 1)
-                             for v in args])
-    return xi, lambda d: pull(d.astype(xi.dtype))
-  body, starts, los = _backward(a, b, values, indices, scale, block, dy, rows,
-                                a.shape[0])
-  dargs, da, db, dv = _run_backward(body, starts, los, args, a, b, values, dy)
-  return dargs, da, db, dv, None
-
-
-_blocked_of.defvjp(_fwd_of, _bwd_of)
 
 
 def sltrain_matmul_blocked(x, a, b, values, indices, scale: float, block: int):
@@ -175,8 +141,8 @@ def sltrain_matmul_blocked(x, a, b, values, indices, scale: float, block: int):
     raise ValueError(f"x has {x.shape[-1]} features, the kernel {d_in} rows.")
   if block < 1:
     raise ValueError(f"block={block}: use a positive number of columns.")
-  y = _blocked(x.reshape(-1, d_in), a, b, values, indices, float(scale),
-               (min(block, d_out), min(block, d_in)))
+  y = _blocked(_identity, (x.reshape(-1, d_in),), a, b, values, indices,
+               float(scale), (min(block, d_out), min(block, d_in)))
   return y.reshape(*x.shape[:-1], d_out)
 
 
@@ -206,6 +172,6 @@ def sltrain_matmul_blocked_of(fn, args, a, b, values, indices, scale: float,
                      f"{[v.shape for v in args]}.")
   if block < 1:
     raise ValueError(f"block={block}: use a positive number of columns.")
-  y = _blocked_of(fn, tuple(v.reshape(-1, d_in) for v in args), a, b, values,
-                  indices, float(scale), (min(block, d_out), min(block, d_in)))
+  y = _blocked(fn, tuple(v.reshape(-1, d_in) for v in args), a, b, values,
+               indices, float(scale), (min(block, d_out), min(block, d_in)))
   return y.reshape(*shape[:-1], d_out)
