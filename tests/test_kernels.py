@@ -214,6 +214,9 @@ def test_monarch_kernel_in_narrowed_chunks(monkeypatch):
   assert mk.supported(32, s1, s2, 16, "gpu", 4) is None
   assert "16-wide chunks" in mk.supported(32, s1, s2, 32, "gpu", 4)
   assert "wider than 16" in mk.padding_problem(s1, s2, "gpu", 4)
+  # The shrunk budget would send the weight gradients to XLA: keep the
+  # kernel's (interpreted, it has no shared memory to overflow).
+  monkeypatch.setattr(mk, "dw_block_tokens", lambda bt, *_: bt)
   poisoned = poison_pallas_outputs(monkeypatch)
   keys = jax.random.split(jax.random.key(7), 4)
   x = jax.random.normal(keys[0], (32, 128))
@@ -225,6 +228,61 @@ def test_monarch_kernel_in_narrowed_chunks(monkeypatch):
   check_kernel(ker, ops.monarch_matmul, (x, w1, w2), g, 1e-5,
                ("dx", "dw1", "dw2"))
   assert set(poisoned) == {"monarch_fwd", "monarch_dx", "monarch_dw"}
+
+
+# Shared memory the H200 (jax 0.11.2) refused to give the weight-gradient
+# kernel, in bytes: (n_in, n_out, nblocks, itemsize, block_tokens) -> asked.
+H200_DW_REFUSED = {(512, 1376, 4, 2, 64): 266240, (1376, 512, 4, 2, 64): 282624,
+                   (768, 768, 4, 4, 64): 311296, (512, 1376, 4, 4, 64): 401408}
+
+
+@pytest.mark.parametrize("shape,asked", H200_DW_REFUSED.items())
+def test_dw_estimate_covers_what_the_h200_refused(shape, asked):
+  """The weight gradients' pipelined loops ask for more shared memory than
+  the forward's tile: the estimate is at least what the H200's compiler
+  asked for, and the step dw_block_tokens takes fits the budget."""
+  n, m, nb, itemsize, bt = shape
+  s1, s2, _, _ = ops.monarch_shapes(n, m, nb)
+  p, g, s = s1[2], s1[1] // s2[0], s2[1]
+  pp, gg, ss = mk.padded_dims(p, g, s)
+  width = mk.chunk_width(pp, gg, ss, itemsize)
+  assert mk.supported(4096, s1, s2, bt, "cuda", itemsize) is None
+  assert mk.dw_smem_estimate(bt, p, gg, s, width, itemsize) >= asked
+  step = mk.dw_block_tokens(bt, p, gg, s, width, itemsize)
+  assert step is None or (16 <= step < bt and bt % step == 0)
+  if step is not None:
+    assert mk.dw_smem_estimate(step, p, gg, s, width,
+                               itemsize) <= mk.DW_SMEM_BUDGET
+
+
+def test_monarch_weight_gradients_in_shorter_steps(monkeypatch):
+  """Where the weight gradients' loops would overflow shared memory at the
+  forward's token tile, they take shorter steps (here a budget shrunk so 32
+  -> 16); where even 16 tokens would, XLA computes them (the fused forward
+  and dx stay). Same gradients either way; an unwritten element stays NaN."""
+  s1, s2 = (2, 32, 40), (2, 40, 32)    # p = s = 40: 16 + 16 + 8 chunks
+  monkeypatch.setattr(mk, "MAX_TRITON_BLOCK", 16)
+  _, gg, _ = mk.padded_dims(40, 16, 40)
+  fwd = mk.smem_estimate(32, 16, gg, 16, 4)
+  dw = lambda bt: mk.dw_smem_estimate(bt, 40, gg, 40, 16, 4)
+  assert fwd < dw(16) < dw(32)
+  keys = jax.random.split(jax.random.key(11), 4)
+  x = jax.random.normal(keys[0], (64, 80))
+  w1 = jax.random.normal(keys[1], s1) / np.sqrt(40)
+  w2 = jax.random.normal(keys[2], s2) / np.sqrt(32)
+  g = jax.random.normal(keys[3], (64, 80))
+  ker = lambda x, w1, w2: mk.monarch_matmul_pallas(x, w1, w2, block_tokens=32,
+                                                   interpret=True)
+  for budget, step, kernels in (
+      (dw(16), 16, {"monarch_fwd", "monarch_dx", "monarch_dw"}),
+      (dw(16) - 1, None, {"monarch_fwd", "monarch_dx"})):
+    monkeypatch.setattr(mk, "DW_SMEM_BUDGET", budget)
+    assert mk.supported(64, s1, s2, 32, "gpu", 4) is None
+    assert mk.dw_block_tokens(32, 40, gg, 40, 16, 4) == step
+    poisoned = poison_pallas_outputs(monkeypatch)
+    check_kernel(ker, ops.monarch_matmul, (x, w1, w2), g, 1e-5,
+                 ("dx", "dw1", "dw2"))
+    assert set(poisoned) == kernels
 
 
 def test_every_monarch_preset_layer_runs_on_gpus():

@@ -20,8 +20,8 @@
 # Steps in order of what is still unmeasured. Session 8 on an H200: steps 1-2
 # took 400 s, and 15 minutes of device time (start-up included) held steps
 # 1-2 in one call and 3 in a second on the warm machine (it goes back after
-# 30 s idle: make the second call at once). Now: STEPS=1 (<= 415 s), then at
-# once STEPS="2 3" (<= 400 s) or STEPS=2 if less is left; STEPS=4 or 6 after.
+# 30 s idle: make the second call at once). Session 11: a start took ~35 s,
+# STEPS="2 6" 236 s. Next: STEPS="2 6 3" (<= 560 s), then STEPS=1.
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
@@ -93,10 +93,13 @@ TOL = {bf16: 2e-2, fp32: 2e-3}
 # the end (Triton compiles each shape for seconds). Monarch / blockdiag
 # shapes are (n_in, n_out, nblocks, tokens): 512 <-> 1376 (LLaMA-60M's MLP,
 # blocks of 344 padded to 512) walked in 256-wide chunks; 768 = 4 x 192
-# padded to powers of two, in float32 in 128-wide chunks (session 10:
-# refused before). SLTrain (n_in, n_out, tokens): 512 -> 1365 has no tile,
-# so the kernel zero-pads it to 1408 (as LLaMA-1B's 5461-wide MLP). Mosaic
-# GPU (n, nblocks, tokens): the LLaMA-60M / -130M attention shapes.
+# padded to powers of two, in float32 in 128-wide chunks. Session 11 (H200):
+# all four asked for 260-392 KiB of shared memory in the weight gradients'
+# pipelined loops, which now take their own token step (dw_block_tokens).
+# Then the float32 sweep shapes never reached; then what compiled in session
+# 11: SLTrain 512 -> 1365 (no tile, zero-padded to 1408, as LLaMA-1B's
+# 5461-wide MLP), Mosaic GPU (n, nblocks, tokens) at the LLaMA-60M / -130M
+# attention shapes, the bf16 sweep.
 if quick:
   checks = ([("monarch", d, s) for d in (bf16, fp32) for s in (
                 (64, 64, 4, 32), (96, 96, 4, 32), (256, 688, 2, 32))]
@@ -107,16 +110,19 @@ else:
   checks = ([("monarch", bf16, (512, 1376, 4, 4096)),
              ("monarch", bf16, (1376, 512, 4, 4096)),
              ("monarch", fp32, (768, 768, 4, 4096)),
-             ("sltrain", bf16, (512, 1365, 512)),
-             ("sltrain", fp32, (512, 1365, 512)),
              ("monarch", fp32, (512, 1376, 4, 4096)),
-             ("mgpu", bf16, (512, 4, 4096)), ("mgpu", bf16, (768, 4, 4096)),
-             ("monarch", bf16, (768, 768, 4, 4096))]
-            + [("monarch", d, s) for d in (bf16, fp32) for s in (
+             ("monarch", bf16, (2048, 768, 4, 4096))]
+            + [("monarch", fp32, s) for s in (
                 (1024, 1024, 4, 512), (1024, 1024, 16, 16384),
                 (4096, 4096, 16, 16384), (2048, 2048, 8, 4096))]
             + [("sltrain", d, s) for d in (bf16, fp32)
-               for s in ((1024, 1024, 512), (4096, 4096, 4096))])
+               for s in ((1024, 1024, 512), (4096, 4096, 4096))]
+            + [("sltrain", bf16, (512, 1365, 512)),
+               ("mgpu", bf16, (512, 4, 4096)), ("mgpu", bf16, (768, 4, 4096)),
+               ("monarch", bf16, (768, 768, 4, 4096))]
+            + [("monarch", bf16, s) for s in (
+                (1024, 1024, 4, 512), (1024, 1024, 16, 16384),
+                (4096, 4096, 16, 16384), (2048, 2048, 8, 4096))])
 f32 = lambda *a: [v.astype(jnp.float32) for v in a]
 t0 = time.time()
 _print = print
@@ -143,8 +149,8 @@ def monarch(dtype, n, n_out, nb, t):
   w1 = (jax.random.normal(k[1], s1) / s1[2]**.5).astype(dtype)
   w2 = (jax.random.normal(k[2], s2) / s2[2]**.5).astype(dtype)
   g = jax.random.normal(k[3], (t, n_out), dtype)
-  bt = mk.fit_block_tokens(t, s1, s2, x.dtype.itemsize, jax.default_backend(),
-                           64)
+  # the tile impl="pallas" takes in training (dispatch: at most 128 tokens)
+  bt = mk.fit_block_tokens(t, s1, s2, x.dtype.itemsize, jax.default_backend())
   yield "monarch", grads_vs_ref(
       lambda x, a, c: mk.monarch_matmul_pallas(x, a, c, block_tokens=bt),
       lambda x, a, c: ops.monarch_matmul(*f32(x, a, c)), (x, w1, w2), g)

@@ -33,6 +33,13 @@ q/l = 256) the chunks narrow to 128, 64, ... (``chunk_width``). So
 impl="pallas" runs every Monarch layer of the GaLore LLaMA presets and GPT-2
 in 16-bit and 32-bit dtypes; only q/l itself must fit a tile. Never timed on
 a GPU: ``impl="auto"`` does not take chunked blocks (``padding_problem``).
+
+The weight gradients' token loops are software-pipelined, so they ask for
+more shared memory than the forward's tile (the H200 refused LLaMA-60M's MLP
+at 260-276 KiB): they take their own token step (``dw_block_tokens``), and
+where even 16 tokens overflow (the factors of wide chunked blocks alone fill
+shared memory: LLaMA-350M's and GPT-2's MLPs, float32 MLPs) XLA computes the
+weight gradients while the forward and dx stay fused.
 """
 import functools
 
@@ -41,12 +48,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from structmat.kernels import triton_backend
-from structmat.kernels.blockdiag import (SMEM_BUDGET, _pow2, compiler_params,
-                                         prepare, split_count)
+from structmat.kernels.blockdiag import (SMEM_BUDGET, TRITON_STAGES, _pow2,
+                                         compiler_params, prepare, split_count)
 from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 
 
 MAX_TRITON_BLOCK = 256
+# The weight-gradient kernel's shared memory (``dw_smem_estimate``, an upper
+# bound of what Triton asks for, checked offline): closer to the 227 KiB an
+# H100/H200 block may use than the forward's ``SMEM_BUDGET``, whose estimate
+# leaves things out.
+DW_SMEM_BUDGET = 200 * 1024
 
 
 def gather_weights(w1, w2):
@@ -102,6 +114,52 @@ def smem_estimate(block_tokens: int, p: int, g: int, s: int,
   """
   return (((block_tokens + g) * p + (block_tokens + s) * g) * itemsize
           + block_tokens * s * 4)
+
+
+def dw_smem_estimate(block_tokens: int, p: int, g: int, s: int, tile: int,
+                     itemsize: int) -> int:
+  """Bytes of shared memory the Triton weight-gradient kernel plans for, per
+  program, with ``block_tokens``-token steps over chunks of ``tile`` columns.
+
+  Takes the real block sizes (p, s) and the padded q/l (``padded_dims``).
+  Unlike the forward and dx, its token loops are software-pipelined: Triton
+  keeps ``TRITON_STAGES`` buffers of each token tile a step loads (x's and
+  dy's columns), beside the factor columns a step multiplies by (hoisted out
+  of the loop, all of them live) and two (bt, G) stage-1 operands. The
+  largest pass counts: whole blocks take one pass; chunked ones a pass per
+  chunk of p (loading all of dy's columns and one chunk of x's) and per chunk
+  of s (the other way round). Checked against Triton 3.6 compiling the kernel
+  for sm_90 (``tools/triton_smem.py``): never below it, exact for whole
+  256-wide blocks; and above what the H200 asked for where it refused
+  (``tests/test_kernels.py``; the forward's estimate had let those through).
+  """
+  pp, _, ss = padded_dims(p, g, s)
+  widths = lambda real, padded: [size for _, size, _ in
+                                 _chunks(real, padded, tile)]
+  lp, ls = sum(widths(p, pp)), sum(widths(s, ss))
+  if max(pp, ss) <= tile:
+    passes = [(pp + ss, pp + ss)]          # (token columns, factor columns)
+  else:
+    passes = ([(ls + size, ls) for size in widths(p, pp)]
+              + [(lp + size, lp) for size in widths(s, ss)])
+  return max(TRITON_STAGES * block_tokens * cols + g * factor_cols
+             + 2 * block_tokens * g for cols, factor_cols in passes) * itemsize
+
+
+def dw_block_tokens(block_tokens: int, p: int, g: int, s: int, tile: int,
+                    itemsize: int) -> int | None:
+  """The weight-gradient kernel's token step: ``block_tokens`` (which it
+  divides), halved down to 16 until ``dw_smem_estimate`` fits
+  ``DW_SMEM_BUDGET``;
+  None when even 16 tokens overflow it (wide chunked blocks, whose factors
+  alone fill shared memory: LLaMA-350M's MLP, GPT-2 medium's), where XLA
+  computes the weight gradients."""
+  bt = block_tokens
+  while dw_smem_estimate(bt, p, g, s, tile, itemsize) > DW_SMEM_BUDGET:
+    if bt <= 16:
+      return None
+    bt //= 2
+  return bt
 
 
 def chunk_width(pp: int, gg: int, ss: int, itemsize: int) -> int:
@@ -528,7 +586,8 @@ def _call_dw(x, do, a, b, p, block_tokens, interpret, platform):
   """(dA, dB), padded like a and b (float32): each program sums one token
   chunk of one (l, k) pair into a float32 partial (programs must not
   accumulate into a shared block on Triton); XLA adds the partials. The chunks
-  fill the GPU when l*k is small."""
+  fill the GPU when l*k is small. ``block_tokens``: the loop's token step
+  (``dw_block_tokens`` on GPUs)."""
   tokens = x.shape[0]
   s = do.shape[2]
   l, k, g, pp = a.shape
@@ -597,7 +656,15 @@ def backward(x, w1, w2, dy, block_tokens, interpret, platform, dx=True):
   do = dy.reshape(dy.shape[0], s, l).transpose(2, 0, 1)   # (l, tokens, s)
   dx_out = (_call_dx(do, a, b, p, block_tokens, interpret, platform)
             if dx else None)
-  da, db = _call_dw(x, do, a, b, p, block_tokens, interpret, platform)
+  step = (block_tokens if not pads_blocks(platform) else dw_block_tokens(
+      block_tokens, p, b.shape[3], s, _tile(platform, a, b), x.dtype.itemsize))
+  if step is None:
+    # Factors too wide for the kernel's shared memory: XLA's weight gradients
+    # (the reference's VJP, its dx unused), as impl="xla" computes them.
+    from structmat.ops.monarch import monarch_matmul  # pylint: disable=import-outside-toplevel
+    _, vjp = jax.vjp(lambda u, v: monarch_matmul(x, u, v), w1, w2)
+    return (dx_out, *vjp(dy))
+  da, db = _call_dw(x, do, a, b, p, step, interpret, platform)
   dw1, dw2 = scatter_weight_grads(da[:, :, :g, :p], db[:, :, :s, :g])
   return dx_out, dw1.astype(w1.dtype), dw2.astype(w2.dtype)
 
