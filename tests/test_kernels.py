@@ -209,7 +209,8 @@ def test_monarch_kernel_in_narrowed_chunks(monkeypatch):
   an unwritten chunk stays NaN; auto still declines chunked blocks."""
   s1, s2 = (4, 64, 32), (4, 32, 64)   # p = s = 32, q/l = 16
   assert mk.chunk_width(32, 16, 32, 4) == 32 and not mk.chunked(s1, s2, 4)
-  monkeypatch.setattr(mk, "SMEM_BUDGET", 6000)
+  for budget in ("SMEM_BUDGET", "LOOP_SMEM_BUDGET"):  # unrolled and looped
+    monkeypatch.setattr(mk, budget, 6000)
   assert mk.chunk_width(32, 16, 32, 4) == 16 and mk.chunked(s1, s2, 4)
   assert mk.supported(32, s1, s2, 16, "gpu", 4) is None
   assert "16-wide chunks" in mk.supported(32, s1, s2, 32, "gpu", 4)
@@ -230,29 +231,49 @@ def test_monarch_kernel_in_narrowed_chunks(monkeypatch):
   assert set(poisoned) == {"monarch_fwd", "monarch_dx", "monarch_dw"}
 
 
-# Shared memory the H200 (jax 0.11.2) refused to give the weight-gradient
-# kernel, in bytes: (n_in, n_out, nblocks, itemsize, block_tokens) -> asked.
+# Shared memory the weight-gradient kernel asked for, in bytes:
+# (n_in, n_out, nblocks, itemsize, token step) -> asked. The H200 (jax
+# 0.11.2) refused these four: the forward's estimate had let them through.
 H200_DW_REFUSED = {(512, 1376, 4, 2, 64): 266240, (1376, 512, 4, 2, 64): 282624,
                    (768, 768, 4, 4, 64): 311296, (512, 1376, 4, 4, 64): 401408}
+# Triton 3.6 compiling the kernel for sm_90 on this CPU (tools/triton_smem.py;
+# it asked what the H200 asked for the two bfloat16 cases above): whole
+# blocks, chunks of 256 and 128, several chunks of both p and s.
+TRITON_DW_ASKED = {(1024, 1024, 4, 2, 64): 278528, (1024, 4096, 4, 2, 16): 223232,
+                   (1024, 4096, 4, 4, 16): 421888, (3072, 768, 4, 4, 64): 901120,
+                   (1280, 1280, 4, 2, 32): 253952, (4096, 4096, 16, 2, 64): 184320,
+                   (512, 512, 4, 2, 128): 196608, (768, 768, 4, 4, 32): 188416}
 
 
-@pytest.mark.parametrize("shape,asked", H200_DW_REFUSED.items())
-def test_dw_estimate_covers_what_the_h200_refused(shape, asked):
-  """The weight gradients' pipelined loops ask for more shared memory than
-  the forward's tile: the estimate is at least what the H200's compiler
-  asked for, and the step dw_block_tokens takes fits the budget."""
-  n, m, nb, itemsize, bt = shape
+def _dw_estimate(n, m, nb, itemsize, bt):
   s1, s2, _, _ = ops.monarch_shapes(n, m, nb)
   p, g, s = s1[2], s1[1] // s2[0], s2[1]
   pp, gg, ss = mk.padded_dims(p, g, s)
   width = mk.chunk_width(pp, gg, ss, itemsize)
-  assert mk.supported(4096, s1, s2, bt, "cuda", itemsize) is None
-  assert mk.dw_smem_estimate(bt, p, gg, s, width, itemsize) >= asked
-  step = mk.dw_block_tokens(bt, p, gg, s, width, itemsize)
-  assert step is None or (16 <= step < bt and bt % step == 0)
+  return (mk.dw_smem_estimate(bt, p, gg, s, width, itemsize),
+          mk.dw_block_tokens(bt, p, gg, s, width, itemsize))
+
+
+@pytest.mark.parametrize("shape,asked", [*H200_DW_REFUSED.items(),
+                                         *TRITON_DW_ASKED.items()])
+def test_dw_estimate_bounds_what_triton_asked(shape, asked):
+  """The weight gradients' pipelined loops ask for more shared memory than
+  the forward's tile: their estimate is never below what a compiler asked
+  for (nor a quarter above Triton's), and the step dw_block_tokens takes (if
+  any) fits the budget."""
+  estimate, step = _dw_estimate(*shape)
+  assert asked <= estimate
+  if shape in TRITON_DW_ASKED:   # and not far above (the H200 asked less in
+    assert estimate <= 1.25 * asked   # float32 than Triton 3.6 does)
+  bt = shape[-1]
+  assert step is None or (16 <= step <= bt and bt % step == 0)
   if step is not None:
-    assert mk.dw_smem_estimate(step, p, gg, s, width,
-                               itemsize) <= mk.DW_SMEM_BUDGET
+    assert _dw_estimate(*shape[:-1], step)[0] <= mk.LOOP_SMEM_BUDGET
+  if shape in H200_DW_REFUSED:
+    n, m, nb, itemsize, _ = shape
+    s1, s2, _, _ = ops.monarch_shapes(n, m, nb)
+    assert mk.supported(4096, s1, s2, bt, "cuda", itemsize) is None
+    assert step is None or step < bt
 
 
 def test_monarch_weight_gradients_in_shorter_steps(monkeypatch):
@@ -276,7 +297,7 @@ def test_monarch_weight_gradients_in_shorter_steps(monkeypatch):
   for budget, step, kernels in (
       (dw(16), 16, {"monarch_fwd", "monarch_dx", "monarch_dw"}),
       (dw(16) - 1, None, {"monarch_fwd", "monarch_dx"})):
-    monkeypatch.setattr(mk, "DW_SMEM_BUDGET", budget)
+    monkeypatch.setattr(mk, "LOOP_SMEM_BUDGET", budget)
     assert mk.supported(64, s1, s2, 32, "gpu", 4) is None
     assert mk.dw_block_tokens(32, 40, gg, 40, 16, 4) == step
     poisoned = poison_pallas_outputs(monkeypatch)

@@ -21,7 +21,9 @@
 # took 400 s, and 15 minutes of device time (start-up included) held steps
 # 1-2 in one call and 3 in a second on the warm machine (it goes back after
 # 30 s idle: make the second call at once). Session 11: a start took ~35 s,
-# STEPS="2 6" 236 s. Next: STEPS="2 6 3" (<= 560 s), then STEPS=1.
+# STEPS="2 6" 236 s, STEPS="2 6 3" 454 s (steps run in number order). Next:
+# STEPS="2 3" (<= 420 s: the looped kernels' numerics and times), then at
+# once STEPS=6 (<= 250 s), or STEPS=1 if the budget holds it (<= 415 s).
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
@@ -89,17 +91,16 @@ from structmat.kernels import monarch_mgpu as mg, sltrain as sk
 quick = os.environ["QUICK"] == "1"
 bf16, fp32 = jnp.bfloat16, jnp.float32
 TOL = {bf16: 2e-2, fp32: 2e-3}
-# (kind, dtype, shape), never-compiled shapes first: the 120 s may not reach
+# (kind, dtype, shape), never-compiled code first: the 120 s may not reach
 # the end (Triton compiles each shape for seconds). Monarch / blockdiag
-# shapes are (n_in, n_out, nblocks, tokens): 512 <-> 1376 (LLaMA-60M's MLP,
-# blocks of 344 padded to 512) walked in 256-wide chunks; 768 = 4 x 192
-# padded to powers of two, in float32 in 128-wide chunks. Session 11 (H200):
-# all four asked for 260-392 KiB of shared memory in the weight gradients'
-# pipelined loops, which now take their own token step (dw_block_tokens).
-# Then the float32 sweep shapes never reached; then what compiled in session
-# 11: SLTrain 512 -> 1365 (no tile, zero-padded to 1408, as LLaMA-1B's
-# 5461-wide MLP), Mosaic GPU (n, nblocks, tokens) at the LLaMA-60M / -130M
-# attention shapes, the bf16 sweep.
+# shapes are (n_in, n_out, nblocks, tokens). Whole blocks now loop over k
+# (and l) instead of unrolling (session 11, after its GPU time): n=4096 in
+# 16 blocks, LLaMA-60M's attention (512 = 4 x 128), 768 = 4 x 192 padded,
+# n=1024 in 16 blocks in f32. Then the chunked blocks session 11 compiled
+# after giving the weight gradients their own token step (512 <-> 1376,
+# LLaMA-60M's MLP in 256-wide chunks; 768 f32 in 128-wide chunks; 2048 ->
+# 768, whose dw now runs 8 warps), SLTrain 512 -> 1365 (zero-padded to
+# 1408), Mosaic GPU at the 60M / 130M attention shapes, the rest.
 if quick:
   checks = ([("monarch", d, s) for d in (bf16, fp32) for s in (
                 (64, 64, 4, 32), (96, 96, 4, 32), (256, 688, 2, 32))]
@@ -107,22 +108,25 @@ if quick:
             + [("sltrain", d, s) for d in (bf16, fp32)
                for s in ((256, 256, 64), (64, 100, 64))])
 else:
-  checks = ([("monarch", bf16, (512, 1376, 4, 4096)),
+  checks = ([("monarch", bf16, (4096, 4096, 16, 16384)),
+             ("monarch", bf16, (512, 512, 4, 4096)),
+             ("monarch", bf16, (768, 768, 4, 4096)),
+             ("monarch", fp32, (1024, 1024, 16, 16384)),
+             ("monarch", bf16, (2048, 768, 4, 4096)),
+             ("monarch", bf16, (512, 1376, 4, 4096)),
              ("monarch", bf16, (1376, 512, 4, 4096)),
              ("monarch", fp32, (768, 768, 4, 4096)),
-             ("monarch", fp32, (512, 1376, 4, 4096)),
-             ("monarch", bf16, (2048, 768, 4, 4096))]
+             ("monarch", fp32, (512, 1376, 4, 4096))]
             + [("monarch", fp32, s) for s in (
-                (1024, 1024, 4, 512), (1024, 1024, 16, 16384),
-                (4096, 4096, 16, 16384), (2048, 2048, 8, 4096))]
-            + [("sltrain", d, s) for d in (bf16, fp32)
-               for s in ((1024, 1024, 512), (4096, 4096, 4096))]
+                (1024, 1024, 4, 512), (4096, 4096, 16, 16384),
+                (2048, 2048, 8, 4096))]
             + [("sltrain", bf16, (512, 1365, 512)),
-               ("mgpu", bf16, (512, 4, 4096)), ("mgpu", bf16, (768, 4, 4096)),
-               ("monarch", bf16, (768, 768, 4, 4096))]
+               ("mgpu", bf16, (512, 4, 4096)), ("mgpu", bf16, (768, 4, 4096))]
             + [("monarch", bf16, s) for s in (
                 (1024, 1024, 4, 512), (1024, 1024, 16, 16384),
-                (4096, 4096, 16, 16384), (2048, 2048, 8, 4096))])
+                (2048, 2048, 8, 4096))]
+            + [("sltrain", d, s) for d in (bf16, fp32)
+               for s in ((1024, 1024, 512), (4096, 4096, 4096))])
 f32 = lambda *a: [v.astype(jnp.float32) for v in a]
 t0 = time.time()
 _print = print
@@ -204,14 +208,18 @@ fi
 
 if want 3; then
 echo "== 3. kernel benchmark [${SECONDS}s]"
+KI=()
 if [ "$QUICK" = 1 ]; then
   K="--sizes=64 --tokens=64 --nblocks=4 --quick --interpret"; KF="$K"
 else
-  # n=4096 at 16384 tokens was timed in sessions 2 and 8: the rest first.
-  K="--sizes=1024,8192,4096 --tokens=16384,512 --nblocks=16,4,64"
+  # Session 11 timed n=1024 (all rows); the whole-block Triton kernels then
+  # became loops (no spills offline): n=4096 first (0.889 / 1.58 ms unrolled
+  # in session 8), the Monarch and block-diagonal rows only.
+  K="--sizes=4096,8192 --tokens=16384,512 --nblocks=16,64,4"
+  KI=("--impls=dense,monarch xla,monarch materialized,monarch pallas,monarch pallas bt64,blockdiag xla,blockdiag pallas")
   KF="--sizes=4096 --tokens=16384 --nblocks=16,64"
 fi
-timeout 150 $PY -m experiments.benchmark_kernels $K --dtypes=bfloat16 \
+timeout 150 $PY -m experiments.benchmark_kernels $K "${KI[@]}" --dtypes=bfloat16 \
   --output_dir="$OUT"
 timeout 50 $PY -m experiments.benchmark_kernels $KF --dtypes=float32 \
   --output_dir="$OUT/f32"

@@ -1,26 +1,34 @@
-"""Shared memory the Monarch Triton kernels ask for, compiled offline for sm_90.
+"""The Triton kernels compiled offline for sm_90: shared memory, registers,
+spills and tensor-core instructions, without a GPU.
 
-No GPU needed: a pip ``triton`` compiles the Triton modules Pallas lowers for
-"cuda" on this CPU and reports what each kernel asks for, beside the estimate
-the kernel plans with (``monarch.smem_estimate``, ``dw_smem_estimate``) and
-the 227 KiB an H100/H200 block may use. Triton 3.6 here asked exactly what the
-H200's XLA (jax 0.11.2) asked for where it refused bfloat16 weight gradients
-(and more in float32). Triton is no dependency of structmat; put it beside:
+A pip ``triton`` compiles the Triton modules Pallas lowers for "cuda" on this
+CPU, and its bundled ptxas reports registers and spills. Triton 3.6 asked
+exactly the shared memory the H200's XLA (jax 0.11.2) asked for where it
+refused bfloat16 Monarch weight gradients (and more in float32), so a kernel
+change can be checked here before a GPU session spends its minutes on a
+compile error. Triton is no dependency of structmat; put it beside:
 
   .venv/bin/pip install --no-deps --target /tmp/triton triton==3.6.0
   PYTHONPATH=/tmp/triton .venv/bin/python tools/triton_smem.py
   PYTHONPATH=/tmp/triton .venv/bin/python tools/triton_smem.py \\
-      --presets=llama_60m --dtypes=bfloat16 --tokens=4096
+      --kernel=sltrain --presets=llama_60m,llama_1b --dtypes=bfloat16
+  PYTHONPATH=/tmp/triton .venv/bin/python tools/triton_smem.py \\
+      --shapes=4096:4096:16 --tokens=16384        # a benchmark shape
 
-Every Monarch layer of the presets named (LLaMA-7B's take minutes each to
-compile), at the tile ``impl="pallas"`` takes (``fit_block_tokens``, the
-weight gradients' ``dw_block_tokens``). A row per kernel; OVER marks what the
-GPU would refuse, UNDER an estimate below what Triton asked for.
+Every layer of the presets named (LLaMA-7B's Monarch MLP takes minutes to
+compile) at the tiles ``impl="pallas"`` takes: for Monarch
+``fit_block_tokens`` and the weight gradients' ``dw_block_tokens``, beside
+the estimates they plan with (``smem_estimate`` for the forward and, p and s
+swapped, dx; ``dw_smem_estimate``); for
+SLTrain the default tiles (``padded_dim``). A row per kernel; OVER marks
+what the GPU would refuse (227 KiB a block), UNDER an estimate below what
+Triton asked for; wgmma / mma count the tensor-core instructions in the PTX.
 """
 import contextlib
 import io
 import os
 import re
+import subprocess
 import sys
 import tempfile
 
@@ -31,20 +39,30 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from structmat import ops  # pylint: disable=wrong-import-position
 from structmat.kernels import monarch as mk  # pylint: disable=wrong-import-position
+from structmat.kernels import sltrain as sk  # pylint: disable=wrong-import-position
 from structmat.models.family import linear_shapes, preset_config  # pylint: disable=wrong-import-position
 from tests.helpers import cross_lower  # pylint: disable=wrong-import-position
 
+_KERNEL = flags.DEFINE_enum("kernel", "monarch", ["monarch", "sltrain"],
+                            "Which kernels.")
 _PRESETS = flags.DEFINE_list(
     "presets", ["llama_60m", "llama_130m", "llama_350m", "gpt2_small",
-                "gpt2_medium"], "Presets whose Monarch layers to compile.")
+                "gpt2_medium"], "Presets whose layers to compile.")
+_SHAPES = flags.DEFINE_list(
+    "shapes", [], "Instead of presets, Monarch 'n_in:n_out:nblocks' or "
+    "SLTrain 'n_in:n_out:rank' shapes.")
 _DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Dtypes.")
 _TOKENS = flags.DEFINE_integer("tokens", 4096, "Tokens per call.")
+_FORCE_BT = flags.DEFINE_integer(
+    "force_block_tokens", 0, "Monarch: this tile (and dw step) whatever the "
+    "estimates say, to see what Triton asks for (calibration).")
 H100_SMEM = 227 * 1024
+S = jax.ShapeDtypeStruct
 
 
-def triton_modules(fn, args):
-  """{kernel name: (Triton module text, num_warps)} of fn's gradient."""
-  pl = mk.pl
+def triton_modules(fn, args, grad_argnums):
+  """{kernel name: (Triton module text, num_warps)} of fn and its gradient."""
+  pl = mk.pl   # jax.experimental.pallas, shared by every kernel module
   original, warps = pl.pallas_call, {}
 
   def debug(*a, name=None, compiler_params=None, **k):
@@ -55,7 +73,7 @@ def triton_modules(fn, args):
   pl.pallas_call, out = debug, io.StringIO()
   try:
     with contextlib.redirect_stdout(out):
-      cross_lower(fn, args, "cuda", tuple(range(len(args))))
+      cross_lower(fn, args, "cuda", grad_argnums)
       cross_lower(fn, args, "cuda")   # the forward alone (grad drops it)
   finally:
     pl.pallas_call = original
@@ -70,56 +88,100 @@ def triton_modules(fn, args):
   return modules
 
 
-def shared_bytes(module: str, num_warps: int) -> int:
+def compile_report(module: str, num_warps: int) -> dict:
+  """Shared bytes, registers, spill bytes and tensor-core instructions."""
   import triton  # pylint: disable=import-outside-toplevel
   from triton.backends.compiler import GPUTarget  # pylint: disable=import-outside-toplevel
-  with tempfile.NamedTemporaryFile("w", suffix=".ttir") as f:
-    f.write(module)
-    f.flush()
-    kernel = triton.compile(f.name, target=GPUTarget("cuda", 90, 32), options=dict(
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "kernel.ttir")
+    with open(path, "w") as f:
+      f.write(module)
+    kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(
         num_warps=num_warps, num_stages=mk.TRITON_STAGES))
-  return kernel.metadata.shared
+    ptx = kernel.asm["ptx"]
+    with open(os.path.join(tmp, "kernel.ptx"), "w") as f:
+      f.write(ptx)
+    ptxas = os.path.join(os.path.dirname(triton.__file__),
+                         "backends/nvidia/bin/ptxas")
+    info = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o",
+                           os.devnull], capture_output=True, text=True,
+                          check=True).stderr
+  regs = re.search(r"Used (\d+) registers", info)
+  spills = re.search(r"(\d+) bytes spill stores", info)
+  return dict(shared=kernel.metadata.shared,
+              regs=int(regs.group(1)) if regs else -1,
+              spills=int(spills.group(1)) if spills else 0,
+              wgmma=ptx.count("wgmma.mma_async"), mma=ptx.count("mma.sync"))
+
+
+def monarch_case(d_in, d_out, nb, dtype, tokens):
+  """(label, fn, args, grad argnums, {kernel: estimate}, note)."""
+  w1, w2, _, _ = ops.monarch_shapes(d_in, d_out, nb)
+  p, g, s = w1[2], w1[1] // w2[0], w2[1]
+  pp, gg, ss = mk.padded_dims(p, g, s)
+  it = dtype.itemsize
+  width = mk.chunk_width(pp, gg, ss, it)
+  bt = _FORCE_BT.value or mk.fit_block_tokens(tokens, w1, w2, it, "cuda")
+  step = _FORCE_BT.value or mk.dw_block_tokens(bt, p, gg, s, width, it)
+  if _FORCE_BT.value:
+    mk.supported = lambda *a, **k: None
+    mk.dw_block_tokens = lambda bt, *a: bt
+  looped, pw, sw = max(pp, ss) <= width, min(pp, width), min(ss, width)
+  estimates = {"monarch_fwd": mk.smem_estimate(bt, pw, gg, sw, it, looped),
+               "monarch_dx": mk.smem_estimate(bt, sw, gg, pw, it, looped),
+               "monarch_dw": step and mk.dw_smem_estimate(step, p, gg, s,
+                                                          width, it)}
+  fn = lambda x, a, b: mk.monarch_matmul_pallas(
+      x, a, b, block_tokens=bt, interpret=False, platform="cuda")
+  args = [S((tokens, w1[0] * p), dtype), S(w1, dtype), S(w2, dtype)]
+  note = f"bt {bt}, dw " + (f"{step}" if step else "in XLA")
+  return fn, args, (0, 1, 2), estimates, note
+
+
+def sltrain_case(d_in, d_out, rank, dtype, tokens, density=0.03):
+  nnz = jax.eval_shape(lambda: ops.draw_support(
+      jax.random.key(0), d_in, d_out, density)).shape[0]
+  fn = lambda x, a, b, v, i: sk.sltrain_matmul_pallas(
+      x, a, b, v, i, 1.0, interpret=False, platform="cuda")
+  args = [S((tokens, d_in), dtype), S((d_in, rank), dtype),
+          S((rank, d_out), dtype), S((nnz,), dtype), S((nnz,), jnp.int32)]
+  return fn, args, (0, 1, 2, 3), {}, f"rank {rank}, {nnz} entries"
+
+
+def cases():
+  """(label, shape tuple) of every layer asked for, without repeats."""
+  if _SHAPES.value:
+    for spec in _SHAPES.value:
+      yield spec, tuple(int(v) for v in spec.split(":"))
+    return
+  seen = set()
+  for preset in _PRESETS.value:
+    cfg = preset_config(preset, _KERNEL.value)
+    kw = dict(cfg.linear_kwargs)
+    third = kw["nblocks"] if _KERNEL.value == "monarch" else kw["rank"]
+    for site, (d_in, d_out) in linear_shapes(cfg).items():
+      if (d_in, d_out) not in seen:
+        seen.add((d_in, d_out))
+        yield f"{preset}.{site}", (d_in, d_out, third)
 
 
 def main(_):
-  done = set()
-  print("preset      site  n_in  n_out dtype     bt  kernel        step  "
-        "asked_KiB  estimate_KiB")
-  for preset in _PRESETS.value:
-    cfg = preset_config(preset, "monarch")
-    nb = dict(cfg.linear_kwargs)["nblocks"]
-    for site, (d_in, d_out) in linear_shapes(cfg).items():
-      for dtype in map(jnp.dtype, _DTYPES.value):
-        if (d_in, d_out, nb, dtype) in done:
-          continue
-        done.add((d_in, d_out, nb, dtype))
-        w1, w2, _, _ = ops.monarch_shapes(d_in, d_out, nb)
-        p, g, s = w1[2], w1[1] // w2[0], w2[1]
-        pp, gg, ss = mk.padded_dims(p, g, s)
-        width = mk.chunk_width(pp, gg, ss, dtype.itemsize)
-        bt = mk.fit_block_tokens(_TOKENS.value, w1, w2, dtype.itemsize, "cuda")
-        step = mk.dw_block_tokens(bt, p, gg, s, width, dtype.itemsize)
-        estimates = {
-            "monarch_fwd": mk.smem_estimate(bt, min(pp, width), gg,
-                                            min(ss, width), dtype.itemsize),
-            "monarch_dw": step and mk.dw_smem_estimate(
-                step, p, gg, s, width, dtype.itemsize)}
-        args = [jax.ShapeDtypeStruct(v, dtype)
-                for v in ((_TOKENS.value, w1[0] * p), w1, w2)]
-        fn = lambda x, a, b, bt=bt: mk.monarch_matmul_pallas(
-            x, a, b, block_tokens=bt, interpret=False, platform="cuda")
-        for name, (module, warps) in sorted(triton_modules(fn, args).items()):
-          asked, est = shared_bytes(module, warps), estimates.get(name)
-          flag = ("OVER" if asked > H100_SMEM else
-                  "UNDER" if est is not None and est < asked else "")
-          print(f"{preset:11s} {site:5s} {d_in:5d} {d_out:6d} {dtype.name:9s}"
-                f" {bt:3d} {name:13s} {step if name == 'monarch_dw' else '':4}"
-                f"  {asked / 1024:9.1f}  "
-                f"{'' if est is None else f'{est / 1024:12.1f}':>12} {flag}",
-                flush=True)
-        if step is None:
-          print(f"{preset:11s} {site:5s} {d_in:5d} {d_out:6d} {dtype.name:9s}"
-                f" {bt:3d} monarch_dw: XLA (even 16-token steps overflow)")
+  make = monarch_case if _KERNEL.value == "monarch" else sltrain_case
+  print(f"{'layer':18s} {'shape':16s} {'dtype':9s} {'kernel':18s} "
+        "asked_KiB est_KiB  regs spill_B wgmma  mma  tiles")
+  for label, shape in cases():
+    for dtype in map(jnp.dtype, _DTYPES.value):
+      fn, args, argnums, estimates, note = make(*shape, dtype, _TOKENS.value)
+      for name, (module, warps) in sorted(
+          triton_modules(fn, args, argnums).items()):
+        r, est = compile_report(module, warps), estimates.get(name)
+        flag = ("OVER" if r["shared"] > H100_SMEM else
+                "UNDER" if est is not None and est < r["shared"] else "")
+        est_s = "" if est is None else f"{est / 1024:.0f}"
+        print(f"{label:18s} {str(shape):16s} {dtype.name:9s} {name:18s} "
+              f"{r['shared'] / 1024:9.0f} {est_s:>7s} {r['regs']:5d} "
+              f"{r['spills']:7d} {r['wgmma']:5d} {r['mma']:4d}  {note} {flag}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -54,11 +54,15 @@ from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 
 
 MAX_TRITON_BLOCK = 256
-# The weight-gradient kernel's shared memory (``dw_smem_estimate``, an upper
-# bound of what Triton asks for, checked offline): closer to the 227 KiB an
-# H100/H200 block may use than the forward's ``SMEM_BUDGET``, whose estimate
-# leaves things out.
-DW_SMEM_BUDGET = 200 * 1024
+# The shared-memory budget of the kernels' software-pipelined loops (the
+# weight gradients', whole blocks' forward and dx). Their estimates
+# (``dw_smem_estimate``, ``smem_estimate(looped=True)``) bound what Triton
+# asks for from above and closely (0-24% over in 55 weight-gradient shapes
+# compiled offline), unlike the unrolled kernels', so this may come close to
+# the 227 KiB an H100/H200 block may use: steps the H200 compiled before
+# there were estimates (the 60M attention's dw at 128 tokens, asked 192 KiB;
+# n=4096 in 16 blocks' at 64, 180 KiB) stay within it.
+LOOP_SMEM_BUDGET = 224 * 1024
 
 
 def gather_weights(w1, w2):
@@ -99,21 +103,47 @@ def pads_blocks(platform: str) -> bool:
   return platform != "tpu"
 
 
-def smem_estimate(block_tokens: int, p: int, g: int, s: int,
-                  itemsize: int) -> int:
-  """Bytes of shared memory the Triton forward plans for, per program.
+def smem_estimate(block_tokens: int, p: int, g: int, s: int, itemsize: int,
+                  looped: bool = False) -> int:
+  """Bytes of shared memory the Triton forward plans for, per program (dx's
+  with p and s swapped).
 
   Takes the padded block sizes (``padded_dims``), or for blocks wider than
   a chunk the width (``chunk_width``) the kernels walk them in.
 
-  Both dots' operand tiles ((bt x p) @ (p x g), then (bt x g) @ (g x s)) plus
-  the float32 (bt x s) accumulator's store conversion. On an H200 this
-  separated what compiled from what overflowed the 227 KiB: p=s=256, g=16 in
-  bfloat16 compiled with 64-token tiles (114 KiB here) and overflowed with
-  128 (212 KiB); p=s=128, g=32 with 128-token tiles (120 KiB) compiled.
+  ``looped`` (whole blocks, whose loop over the k blocks Triton
+  software-pipelines): ``TRITON_STAGES`` buffers of each step's x tile and
+  A and B blocks (one fewer below 64-token tiles, where Triton takes
+  mma.sync rather than wgmma), plus the (bt, g) stage-1 operand. Triton 3.6
+  compiling for sm_90 (``tools/triton_smem.py``) asked exactly the buffers
+  at 64 and 128 tokens and the whole at 32. Unrolled (chunked blocks): both
+  dots' operand tiles ((bt x p) @ (p x g), then (bt x g) @ (g x s)) plus
+  the float32 (bt x s) accumulator's store conversion, which on an H200
+  separated what compiled from what overflowed the 227 KiB (p=s=256, g=16
+  in bfloat16 compiled with 64-token tiles, 114 KiB here, and overflowed
+  with 128, 212 KiB) and bounds Triton 3.6's asks from above.
   """
+  if looped:
+    stages = TRITON_STAGES if block_tokens >= 64 else TRITON_STAGES - 1
+    return (stages * (block_tokens * p + g * p + s * g)
+            + block_tokens * g) * itemsize
   return (((block_tokens + g) * p + (block_tokens + s) * g) * itemsize
           + block_tokens * s * 4)
+
+
+def tile_smem(block_tokens: int, pp: int, gg: int, ss: int, width: int,
+              itemsize: int) -> tuple[int, int]:
+  """(estimate, budget) of the forward's and dx's shared memory at a
+  ``block_tokens`` tile with blocks walked in ``width``-wide chunks: whole
+  blocks loop (an estimate that bounds Triton's ask closely, so the
+  pipelined loops' ``LOOP_SMEM_BUDGET``), chunked ones unroll (a looser one
+  within ``SMEM_BUDGET``)."""
+  if max(pp, ss) <= width:
+    return (max(smem_estimate(block_tokens, pp, gg, ss, itemsize, True),
+                smem_estimate(block_tokens, ss, gg, pp, itemsize, True)),
+            LOOP_SMEM_BUDGET)
+  return (smem_estimate(block_tokens, min(pp, width), gg, min(ss, width),
+                        itemsize), SMEM_BUDGET)
 
 
 def dw_smem_estimate(block_tokens: int, p: int, g: int, s: int, tile: int,
@@ -150,12 +180,12 @@ def dw_block_tokens(block_tokens: int, p: int, g: int, s: int, tile: int,
                     itemsize: int) -> int | None:
   """The weight-gradient kernel's token step: ``block_tokens`` (which it
   divides), halved down to 16 until ``dw_smem_estimate`` fits
-  ``DW_SMEM_BUDGET``;
+  ``LOOP_SMEM_BUDGET``;
   None when even 16 tokens overflow it (wide chunked blocks, whose factors
   alone fill shared memory: LLaMA-350M's MLP, GPT-2 medium's), where XLA
   computes the weight gradients."""
   bt = block_tokens
-  while dw_smem_estimate(bt, p, g, s, tile, itemsize) > DW_SMEM_BUDGET:
+  while dw_smem_estimate(bt, p, g, s, tile, itemsize) > LOOP_SMEM_BUDGET:
     if bt <= 16:
       return None
     bt //= 2
@@ -173,8 +203,10 @@ def chunk_width(pp: int, gg: int, ss: int, itemsize: int) -> int:
   the 16-token floor keeps every shape that fits 256-wide chunks at that
   width; ``fit_block_tokens`` then picks the tile."""
   width = min(MAX_TRITON_BLOCK, max(pp, ss))   # blocks that fit are whole
-  while width > 16 and smem_estimate(16, min(pp, width), gg, min(ss, width),
-                                     itemsize) > SMEM_BUDGET:
+  while width > 16:
+    smem, budget = tile_smem(16, pp, gg, ss, width, itemsize)
+    if smem <= budget:
+      break
     width //= 2
   return width
 
@@ -225,15 +257,14 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
       return (f"q/l={g} (padded to {gg}) exceeds a Triton tile of "
               f"{MAX_TRITON_BLOCK}: use more blocks")
     width = chunk_width(pp, gg, ss, itemsize)
-    smem = smem_estimate(block_tokens, min(pp, width), gg, min(ss, width),
-                         itemsize)
-    if smem > SMEM_BUDGET:
-      floor = smem_estimate(16, min(pp, width), gg, min(ss, width), itemsize)
-      fix = ("use fewer tokens per tile" if floor <= SMEM_BUDGET else
+    smem, budget = tile_smem(block_tokens, pp, gg, ss, width, itemsize)
+    if smem > budget:
+      floor, _ = tile_smem(16, pp, gg, ss, width, itemsize)
+      fix = ("use fewer tokens per tile" if floor <= budget else
              f"even 16-token tiles need ~{floor // 1024} KiB: use smaller "
              "blocks (more nblocks) or a 16-bit dtype")
       return (f"block_tokens={block_tokens} needs ~{smem // 1024} KiB of shared "
-              f"memory in {width}-wide chunks (budget {SMEM_BUDGET // 1024} "
+              f"memory in {width}-wide chunks (budget {budget // 1024} "
               f"KiB); {fix}")
   if platform == "tpu":
     if p % 128 or g % 128 or s % 128 or block_tokens % 8:
@@ -435,6 +466,14 @@ def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, p, s, tile):
       return _dot_t(xk, a_ref[ki, :, _span(pp, c, size)])
     return _sum(part(*ch) for ch in in_chunks).astype(x_ref.dtype)
 
+  if len(in_chunks) == len(out_chunks) == 1:
+    # Whole blocks: a loop over k (not unrolled, which held every block's
+    # operands in registers and spilled), software-pipelined by Triton.
+    acc = jax.lax.fori_loop(
+        0, k, lambda ki, acc: acc + _dot_t(stage1(ki), b_ref[ki]),
+        jnp.zeros((x_ref.shape[0], ss), jnp.float32))
+    _store(o_ref, acc.astype(o_ref.dtype), s)
+    return
   if len(out_chunks) == 1:   # each stage-1 block goes straight into stage 2
     acc = _sum(_dot_t(stage1(ki), b_ref[ki]) for ki in range(k))
     _store(o_ref, acc.astype(o_ref.dtype), s)
@@ -470,10 +509,11 @@ def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform):
                 pl.BlockSpec((None, k, ss, g), lambda i, j: (j, 0, 0, 0))],
       out_specs=pl.BlockSpec((None, block_tokens, ss), lambda i, j: (j, i, 0)),
       interpret=interpret,
-      # 8 warps once the float32 accumulator passes 64 KB (128 registers per
-      # thread at 4 warps): fewer spills.
+      # 8 warps from a 64 KB float32 accumulator on (128 registers per
+      # thread at 4 warps): n=4096 in 16 blocks, 64-token tiles spilled 304
+      # bytes per thread at 4 warps, none at 8 (tools/triton_smem.py).
       compiler_params=None if interpret else compiler_params(
-          platform, 2, 8 if block_tokens * ss > 16384 else 4),
+          platform, 2, 8 if block_tokens * ss >= 16384 else 4),
       name="monarch_fwd",
   )(xs, a, b)
 
@@ -488,6 +528,12 @@ def _dx_kernel(do_ref, a_ref, b_ref, dx_ref, *, l, p, s, tile):
              b_ref[li, _span(ss, c, size), :])
         for c, size, valid in in_chunks).astype(do_ref.dtype)
 
+  if len(in_chunks) == len(out_chunks) == 1:   # as the forward's loop
+    acc = jax.lax.fori_loop(
+        0, l, lambda li, acc: acc + _dot(dh(li), a_ref[li]),
+        jnp.zeros((do_ref.shape[1], pp), jnp.float32))
+    _store(dx_ref, acc.astype(dx_ref.dtype), p)
+    return
   if len(out_chunks) == 1:
     acc = _sum(_dot(dh(li), a_ref[li]) for li in range(l))       # (bt, P)
     _store(dx_ref, acc.astype(dx_ref.dtype), p)
@@ -514,7 +560,8 @@ def _call_dx(do, a, b, p, block_tokens, interpret, platform):
                 pl.BlockSpec((l, None, ss, g), lambda i, j: (0, j, 0, 0))],
       out_specs=_split_spec(block_tokens, p, pp, lambda i, j: (i, j)),
       interpret=interpret,
-      compiler_params=None if interpret else compiler_params(platform, 2),
+      compiler_params=None if interpret else compiler_params(
+          platform, 2, 8 if block_tokens * pp >= 16384 else 4),
       name="monarch_dx",
   )(do, a, b)
   return dx.reshape(tokens, k * p)
@@ -611,7 +658,10 @@ def _call_dw(x, do, a, b, p, block_tokens, interpret, platform):
                  pl.BlockSpec((None, None, None, ss, g),
                               lambda i, j, c: (c, i, j, 0, 0))),
       interpret=interpret,
-      compiler_params=None if interpret else compiler_params(platform, 3),
+      # 8 warps from 64 KB of float32 dA + dB accumulators on: 768 = 4 x 192
+      # (padded) spilled 1920 bytes per thread at 4 warps, 216 at 8.
+      compiler_params=None if interpret else compiler_params(
+          platform, 3, 8 if g * (pp + ss) >= 16384 else 4),
       name="monarch_dw",
   )(_split(x, p, pp), do, a, b)
   return da.sum(0), db.sum(0)
