@@ -214,9 +214,10 @@ if [ "$QUICK" = 1 ]; then
 else
   # Session 11 timed n=1024 (all rows); the whole-block Triton kernels then
   # became loops (no spills offline): n=4096 first (0.889 / 1.58 ms unrolled
-  # in session 8), the Monarch and block-diagonal rows only.
+  # in session 8), the loop against the unrolled form, Monarch and
+  # block-diagonal rows only.
   K="--sizes=4096,8192 --tokens=16384,512 --nblocks=16,64,4"
-  KI=("--impls=dense,monarch xla,monarch materialized,monarch pallas,monarch pallas bt64,blockdiag xla,blockdiag pallas")
+  KI=("--impls=dense,monarch xla,monarch materialized,monarch pallas,monarch pallas unrolled,monarch pallas bt64,blockdiag xla,blockdiag pallas")
   KF="--sizes=4096 --tokens=16384 --nblocks=16,64"
 fi
 timeout 150 $PY -m experiments.benchmark_kernels $K "${KI[@]}" --dtypes=bfloat16 \

@@ -81,6 +81,8 @@ def triton_modules(fn, args, grad_argnums):
   for part in out.getvalue().split("The Triton module for pallas_call ")[1:]:
     head, body = part.split("\n", 1)
     name = head.split()[0].rstrip(":")
+    while name in modules:   # a kernel called twice (SLTrain's fwd for dx)
+      name += "'"
     body = body[body.index("module"):].split("\n#loc")[0]
     # Locations Triton's parser does not take: ' "name"(#loc3)', ' [unknown]'.
     modules[name] = (re.sub(r' "[^"\n]*"\(#loc[0-9]*\)| \[unknown\]', "",

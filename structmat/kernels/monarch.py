@@ -452,7 +452,7 @@ def _sum(parts):
   return acc
 
 
-def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, p, s, tile):
+def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, p, s, tile, unroll):
   pp, ss = a_ref.shape[-1], b_ref.shape[-2]
   in_chunks, out_chunks = _chunks(p, pp, tile), _chunks(s, ss, tile)
 
@@ -466,7 +466,7 @@ def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, p, s, tile):
       return _dot_t(xk, a_ref[ki, :, _span(pp, c, size)])
     return _sum(part(*ch) for ch in in_chunks).astype(x_ref.dtype)
 
-  if len(in_chunks) == len(out_chunks) == 1:
+  if len(in_chunks) == len(out_chunks) == 1 and not unroll:
     # Whole blocks: a loop over k (not unrolled, which held every block's
     # operands in registers and spilled), software-pipelined by Triton.
     acc = jax.lax.fori_loop(
@@ -486,7 +486,7 @@ def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, p, s, tile):
     _store(o_ref.at[:, pl.ds(c, size)], acc.astype(o_ref.dtype), valid)
 
 
-def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform):
+def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform, unroll):
   """x (tokens, k*p), a/b padded to (l, k, G, P) / (l, k, S, G) -> the
   block-major (l, tokens, s) output."""
   # One program per (token tile, output block l): tiles x l programs keep a
@@ -495,7 +495,7 @@ def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform):
   l, k, g, pp = a.shape
   ss = b.shape[2]
   kernel = functools.partial(_fwd_kernel, k=k, p=p, s=s,
-                             tile=_tile(platform, a, b))
+                             tile=_tile(platform, a, b), unroll=unroll)
   xs = _split(x, p, pp)
   return pl.pallas_call(
       kernel,
@@ -518,7 +518,7 @@ def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform):
   )(xs, a, b)
 
 
-def _dx_kernel(do_ref, a_ref, b_ref, dx_ref, *, l, p, s, tile):
+def _dx_kernel(do_ref, a_ref, b_ref, dx_ref, *, l, p, s, tile, unroll):
   pp, ss = a_ref.shape[-1], b_ref.shape[-2]
   in_chunks, out_chunks = _chunks(s, ss, tile), _chunks(p, pp, tile)
 
@@ -528,7 +528,7 @@ def _dx_kernel(do_ref, a_ref, b_ref, dx_ref, *, l, p, s, tile):
              b_ref[li, _span(ss, c, size), :])
         for c, size, valid in in_chunks).astype(do_ref.dtype)
 
-  if len(in_chunks) == len(out_chunks) == 1:   # as the forward's loop
+  if len(in_chunks) == len(out_chunks) == 1 and not unroll:
     acc = jax.lax.fori_loop(
         0, l, lambda li, acc: acc + _dot(dh(li), a_ref[li]),
         jnp.zeros((do_ref.shape[1], pp), jnp.float32))
@@ -544,14 +544,14 @@ def _dx_kernel(do_ref, a_ref, b_ref, dx_ref, *, l, p, s, tile):
     _store(dx_ref.at[:, pl.ds(c, size)], acc.astype(dx_ref.dtype), valid)
 
 
-def _call_dx(do, a, b, p, block_tokens, interpret, platform):
+def _call_dx(do, a, b, p, block_tokens, interpret, platform, unroll):
   """do (l, tokens, s) -> dx (tokens, k*p)."""
   l, tokens, s = do.shape
   _, k, g, pp = a.shape
   ss = b.shape[2]
   dx = pl.pallas_call(
       functools.partial(_dx_kernel, l=l, p=p, s=s,
-                        tile=_tile(platform, a, b)),
+                        tile=_tile(platform, a, b), unroll=unroll),
       out_shape=jax.ShapeDtypeStruct(
           (tokens, k * p) if pp == p else (tokens, k, p), do.dtype),
       grid=(tokens // block_tokens, k),
@@ -684,27 +684,31 @@ def _padded_weights(w1, w2, pad: bool):
           jnp.pad(b, ((0, 0), (0, 0), (0, ss - s), (0, gg - g))))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _monarch(x, w1, w2, block_tokens, interpret, platform):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _monarch(x, w1, w2, block_tokens, interpret, platform, unroll):
   p = w1.shape[2]
   a, b = _padded_weights(w1, w2, pads_blocks(platform))
-  o = _call_fwd(x, a, b, p, w2.shape[1], block_tokens, interpret, platform)
+  o = _call_fwd(x, a, b, p, w2.shape[1], block_tokens, interpret, platform,
+                unroll)
   return _to_output(o)
 
 
-def _vjp_fwd(x, w1, w2, block_tokens, interpret, platform):
-  return _monarch(x, w1, w2, block_tokens, interpret, platform), (x, w1, w2)
+def _vjp_fwd(x, w1, w2, block_tokens, interpret, platform, unroll):
+  return (_monarch(x, w1, w2, block_tokens, interpret, platform, unroll),
+          (x, w1, w2))
 
 
-def backward(x, w1, w2, dy, block_tokens, interpret, platform, dx=True):
+def backward(x, w1, w2, dy, block_tokens, interpret, platform, dx=True,
+             unroll=False):
   """(dx, dw1, dw2) through the kernels; dx=False leaves dx to the caller
-  (None), as the Mosaic GPU path does."""
+  (None), as the Mosaic GPU path does. ``unroll``: as
+  ``monarch_matmul_pallas``'s."""
   _, q, p = w1.shape
   l, s, _ = w2.shape
   g = q // l
   a, b = _padded_weights(w1, w2, pads_blocks(platform))
   do = dy.reshape(dy.shape[0], s, l).transpose(2, 0, 1)   # (l, tokens, s)
-  dx_out = (_call_dx(do, a, b, p, block_tokens, interpret, platform)
+  dx_out = (_call_dx(do, a, b, p, block_tokens, interpret, platform, unroll)
             if dx else None)
   step = (block_tokens if not pads_blocks(platform) else dw_block_tokens(
       block_tokens, p, b.shape[3], s, _tile(platform, a, b), x.dtype.itemsize))
@@ -719,8 +723,8 @@ def backward(x, w1, w2, dy, block_tokens, interpret, platform, dx=True):
   return dx_out, dw1.astype(w1.dtype), dw2.astype(w2.dtype)
 
 
-def _vjp_bwd(block_tokens, interpret, platform, res, dy):
-  return backward(*res, dy, block_tokens, interpret, platform)
+def _vjp_bwd(block_tokens, interpret, platform, unroll, res, dy):
+  return backward(*res, dy, block_tokens, interpret, platform, unroll=unroll)
 
 
 _monarch.defvjp(_vjp_fwd, _vjp_bwd)
@@ -728,7 +732,7 @@ _monarch.defvjp(_vjp_fwd, _vjp_bwd)
 
 def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
                           interpret: bool | None = None,
-                          platform: str | None = None):
+                          platform: str | None = None, unroll: bool = False):
   """Fused Monarch product, same contract as ``ops.monarch_matmul`` (no bias).
 
   Args:
@@ -736,6 +740,10 @@ def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
     block_tokens: tokens per program.
     interpret: interpret mode (default: on the CPU).
     platform: backend to compile for (default: the default backend).
+    unroll: whole blocks' forward and dx unrolled over the blocks, as
+      measured on the H200 before session 11, instead of looped (which spills
+      nothing offline; the unrolled form up to 4.7 KB per thread): the
+      benchmark's "monarch pallas unrolled" row, an A/B for the GPU.
 
   Returns:
     (..., l*s).
@@ -749,5 +757,5 @@ def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
   if why:
     raise ValueError(f"the fused Monarch kernel cannot run these shapes: {why}")
   y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), block_tokens,
-               interpret, platform)
+               interpret, platform, unroll)
   return y.reshape(*x.shape[:-1], y.shape[-1])
