@@ -161,15 +161,22 @@ MONARCH_CASES = ([(*c, jnp.float32, 1e-5) for c in MONARCH_SHAPES]
                  + [(*c, jnp.bfloat16, 1e-2) for c in MONARCH_SHAPES[:2]])
 
 
-@pytest.mark.parametrize("tokens,bt,s1,s2,dtype,tol", MONARCH_CASES)
-def test_monarch_kernel_matches_reference(tokens, bt, s1, s2, dtype, tol,
-                                          monkeypatch):
-  poisoned = poison_pallas_outputs(monkeypatch)  # unwritten outputs stay NaN
-  keys = jax.random.split(jax.random.key(tokens + sum(s1)), 4)
+def _monarch_inputs(seed, tokens, s1, s2, dtype=jnp.float32):
+  """Random x (tokens, k*p), w1 (k, q, p), w2 (l, s, r) at unit-variance
+  outputs, and a cotangent g (tokens, l*s)."""
+  keys = jax.random.split(jax.random.key(seed), 4)
   x = jax.random.normal(keys[0], (tokens, s1[0] * s1[2])).astype(dtype)
   w1 = (jax.random.normal(keys[1], s1) / np.sqrt(s1[2])).astype(dtype)
   w2 = (jax.random.normal(keys[2], s2) / np.sqrt(s2[2])).astype(dtype)
   g = jax.random.normal(keys[3], (tokens, s2[0] * s2[1])).astype(dtype)
+  return x, w1, w2, g
+
+
+@pytest.mark.parametrize("tokens,bt,s1,s2,dtype,tol", MONARCH_CASES)
+def test_monarch_kernel_matches_reference(tokens, bt, s1, s2, dtype, tol,
+                                          monkeypatch):
+  poisoned = poison_pallas_outputs(monkeypatch)  # unwritten outputs stay NaN
+  x, w1, w2, g = _monarch_inputs(tokens + sum(s1), tokens, s1, s2, dtype)
   ker = lambda x, w1, w2: mk.monarch_matmul_pallas(x, w1, w2, block_tokens=bt,
                                                    interpret=True)
   check_kernel(ker, ops.monarch_matmul, (x, w1, w2), g, tol,
@@ -184,11 +191,7 @@ def test_monarch_whole_blocks_unrolled(tokens, bt, s1, s2, monkeypatch):
   against the default loop) matches the reference too: square, k != l,
   padded; and it is another kernel (no loop), not the loop's cached trace."""
   poisoned = poison_pallas_outputs(monkeypatch)
-  keys = jax.random.split(jax.random.key(tokens + sum(s2)), 4)
-  x = jax.random.normal(keys[0], (tokens, s1[0] * s1[2]))
-  w1 = jax.random.normal(keys[1], s1) / np.sqrt(s1[2])
-  w2 = jax.random.normal(keys[2], s2) / np.sqrt(s2[2])
-  g = jax.random.normal(keys[3], (tokens, s2[0] * s2[1]))
+  x, w1, w2, g = _monarch_inputs(tokens + sum(s2), tokens, s1, s2)
   ker = lambda unroll: lambda x, w1, w2: mk.monarch_matmul_pallas(
       x, w1, w2, block_tokens=bt, interpret=True, unroll=unroll)
   check_kernel(ker(True), ops.monarch_matmul, (x, w1, w2), g, 1e-5,
@@ -230,11 +233,7 @@ def test_monarch_kernel_in_chunks(tokens, bt, s1, s2, dtype, tol, monkeypatch):
   s chunk by chunk; an unwritten chunk stays NaN."""
   monkeypatch.setattr(mk, "MAX_TRITON_BLOCK", 16)
   poisoned = poison_pallas_outputs(monkeypatch)
-  keys = jax.random.split(jax.random.key(tokens + sum(s2)), 4)
-  x = jax.random.normal(keys[0], (tokens, s1[0] * s1[2])).astype(dtype)
-  w1 = (jax.random.normal(keys[1], s1) / np.sqrt(s1[2])).astype(dtype)
-  w2 = (jax.random.normal(keys[2], s2) / np.sqrt(s2[2])).astype(dtype)
-  g = jax.random.normal(keys[3], (tokens, s2[0] * s2[1])).astype(dtype)
+  x, w1, w2, g = _monarch_inputs(tokens + sum(s2), tokens, s1, s2, dtype)
   assert mk.supported(tokens, s1, s2, bt, "gpu") is None
   ker = lambda x, w1, w2: mk.monarch_matmul_pallas(x, w1, w2, block_tokens=bt,
                                                    interpret=True)
@@ -260,11 +259,7 @@ def test_monarch_kernel_in_narrowed_chunks(monkeypatch):
   # kernel's (interpreted, it has no shared memory to overflow).
   monkeypatch.setattr(mk, "dw_block_tokens", lambda bt, *_: bt)
   poisoned = poison_pallas_outputs(monkeypatch)
-  keys = jax.random.split(jax.random.key(7), 4)
-  x = jax.random.normal(keys[0], (32, 128))
-  w1 = jax.random.normal(keys[1], s1) / np.sqrt(32)
-  w2 = jax.random.normal(keys[2], s2) / np.sqrt(32)
-  g = jax.random.normal(keys[3], (32, 128))
+  x, w1, w2, g = _monarch_inputs(7, 32, s1, s2)
   ker = lambda x, w1, w2: mk.monarch_matmul_pallas(x, w1, w2, block_tokens=16,
                                                    interpret=True)
   check_kernel(ker, ops.monarch_matmul, (x, w1, w2), g, 1e-5,
@@ -328,11 +323,7 @@ def test_monarch_weight_gradients_in_shorter_steps(monkeypatch):
   fwd = mk.smem_estimate(32, 16, gg, 16, 4)
   dw = lambda bt: mk.dw_smem_estimate(bt, 40, gg, 40, 16, 4)
   assert fwd < dw(16) < dw(32)
-  keys = jax.random.split(jax.random.key(11), 4)
-  x = jax.random.normal(keys[0], (64, 80))
-  w1 = jax.random.normal(keys[1], s1) / np.sqrt(40)
-  w2 = jax.random.normal(keys[2], s2) / np.sqrt(32)
-  g = jax.random.normal(keys[3], (64, 80))
+  x, w1, w2, g = _monarch_inputs(11, 64, s1, s2)
   ker = lambda x, w1, w2: mk.monarch_matmul_pallas(x, w1, w2, block_tokens=32,
                                                    interpret=True)
   for budget, step, kernels in (

@@ -54,8 +54,8 @@ _SHAPES = flags.DEFINE_list(
 _DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Dtypes.")
 _TOKENS = flags.DEFINE_integer("tokens", 4096, "Tokens per call.")
 _FORCE_BT = flags.DEFINE_integer(
-    "force_block_tokens", 0, "Monarch: this tile (and dw step) whatever the "
-    "estimates say, to see what Triton asks for (calibration).")
+    "force_block_tokens", 0, "This token tile (Monarch: and dw step) whatever "
+    "the estimates say, to see what Triton asks for (calibration).")
 H100_SMEM = 227 * 1024
 S = jax.ShapeDtypeStruct
 
@@ -143,11 +143,12 @@ def monarch_case(d_in, d_out, nb, dtype, tokens):
 def sltrain_case(d_in, d_out, rank, dtype, tokens, density=0.03):
   nnz = jax.eval_shape(lambda: ops.draw_support(
       jax.random.key(0), d_in, d_out, density)).shape[0]
+  bt = _FORCE_BT.value or 128
   fn = lambda x, a, b, v, i: sk.sltrain_matmul_pallas(
-      x, a, b, v, i, 1.0, interpret=False, platform="cuda")
+      x, a, b, v, i, 1.0, block_tokens=bt, interpret=False, platform="cuda")
   args = [S((tokens, d_in), dtype), S((d_in, rank), dtype),
           S((rank, d_out), dtype), S((nnz,), dtype), S((nnz,), jnp.int32)]
-  return fn, args, (0, 1, 2, 3), {}, f"rank {rank}, {nnz} entries"
+  return fn, args, (0, 1, 2, 3), {}, f"bt {bt}, rank {rank}, {nnz} entries"
 
 
 def cases():
