@@ -38,6 +38,23 @@ def test_sltrain_kernel_matches_reference(tokens, d_in, d_out, rank, density,
   assert set(poisoned) == {"sltrain_fwd", "sltrain_dvalues"}
 
 
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5),
+                                       (jnp.bfloat16, 1e-2)])
+def test_low_rank_term_in_rank_slices(dtype, tol, monkeypatch):
+  """The forward sums its low-rank term over slices of the rank (whole, a
+  (bt, r) @ (r, bn) dot staged 384 KiB of shared memory at LLaMA-1B's rank
+  512 in float32): here 16 bytes a row, so rank 32 takes 8 or 4 slices."""
+  monkeypatch.setattr(sk, "RANK_CHUNK_BYTES", 16)
+  poisoned = poison_pallas_outputs(monkeypatch)
+  x, a, b, v, idx, g = _inputs(32, 64, 96, 32, 0.05, dtype)
+  ker = lambda x, a, b, v: sk.sltrain_matmul_pallas(
+      x, a, b, v, idx, 2.0, block_tokens=16, block_in=16, block_out=32,
+      chunk=8, interpret=True)
+  ref = lambda x, a, b, v: ops.sltrain_matmul(x, a, b, v, idx, 2.0)
+  check_kernel(ker, ref, (x, a, b, v), g, tol, ("dx", "da", "db", "dvalues"))
+  assert set(poisoned) == {"sltrain_fwd", "sltrain_dvalues"}
+
+
 def test_jitted_bfloat16_gradients():
   """Under jit in interpret mode XLA:CPU folded dx's transposed factors into
   the kernel's bfloat16 dots and could not run them (benchmark_kernels' bf16
@@ -126,18 +143,32 @@ def test_padded_dim_plans_whole_tiles():
   assert sk.padded_dim(100, 32, "cpu") == (32, 128)
 
 
-def test_every_llama_preset_layer_runs_on_gpus():
-  """impl="pallas" takes every SLTrain linear of the LLaMA presets on a GPU
-  (LLaMA-1B's 5461-wide MLP used to be refused: no tile divides it)."""
+def test_every_preset_layer_runs_on_gpus():
+  """impl="pallas" takes every SLTrain linear of the LLaMA and GPT-2
+  presets on a GPU, in bfloat16 and float32, within the shared-memory
+  budget (LLaMA-1B's 5461-wide MLP used to be refused: no tile divides it;
+  GPT-2's rank 192, not a power of two, now pads to 256; LLaMA-1B's rank
+  512 in float32 asked for 384 KiB before the low-rank term went in
+  slices)."""
   from structmat.models.family import linear_shapes, preset_config  # pylint: disable=import-outside-toplevel
-  for preset in ("llama_60m", "llama_130m", "llama_350m", "llama_1b"):
+  for preset in ("llama_60m", "llama_130m", "llama_350m", "llama_1b",
+                 "gpt2_small", "gpt2_medium"):
     cfg = preset_config(preset, "sltrain")
-    rank = dict(cfg.linear_kwargs)["rank"]
+    rank = sk.padded_rank(dict(cfg.linear_kwargs)["rank"], "cuda")
     for site, (d_in, d_out) in linear_shapes(cfg).items():
       (bk, d_in_p), (bn, d_out_p) = (sk.padded_dim(d_in, 64, "cuda"),
                                      sk.padded_dim(d_out, 64, "cuda"))
-      why = sk.supported(4096, d_in_p, d_out_p, rank, 128, bk, bn, 32, "cuda")
-      assert why is None, (preset, site, why)
+      for itemsize in (2, 4):
+        why = sk.supported(4096, d_in_p, d_out_p, rank, 128, bk, bn, 32,
+                           "cuda", itemsize)
+        assert why is None, (preset, site, itemsize, why)
+        assert sk.smem_estimate(128, bk, bn, rank, itemsize) <= 208 * 1024
+  assert sk.padded_rank(192, "cuda") == 256 and sk.padded_rank(4, "cpu") == 16
+  # 256-token tiles: bfloat16 fits, float32 overflows (Triton 3.6 asked for
+  # 400 KiB in dvalues at n=4096), and supported says so.
+  assert sk.supported(4096, 4096, 4096, 128, 256, 64, 64, 32, "cuda", 2) is None
+  assert "fewer tokens" in sk.supported(4096, 4096, 4096, 128, 256, 64, 64,
+                                        32, "cuda", 4)
 
 
 def test_padded_dims_keep_the_stored_orders():

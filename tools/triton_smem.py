@@ -20,7 +20,8 @@ compile) at the tiles ``impl="pallas"`` takes: for Monarch
 ``fit_block_tokens`` and the weight gradients' ``dw_block_tokens``, beside
 the estimates they plan with (``smem_estimate`` for the forward and, p and s
 swapped, dx; ``dw_smem_estimate``); for
-SLTrain the default tiles (``padded_dim``). A row per kernel; OVER marks
+SLTrain the default tiles (``padded_dim``), noting ``smem_estimate`` (its
+largest kernel's). A row per kernel; OVER marks
 what the GPU would refuse (227 KiB a block), UNDER an estimate below what
 Triton asked for; wgmma / mma count the tensor-core instructions in the PTX.
 """
@@ -148,7 +149,14 @@ def sltrain_case(d_in, d_out, rank, dtype, tokens, density=0.03):
       x, a, b, v, i, 1.0, block_tokens=bt, interpret=False, platform="cuda")
   args = [S((tokens, d_in), dtype), S((d_in, rank), dtype),
           S((rank, d_out), dtype), S((nnz,), dtype), S((nnz,), jnp.int32)]
-  return fn, args, (0, 1, 2, 3), {}, f"bt {bt}, rank {rank}, {nnz} entries"
+  # One estimate for the largest of the kernels (sltrain.smem_estimate).
+  (bk, d_in_p), (bn, d_out_p) = (sk.padded_dim(d_in, sk.DEFAULT_TILE, "cuda"),
+                                 sk.padded_dim(d_out, sk.DEFAULT_TILE, "cuda"))
+  est = sk.smem_estimate(bt, bk, bn, rank, dtype.itemsize)
+  if _FORCE_BT.value:
+    sk.supported = lambda *a, **k: None
+  return (fn, args, (0, 1, 2, 3), {}, f"bt {bt}, rank {rank}, {nnz} entries, "
+          f"largest estimated {est / 1024:.0f} KiB")
 
 
 def cases():

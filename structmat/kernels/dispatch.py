@@ -121,8 +121,10 @@ def sltrain(x, a, b, values, indices, scale, impl: str, orders=None,
     def why_not(plat):
       (bk, d_in_p), (bn, d_out_p) = (sk.padded_dim(d_in, sk.DEFAULT_TILE, plat),
                                      sk.padded_dim(d_out, sk.DEFAULT_TILE, plat))
-      return sk.supported(tokens, d_in_p, d_out_p, a.shape[1], bt, bk, bn,
-                          sk.DEFAULT_CHUNK, plat) or sk.slower_than_xla(plat)
+      return sk.supported(tokens, d_in_p, d_out_p,
+                          sk.padded_rank(a.shape[1], plat), bt, bk, bn,
+                          sk.DEFAULT_CHUNK, plat, x.dtype.itemsize
+                          ) or sk.slower_than_xla(plat)
     kernel = functools.partial(sk.sltrain_matmul_pallas, block_tokens=bt)
   if not choose(impl, why_not):
     return ref.sltrain_matmul(x, a, b, values, indices, scale, block=block)

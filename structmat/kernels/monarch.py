@@ -48,22 +48,21 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from structmat.kernels import triton_backend
-from structmat.kernels.blockdiag import (SMEM_BUDGET, TRITON_STAGES, _pow2,
-                                         compiler_params, prepare, split_count)
+from structmat.kernels.blockdiag import (LOOP_SMEM_BUDGET, SMEM_BUDGET,
+                                         TRITON_STAGES, _pow2, compiler_params,
+                                         prepare, split_count)
 from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 
 
 MAX_TRITON_BLOCK = 256
-# The shared-memory budget of the kernels' software-pipelined loops (the
-# weight gradients', whole blocks' forward and dx). Their estimates
+# ``LOOP_SMEM_BUDGET`` (224 KiB) holds the software-pipelined loops (the
+# weight gradients', whole blocks' forward and dx), whose estimates
 # (``dw_smem_estimate``, ``smem_estimate(looped=True)``) bound what Triton
 # asks for from above (never below in 60 weight-gradient shapes compiled
 # offline: exact to 50% over, the most in float32 with a thin q/l), unlike
-# the unrolled kernels', so this may come close to the 227 KiB an H100/H200
-# block may use: steps the H200 compiled before
-# there were estimates (the 60M attention's dw at 128 tokens, asked 192 KiB;
-# n=4096 in 16 blocks' at 64, 180 KiB) stay within it.
-LOOP_SMEM_BUDGET = 224 * 1024
+# the unrolled kernels': steps the H200 compiled before there were estimates
+# (the 60M attention's dw at 128 tokens, asked 192 KiB; n=4096 in 16
+# blocks' at 64, 180 KiB) stay within it.
 
 
 def gather_weights(w1, w2):

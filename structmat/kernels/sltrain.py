@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from structmat.kernels import triton_backend
-from structmat.kernels.blockdiag import _pow2, compiler_params, prepare
+from structmat.kernels.blockdiag import (LOOP_SMEM_BUDGET, TRITON_STAGES,
+                                         _pow2, compiler_params, prepare)
 from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 
 
@@ -44,6 +45,10 @@ class TiledSupport(NamedTuple):
 
 DEFAULT_TILE = 64   # block_in / block_out cap
 DEFAULT_CHUNK = 32  # sparse entries placed per step
+# Bytes of rank per row in each step of the forward's low-rank term: 128 of
+# the rank in 16-bit, 64 in float32 (LLaMA-1B's rank 512 asked for 144 KiB
+# of shared memory either way, compiled offline; whole, 384 KiB in float32).
+RANK_CHUNK_BYTES = 256
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -114,6 +119,16 @@ def tile_for(size: int, cap: int) -> int:
   return t if t >= 8 else cap
 
 
+def padded_rank(rank: int, platform: str) -> int:
+  """The rank the Triton kernel multiplies: a power of two >= 16 (its dots'
+  shapes), the factors zero-padded to it (a @ b is unchanged); GPT-2's
+  rank 192 pads to 256. Interpret mode ("cpu") pads as GPUs do; TPUs have
+  their own kernel."""
+  if platform not in GPU_PLATFORMS and platform != "cpu":
+    return rank
+  return max(16, 1 << (rank - 1).bit_length())
+
+
 def padded_dim(size: int, cap: int, platform: str) -> tuple[int, int]:
   """(tile, padded size) of one kernel dim: ``tile_for``'s tile when it fits
   the platform (on GPUs a power of two >= 16 dividing the size; interpret
@@ -132,10 +147,33 @@ def padded_dim(size: int, cap: int, platform: str) -> tuple[int, int]:
   return tile, tile
 
 
+def rank_chunk(rank: int, itemsize: int) -> int:
+  """The rank slice each step of the forward's low-rank term multiplies."""
+  return min(rank, max(1, RANK_CHUNK_BYTES // itemsize))
+
+
+def smem_estimate(bt: int, bk: int, bn: int, rank: int, itemsize: int) -> int:
+  """Bytes of shared memory the Triton kernels plan for, per program: the
+  largest of the forward's low-rank loop (``TRITON_STAGES`` buffers of a
+  (bt, rc) slice of u and an (rc, bn) slice of b, once when a single slice
+  covers the rank), its input-tile loop (buffers of the (bt, bk) x tiles),
+  the same for dx (the forward on W^T: bk and bn swapped) and dvalues'
+  token loop (buffers of (bt, bk) x and (bt, bn) dy tiles, and the float32
+  (bk, bn) tile it accumulates). Triton 3.6 compiling for sm_90
+  (``tools/triton_smem.py``) never asked for more at the presets' shapes in
+  bfloat16 and float32, and exactly this at most of them."""
+  rc = rank_chunk(rank, itemsize)
+  wide = max(bk, bn)      # the forward's or dx's output (and input) tile
+  low = (TRITON_STAGES if rank > rc else 1) * (bt + wide) * rc
+  return max(low * itemsize, TRITON_STAGES * bt * wide * itemsize,
+             TRITON_STAGES * bt * (bk + bn) * itemsize + bk * bn * 4)
+
+
 def supported(tokens: int, in_features: int, out_features: int, rank: int,
               bt: int, bk: int, bn: int, chunk: int,
-              platform: str) -> str | None:
-  """None if the kernel runs these shapes on ``platform``, else why not."""
+              platform: str, itemsize: int = 2) -> str | None:
+  """None if the kernel runs these shapes on ``platform``, else why not
+  (``itemsize``: bytes per element of x; shared memory depends on it)."""
   for name, size, tile in (("tokens", tokens, bt), ("in_features", in_features, bk),
                            ("features", out_features, bn)):
     if size % tile:
@@ -151,6 +189,11 @@ def supported(tokens: int, in_features: int, out_features: int, rank: int,
     bad = [v for v in (bt, bk, bn, rank, chunk) if not _pow2(v) or v < 16]
     if bad:
       return f"Triton needs power-of-two tiles and rank >= 16, got {bad}"
+    smem = smem_estimate(bt, bk, bn, rank, itemsize)
+    if smem > LOOP_SMEM_BUDGET:
+      return (f"block_tokens={bt} needs ~{smem // 1024} KiB of shared memory "
+              f"(budget {LOOP_SMEM_BUDGET // 1024} KiB): use fewer tokens per "
+              "tile")
   return None
 
 
@@ -202,12 +245,16 @@ def _sparse_tile(rows_ref, cols_ref, vals_ref, start, end, bk, bn, chunk):
 
 
 def _fwd_kernel(off_ref, x_ref, u_ref, b_ref, rows_ref, cols_ref, vals_ref,
-                o_ref, *, scale, bk, bn, n_k, n_tn, chunk):
+                o_ref, *, scale, bk, bn, n_k, n_tn, chunk, rc):
   """y tile = scale * (x a)_tile @ b[:, j] + sum_k x_k @ S_kj.
 
   The low-rank term enters once per program from u = x a (rank-r, XLA), so
-  only the sparse tiles are rebuilt per input tile."""
+  only the sparse tiles are rebuilt per input tile; it is summed over
+  ``rc``-wide slices of the rank (``rank_chunk``; one (bt, r) @ (r, bn) dot
+  staged both operands whole in shared memory: 384 KiB at LLaMA-1B's rank
+  512 in float32, which no GPU block has)."""
   j = pl.program_id(1)
+  rank = u_ref.shape[1]
 
   def body(k, acc):
     t = k * n_tn + j
@@ -217,9 +264,15 @@ def _fwd_kernel(off_ref, x_ref, u_ref, b_ref, rows_ref, cols_ref, vals_ref,
         x_ref[:, pl.ds(k * bk, bk)], w.astype(x_ref.dtype),
         (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
-  low = scale * jax.lax.dot_general(u_ref[...], b_ref[...],
-                                    (((1,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
+  def low_body(c, acc):
+    cols = pl.ds(c * rc, rc)
+    return acc + jax.lax.dot_general(u_ref[:, cols], b_ref[cols, :],
+                                     (((1,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+
+  low = scale * jax.lax.fori_loop(
+      0, rank // rc, low_body,
+      jnp.zeros((x_ref.shape[0], bn), jnp.float32))
   o_ref[...] = jax.lax.fori_loop(0, n_k, body, low).astype(o_ref.dtype)
 
 
@@ -231,7 +284,8 @@ def _call_fwd(x, u, b, vals_sorted, ts: TiledSupport, scale, bt, bk, bn, chunk,
   nnz_p = ts.rows.shape[0]
   vals = jnp.concatenate([vals_sorted, jnp.zeros((chunk,), vals_sorted.dtype)])
   kernel = functools.partial(_fwd_kernel, scale=scale, bk=bk, bn=bn,
-                             n_k=d_in // bk, n_tn=d_out // bn, chunk=chunk)
+                             n_k=d_in // bk, n_tn=d_out // bn, chunk=chunk,
+                             rc=rank_chunk(rank, x.dtype.itemsize))
   full = lambda n: pl.BlockSpec((n,), lambda i, j: (0,))
   return pl.pallas_call(
       kernel,
@@ -377,16 +431,18 @@ def _vjp_bwd(st, res, dy):
 _sltrain.defvjp(_vjp_fwd, _vjp_bwd)
 
 
-def zero_padded(x, a, b, indices, d_in: int, d_out: int):
-  """x (tokens, in), a (in, r), b (r, out) zero-padded to ``d_in`` inputs
-  and ``d_out`` outputs, and the support's flat indices into the padded
-  (d_in, d_out) kernel (each entry keeps its row and column, so its tile
-  order). The pads' and the caller's slice's gradients drop the padding."""
-  n_in, n_out = a.shape[0], b.shape[1]
+def zero_padded(x, a, b, indices, d_in: int, d_out: int, rank=None):
+  """x (tokens, in), a (in, r), b (r, out) zero-padded to ``d_in`` inputs,
+  ``d_out`` outputs and ``rank`` (default: r), and the support's flat
+  indices into the padded (d_in, d_out) kernel (each entry keeps its row and
+  column, so its tile order). The pads' and the caller's slice's gradients
+  drop the padding."""
+  n_in, n_out, r = a.shape[0], b.shape[1], a.shape[1]
   pad = lambda v, axis, n: v if n == 0 else jnp.pad(
       v, [(0, n if i == axis else 0) for i in range(v.ndim)])
-  return (pad(x, 1, d_in - n_in), pad(a, 0, d_in - n_in),
-          pad(b, 1, d_out - n_out),
+  extra = (rank or r) - r
+  return (pad(x, 1, d_in - n_in), pad(pad(a, 0, d_in - n_in), 1, extra),
+          pad(pad(b, 1, d_out - n_out), 0, extra),
           (indices // n_out) * d_out + indices % n_out)
 
 
@@ -417,8 +473,9 @@ def sltrain_matmul_pallas(x, a, b, values, indices, scale: float, *,
   plat = "cpu" if interpret else platform
   (bk, d_in_p), (bn, d_out_p) = (padded_dim(d_in, block_in, plat),
                                  padded_dim(d_out, block_out, plat))
-  why = supported(x2.shape[0], d_in_p, d_out_p, a.shape[1], bt, bk, bn, chunk,
-                  plat)
+  rank = padded_rank(a.shape[1], plat)
+  why = supported(x2.shape[0], d_in_p, d_out_p, rank, bt, bk, bn, chunk,
+                  plat, x2.dtype.itemsize)
   if why:
     raise ValueError(f"the SLTrain kernel cannot run these shapes: {why}")
   default = (tile_for(d_in, DEFAULT_TILE), tile_for(d_out, DEFAULT_TILE))
@@ -428,7 +485,7 @@ def sltrain_matmul_pallas(x, a, b, values, indices, scale: float, *,
   fwd_o, bwd_o = (orders[0], orders[1]) if (
       orders is not None and (bk, bn) == default) else (None, None)
   x2, a, b, idx = zero_padded(x2, a.astype(x.dtype), b.astype(x.dtype),
-                              indices, d_in_p, d_out_p)
+                              indices, d_in_p, d_out_p, rank)
   fwd_ts = tile_support(idx, d_in_p, d_out_p, bk, bn, chunk, fwd_o)
   t_idx = transposed_indices(idx, d_in_p, d_out_p)
   bwd_ts = tile_support(t_idx, d_out_p, d_in_p, bn, bk, chunk, bwd_o)
