@@ -99,8 +99,9 @@ def compile_report(module: str, num_warps: int) -> dict:
     path = os.path.join(tmp, "kernel.ttir")
     with open(path, "w") as f:
       f.write(module)
-    kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(
-        num_warps=num_warps, num_stages=mk.TRITON_STAGES))
+    kernel = triton.compile(
+        path, target=GPUTarget("cuda", 90, 32),
+        options=dict(num_warps=num_warps, num_stages=mk.TRITON_STAGES))
     ptx = kernel.asm["ptx"]
     with open(os.path.join(tmp, "kernel.ptx"), "w") as f:
       f.write(ptx)

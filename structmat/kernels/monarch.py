@@ -196,7 +196,7 @@ def chunk_width(pp: int, gg: int, ss: int, itemsize: int) -> int:
   """Width of the chunks the Triton kernels walk padded blocks (pp, ss) in.
 
   The widest of ``MAX_TRITON_BLOCK`` (or the wider block, if narrower),
-  halving down to 16, at which 16-token tiles fit the shared-memory budget:
+  halving down to 16, at which 16-token tiles fit their budget (``tile_smem``):
   a whole tile's width for every 16-bit preset up to 1B, narrower where
   float32 or LLaMA-7B's q/l = 256 would overflow it (LLaMA-130M's 4 x 192
   in float32: 128; 7B in bfloat16: 128, in float32: 64). Choosing it from
