@@ -136,14 +136,11 @@ def sltrain_matmul_blocked(x, a, b, values, indices, scale: float, block: int):
     (..., out) in x's dtype (each kernel block is cast to it, as
     ``sltrain_matmul`` casts the whole kernel).
   """
-  d_in, d_out = a.shape[0], b.shape[1]
-  if x.shape[-1] != d_in:
-    raise ValueError(f"x has {x.shape[-1]} features, the kernel {d_in} rows.")
-  if block < 1:
-    raise ValueError(f"block={block}: use a positive number of columns.")
-  y = _blocked(_identity, (x.reshape(-1, d_in),), a, b, values, indices,
-               float(scale), (min(block, d_out), min(block, d_in)))
-  return y.reshape(*x.shape[:-1], d_out)
+  if x.shape[-1] != a.shape[0]:
+    raise ValueError(f"x has {x.shape[-1]} features, the kernel "
+                     f"{a.shape[0]} rows.")
+  return sltrain_matmul_blocked_of(_identity, (x,), a, b, values, indices,
+                                   scale, block)
 
 
 def sltrain_matmul_blocked_of(fn, args, a, b, values, indices, scale: float,
