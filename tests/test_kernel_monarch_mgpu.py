@@ -1,13 +1,16 @@
-"""Mosaic GPU Monarch forward: Mosaic GPU's interpreter against the XLA
-reference (its buffers start as NaN, so an element the kernel never writes
-fails), gradients through the custom VJP, and cross-lowering for an H100."""
+"""Mosaic GPU Monarch forward, dx and weight gradients: Mosaic GPU's
+interpreter against the XLA reference (its buffers start as NaN, so an
+element the kernel never writes fails), gradients through the custom VJP,
+and cross-lowering for an H100."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from structmat import ops
+from structmat.kernels import monarch as mk
 from structmat.kernels import monarch_mgpu as mg
+from structmat.kernels import monarch_mgpu_dw as mdw
 from tests.helpers import check_kernel, cross_lower
 
 SHAPES = [  # (tokens, w1 shape, w2 shape)
@@ -46,20 +49,67 @@ def test_token_loop_and_chunks(monkeypatch):
   test_forward_matches_reference(256, (2, 64, 64), (2, 64, 64))
 
 
+def _count(monkeypatch, module, name):
+  """Record the first argument's shape of every call to module.name."""
+  calls = []
+  fn = getattr(module, name)
+  monkeypatch.setattr(module, name,
+                      lambda v, *a, **kw: calls.append(v.shape) or fn(v, *a, **kw))
+  return calls
+
+
 @pytest.mark.parametrize("tokens,s1,s2", SHAPES[:2])
 def test_gradients(tokens, s1, s2, monkeypatch):
-  """dx runs the same kernel on the transposed product; dw1, dw2 go through
-  the portable kernels' backward (both interpreted)."""
-  calls = []
-  blockwise = mg._blockwise  # pylint: disable=protected-access
-  monkeypatch.setattr(mg, "_blockwise",
-                      lambda x, *a: calls.append(x.shape) or blockwise(x, *a))
+  """dx runs the same kernel on the transposed product; dw1, dw2 run the
+  Mosaic GPU weight-gradient kernels where p and s are multiples of 64 (the
+  first shape), else the portable kernels' backward (the second: p = 32)."""
+  calls = _count(monkeypatch, mg, "_blockwise")
+  portable = _count(monkeypatch, mk, "backward")
   x, w1, w2, g = _inputs(tokens, s1, s2)
   assert mg.supported(tokens, s1, s2, x.dtype, transposed=True) is None
   check_kernel(lambda *a: mg.monarch_matmul_mgpu(*a, interpret=True),
                ops.monarch_matmul, (x, w1, w2), g, 1e-2, ("dx", "dw1", "dw2"))
   # the forward (x) and dx (dy with P2 undone): both through the kernel
   assert (tokens, s1[0] * s1[2]) in calls and (tokens, s2[0] * s2[1]) in calls
+  own_dw = mdw.supported(tokens, s1, s2, x.dtype) is None
+  assert own_dw == (s1[2] % 64 == 0) and bool(portable) != own_dw
+
+
+@pytest.mark.parametrize("tokens,s1,s2", [
+    (192, (2, 128, 64), (4, 64, 64)),     # k != l, q/l = 32, three tiles
+    (64, (4, 192, 192), (4, 192, 192)),   # LLaMA-130M attention, q/l = 48
+])
+def test_weight_gradients_in_mosaic_gpu(tokens, s1, s2, monkeypatch):
+  """dw1 and dw2 through the two wgmma chains (dU from x^T and dy, dB from
+  dy^T and x), nothing through the portable kernels or XLA's VJP."""
+  chains = _count(monkeypatch, mdw, "_chain")
+  monkeypatch.setattr(mk, "backward", None)  # the portable path would fail
+  x, w1, w2, g = _inputs(tokens, s1, s2)
+  check_kernel(lambda *a: mg.monarch_matmul_mgpu(*a, interpret=True),
+               ops.monarch_matmul, (x, w1, w2), g, 1e-2, ("dx", "dw1", "dw2"))
+  k, _, p = s1
+  l, s, _ = s2
+  want = [(tokens, k * p), (tokens, l * s)]  # x, then dy: transposed views
+  if not mdw.views(True):  # jax 0.10.2's interpreter: XLA transposes them
+    want = [v[::-1] for v in want]
+  assert chains == want
+
+
+def test_weight_gradients_one_buffer_and_chunks(monkeypatch):
+  """256-wide blocks with q/l = 64 leave room for one pair of token tiles
+  (the next tile loads after the wgmmas), and with 8 SMs each of the four
+  block pairs splits its four tiles into two chunks summed by XLA."""
+  monkeypatch.setattr(mg, "SMS", 8)
+  s1, s2 = (2, 128, 256), (2, 256, 128)
+  assert mdw._slots(*mdw._problems(s1, s2)[0], 2) == 1  # pylint: disable=protected-access
+  assert mg._chunks(4, 4) == 2  # pylint: disable=protected-access
+  x, w1, w2, g = _inputs(256, s1, s2)
+  dw1, dw2 = mdw.weight_grads(x, mg._undo_p2(g, 2), w1, w2, True)  # pylint: disable=protected-access
+  f32 = lambda v: v.astype(jnp.float32)
+  _, vjp = jax.vjp(lambda u, v: ops.monarch_matmul(f32(x), u, v), f32(w1),
+                   f32(w2))
+  for got, want in zip((dw1, dw2), vjp(f32(g))):
+    np.testing.assert_allclose(got, want, atol=1e-2 * float(jnp.abs(want).max()))
 
 
 @pytest.mark.parametrize("tokens,s1,s2", [
@@ -74,8 +124,8 @@ def test_cross_lowering_for_h100(tokens, s1, s2, grad):
       *a, interpret=False, platform="cuda"), args, "cuda",
                      (0, 1, 2) if grad else None)
   assert "mosaic_gpu" in text
-  if grad:  # dw1, dw2 through the Triton kernel
-    assert "monarch_dw" in text
+  if grad:  # dw1, dw2 through Mosaic GPU too: no Triton kernel left
+    assert text.count("mosaic_gpu") > 1 and "monarch_dw" not in text
 
 
 def test_supported_names_the_constraint():
@@ -93,6 +143,14 @@ def test_supported_names_the_constraint():
   assert mg.supported(64, (4, 64, 512), (4, 16, 64), bf16) is None
   assert "256" in mg.supported(64, (4, 64, 512), (4, 16, 64), bf16,
                                transposed=True)
+  # The weight gradients: p and s are wgmma's M; accumulator registers.
+  assert mdw.supported(64, (4, 128, 128), (4, 128, 128), bf16) is None
+  assert "multiples of 64" in mdw.supported(64, (4, 64, 32), (4, 48, 64), bf16)
+  assert "registers" in mdw.supported(64, (1, 256, 256), (1, 256, 256), bf16)
+  assert "shared memory" in mdw.supported(64, (2, 32, 1024), (2, 1024, 32),
+                                          bf16)
+  assert "16-bit" in mdw.supported(64, (4, 128, 128), (4, 128, 128),
+                                   jnp.float32)
   with pytest.raises(ValueError, match="Mosaic GPU"):
     mg.monarch_matmul_mgpu(jnp.ones((64, 128), jnp.float32),
                            jnp.ones((2, 64, 64)), jnp.ones((2, 64, 64)))

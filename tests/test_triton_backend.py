@@ -1,6 +1,7 @@
 """A JAX without Pallas' Triton backend (deprecated in jax 0.12, to be
 removed): structmat still imports, every XLA path and the TPU kernels run,
-impl="auto" falls back to XLA on GPUs and impl="pallas" says why it cannot."""
+impl="auto" falls back to XLA on GPUs, impl="pallas" says why it cannot, and
+the Mosaic GPU Monarch lowers its forward and gradients without Triton."""
 import os
 import subprocess
 import sys
@@ -47,6 +48,15 @@ _CHECK = textwrap.dedent("""
         ops.monarch_matmul(jax.random.normal(k[4], (128, 256)),
                            jnp.ones((2, 128, 128)) / 128,
                            jnp.ones((2, 128, 128)) / 128))
+    # Nor does the Mosaic GPU Monarch (forward, dx, dw1, dw2) for an H100.
+    from tests.helpers import cross_lower
+    text = cross_lower(
+        lambda *a: monarch_mgpu.monarch_matmul_mgpu(*a, interpret=False,
+                                                    platform="cuda"),
+        [jax.ShapeDtypeStruct(s, jnp.bfloat16)
+         for s in ((4096, 512), (4, 128, 128), (4, 128, 128))], "cuda",
+        (0, 1, 2))
+    assert text.count("mosaic_gpu") > 1 and "triton" not in text, text[:300]
     # SLTrain's kernel stores through masks even when interpreted.
     idx = ops.draw_support(k[5], 64, 64, 0.05)
     a, b = jax.random.normal(k[6], (64, 16)), jax.random.normal(k[7], (16, 64))

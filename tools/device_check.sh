@@ -97,7 +97,8 @@ TOL = {bf16: 2e-2, fp32: 2e-3}
 # (and l) instead of unrolling (session 11, after its GPU time): n=4096 in
 # 16 blocks, LLaMA-60M's attention (512 = 4 x 128), 768 = 4 x 192 padded,
 # n=1024 in 16 blocks in f32; SLTrain in rank slices, padded ranks
-# (n_in, n_out, tokens[, rank]). Then the chunked blocks session 11
+# (n_in, n_out, tokens[, rank]). Mosaic GPU's weight gradients (session 12)
+# before all of them. Then the chunked blocks session 11
 # compiled after giving the weight gradients their own token step (512 <->
 # 1376, LLaMA-60M's MLP in 256-wide chunks; 768 f32 in 128-wide chunks;
 # 2048 -> 768, whose dw now runs 8 warps), SLTrain 512 -> 1365 (zero-padded
@@ -109,7 +110,8 @@ if quick:
             + [("sltrain", d, s) for d in (bf16, fp32)
                for s in ((256, 256, 64), (64, 100, 64), (64, 96, 64, 24))])
 else:
-  checks = ([("monarch", bf16, (4096, 4096, 16, 16384)),
+  checks = ([("mgpu", bf16, (512, 4, 4096)), ("mgpu", bf16, (768, 4, 4096)),
+             ("monarch", bf16, (4096, 4096, 16, 16384)),
              ("monarch", bf16, (512, 512, 4, 4096)),
              ("monarch", bf16, (768, 768, 4, 4096)),
              ("monarch", fp32, (1024, 1024, 16, 16384)),
@@ -126,8 +128,7 @@ else:
             + [("monarch", fp32, s) for s in (
                 (1024, 1024, 4, 512), (4096, 4096, 16, 16384),
                 (2048, 2048, 8, 4096))]
-            + [("sltrain", bf16, (512, 1365, 512)),
-               ("mgpu", bf16, (512, 4, 4096)), ("mgpu", bf16, (768, 4, 4096))]
+            + [("sltrain", bf16, (512, 1365, 512))]
             + [("monarch", bf16, s) for s in (
                 (1024, 1024, 4, 512), (1024, 1024, 16, 16384),
                 (2048, 2048, 8, 4096))]
@@ -172,15 +173,15 @@ def monarch(dtype, n, n_out, nb, t):
 
 
 def mgpu(dtype, n, nb, t):
-  # The Mosaic GPU forward and dx (its dw goes through the Triton kernels).
+  # The Mosaic GPU forward, dx and (since session 12) dw1, dw2.
   k = jax.random.split(jax.random.key(n + t), 4); b = n // nb
   x = jax.random.normal(k[0], (t, n), dtype)
   w1 = (jax.random.normal(k[1], (nb, b, b)) / b**.5).astype(dtype)
   w2 = (jax.random.normal(k[2], (nb, b, b)) / b**.5).astype(dtype)
   g = jax.random.normal(k[3], (t, n), dtype)
-  errs = grads_vs_ref(lambda v: mg.monarch_matmul_mgpu(v, w1, w2),
-                      lambda v: ops.monarch_matmul(*f32(v, w1, w2)), (x,), g)
-  yield "monarch mgpu", errs
+  yield "monarch mgpu", grads_vs_ref(
+      mg.monarch_matmul_mgpu,
+      lambda *a: ops.monarch_matmul(*f32(*a)), (x, w1, w2), g)
 
 
 def sltrain(dtype, n, m, t, r=None):

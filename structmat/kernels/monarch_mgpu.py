@@ -28,9 +28,10 @@ result's row (q/l elements) is the narrowest operand row, so every buffer uses
 the swizzle q/l allows (32 bytes at q/l = 16, 128 from 64 up).
 
 Scope: forward and dx, 16-bit dtypes (float32 would run as TF32), and shapes
-whose factors fit shared memory (``supported``); dw1 and dw2 go through the
-portable kernels' backward where those take the shapes, else XLA's (so does
-dx when the transposed problem does not fit). Runs on
+whose factors fit shared memory (``supported``); dw1 and dw2 are Mosaic GPU
+kernels too (``monarch_mgpu_dw``; p and s multiples of 64), and what neither
+takes goes through the portable kernels' backward where those take the
+shapes, else XLA's VJP. Runs on
 the CPU in Mosaic GPU's interpreter (which models TMA, barriers and wgmma) and
 cross-lowers for an H100. Compiled and timed on an H200 (session 8, jax
 0.11.2): it tied XLA at the 60M attention shape (512 in 4 blocks) and lost at
@@ -90,10 +91,10 @@ def x_slots(w1_shape, w2_shape, itemsize: int, transposed: bool = False) -> int:
   return _slots(*_dims(w1_shape, w2_shape, transposed), itemsize)
 
 
-def supported(tokens: int, w1_shape, w2_shape, dtype,
-              transposed: bool = False) -> str | None:
-  """None if the Mosaic GPU kernel runs these shapes (``transposed``: dx's
-  problem), else why not."""
+def operand_problem(tokens: int, w1_shape, w2_shape, dtype,
+                    transposed: bool = False) -> str | None:
+  """Why wgmma cannot take these shapes' tiles (dtype, token tile, block
+  dims), or None; what ``supported`` and the weight gradients share."""
   if why := mk.layout_problem(w1_shape, w2_shape):
     return why
   _, p, g, s = _dims(w1_shape, w2_shape, transposed)
@@ -106,12 +107,23 @@ def supported(tokens: int, w1_shape, w2_shape, dtype,
   bad = {name: v for name, v in dict(p=p, g=g, s=s).items() if v % 16}
   if bad:
     return f"block dims {bad} must be multiples of 16 (wgmma's K and N steps)"
-  if max(g, s) > 256:
-    return f"q/l={g} and s={s} must be <= 256 (wgmma's N)"
   row = _swizzle(g, dtype.itemsize) // dtype.itemsize
   if p % row or s % row:
     return (f"p={p} and s={s} must be multiples of {row}: every buffer is "
             f"tiled by the swizzle q/l={g} allows ({row} elements)")
+  return None
+
+
+def supported(tokens: int, w1_shape, w2_shape, dtype,
+              transposed: bool = False) -> str | None:
+  """None if the Mosaic GPU kernel runs these shapes (``transposed``: dx's
+  problem), else why not."""
+  if why := operand_problem(tokens, w1_shape, w2_shape, dtype, transposed):
+    return why
+  _, p, g, s = _dims(w1_shape, w2_shape, transposed)
+  dtype = jnp.dtype(dtype)
+  if max(g, s) > 256:
+    return f"q/l={g} and s={s} must be <= 256 (wgmma's N)"
   need = smem_bytes(w1_shape, w2_shape, dtype.itemsize, 1, transposed)
   if need > SMEM_BUDGET:
     return (f"an output block's factors and tiles need {need // 1024} KiB of "
@@ -223,13 +235,17 @@ def _forward(x, w1, w2, interpret: bool):
   return mk._to_output(o)  # pylint: disable=protected-access
 
 
-def _dx(dy, w1, w2, interpret: bool):
-  """dy (tokens, l*s) -> dx (tokens, k*p): dx_k = sum_l (do_l @ B[l,k]) @ A[l,k]."""
-  tokens = dy.shape[0]
+def _undo_p2(dy, l: int):
+  """dy (tokens, s*l) -> do (tokens, l*s): block-major columns."""
+  tokens, n = dy.shape
+  return dy.reshape(tokens, n // l, l).transpose(0, 2, 1).reshape(tokens, n)
+
+
+def _dx(do, w1, w2, interpret: bool):
+  """do (tokens, l*s) -> dx (tokens, k*p): dx_k = sum_l (do_l @ B[l,k]) @ A[l,k]."""
+  tokens = do.shape[0]
   k, _, p = w1.shape
-  l, s, _ = w2.shape
   a, b = mk.gather_weights(w1, w2)
-  do = dy.reshape(tokens, s, l).transpose(0, 2, 1).reshape(tokens, l * s)
   o = _blockwise(do, b.transpose(1, 0, 2, 3), a.transpose(1, 0, 2, 3),
                  interpret)                  # (k, tokens, p)
   return o.transpose(1, 0, 2).reshape(tokens, k * p)
@@ -246,23 +262,31 @@ def _vjp_fwd(x, w1, w2, interpret, platform):
 
 
 def _vjp_bwd(interpret, platform, res, dy):
-  """dx here where the transposed problem fits; dw1, dw2 (and dx otherwise)
-  through the portable kernels where they take the shapes, else XLA."""
+  """dx and dw here where the shapes fit (``supported`` with transposed=True,
+  ``monarch_mgpu_dw.supported``); the rest through the portable kernels
+  where those take the shapes, else XLA's VJP."""
+  from structmat.kernels import monarch_mgpu_dw as mdw  # pylint: disable=import-outside-toplevel
+  from structmat.ops.monarch import monarch_matmul  # pylint: disable=import-outside-toplevel
   x, w1, w2 = res
-  tokens = x.shape[0]
-  own_dx = supported(tokens, w1.shape, w2.shape, x.dtype, transposed=True) is None
-  bt = mk.fit_block_tokens(tokens, w1.shape, w2.shape, x.dtype.itemsize,
-                           platform)
-  if mk.supported(tokens, w1.shape, w2.shape, bt, platform,
-                  x.dtype.itemsize) is None:
-    dx, dw1, dw2 = mk.backward(x, w1, w2, dy, bt, interpret, platform,
-                               dx=not own_dx)
+  tokens, dtype = x.shape[0], x.dtype
+  do = _undo_p2(dy, w2.shape[0])
+  dx = dw = None
+  if supported(tokens, w1.shape, w2.shape, dtype, transposed=True) is None:
+    dx = _dx(do, w1, w2, interpret)
+  if mdw.supported(tokens, w1.shape, w2.shape, dtype) is None:
+    dw = mdw.weight_grads(x, do, w1, w2, interpret)
+  elif mk.supported(tokens, w1.shape, w2.shape, bt := mk.fit_block_tokens(
+      tokens, w1.shape, w2.shape, dtype.itemsize, platform), platform,
+                    dtype.itemsize) is None:
+    dx_p, *dw = mk.backward(x, w1, w2, dy, bt, interpret, platform,
+                            dx=dx is None)
+    dx = dx if dx is not None else dx_p
   else:
-    from structmat.ops.monarch import monarch_matmul  # pylint: disable=import-outside-toplevel
-    dx, dw1, dw2 = jax.vjp(monarch_matmul, x, w1, w2)[1](dy)
-  if own_dx:
-    dx = _dx(dy, w1, w2, interpret)
-  return dx, dw1, dw2
+    dx_x, *dw = jax.vjp(monarch_matmul, x, w1, w2)[1](dy)
+    dx = dx if dx is not None else dx_x
+  if dx is None:  # dw here, dx's transposed problem too big for the kernel
+    dx = jax.vjp(lambda v: monarch_matmul(v, w1, w2), x)[1](dy)[0]
+  return dx, dw[0].astype(w1.dtype), dw[1].astype(w2.dtype)
 
 
 _monarch.defvjp(_vjp_fwd, _vjp_bwd)
