@@ -151,6 +151,8 @@ def test_supported_names_the_constraint():
                                           bf16)
   assert "16-bit" in mdw.supported(64, (4, 128, 128), (4, 128, 128),
                                    jnp.float32)
+  assert mg.hardware_problem("cpu") is None  # the interpreter
+  assert "NVIDIA" in mg.hardware_problem("tpu")
   with pytest.raises(ValueError, match="Mosaic GPU"):
     mg.monarch_matmul_mgpu(jnp.ones((64, 128), jnp.float32),
                            jnp.ones((2, 64, 64)), jnp.ones((2, 64, 64)))

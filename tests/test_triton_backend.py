@@ -79,6 +79,17 @@ _CHECK = textwrap.dedent("""
     assert "pallas_call" not in jaxpr
     jaxpr = str(jax.make_jaxpr(lambda x: dispatch.blockdiag(x, w, "auto"))(xb))
     assert "pallas_call" not in jaxpr
+    # ... and impl="pallas" the Mosaic GPU Monarch on a Hopper GPU, with its
+    # gradients; elsewhere the portable kernel's reason.
+    pallas = lambda x, a: dispatch.monarch(x, a, a, None, "pallas")
+    grad = jax.grad(lambda x, a: jnp.sum(pallas(x, a).astype(jnp.float32)),
+                    argnums=(0, 1))
+    msg = refuses(jax.make_jaxpr(grad), xb, w)
+    assert "Triton" in msg, msg
+    monarch_mgpu.hardware_problem = lambda platform: None  # "an H100"
+    jaxpr = str(jax.make_jaxpr(grad)(xb, w))
+    # four Mosaic GPU kernels: forward, dx, dU, dB
+    assert jaxpr.count("grid_names") == 4, jaxpr[:500]
     print("OK")
 """)
 

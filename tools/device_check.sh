@@ -10,7 +10,8 @@
 #      not yet timed first; f32 at n=4096), then the SLTrain forward's anatomy;
 #   4. GPT-2 small (124M, 65,536 tokens per step, vocab 50257): dense, Monarch;
 #   5. (only when named) attention-sized Monarch: 768 = 4 x 192 (padded
-#      blocks) and 512 = 4 x 128: XLA, materialized, Triton, Mosaic GPU;
+#      blocks) and 512 = 4 x 128: XLA, materialized, Triton, Mosaic GPU
+#      (forward, dx and since session 12 dw);
 #   6. (only when named) the 60M Monarch preset with impl=pallas (every
 #      Monarch layer a Triton kernel, the MLPs' 344-wide blocks in chunks)
 #      against impl=xla: losses of identical steps and step times;
@@ -22,8 +23,9 @@
 # 1-2 in one call and 3 in a second on the warm machine (it goes back after
 # 30 s idle: make the second call at once). Session 11: a start took ~35 s,
 # STEPS="2 6" 236 s, STEPS="2 6 3" 454 s (steps run in number order). Next:
-# STEPS="2 3" (<= 420 s: the looped kernels' numerics and times), then at
-# once STEPS=6 (<= 250 s), or STEPS=1 if the budget holds it (<= 415 s).
+# STEPS="2 3 5" (<= 540 s: the looped kernels' and the Mosaic GPU weight
+# gradients' numerics and times), then at once STEPS=6 (<= 250 s) if the
+# budget holds it, else STEPS=1 in a later session (<= 415 s).
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
@@ -286,7 +288,8 @@ if [[ " ${STEPS:-} " == *" 5 "* ]]; then
 echo "== 5. attention-sized Monarch: padded Triton blocks, Mosaic GPU [${SECONDS}s]"
 # 768 = 4 x 192 (LLaMA-130M / GPT-2 attention): Triton pads to 256 / 64 and
 # fits 32-token tiles; 512 = 4 x 128 (LLaMA-60M). The Mosaic GPU forward keeps
-# the factors in shared memory. Session 8 (H200): at 768 both kernels lost to
+# the factors in shared memory; since session 12 its weight gradients are
+# Mosaic GPU too (never compiled before). Session 8 (H200): at 768 both lost to
 # XLA at 512, 4096 and 65536 tokens; at 512 Triton won forward+backward.
 if [ "$QUICK" = 1 ]; then KP="--sizes=128 --tokens=64 --nblocks=2 --quick --interpret"
 else KP="--sizes=768,512 --nblocks=4 --tokens=512,4096,65536"; fi

@@ -7,7 +7,9 @@ says XLA wins there) and XLA otherwise
 (the CPU always gets XLA: interpret mode is for testing), logging the reason
 at debug level. On H200s only the fused Monarch kernel beat XLA (q/l >= 32,
 unpadded blocks: the 60M preset's attention), so on GPUs auto runs the
-block-diagonal and SLTrain Triton kernels nowhere; impl="pallas" still does.
+block-diagonal and SLTrain Triton kernels nowhere; impl="pallas" still does
+(and, on a Hopper GPU, the Mosaic GPU Monarch kernel where the Triton one
+cannot take the shapes, e.g. on a JAX without the Triton backend).
 Before any kernel, auto on GPUs runs a Monarch product as one dense matmul
 of its materialized matrix where ``roofline`` predicts that faster than the
 structured path (widths below ~1900: every GaLore LLaMA up to 350M).
@@ -53,7 +55,8 @@ def forced(kernel, *args, **kwargs):
 
 def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
   """The fused kernel for the platform: the TPU kernel (tokens in lanes) on
-  TPUs, the portable one (Triton) elsewhere, interpreted on the CPU."""
+  TPUs, the portable one (Triton) elsewhere, interpreted on the CPU; under
+  impl="pallas" the Mosaic GPU one where only it takes the shapes."""
   from structmat.kernels import monarch as mk  # pylint: disable=import-outside-toplevel
   from structmat.kernels import monarch_tpu as mt  # pylint: disable=import-outside-toplevel
   from structmat.ops import monarch as ref  # pylint: disable=import-outside-toplevel
@@ -80,10 +83,31 @@ def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
         or mk.slower_than_xla(tokens, w1.shape, w2.shape, plat, bt)
         or mk.padding_problem(w1.shape, w2.shape, plat, itemsize))
     kernel = functools.partial(mk.monarch_matmul_pallas, block_tokens=bt)
+    if impl == "pallas":
+      kernel = _portable_or_mgpu(kernel, tokens, w1.shape, w2.shape, bt,
+                                 x.dtype)
   if not choose(impl, why_not):
     return ref.monarch_matmul(x, w1, w2, bias)
   y = forced(kernel, x, w1, w2)
   return y if bias is None else y + bias.astype(y.dtype)
+
+
+def _portable_or_mgpu(portable, tokens, w1_shape, w2_shape, bt, dtype):
+  """impl="pallas" off TPUs: the portable (Triton) Monarch kernel, or the
+  Mosaic GPU one (forward and gradients) where the portable one cannot take
+  the shapes and the Mosaic GPU one can: a JAX without Pallas' Triton backend
+  (deprecated in 0.12) keeps Monarch kernels on Hopper GPUs."""
+  from structmat.kernels import monarch as mk  # pylint: disable=import-outside-toplevel
+  from structmat.kernels import monarch_mgpu as mg  # pylint: disable=import-outside-toplevel
+  platform = jax.default_backend()
+  why = mk.supported(tokens, w1_shape, w2_shape, bt, platform,
+                     jax.numpy.dtype(dtype).itemsize)
+  if why is None or mg.hardware_problem(platform) or mg.supported(
+      tokens, w1_shape, w2_shape, dtype):
+    return portable
+  logging.debug("impl=pallas: Monarch %s -> %s through Mosaic GPU (the "
+                "portable kernel cannot: %s)", w1_shape, w2_shape, why)
+  return mg.monarch_matmul_mgpu
 
 
 def blockdiag(x, w, impl: str, block_tokens: int = 128):

@@ -132,6 +132,19 @@ def supported(tokens: int, w1_shape, w2_shape, dtype,
   return None
 
 
+def hardware_problem(platform: str) -> str | None:
+  """Why this platform cannot run the kernels (wgmma is Hopper's: sm_90
+  exactly), or None; the CPU runs them in Mosaic GPU's interpreter."""
+  if platform == "cpu":
+    return None
+  if platform not in ("gpu", "cuda"):
+    return f"platform {platform}: Mosaic GPU kernels run on NVIDIA GPUs"
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  if cc is None or not str(cc).startswith("9."):
+    return f"compute capability {cc}: wgmma needs a Hopper GPU (9.0)"
+  return None
+
+
 def _swizzle(g: int, itemsize: int) -> int:
   """Bytes of the swizzle a row of q/l elements allows (32, 64 or 128)."""
   return plgpu.find_swizzle(g * itemsize * 8)
