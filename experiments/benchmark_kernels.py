@@ -17,6 +17,7 @@ checks its numbers against the float32 XLA reference first (Triton has
 miscompiled before). Table last; JSON in --output_dir. On the CPU the Pallas
 rows run in interpret mode only with --interpret (slow; for smoke tests).
 """
+import functools
 import json
 import os
 
@@ -127,9 +128,13 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
     ]
   if (jax.default_backend() == "gpu" or interpret) and itemsize == 2:
     # Mosaic GPU (Hopper; 16-bit), factors resident in shared memory: the
-    # forward and dx; dw1, dw2 through the portable kernels' backward.
-    cases.append(("monarch mgpu", lambda x, a, b: mg.monarch_matmul_mgpu(
-        x, a, b, interpret=interpret or None), (w1, w2)))
+    # forward and dx, and dw1, dw2 (monarch_mgpu_dw, session 12) against
+    # the portable kernels' dw (session 8's form).
+    for name, own_dw in (("monarch mgpu", True),
+                         ("monarch mgpu portable dw", False)):
+      cases.append((name, functools.partial(
+          mg.monarch_matmul_mgpu, interpret=interpret or None, own_dw=own_dw),
+                    (w1, w2)))
   if jax.default_backend() == "tpu" or interpret:
     # megablox's grouped matmul, the TPU comparison for the block-diagonal
     # kernel.

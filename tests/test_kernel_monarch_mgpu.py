@@ -95,6 +95,18 @@ def test_weight_gradients_in_mosaic_gpu(tokens, s1, s2, monkeypatch):
   assert chains == want
 
 
+def test_portable_weight_gradients_on_request(monkeypatch):
+  """own_dw=False (the benchmark's A/B row) sends dw1, dw2 to the portable
+  kernels although the Mosaic GPU ones take the shapes."""
+  chains = _count(monkeypatch, mdw, "_chain")
+  portable = _count(monkeypatch, mk, "backward")
+  x, w1, w2, g = _inputs(64, (2, 64, 64), (2, 64, 64))
+  check_kernel(lambda *a: mg.monarch_matmul_mgpu(*a, interpret=True,
+                                                 own_dw=False),
+               ops.monarch_matmul, (x, w1, w2), g, 1e-2, ("dx", "dw1", "dw2"))
+  assert len(portable) == 1 and not chains
+
+
 def test_weight_gradients_one_buffer_and_chunks(monkeypatch):
   """256-wide blocks with q/l = 64 leave room for one pair of token tiles
   (the next tile loads after the wgmmas), and with 8 SMs each of the four

@@ -23,7 +23,7 @@
 # 1-2 in one call and 3 in a second on the warm machine (it goes back after
 # 30 s idle: make the second call at once). Session 11: a start took ~35 s,
 # STEPS="2 6" 236 s, STEPS="2 6 3" 454 s (steps run in number order). Next:
-# STEPS="2 3 5" (<= 540 s: the looped kernels' and the Mosaic GPU weight
+# STEPS="2 3 5" (<= 560 s: the looped kernels' and the Mosaic GPU weight
 # gradients' numerics and times), then at once STEPS=6 (<= 250 s) if the
 # budget holds it, else STEPS=1 in a later session (<= 415 s).
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
@@ -293,8 +293,9 @@ echo "== 5. attention-sized Monarch: padded Triton blocks, Mosaic GPU [${SECONDS
 # XLA at 512, 4096 and 65536 tokens; at 512 Triton won forward+backward.
 if [ "$QUICK" = 1 ]; then KP="--sizes=128 --tokens=64 --nblocks=2 --quick --interpret"
 else KP="--sizes=768,512 --nblocks=4 --tokens=512,4096,65536"; fi
-timeout 120 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
-  --impls="monarch xla,monarch materialized,dense,monarch pallas,monarch mgpu" \
+MG="monarch mgpu,monarch mgpu portable dw"
+timeout 150 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
+  --impls="monarch xla,monarch materialized,dense,monarch pallas,$MG" \
   --output_dir="$OUT/attention"
 fi
 

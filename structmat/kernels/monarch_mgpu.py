@@ -264,17 +264,17 @@ def _dx(do, w1, w2, interpret: bool):
   return o.transpose(1, 0, 2).reshape(tokens, k * p)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _monarch(x, w1, w2, interpret, platform):
-  del platform  # the backward's portable kernels compile for it
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _monarch(x, w1, w2, interpret, platform, own_dw):
+  del platform, own_dw  # the backward's
   return _forward(x, w1, w2, interpret)
 
 
-def _vjp_fwd(x, w1, w2, interpret, platform):
-  return _monarch(x, w1, w2, interpret, platform), (x, w1, w2)
+def _vjp_fwd(x, w1, w2, interpret, platform, own_dw):
+  return _monarch(x, w1, w2, interpret, platform, own_dw), (x, w1, w2)
 
 
-def _vjp_bwd(interpret, platform, res, dy):
+def _vjp_bwd(interpret, platform, own_dw, res, dy):
   """dx and dw here where the shapes fit (``supported`` with transposed=True,
   ``monarch_mgpu_dw.supported``); the rest through the portable kernels
   where those take the shapes, else XLA's VJP."""
@@ -286,7 +286,7 @@ def _vjp_bwd(interpret, platform, res, dy):
   dx = dw = None
   if supported(tokens, w1.shape, w2.shape, dtype, transposed=True) is None:
     dx = _dx(do, w1, w2, interpret)
-  if mdw.supported(tokens, w1.shape, w2.shape, dtype) is None:
+  if own_dw and mdw.supported(tokens, w1.shape, w2.shape, dtype) is None:
     dw = mdw.weight_grads(x, do, w1, w2, interpret)
   elif mk.supported(tokens, w1.shape, w2.shape, bt := mk.fit_block_tokens(
       tokens, w1.shape, w2.shape, dtype.itemsize, platform), platform,
@@ -306,7 +306,7 @@ _monarch.defvjp(_vjp_fwd, _vjp_bwd)
 
 
 def monarch_matmul_mgpu(x, w1, w2, *, interpret: bool | None = None,
-                        platform: str | None = None):
+                        platform: str | None = None, own_dw: bool = True):
   """Monarch product through the Mosaic GPU kernel; ``ops.monarch_matmul``'s
   contract without bias.
 
@@ -315,6 +315,8 @@ def monarch_matmul_mgpu(x, w1, w2, *, interpret: bool | None = None,
     interpret: run in Mosaic GPU's interpreter (default: on the CPU).
     platform: what the backward's portable (Triton) kernels compile for
       (default: the default backend; "cuda" when cross-lowering).
+    own_dw: dw1, dw2 through ``monarch_mgpu_dw`` where it takes the shapes;
+      False sends them to the portable kernels (the benchmark's A/B).
 
   Returns:
     (..., l*s), in x's dtype.
@@ -326,5 +328,5 @@ def monarch_matmul_mgpu(x, w1, w2, *, interpret: bool | None = None,
     raise ValueError(f"the Mosaic GPU Monarch kernel cannot run these shapes: "
                      f"{why}")
   y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), interpret,
-               "cpu" if interpret else platform)
+               "cpu" if interpret else platform, own_dw)
   return y.reshape(*x.shape[:-1], y.shape[-1])
