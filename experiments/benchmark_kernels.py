@@ -129,12 +129,14 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
   if (jax.default_backend() == "gpu" or interpret) and itemsize == 2:
     # Mosaic GPU (Hopper; 16-bit), factors resident in shared memory: the
     # forward and dx, and dw1, dw2 (monarch_mgpu_dw, session 12) against
-    # the portable kernels' dw (session 8's form).
-    for name, own_dw in (("monarch mgpu", True),
-                         ("monarch mgpu portable dw", False)):
+    # the portable kernels' dw (session 8's form); 
+    # "2wg": two consumer warpgroups per CTA where they fit (session 12).
+    for name, own_dw, wgs in (("monarch mgpu", True, 1),
+                              ("monarch mgpu 2wg", True, 2),
+                              ("monarch mgpu portable dw", False, 1)):
       cases.append((name, functools.partial(
-          mg.monarch_matmul_mgpu, interpret=interpret or None, own_dw=own_dw),
-                    (w1, w2)))
+          mg.monarch_matmul_mgpu, interpret=interpret or None, own_dw=own_dw,
+          warpgroups=wgs), (w1, w2)))
   if jax.default_backend() == "tpu" or interpret:
     # megablox's grouped matmul, the TPU comparison for the block-diagonal
     # kernel.

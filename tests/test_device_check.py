@@ -17,5 +17,5 @@ def test_kernel_numerics_step_runs_quick(tmp_path):
   lines = [l for l in out.splitlines() if "value, grads" in l or "ERROR" in l]
   kinds = {l.split("]")[1].split()[0] for l in lines}
   assert kinds == {"monarch", "blockdiag", "sltrain"}, out[-3000:]
-  assert len(lines) == 15 and all(l.endswith("OK") for l in lines), (
+  assert len(lines) == 16 and all(l.endswith("OK") for l in lines), (
       "\n".join(lines))

@@ -108,12 +108,13 @@ TOL = {bf16: 2e-2, fp32: 2e-3}
 if quick:
   checks = ([("monarch", d, s) for d in (bf16, fp32) for s in (
                 (64, 64, 4, 32), (96, 96, 4, 32), (256, 688, 2, 32))]
-            + [("mgpu", bf16, (128, 2, 128))]
+            + [("mgpu", bf16, (128, 2, 128, w)) for w in (1, 2)]
             + [("sltrain", d, s) for d in (bf16, fp32)
                for s in ((256, 256, 64), (64, 100, 64), (64, 96, 64, 24))])
 else:
-  checks = ([("mgpu", bf16, (512, 4, 4096)), ("mgpu", bf16, (768, 4, 4096)),
-             ("monarch", bf16, (4096, 4096, 16, 16384)),
+  checks = ([("mgpu", bf16, (512, 4, 4096, w)) for w in (1, 2)]
+            + [("mgpu", bf16, (768, 4, 4096, w)) for w in (1, 2)]
+            + [("monarch", bf16, (4096, 4096, 16, 16384)),
              ("monarch", bf16, (512, 512, 4, 4096)),
              ("monarch", bf16, (768, 768, 4, 4096)),
              ("monarch", fp32, (1024, 1024, 16, 16384)),
@@ -146,12 +147,13 @@ rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b)
 loss = lambda f, g: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * g)
 
 
-def grads_vs_ref(ker, ref, args, g):
+def grads_vs_ref(ker, ref, args, g, jit=True):
   """Relative errors of the value and of every argument's gradient."""
   n = tuple(range(len(args)))
-  ga = jax.jit(jax.grad(loss(ker, g), argnums=n))(*args)
+  wrap = jax.jit if jit else (lambda f: f)
+  ga = wrap(jax.grad(loss(ker, g), argnums=n))(*args)
   gb = jax.jit(jax.grad(loss(ref, g), argnums=n))(*args)
-  return [rel(jax.jit(ker)(*args), jax.jit(ref)(*args))] + [
+  return [rel(wrap(ker)(*args), jax.jit(ref)(*args))] + [
       rel(p, q) for p, q in zip(ga, gb)]
 
 
@@ -174,16 +176,20 @@ def monarch(dtype, n, n_out, nb, t):
         lambda x, a: ops.blockdiag_matmul(*f32(x, a)), (x, w1), g[:, :n])
 
 
-def mgpu(dtype, n, nb, t):
-  # The Mosaic GPU forward, dx and (since session 12) dw1, dw2.
+def mgpu(dtype, n, nb, t, wgs=1):
+  # The Mosaic GPU forward, dx and (since session 12) dw1, dw2, with wgs
+  # consumer warpgroups per CTA where they fit.
   k = jax.random.split(jax.random.key(n + t), 4); b = n // nb
   x = jax.random.normal(k[0], (t, n), dtype)
   w1 = (jax.random.normal(k[1], (nb, b, b)) / b**.5).astype(dtype)
   w2 = (jax.random.normal(k[2], (nb, b, b)) / b**.5).astype(dtype)
   g = jax.random.normal(k[3], (t, n), dtype)
-  yield "monarch mgpu", grads_vs_ref(
-      mg.monarch_matmul_mgpu,
-      lambda *a: ops.monarch_matmul(*f32(*a)), (x, w1, w2), g)
+  # Interpreted (QUICK on a CPU), two warpgroups run as nested computations
+  # that can starve XLA:CPU's threads under jit(grad) (hung on 2 cores).
+  yield f"monarch mgpu {wgs}wg", grads_vs_ref(
+      lambda *a: mg.monarch_matmul_mgpu(*a, warpgroups=wgs),
+      lambda *a: ops.monarch_matmul(*f32(*a)), (x, w1, w2), g,
+      jit=not (quick and wgs > 1))
 
 
 def sltrain(dtype, n, m, t, r=None):
@@ -293,7 +299,9 @@ echo "== 5. attention-sized Monarch: padded Triton blocks, Mosaic GPU [${SECONDS
 # XLA at 512, 4096 and 65536 tokens; at 512 Triton won forward+backward.
 if [ "$QUICK" = 1 ]; then KP="--sizes=128 --tokens=64 --nblocks=2 --quick --interpret"
 else KP="--sizes=768,512 --nblocks=4 --tokens=512,4096,65536"; fi
-MG="monarch mgpu,monarch mgpu portable dw"
+MG="monarch mgpu,monarch mgpu 2wg,monarch mgpu portable dw"
+# (the benchmark jits; interpreted two-warpgroup kernels can hang there)
+[ "$QUICK" = 1 ] && MG="monarch mgpu,monarch mgpu portable dw"
 timeout 150 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
   --impls="monarch xla,monarch materialized,dense,monarch pallas,$MG" \
   --output_dir="$OUT/attention"

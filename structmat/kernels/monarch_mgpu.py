@@ -23,6 +23,12 @@ dx is the same kernel on the transposed product: dx_k = sum_l (do_l @
 B[l,k]) @ A[l,k], with dy's P2 undone first (an XLA transpose, as the
 portable backward does).
 
+With ``warpgroups=2`` two consumer warpgroups share a CTA's factors and take
+turns at its tiles (each with its own buffers and barriers), so one computes
+while the other waits on a TMA or a wgmma (session 12; unmeasured: the
+benchmark's "monarch mgpu 2wg" row). Tests run the kernels under the
+interpreter's race detector (``DETECT_RACES``).
+
 wgmma wants one shared-memory swizzle for both operands; the stage-1
 result's row (q/l elements) is the narrowest operand row, so every buffer uses
 the swizzle q/l allows (32 bytes at q/l = 16, 128 from 64 up).
@@ -41,6 +47,7 @@ WORKSPACE.md, "GPU measurements, session 8". Reference:
 ``structmat.ops.monarch_matmul``.
 """
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +63,17 @@ except AttributeError:  # jax 0.10.2
   from jax._src.pallas.mosaic_gpu.interpret.params import (  # pylint: disable=g-import-not-at-top
       InterpretGPUParams as _InterpretParams)
 
+# Tests set this: the interpreter's happens-before race detector (two
+# warpgroups sharing a buffer they should not, a TMA into a busy slot).
+DETECT_RACES = False
+
+
+def interpret_params(interpret: bool):
+  """``plgpu.kernel``'s ``interpret``: Mosaic GPU's interpreter or None."""
+  return _InterpretParams(detect_races=DETECT_RACES) if interpret else None
+
+
+
 TILE = 64              # tokens per wgmma: one warpgroup's M
 SMEM_BUDGET = 220 * 1024  # of the 227 KiB a Hopper CTA may have
 SMS = 132              # H100/H200 SXM streaming multiprocessors
@@ -69,17 +87,18 @@ def _dims(w1_shape, w2_shape, transposed: bool = False):
   return (l, s, q // l, p) if transposed else (k, p, q // l, s)
 
 
-def _smem(k, p, g, s, itemsize: int, slots: int) -> int:
-  """Shared memory one CTA holds: its output block's factors, ``slots``
-  input tiles, the stage-1 result and the output tile (barriers aside)."""
-  return (k * p * g + k * g * s + slots * TILE * p + TILE * g
-          + TILE * s) * itemsize
+def _smem(k, p, g, s, itemsize: int, slots: int, wgs: int = 1) -> int:
+  """Shared memory one CTA holds: its output block's factors and, for each
+  of ``wgs`` warpgroups, ``slots`` input tiles, the stage-1 result and the
+  output tile (barriers aside)."""
+  return (k * p * g + k * g * s
+          + wgs * (slots * TILE * p + TILE * g + TILE * s)) * itemsize
 
 
-def _slots(k, p, g, s, itemsize: int) -> int:
+def _slots(k, p, g, s, itemsize: int, wgs: int = 1) -> int:
   """Two input buffers (the next block loads during the wgmmas) where shared
   memory allows, else one (LLaMA-130M's 768 = 4 x 192 attention)."""
-  return 2 if _smem(k, p, g, s, itemsize, 2) <= SMEM_BUDGET else 1
+  return 2 if _smem(k, p, g, s, itemsize, 2, wgs) <= SMEM_BUDGET else 1
 
 
 def smem_bytes(w1_shape, w2_shape, itemsize: int, x_slots: int = 2,
@@ -167,34 +186,57 @@ def _chunks(tiles: int, l: int) -> int:
   return best
 
 
-def _blockwise(x, at, bt, interpret: bool):
+def warpgroups_fit(w1_shape, w2_shape, itemsize: int,
+                   transposed: bool = False) -> bool:
+  """Whether two consumer warpgroups' tiles fit beside the factors (one x
+  buffer each at least)."""
+  return _smem(*_dims(w1_shape, w2_shape, transposed), itemsize, 1,
+               2) <= SMEM_BUDGET
+
+
+def _blockwise(x, at, bt, interpret: bool, wgs: int = 1):
   """out_j = sum_i (x_i @ at[j, i]) @ bt[j, i]: x (tokens, k*p), at
-  (l, k, p, g), bt (l, k, g, s) -> block-major (l, tokens, s)."""
+  (l, k, p, g), bt (l, k, g, s) -> block-major (l, tokens, s).
+
+  ``wgs`` consumer warpgroups per CTA share its factors and take turns at
+  its token tiles (warpgroup w: tiles w, w + wgs, ...), each with its own x
+  buffers, stage-1 tile and output tile: while one waits on a TMA or a
+  wgmma, the other computes (session 8 measured one)."""
   tokens = x.shape[0]
   l, k, p, g = at.shape
   s = bt.shape[3]
   dtype = x.dtype
   chunks = _chunks(tokens // TILE, l)
   per_chunk = tokens // TILE // chunks
+  steps = -(-per_chunk // wgs)
   tr = _transforms(g, dtype.itemsize)
-  slots = _slots(k, p, g, s, dtype.itemsize)
+  slots = _slots(k, p, g, s, dtype.itemsize, wgs)
 
   def body(x_g, at_g, bt_g, o_g, at_s, bt_s, x_s, h_s, o_s, wbar, xbar):
     li = jax.lax.axis_index("l")
     ci = jax.lax.axis_index("c")
-    # l's factors, once per CTA; one copy per block (TMA strides at most 5
-    # dims and the tiled layout adds 2).
-    for ki in range(k):
-      plgpu.copy_gmem_to_smem(at_g.at[li, ki], at_s.at[ki], wbar.at[0])
-      plgpu.copy_gmem_to_smem(bt_g.at[li, ki], bt_s.at[ki], wbar.at[1])
-      plgpu.barrier_wait(wbar.at[0])
-      plgpu.barrier_wait(wbar.at[1])
+    wg = jax.lax.axis_index("wg") if wgs > 1 else 0
+    # l's factors, once per CTA (by the first warpgroup); one copy per block
+    # (TMA strides at most 5 dims and the tiled layout adds 2), each on its
+    # own barrier, which every warpgroup waits on once.
+    def load_factors():
+      for ki in range(k):
+        plgpu.copy_gmem_to_smem(at_g.at[li, ki], at_s.at[ki], wbar.at[2 * ki])
+        plgpu.copy_gmem_to_smem(bt_g.at[li, ki], bt_s.at[ki],
+                                wbar.at[2 * ki + 1])
+    if wgs > 1:
+      pl.when(wg == 0)(load_factors)
+    else:
+      load_factors()
+    for i in range(2 * k):
+      plgpu.barrier_wait(wbar.at[i])
+    xw, hw, ow = x_s.at[wg], h_s.at[wg], o_s.at[wg]
 
-    def tile(i, carry):
-      rows = pl.ds((ci * per_chunk + i) * TILE, TILE)
+    def tile(step, carry):
+      rows = pl.ds((ci * per_chunk + step * wgs + wg) * TILE, TILE)
       load = lambda ki: plgpu.copy_gmem_to_smem(
-          x_g.at[rows, pl.ds(ki * p, p)], x_s.at[ki % slots],
-          xbar.at[ki % slots])
+          x_g.at[rows, pl.ds(ki * p, p)], xw.at[ki % slots],
+          xbar.at[wg * slots + ki % slots])
       load(0)
 
       def accumulate(acc):
@@ -203,48 +245,72 @@ def _blockwise(x, at, bt, interpret: bool):
             load(ki)
           if ki + 1 < k and slots == 2:  # loads while this block multiplies
             load(ki + 1)
-          plgpu.barrier_wait(xbar.at[ki % slots])
+          plgpu.barrier_wait(xbar.at[wg * slots + ki % slots])
 
           def stage1(h_acc):
-            plgpu.wgmma(h_acc, x_s.at[ki % slots], at_s.at[ki])
+            plgpu.wgmma(h_acc, xw.at[ki % slots], at_s.at[ki])
             plgpu.wgmma_wait(0)
-            h_s[...] = h_acc[...].astype(dtype)
+            hw[...] = h_acc[...].astype(dtype)
 
           pl.run_scoped(stage1, plgpu.ACC((TILE, g), jnp.float32))
-          plgpu.commit_smem()  # h_s is read by the async proxy next
-          plgpu.wgmma(acc, h_s, bt_s.at[ki])
+          plgpu.commit_smem()  # h is read by the async proxy next
+          plgpu.wgmma(acc, hw, bt_s.at[ki])
           plgpu.wgmma_wait(0)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_s is free again
-        o_s[...] = acc[...].astype(dtype)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o is free again
+        ow[...] = acc[...].astype(dtype)
 
       pl.run_scoped(accumulate, plgpu.ACC((TILE, s), jnp.float32))
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_s, o_g.at[li, rows])
+      plgpu.copy_smem_to_gmem(ow, o_g.at[li, rows])
       return carry
 
-    jax.lax.fori_loop(0, per_chunk, tile, 0)
+    if per_chunk % wgs:   # the last step has tiles for some warpgroups only
+      def guarded(step, carry):
+        @pl.when(step * wgs + wg < per_chunk)
+        def _():
+          tile(step, carry)
+        return carry
+      jax.lax.fori_loop(0, steps, guarded, 0)
+    else:
+      jax.lax.fori_loop(0, steps, tile, 0)
     plgpu.wait_smem_to_gmem(0)
 
+  threads = dict(num_threads=wgs, thread_name="wg") if wgs > 1 else {}
   return plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct((l, tokens, s), dtype),
       scratch_types=[plgpu.SMEM((k, p, g), dtype, transforms=tr),
                      plgpu.SMEM((k, g, s), dtype, transforms=tr),
-                     plgpu.SMEM((slots, TILE, p), dtype, transforms=tr),
-                     plgpu.SMEM((TILE, g), dtype, transforms=tr),
-                     plgpu.SMEM((TILE, s), dtype, transforms=tr),
-                     plgpu.Barrier(num_barriers=2),
-                     plgpu.Barrier(num_barriers=2)],
-      grid=(l, chunks), grid_names=("l", "c"),
-      interpret=_InterpretParams() if interpret else None,
+                     plgpu.SMEM((wgs, slots, TILE, p), dtype, transforms=tr),
+                     plgpu.SMEM((wgs, TILE, g), dtype, transforms=tr),
+                     plgpu.SMEM((wgs, TILE, s), dtype, transforms=tr),
+                     plgpu.Barrier(num_barriers=2 * k),
+                     plgpu.Barrier(num_barriers=wgs * slots)],
+      grid=(l, chunks), grid_names=("l", "c"), **threads,
+      interpret=interpret_params(interpret),
   )(x, at.astype(dtype), bt.astype(dtype))
 
 
-def _forward(x, w1, w2, interpret: bool):
+class Options(NamedTuple):
+  """Static choices of ``monarch_matmul_mgpu`` (A/B rows of the benchmark)."""
+  interpret: bool
+  platform: str        # what the backward's portable kernels compile for
+  own_dw: bool = True  # dw1, dw2 through monarch_mgpu_dw where it fits
+  warpgroups: int = 1  # consumer warpgroups per CTA where they fit
+
+
+def _wgs(opts: Options, w1_shape, w2_shape, itemsize: int,
+         transposed: bool = False) -> int:
+  fits = warpgroups_fit(w1_shape, w2_shape, itemsize, transposed)
+  return opts.warpgroups if fits else 1
+
+
+def _forward(x, w1, w2, opts: Options):
   """x (tokens, k*p) -> y (tokens, l*s)."""
   a, b = mk.gather_weights(w1, w2)           # (l, k, g, p), (l, k, s, g)
   o = _blockwise(x, a.transpose(0, 1, 3, 2), b.transpose(0, 1, 3, 2),
-                 interpret)                  # K-major operands
+                 opts.interpret,             # K-major operands
+                 _wgs(opts, w1.shape, w2.shape, x.dtype.itemsize))
   return mk._to_output(o)  # pylint: disable=protected-access
 
 
@@ -254,27 +320,27 @@ def _undo_p2(dy, l: int):
   return dy.reshape(tokens, n // l, l).transpose(0, 2, 1).reshape(tokens, n)
 
 
-def _dx(do, w1, w2, interpret: bool):
+def _dx(do, w1, w2, opts: Options):
   """do (tokens, l*s) -> dx (tokens, k*p): dx_k = sum_l (do_l @ B[l,k]) @ A[l,k]."""
   tokens = do.shape[0]
   k, _, p = w1.shape
   a, b = mk.gather_weights(w1, w2)
   o = _blockwise(do, b.transpose(1, 0, 2, 3), a.transpose(1, 0, 2, 3),
-                 interpret)                  # (k, tokens, p)
+                 opts.interpret,             # (k, tokens, p)
+                 _wgs(opts, w1.shape, w2.shape, do.dtype.itemsize, True))
   return o.transpose(1, 0, 2).reshape(tokens, k * p)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _monarch(x, w1, w2, interpret, platform, own_dw):
-  del platform, own_dw  # the backward's
-  return _forward(x, w1, w2, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _monarch(x, w1, w2, opts: Options):
+  return _forward(x, w1, w2, opts)
 
 
-def _vjp_fwd(x, w1, w2, interpret, platform, own_dw):
-  return _monarch(x, w1, w2, interpret, platform, own_dw), (x, w1, w2)
+def _vjp_fwd(x, w1, w2, opts):
+  return _monarch(x, w1, w2, opts), (x, w1, w2)
 
 
-def _vjp_bwd(interpret, platform, own_dw, res, dy):
+def _vjp_bwd(opts, res, dy):
   """dx and dw here where the shapes fit (``supported`` with transposed=True,
   ``monarch_mgpu_dw.supported``); the rest through the portable kernels
   where those take the shapes, else XLA's VJP."""
@@ -282,12 +348,13 @@ def _vjp_bwd(interpret, platform, own_dw, res, dy):
   from structmat.ops.monarch import monarch_matmul  # pylint: disable=import-outside-toplevel
   x, w1, w2 = res
   tokens, dtype = x.shape[0], x.dtype
+  interpret, platform = opts.interpret, opts.platform
   do = _undo_p2(dy, w2.shape[0])
   dx = dw = None
   if supported(tokens, w1.shape, w2.shape, dtype, transposed=True) is None:
-    dx = _dx(do, w1, w2, interpret)
-  if own_dw and mdw.supported(tokens, w1.shape, w2.shape, dtype) is None:
-    dw = mdw.weight_grads(x, do, w1, w2, interpret)
+    dx = _dx(do, w1, w2, opts)
+  if opts.own_dw and mdw.supported(tokens, w1.shape, w2.shape, dtype) is None:
+    dw = mdw.weight_grads(x, do, w1, w2, interpret, opts.warpgroups)
   elif mk.supported(tokens, w1.shape, w2.shape, bt := mk.fit_block_tokens(
       tokens, w1.shape, w2.shape, dtype.itemsize, platform), platform,
                     dtype.itemsize) is None:
@@ -306,7 +373,8 @@ _monarch.defvjp(_vjp_fwd, _vjp_bwd)
 
 
 def monarch_matmul_mgpu(x, w1, w2, *, interpret: bool | None = None,
-                        platform: str | None = None, own_dw: bool = True):
+                        platform: str | None = None, own_dw: bool = True,
+                        warpgroups: int = 1):
   """Monarch product through the Mosaic GPU kernel; ``ops.monarch_matmul``'s
   contract without bias.
 
@@ -317,6 +385,12 @@ def monarch_matmul_mgpu(x, w1, w2, *, interpret: bool | None = None,
       (default: the default backend; "cuda" when cross-lowering).
     own_dw: dw1, dw2 through ``monarch_mgpu_dw`` where it takes the shapes;
       False sends them to the portable kernels (the benchmark's A/B).
+    warpgroups: 1 (as measured in session 8) or 2 consumer warpgroups per
+      CTA, taking turns at its token tiles, in every kernel whose shared
+      memory holds two warpgroups' tiles (the others run one). Interpreted,
+      jax runs each warpgroup as a nested computation on a thread; under
+      ``jit`` they can starve XLA:CPU's thread pool (``jit(grad)`` hung on
+      two cores): interpret two warpgroups eagerly.
 
   Returns:
     (..., l*s), in x's dtype.
@@ -327,6 +401,8 @@ def monarch_matmul_mgpu(x, w1, w2, *, interpret: bool | None = None,
   if why := supported(x2.shape[0], w1.shape, w2.shape, x.dtype):
     raise ValueError(f"the Mosaic GPU Monarch kernel cannot run these shapes: "
                      f"{why}")
-  y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), interpret,
-               "cpu" if interpret else platform, own_dw)
+  if warpgroups not in (1, 2):
+    raise ValueError(f"warpgroups={warpgroups}: use 1 or 2")
+  y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), Options(
+      interpret, "cpu" if interpret else platform, own_dw, warpgroups))
   return y.reshape(*x.shape[:-1], y.shape[-1])

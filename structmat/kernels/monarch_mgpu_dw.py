@@ -16,7 +16,8 @@ in shared memory (TMA, once) and streams 64-token tiles:
     acc += pt_a tile @ h           wgmma (m x 64) @ (64 x g): the tokens are K
 
 with the next tile's two loads in flight during the wgmmas where shared
-memory allows. Each chunk writes a float32 partial that XLA sums (no races;
+memory allows (and, with ``warpgroups=2``, two consumer warpgroups taking
+turns at the tiles, each accumulating its own partial). Each chunk writes a float32 partial that XLA sums (no races;
 the chunks keep the GPU busy when l*k is small), as the portable kernel does.
 
 The pt operand is the activation transposed, (features, tokens): its M is a
@@ -44,15 +45,22 @@ TILE = mg.TILE
 ACC_REGS = 160
 
 
-def _smem(m: int, n: int, g: int, itemsize: int, slots: int) -> int:
-  """Shared memory of one CTA: w[a, b], ``slots`` pairs of (pt, q) tiles, the
-  stage-1 tile and the float32 output staging."""
-  return ((n * g + slots * (m * TILE + TILE * n) + TILE * g) * itemsize
-          + m * g * 4)
+def _smem(m: int, n: int, g: int, itemsize: int, slots: int,
+          wgs: int = 1) -> int:
+  """Shared memory of one CTA: w[a, b] and, per warpgroup, ``slots`` pairs of
+  (pt, q) tiles, the stage-1 tile and the float32 output staging."""
+  return (n * g * itemsize
+          + wgs * ((slots * (m * TILE + TILE * n) + TILE * g) * itemsize
+                   + m * g * 4))
 
 
-def _slots(m: int, n: int, g: int, itemsize: int) -> int:
-  return 2 if _smem(m, n, g, itemsize, 2) <= mg.SMEM_BUDGET else 1
+def _slots(m: int, n: int, g: int, itemsize: int, wgs: int = 1) -> int:
+  return 2 if _smem(m, n, g, itemsize, 2, wgs) <= mg.SMEM_BUDGET else 1
+
+
+def _fit_wgs(m: int, n: int, g: int, itemsize: int, wgs: int) -> int:
+  """``wgs`` where shared memory holds their tiles (one pair each), else 1."""
+  return wgs if _smem(m, n, g, itemsize, 1, wgs) <= mg.SMEM_BUDGET else 1
 
 
 def _problems(w1_shape, w2_shape):
@@ -95,12 +103,13 @@ def views(interpret: bool) -> bool:
   return not interpret or jax.__version_info__ >= (0, 12)
 
 
-def _chain(pt, q, w, interpret: bool, transposed: bool):
+def _chain(pt, q, w, interpret: bool, transposed: bool, wgs: int = 1):
   """out[a, b] = sum_t pt_a^T[:, t] @ (q[t, b-block] @ w[a, b]).
 
   pt: (tokens, A*m), or with ``transposed`` (A*m, tokens) already in XLA;
-  q (tokens, B*n), w (A, B, n, g) -> (chunks, A, B, m, g) float32 partial
-  sums over token chunks.
+  q (tokens, B*n), w (A, B, n, g) -> (chunks * wgs, A, B, m, g) float32
+  partial sums over token chunks (and, with ``wgs`` consumer warpgroups
+  taking turns at a chunk's tiles, over warpgroups).
   """
   tokens = q.shape[0]
   na, nb, n, g = w.shape
@@ -109,89 +118,118 @@ def _chain(pt, q, w, interpret: bool, transposed: bool):
   chunks = mg._chunks(tokens // TILE, na * nb)  # pylint: disable=protected-access
   per_chunk = tokens // TILE // chunks
   tr = mg._transforms(g, dtype.itemsize)  # pylint: disable=protected-access
-  slots = _slots(m, n, g, dtype.itemsize)
+  wgs = _fit_wgs(m, n, g, dtype.itemsize, wgs)
+  slots = _slots(m, n, g, dtype.itemsize, wgs)
+  steps = -(-per_chunk // wgs)   # warpgroup w takes tiles w, w + wgs, ...
 
   def body(pt_g, q_g, w_g, o_g, w_s, pt_s, q_s, h_s, o_s, wbar, tbar):
     a = jax.lax.axis_index("a")
     b = jax.lax.axis_index("b")
     c = jax.lax.axis_index("c")
-    plgpu.copy_gmem_to_smem(w_g.at[a, b], w_s, wbar.at[0])
+    wg = jax.lax.axis_index("wg") if wgs > 1 else 0
+    pt_w, q_w, h_w, o_w = pt_s.at[wg], q_s.at[wg], h_s.at[wg], o_s.at[wg]
+    bar = lambda slot, i: tbar.at[(wg * slots + slot) * 2 + i]
 
-    def load(t, slot):
-      cols = pl.ds((c * per_chunk + t) * TILE, TILE)
-      plgpu.copy_gmem_to_smem(q_g.at[cols, pl.ds(b * n, n)], q_s.at[slot],
-                              tbar.at[2 * slot])
+    if wgs > 1:   # one copy of the factor block, every warpgroup waits on it
+      pl.when(wg == 0)(
+          lambda: plgpu.copy_gmem_to_smem(w_g.at[a, b], w_s, wbar.at[0]))
+    else:
+      plgpu.copy_gmem_to_smem(w_g.at[a, b], w_s, wbar.at[0])
+
+    def load(step, slot):
+      cols = pl.ds((c * per_chunk + step * wgs + wg) * TILE, TILE)
+      plgpu.copy_gmem_to_smem(q_g.at[cols, pl.ds(b * n, n)], q_w.at[slot],
+                              bar(slot, 0))
       feats = pl.ds(a * m, m)
       plgpu.copy_gmem_to_smem(
           pt_g.at[feats, cols] if transposed else pt_g.at[cols, feats],
-          pt_s.at[slot], tbar.at[2 * slot + 1])
+          pt_w.at[slot], bar(slot, 1))
 
-    load(0, 0)
+    # Whether step t has a tile for this warpgroup: all steps do unless the
+    # chunk's tile count is not a multiple of wgs (then the last may not).
+    has = lambda t: t * wgs + wg < per_chunk
+    uneven = per_chunk % wgs != 0
+    if uneven:
+      pl.when(has(0))(lambda: load(0, 0))
+    else:
+      load(0, 0)
     plgpu.barrier_wait(wbar.at[0])
 
     def run(acc):
-      def tile(t, carry):
+      def tile(t):
         slot = t % slots if slots > 1 else 0
         if slots > 1:  # the other slot's wgmmas finished last iteration
-          @pl.when(t + 1 < per_chunk)
+          @pl.when((t + 1 < steps) & has(t + 1))
           def _():
             load(t + 1, 1 - slot)
-        plgpu.barrier_wait(tbar.at[2 * slot])
+        plgpu.barrier_wait(bar(slot, 0))
 
         def stage1(h_acc):
-          plgpu.wgmma(h_acc, q_s.at[slot], w_s)
+          plgpu.wgmma(h_acc, q_w.at[slot], w_s)
           plgpu.wgmma_wait(0)
-          h_s[...] = h_acc[...].astype(dtype)
+          h_w[...] = h_acc[...].astype(dtype)
 
         pl.run_scoped(stage1, plgpu.ACC((TILE, g), jnp.float32))
-        plgpu.commit_smem()  # h_s is read by the async proxy next
-        plgpu.barrier_wait(tbar.at[2 * slot + 1])
-        plgpu.wgmma(acc, pt_s.at[slot] if transposed else pt_s.at[slot].T,
-                    h_s)
+        plgpu.commit_smem()  # h is read by the async proxy next
+        plgpu.barrier_wait(bar(slot, 1))
+        plgpu.wgmma(acc, pt_w.at[slot] if transposed else pt_w.at[slot].T,
+                    h_w)
         plgpu.wgmma_wait(0)
         if slots == 1:  # the one buffer is free now
-          @pl.when(t + 1 < per_chunk)
+          @pl.when((t + 1 < steps) & has(t + 1))
           def _():
             load(t + 1, 0)
+
+      def step(t, carry):
+        if uneven:
+          pl.when(has(t))(lambda: tile(t))
+        else:
+          tile(t)
         return carry
 
-      jax.lax.fori_loop(0, per_chunk, tile, 0)
-      o_s[...] = acc[...]
+      jax.lax.fori_loop(0, steps, step, 0)
+      o_w[...] = acc[...]
 
     pl.run_scoped(run, plgpu.ACC((m, g), jnp.float32))
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_s, o_g.at[c, a, b])
+    plgpu.copy_smem_to_gmem(o_w, o_g.at[c * wgs + wg, a, b])
     plgpu.wait_smem_to_gmem(0)
 
+  threads = dict(num_threads=wgs, thread_name="wg") if wgs > 1 else {}
   return plgpu.kernel(
       body,
-      out_type=jax.ShapeDtypeStruct((chunks, na, nb, m, g), jnp.float32),
+      out_type=jax.ShapeDtypeStruct((chunks * wgs, na, nb, m, g), jnp.float32),
       scratch_types=[plgpu.SMEM((n, g), dtype, transforms=tr),
-                     plgpu.SMEM((slots, *((m, TILE) if transposed else
-                                          (TILE, m))), dtype, transforms=tr),
-                     plgpu.SMEM((slots, TILE, n), dtype, transforms=tr),
-                     plgpu.SMEM((TILE, g), dtype, transforms=tr),
-                     plgpu.SMEM((m, g), jnp.float32),
+                     plgpu.SMEM((wgs, slots, *((m, TILE) if transposed else
+                                               (TILE, m))), dtype,
+                                transforms=tr),
+                     plgpu.SMEM((wgs, slots, TILE, n), dtype, transforms=tr),
+                     plgpu.SMEM((wgs, TILE, g), dtype, transforms=tr),
+                     plgpu.SMEM((wgs, m, g), jnp.float32),
                      plgpu.Barrier(num_barriers=1),
-                     plgpu.Barrier(num_barriers=2 * slots)],
-      grid=(na, nb, chunks), grid_names=("a", "b", "c"),
-      interpret=mg._InterpretParams() if interpret else None,  # pylint: disable=protected-access
+                     plgpu.Barrier(num_barriers=2 * wgs * slots)],
+      grid=(na, nb, chunks), grid_names=("a", "b", "c"), **threads,
+      interpret=mg.interpret_params(interpret),
   )(pt, q, w.astype(dtype))
 
 
-def weight_grads(x, do, w1, w2, interpret: bool):
+def weight_grads(x, do, w1, w2, interpret: bool, warpgroups: int = 1):
   """(dw1, dw2) in float32.
 
   Args:
     x: (tokens, k*p). do: (tokens, l*s), dy with P2 undone (block-major
       columns, as ``monarch_mgpu``'s dx takes it). w1: (k, q, p). w2: (l, s, r).
+    interpret: Mosaic GPU's interpreter. warpgroups: consumer warpgroups per
+      CTA where shared memory holds their tiles (1 or 2).
   """
   a, b = mk.gather_weights(w1, w2)          # (l, k, g, p), (l, k, s, g)
   tr = not views(interpret)
   pt = (lambda v: v.T) if tr else (lambda v: v)
   # dU[l, k] = x_k^T @ (do_l @ B[l, k]): rows indexed by k first.
-  du = _chain(pt(x), do, b.transpose(1, 0, 2, 3), interpret, tr).sum(0)
+  du = _chain(pt(x), do, b.transpose(1, 0, 2, 3), interpret, tr,
+              warpgroups).sum(0)
   # dB[l, k] = do_l^T @ (x_k @ U[l, k]), U = A^T.
-  db = _chain(pt(do), x, a.transpose(0, 1, 3, 2), interpret, tr).sum(0)
+  db = _chain(pt(do), x, a.transpose(0, 1, 3, 2), interpret, tr,
+              warpgroups).sum(0)
   # du (k, l, p, g) -> dA (l, k, g, p); db is dB (l, k, s, g).
   return mk.scatter_weight_grads(du.transpose(1, 0, 3, 2), db)
