@@ -115,14 +115,16 @@ def _races_found() -> bool:
   return gpu_callbacks.get_races().races_found
 
 
-@pytest.mark.parametrize("tokens,s1,s2", [
-    (192, (2, 64, 64), (2, 64, 64)),      # three tiles: one warpgroup idles last
-    (256, (4, 192, 192), (4, 192, 192)),  # 130M attention: dw fits two, fwd one
+@pytest.mark.parametrize("tokens,s1,s2,wgs", [
+    (192, (2, 64, 64), (2, 64, 64), 1),
+    (192, (2, 64, 64), (2, 64, 64), 2),      # three tiles: one warpgroup idles
+    (256, (4, 192, 192), (4, 192, 192), 2),  # 130M attention: dw two, fwd one
 ])
-def test_two_warpgroups(tokens, s1, s2, monkeypatch):
-  """warpgroups=2: each kernel (forward, dx, dU, dB) matches the reference
-  and the interpreter's race detector finds no race in it (two warpgroups
-  sharing one stage-1 buffer is caught: checked by hand)."""
+def test_race_free(tokens, s1, s2, wgs, monkeypatch):
+  """Each kernel (forward, dx, dU, dB), with one warpgroup per CTA or two,
+  matches the reference and the interpreter's race detector finds no race
+  in it (two warpgroups sharing one stage-1 buffer is caught: checked by
+  hand)."""
   monkeypatch.setattr(mg, "DETECT_RACES", True)
   monkeypatch.setattr(mg, "SMS", 2)   # one chunk per block (pair): 3-4 tiles
   races = []
@@ -133,7 +135,7 @@ def test_two_warpgroups(tokens, s1, s2, monkeypatch):
                              races.append(_races_found()))[0], fn))
   x, w1, w2, g = _inputs(tokens, s1, s2)
   check_kernel(lambda *a: mg.monarch_matmul_mgpu(*a, interpret=True,
-                                                 warpgroups=2),
+                                                 warpgroups=wgs),
                ops.monarch_matmul, (x, w1, w2), g, 1e-2, ("dx", "dw1", "dw2"))
   assert len(races) == 5 and not any(races)  # forward twice (check, grad)
   assert mg.warpgroups_fit(s1, s2, 2) == (s1[2] == 64)
