@@ -55,8 +55,9 @@ def _count(monkeypatch, module, name):
   """Record the first argument's shape of every call to module.name."""
   calls = []
   fn = getattr(module, name)
-  monkeypatch.setattr(module, name,
-                      lambda v, *a, **kw: calls.append(v.shape) or fn(v, *a, **kw))
+  monkeypatch.setattr(
+      module, name,
+      lambda v, *a, **kw: calls.append(v.shape) or fn(v, *a, **kw))
   return calls
 
 
@@ -158,7 +159,8 @@ def test_weight_gradients_one_buffer_and_chunks(monkeypatch):
   _, vjp = jax.vjp(lambda u, v: ops.monarch_matmul(f32(x), u, v), f32(w1),
                    f32(w2))
   for got, want in zip((dw1, dw2), vjp(f32(g))):
-    np.testing.assert_allclose(got, want, atol=1e-2 * float(jnp.abs(want).max()))
+    np.testing.assert_allclose(got, want,
+                               atol=1e-2 * float(jnp.abs(want).max()))
 
 
 @pytest.mark.parametrize("tokens,s1,s2", [

@@ -73,7 +73,6 @@ def interpret_params(interpret: bool):
   return _InterpretParams(detect_races=DETECT_RACES) if interpret else None
 
 
-
 TILE = 64              # tokens per wgmma: one warpgroup's M
 SMEM_BUDGET = 220 * 1024  # of the 227 KiB a Hopper CTA may have
 SMS = 132              # H100/H200 SXM streaming multiprocessors
@@ -321,7 +320,8 @@ def _undo_p2(dy, l: int):
 
 
 def _dx(do, w1, w2, opts: Options):
-  """do (tokens, l*s) -> dx (tokens, k*p): dx_k = sum_l (do_l @ B[l,k]) @ A[l,k]."""
+  """do (tokens, l*s) -> dx (tokens, k*p):
+  dx_k = sum_l (do_l @ B[l,k]) @ A[l,k]."""
   tokens = do.shape[0]
   k, _, p = w1.shape
   a, b = mk.gather_weights(w1, w2)

@@ -12,13 +12,14 @@ w[a, b]), run twice with the roles swapped (pt = x^T, q = do, w = B for dU;
 pt = do^T, q = x, w = U for dB). One CTA per (a, b, token chunk) holds w[a, b]
 in shared memory (TMA, once) and streams 64-token tiles:
 
-    h   = q_b tile @ w[a,b]        wgmma (64 x n) @ (n x g) -> f32, to SMEM (16 bit)
-    acc += pt_a tile @ h           wgmma (m x 64) @ (64 x g): the tokens are K
+    h   = q_b tile @ w[a,b]   wgmma (64 x n) @ (n x g), f32 -> SMEM (16 bit)
+    acc += pt_a tile @ h      wgmma (m x 64) @ (64 x g): the tokens are K
 
 with the next tile's two loads in flight during the wgmmas where shared
 memory allows (and, with ``warpgroups=2``, two consumer warpgroups taking
-turns at the tiles, each accumulating its own partial). Each chunk writes a float32 partial that XLA sums (no races;
-the chunks keep the GPU busy when l*k is small), as the portable kernel does.
+turns at the tiles, each accumulating its own partial). Each chunk writes a
+float32 partial that XLA sums (no races; the chunks keep the GPU busy when
+l*k is small), as the portable kernel does.
 
 The pt operand is the activation transposed, (features, tokens): its M is a
 block's features, its K the tokens. Compiled, and in jax >= 0.12's
@@ -27,8 +28,9 @@ transposed shared-memory view (``views``); jax 0.10.2's interpreter has no
 transposed views, so there XLA transposes x and do once (one pass over each)
 and the kernel loads (features, tokens) tiles. Both forms cross-lower for an
 H100. Splitting dU and dB into two kernels costs no recomputation (each chain
-needs only its own stage-1 product) and halves the accumulators' registers. Scope (``supported``): 16-bit dtypes, tokens a multiple of 64,
-p and s multiples of 64 (wgmma's M), q/l as ``monarch_mgpu`` takes it.
+needs only its own stage-1 product) and halves the accumulators' registers.
+Scope (``supported``): 16-bit dtypes, tokens a multiple of 64, p and s
+multiples of 64 (wgmma's M), q/l as ``monarch_mgpu`` takes it.
 Reference: the VJP of ``structmat.ops.monarch_matmul``.
 """
 import jax
@@ -65,7 +67,7 @@ def _fit_wgs(m: int, n: int, g: int, itemsize: int, wgs: int) -> int:
 
 def _problems(w1_shape, w2_shape):
   """The two chains' (m, n, g): dU has m=p, n=s; dB has m=s, n=p."""
-  k, q, p = w1_shape
+  _, q, p = w1_shape
   l, s, _ = w2_shape
   g = q // l
   return (p, s, g), (s, p, g)
