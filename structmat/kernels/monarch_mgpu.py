@@ -75,7 +75,8 @@ def interpret_params(interpret: bool):
 
 TILE = 64              # tokens per wgmma: one warpgroup's M
 SMEM_BUDGET = 220 * 1024  # of the 227 KiB a Hopper CTA may have
-SMS = 132              # H100/H200 SXM streaming multiprocessors
+SMS = 132  # H100/H200 SXM streaming multiprocessors: interpreted and lowered
+           # (a GPU reports its own count: an H100 PCIe has 114)
 
 
 def _dims(w1_shape, w2_shape, transposed: bool = False):
@@ -178,9 +179,11 @@ def _transforms(g: int, itemsize: int):
 def _chunks(tiles: int, l: int) -> int:
   """Token chunks per output block: the largest divisor of ``tiles`` with
   l * chunks <= the SM count (one CTA per SM, each streaming its tiles)."""
+  device = jax.devices()[0]
+  sms = getattr(device, "core_count", None) if device.platform == "gpu" else None
   best = 1
   for c in range(1, tiles + 1):
-    if tiles % c == 0 and l * c <= SMS:
+    if tiles % c == 0 and l * c <= (sms or SMS):
       best = c
   return best
 
