@@ -300,8 +300,6 @@ echo "== 5. attention-sized Monarch: padded Triton blocks, Mosaic GPU [${SECONDS
 if [ "$QUICK" = 1 ]; then KP="--sizes=128 --tokens=64 --nblocks=2 --quick --interpret"
 else KP="--sizes=768,512 --nblocks=4 --tokens=512,4096,65536"; fi
 MG="monarch mgpu,monarch mgpu 2wg,monarch mgpu portable dw"
-# (the benchmark jits; interpreted two-warpgroup kernels can hang there)
-[ "$QUICK" = 1 ] && MG="monarch mgpu,monarch mgpu portable dw"
 timeout 150 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
   --impls="monarch xla,monarch materialized,dense,monarch pallas,$MG" \
   --output_dir="$OUT/attention"
