@@ -129,8 +129,8 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
   if (jax.default_backend() == "gpu" or interpret) and itemsize == 2:
     # Mosaic GPU (Hopper; 16-bit), factors resident in shared memory: the
     # forward and dx, and dw1, dw2 (monarch_mgpu_dw, session 12) against
-    # the portable kernels' dw (session 8's form); 
-    # "2wg": two consumer warpgroups per CTA where they fit (session 12).
+    # the portable kernels' dw (session 8's form); "2wg": two consumer
+    # warpgroups per CTA where they fit (session 12).
     for name, own_dw, wgs in (("monarch mgpu", True, 1),
                               ("monarch mgpu 2wg", True, 2),
                               ("monarch mgpu portable dw", False, 1)):
