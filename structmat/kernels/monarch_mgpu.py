@@ -188,6 +188,32 @@ def _chunks(tiles: int, l: int) -> int:
   return best
 
 
+def once_per_cta(wgs: int, wg, fn) -> None:
+  """``fn()`` (a TMA issue) by the first of ``wgs`` warpgroups only."""
+  if wgs > 1:
+    pl.when(wg == 0)(fn)
+  else:
+    fn()
+
+
+def has_tile(step, per_chunk: int, wgs: int, wg):
+  """Whether warpgroup ``wg`` has a tile at turn ``step``: warpgroup w takes
+  tiles w, w + wgs, ... of a chunk's ``per_chunk``."""
+  return step * wgs + wg < per_chunk
+
+
+def each_turn(per_chunk: int, wgs: int, wg, tile) -> None:
+  """``tile(step)`` for every turn at which warpgroup ``wg`` has a tile (the
+  last turn may have none when ``per_chunk`` is not a multiple of ``wgs``)."""
+  def turn(step, carry):
+    if per_chunk % wgs:
+      pl.when(has_tile(step, per_chunk, wgs, wg))(lambda: tile(step))
+    else:
+      tile(step)
+    return carry
+  jax.lax.fori_loop(0, -(-per_chunk // wgs), turn, 0)
+
+
 def warpgroups_fit(w1_shape, w2_shape, itemsize: int,
                    transposed: bool = False) -> bool:
   """Whether two consumer warpgroups' tiles fit beside the factors (one x
@@ -210,7 +236,6 @@ def _blockwise(x, at, bt, interpret: bool, wgs: int = 1):
   dtype = x.dtype
   chunks = _chunks(tokens // TILE, l)
   per_chunk = tokens // TILE // chunks
-  steps = -(-per_chunk // wgs)
   tr = _transforms(g, dtype.itemsize)
   slots = _slots(k, p, g, s, dtype.itemsize, wgs)
 
@@ -226,15 +251,12 @@ def _blockwise(x, at, bt, interpret: bool, wgs: int = 1):
         plgpu.copy_gmem_to_smem(at_g.at[li, ki], at_s.at[ki], wbar.at[2 * ki])
         plgpu.copy_gmem_to_smem(bt_g.at[li, ki], bt_s.at[ki],
                                 wbar.at[2 * ki + 1])
-    if wgs > 1:
-      pl.when(wg == 0)(load_factors)
-    else:
-      load_factors()
+    once_per_cta(wgs, wg, load_factors)
     for i in range(2 * k):
       plgpu.barrier_wait(wbar.at[i])
     xw, hw, ow = x_s.at[wg], h_s.at[wg], o_s.at[wg]
 
-    def tile(step, carry):
+    def tile(step):
       rows = pl.ds((ci * per_chunk + step * wgs + wg) * TILE, TILE)
       load = lambda ki: plgpu.copy_gmem_to_smem(
           x_g.at[rows, pl.ds(ki * p, p)], xw.at[ki % slots],
@@ -264,17 +286,8 @@ def _blockwise(x, at, bt, interpret: bool, wgs: int = 1):
       pl.run_scoped(accumulate, plgpu.ACC((TILE, s), jnp.float32))
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(ow, o_g.at[li, rows])
-      return carry
 
-    if per_chunk % wgs:   # the last step has tiles for some warpgroups only
-      def guarded(step, carry):
-        @pl.when(step * wgs + wg < per_chunk)
-        def _():
-          tile(step, carry)
-        return carry
-      jax.lax.fori_loop(0, steps, guarded, 0)
-    else:
-      jax.lax.fori_loop(0, steps, tile, 0)
+    each_turn(per_chunk, wgs, wg, tile)
     plgpu.wait_smem_to_gmem(0)
 
   threads = dict(num_threads=wgs, thread_name="wg") if wgs > 1 else {}

@@ -122,7 +122,6 @@ def _chain(pt, q, w, interpret: bool, transposed: bool, wgs: int = 1):
   tr = mg._transforms(g, dtype.itemsize)  # pylint: disable=protected-access
   wgs = _fit_wgs(m, n, g, dtype.itemsize, wgs)
   slots = _slots(m, n, g, dtype.itemsize, wgs)
-  steps = -(-per_chunk // wgs)   # warpgroup w takes tiles w, w + wgs, ...
 
   def body(pt_g, q_g, w_g, o_g, w_s, pt_s, q_s, h_s, o_s, wbar, tbar):
     a = jax.lax.axis_index("a")
@@ -132,11 +131,9 @@ def _chain(pt, q, w, interpret: bool, transposed: bool, wgs: int = 1):
     pt_w, q_w, h_w, o_w = pt_s.at[wg], q_s.at[wg], h_s.at[wg], o_s.at[wg]
     bar = lambda slot, i: tbar.at[(wg * slots + slot) * 2 + i]
 
-    if wgs > 1:   # one copy of the factor block, every warpgroup waits on it
-      pl.when(wg == 0)(
-          lambda: plgpu.copy_gmem_to_smem(w_g.at[a, b], w_s, wbar.at[0]))
-    else:
-      plgpu.copy_gmem_to_smem(w_g.at[a, b], w_s, wbar.at[0])
+    # one copy of the factor block, every warpgroup waits on it
+    mg.once_per_cta(wgs, wg, lambda: plgpu.copy_gmem_to_smem(
+        w_g.at[a, b], w_s, wbar.at[0]))
 
     def load(step, slot):
       cols = pl.ds((c * per_chunk + step * wgs + wg) * TILE, TILE)
@@ -147,23 +144,17 @@ def _chain(pt, q, w, interpret: bool, transposed: bool, wgs: int = 1):
           pt_g.at[feats, cols] if transposed else pt_g.at[cols, feats],
           pt_w.at[slot], bar(slot, 1))
 
-    # Whether step t has a tile for this warpgroup: all steps do unless the
-    # chunk's tile count is not a multiple of wgs (then the last may not).
-    has = lambda t: t * wgs + wg < per_chunk
-    uneven = per_chunk % wgs != 0
-    if uneven:
-      pl.when(has(0))(lambda: load(0, 0))
-    else:
-      load(0, 0)
+    # the next tile's loads, where this warpgroup has one at turn t
+    prefetch = lambda t, slot: pl.when(mg.has_tile(t, per_chunk, wgs, wg))(
+        lambda: load(t, slot))
+    prefetch(0, 0)
     plgpu.barrier_wait(wbar.at[0])
 
     def run(acc):
       def tile(t):
         slot = t % slots if slots > 1 else 0
         if slots > 1:  # the other slot's wgmmas finished last iteration
-          @pl.when((t + 1 < steps) & has(t + 1))
-          def _():
-            load(t + 1, 1 - slot)
+          prefetch(t + 1, 1 - slot)
         plgpu.barrier_wait(bar(slot, 0))
 
         def stage1(h_acc):
@@ -178,18 +169,9 @@ def _chain(pt, q, w, interpret: bool, transposed: bool, wgs: int = 1):
                     h_w)
         plgpu.wgmma_wait(0)
         if slots == 1:  # the one buffer is free now
-          @pl.when((t + 1 < steps) & has(t + 1))
-          def _():
-            load(t + 1, 0)
+          prefetch(t + 1, 0)
 
-      def step(t, carry):
-        if uneven:
-          pl.when(has(t))(lambda: tile(t))
-        else:
-          tile(t)
-        return carry
-
-      jax.lax.fori_loop(0, steps, step, 0)
+      mg.each_turn(per_chunk, wgs, wg, tile)
       o_w[...] = acc[...]
 
     pl.run_scoped(run, plgpu.ACC((m, g), jnp.float32))
