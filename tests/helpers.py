@@ -66,27 +66,6 @@ def poison_pallas_outputs(monkeypatch, fill=float("nan")):
   return seen
 
 
-DEVICE_KINDS = {"cuda": "NVIDIA H100 80GB HBM3", "tpu": "TPU v5 lite"}
-
-
-def cross_lower(fn, args, platform: str, grad_argnums=None):
-  """Lower ``fn`` (or the gradient of its float32 sum over ``grad_argnums``)
-  for an abstract H100 ("cuda") or TPU v5e ("tpu") on this CPU: catches
-  shape and lowering errors without the hardware. Returns the module text."""
-  ad = jax.sharding.AbstractDevice(device_kind=DEVICE_KINDS[platform],
-                                   num_cores=1, platform=platform)
-  mesh = jax.sharding.AbstractMesh((1,), ("x",),
-                                   (jax.sharding.AxisType.Explicit,),
-                                   abstract_device=ad)
-  f = fn
-  if grad_argnums is not None:
-    f = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)),
-                 argnums=grad_argnums)
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.jit(f).trace(*args).lower(
-        lowering_platforms=(platform,)).as_text()
-
-
 def check_kernel(ker, ref, args, cotangent, tol, names, fwd_atol=None,
                  jit=False):
   """``ker(*args)`` matches ``ref`` (run in float32) in value and in the

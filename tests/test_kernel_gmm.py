@@ -8,7 +8,7 @@ import pytest
 from structmat import ops
 from structmat.kernels.blockdiag_gmm import (blockdiag_matmul_gmm,
                                              default_tiling)
-from tests.helpers import cross_lower
+from structmat.kernels.lowering import cross_lower
 
 
 @pytest.mark.parametrize("tokens,wshape,dtype,tol", [

@@ -13,7 +13,8 @@ from structmat import ops
 from structmat.kernels import monarch as mk
 from structmat.kernels import monarch_mgpu as mg
 from structmat.kernels import monarch_mgpu_dw as mdw
-from tests.helpers import check_kernel, cross_lower
+from structmat.kernels.lowering import cross_lower
+from tests.helpers import check_kernel
 
 SHAPES = [  # (tokens, w1 shape, w2 shape)
     (128, (2, 64, 64), (2, 64, 64)),      # square, q/l = 32 (64-byte swizzle)

@@ -9,7 +9,8 @@ import pytest
 
 from structmat import ops
 from structmat.kernels import monarch_tpu as mt
-from tests.helpers import check_kernel, cross_lower, poison_pallas_outputs
+from structmat.kernels.lowering import cross_lower
+from tests.helpers import check_kernel, poison_pallas_outputs
 
 # (tokens, block_tokens, w1 (k, q, p), w2 (l, s, r))
 SHAPES = [

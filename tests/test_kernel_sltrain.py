@@ -7,9 +7,9 @@ import pytest
 
 from structmat import ops
 from structmat.kernels import sltrain as sk
+from structmat.kernels.lowering import cross_lower
 from tests.helpers import (check_kernel, check_orders_skip_the_sort,
-                           cross_lower, poison_pallas_outputs,
-                           sltrain_inputs as _inputs)
+                           poison_pallas_outputs, sltrain_inputs as _inputs)
 
 # (tokens, in, out, rank, density, block_tokens, block_in, block_out, chunk)
 SHAPES = [

@@ -12,7 +12,8 @@ from structmat.kernels import blockdiag as bd
 from structmat.kernels import monarch as mk
 from structmat.kernels import roofline
 from structmat.kernels import blockdiag_matmul_pallas, supported
-from tests.helpers import check_kernel, cross_lower, poison_pallas_outputs
+from structmat.kernels.lowering import cross_lower
+from tests.helpers import check_kernel, poison_pallas_outputs
 
 SHAPES = [  # (tokens, block_tokens, (k, q, p))
     (64, 16, (4, 32, 32)),
@@ -128,6 +129,11 @@ def _lower(platform, x_shape, w_shape, bt, grad):
 def test_cross_lowering(platform, x_shape, w_shape, bt, grad):
   assert supported(x_shape[0], w_shape, bt, platform) is None
   assert _lower(platform, x_shape, w_shape, bt, grad)
+
+
+def test_cross_lower_names_the_platforms():
+  with pytest.raises(ValueError, match="'cuda', 'tpu'"):
+    cross_lower(lambda x: x, (jnp.ones(4),), "rocm")
 
 
 def test_supported_names_the_constraint():

@@ -49,7 +49,7 @@ _CHECK = textwrap.dedent("""
                            jnp.ones((2, 128, 128)) / 128,
                            jnp.ones((2, 128, 128)) / 128))
     # Nor does the Mosaic GPU Monarch (forward, dx, dw1, dw2) for an H100.
-    from tests.helpers import cross_lower
+    from structmat.kernels.lowering import cross_lower
     text = cross_lower(
         lambda *a: monarch_mgpu.monarch_matmul_mgpu(*a, interpret=False,
                                                     platform="cuda"),

@@ -42,7 +42,7 @@ from structmat import ops  # pylint: disable=wrong-import-position
 from structmat.kernels import monarch as mk  # pylint: disable=wrong-import-position
 from structmat.kernels import sltrain as sk  # pylint: disable=wrong-import-position
 from structmat.models.family import linear_shapes, preset_config  # pylint: disable=wrong-import-position
-from tests.helpers import cross_lower  # pylint: disable=wrong-import-position
+from structmat.kernels.lowering import cross_lower  # pylint: disable=wrong-import-position
 
 _KERNEL = flags.DEFINE_enum("kernel", "monarch", ["monarch", "sltrain"],
                             "Which kernels.")
