@@ -78,9 +78,7 @@ def supported(tokens: int, w1_shape, w2_shape, dtype) -> str | None:
   why not (the caller then takes the portable kernels or XLA)."""
   if why := mg.operand_problem(tokens, w1_shape, w2_shape, dtype):
     return why
-  _, _, p = w1_shape
-  s = w2_shape[1]
-  g = w1_shape[1] // w2_shape[0]
+  (p, s, g), _ = _problems(w1_shape, w2_shape)
   if g > 256:
     return f"q/l={g} must be <= 256 (wgmma's N)"
   if p % 64 or s % 64:
