@@ -114,11 +114,6 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
             x, a, b, block_tokens=mbt, interpret=interp), (w1, w2)),
         ("monarch pallas bt64", lambda x, a, b: mk.monarch_matmul_pallas(
             x, a, b, block_tokens=min(64, tokens), interpret=interp), (w1, w2)),
-        # The same tile with whole blocks unrolled (the form measured before
-        # session 11) against the loop.
-        ("monarch pallas unrolled", lambda x, a, b: mk.monarch_matmul_pallas(
-            x, a, b, block_tokens=mbt, interpret=interp, unroll=True),
-         (w1, w2)),
         ("blockdiag pallas", lambda x, a: blockdiag_matmul_pallas(
             x, a, block_tokens=bt, interpret=interp), (wb,)),
         ("sltrain pallas", lambda x, a, b, v: sk.sltrain_matmul_pallas(

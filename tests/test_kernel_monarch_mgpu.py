@@ -219,3 +219,26 @@ def test_supported_names_the_constraint():
   with pytest.raises(ValueError, match="Mosaic GPU"):
     mg.monarch_matmul_mgpu(jnp.ones((64, 128), jnp.float32),
                            jnp.ones((2, 64, 64)), jnp.ones((2, 64, 64)))
+
+
+@pytest.mark.parametrize("n,b,mosaic", [(768, 192, True), (512, 128, False)])
+def test_pallas_on_hopper_prefers_mosaic_gpu_to_padded_triton(
+    monkeypatch, n, b, mosaic):
+  """impl="pallas" on a (faked) Hopper GPU: 192-wide blocks, which Triton
+  pads to 256, go through Mosaic GPU (forward, dx, dU, dB); 128-wide ones
+  stay with Triton (forward, dx, dw). The CPU interpreter keeps Triton."""
+  from structmat.kernels import dispatch  # pylint: disable=import-outside-toplevel
+  x, w, _, _ = _inputs(4096, (4, b, b), (4, b, b))
+  # A fresh function per trace: jax caches traces per function.
+  jaxpr = lambda: str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(
+      dispatch.monarch(x, w, w, None, "pallas").astype(jnp.float32)),
+                                              argnums=(0, 1)))(x, w))
+  cpu = jaxpr()
+  assert cpu.count("pallas_call") == 3 and "grid_names" not in cpu
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(mg, "hardware_problem", lambda platform: None)
+  gpu = jaxpr()
+  assert (gpu.count("grid_names"), gpu.count("pallas_call")) == (
+      (4, 0) if mosaic else (0, 3))
+  why = dispatch.mgpu_first((4, b, b), (4, b, b), "gpu")
+  assert (why is not None) == mosaic and (not mosaic or "256" in why)

@@ -6,15 +6,16 @@
 #   2. compiled (not interpreted) kernels against the XLA reference, forward and
 #      gradients, on fresh random inputs, never-compiled shapes first (elapsed
 #      seconds per line);
-#   3. the kernel benchmark (bf16 sweep over n, tokens and nblocks, the sizes
-#      not yet timed first; f32 at n=4096), then the SLTrain forward's anatomy;
+#   3. the kernel benchmark (bf16 at n=8192, the size not yet timed; f32 at
+#      n=4096);
 #   4. GPT-2 small (124M, 65,536 tokens per step, vocab 50257): dense, Monarch;
 #   5. (only when named) attention-sized Monarch: 768 = 4 x 192 (padded
 #      blocks) and 512 = 4 x 128: XLA, materialized, Triton, Mosaic GPU
 #      (forward, dx and since session 12 dw);
-#   6. (only when named) the 60M Monarch preset with impl=pallas (every
-#      Monarch layer a Triton kernel, the MLPs' 344-wide blocks in chunks)
-#      against impl=xla: losses of identical steps and step times;
+#   6. (only when named) a Monarch preset (P6, default llama_130m) with
+#      impl=pallas (every Monarch layer a kernel: Triton, chunked MLP blocks,
+#      Mosaic GPU for the padded 768 = 4 x 192 attention on Hopper) against
+#      impl=xla: losses of identical steps and step times;
 #   7. (only when named) SLTrain with W built whole or in blocks
 #      (--kernel_block): step time at 60M (256 x 256 tokens) and memory at 1B
 #      (1 x 256 tokens, where XLA:CPU measured 19.3 -> 14.3 GB).
@@ -25,7 +26,12 @@
 # STEPS="2 6" 236 s, STEPS="2 6 3" 454 s (steps run in number order). Next:
 # STEPS="2 3 5" (<= 560 s: the looped kernels' and the Mosaic GPU weight
 # gradients' numerics and times), then at once STEPS=6 (<= 250 s) if the
-# budget holds it, else STEPS=1 in a later session (<= 415 s).
+# budget holds it, else STEPS=1 in a later session (<= 415 s). Session 14:
+# a start ~40 s; STEPS="2 3 5" 495 s (steps 2, 3's bf16 sweep and 5 each
+# ran into their timeouts: their lists now start where they stopped), then
+# STEPS=6 (60M) 126 s, then the 60M and 130M impl=auto rows by hand 150 s:
+# 826 s held. Next: STEPS="3 6" (<= 530 s: n=8192, f32, 130M impl=pallas),
+# then at once STEPS="2 5" (<= 195 s).
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
@@ -95,16 +101,14 @@ bf16, fp32 = jnp.bfloat16, jnp.float32
 TOL = {bf16: 2e-2, fp32: 2e-3}
 # (kind, dtype, shape), never-compiled code first: the 120 s may not reach
 # the end (Triton compiles each shape for seconds). Monarch / blockdiag
-# shapes are (n_in, n_out, nblocks, tokens). Whole blocks now loop over k
-# (and l) instead of unrolling (session 11, after its GPU time): n=4096 in
-# 16 blocks, LLaMA-60M's attention (512 = 4 x 128), 768 = 4 x 192 padded,
-# n=1024 in 16 blocks in f32; SLTrain in rank slices, padded ranks
-# (n_in, n_out, tokens[, rank]). Mosaic GPU's weight gradients (session 12)
-# before all of them. Then the chunked blocks session 11
-# compiled after giving the weight gradients their own token step (512 <->
-# 1376, LLaMA-60M's MLP in 256-wide chunks; 768 f32 in 128-wide chunks;
-# 2048 -> 768, whose dw now runs 8 warps), SLTrain 512 -> 1365 (zero-padded
-# to 1408), Mosaic GPU at the 60M / 130M attention shapes, the rest.
+# shapes are (n_in, n_out, nblocks, tokens); SLTrain (n_in, n_out, tokens[,
+# rank]); Mosaic GPU (n, nblocks, tokens, warpgroups). First the chunked
+# blocks whose weight gradients take twice session 11's token step under the
+# 224 KiB budget (512 <-> 1376, LLaMA-60M's MLP in 256-wide chunks; 768 f32
+# in 128-wide chunks; 2048 -> 768 with 8 warps), then the rest; session 14
+# compiled (all OK) the Mosaic GPU forward, dx and dw with one and two
+# warpgroups, the looped whole blocks (n=4096 in 16, 512 and 768 in 4, 1024
+# f32 in 16) and SLTrain in rank slices and padded ranks: last.
 if quick:
   checks = ([("monarch", d, s) for d in (bf16, fp32) for s in (
                 (64, 64, 4, 32), (96, 96, 4, 32), (256, 688, 2, 32))]
@@ -112,18 +116,7 @@ if quick:
             + [("sltrain", d, s) for d in (bf16, fp32)
                for s in ((256, 256, 64), (64, 100, 64), (64, 96, 64, 24))])
 else:
-  checks = ([("mgpu", bf16, (512, 4, 4096, w)) for w in (1, 2)]
-            + [("mgpu", bf16, (768, 4, 4096, w)) for w in (1, 2)]
-            + [("monarch", bf16, (4096, 4096, 16, 16384)),
-             ("monarch", bf16, (512, 512, 4, 4096)),
-             ("monarch", bf16, (768, 768, 4, 4096)),
-             ("monarch", fp32, (1024, 1024, 16, 16384)),
-             # SLTrain's low-rank term in rank slices (LLaMA-1B's rank 512
-             # in f32 asked 384 KiB whole, offline) and GPT-2's rank 192
-             # padded to 256 (refused before).
-             ("sltrain", fp32, (2048, 5461, 1024, 512)),
-             ("sltrain", bf16, (768, 3072, 1024, 192)),
-             ("monarch", bf16, (2048, 768, 4, 4096)),
+  checks = ([("monarch", bf16, (2048, 768, 4, 4096)),
              ("monarch", bf16, (512, 1376, 4, 4096)),
              ("monarch", bf16, (1376, 512, 4, 4096)),
              ("monarch", fp32, (768, 768, 4, 4096)),
@@ -136,7 +129,15 @@ else:
                 (1024, 1024, 4, 512), (1024, 1024, 16, 16384),
                 (2048, 2048, 8, 4096))]
             + [("sltrain", d, s) for d in (bf16, fp32)
-               for s in ((1024, 1024, 512), (4096, 4096, 4096))])
+               for s in ((1024, 1024, 512), (4096, 4096, 4096))]
+            + [("mgpu", bf16, (n, 4, 4096, w)) for n in (512, 768)
+               for w in (1, 2)]
+            + [("monarch", bf16, (4096, 4096, 16, 16384)),
+               ("monarch", bf16, (512, 512, 4, 4096)),
+               ("monarch", bf16, (768, 768, 4, 4096)),
+               ("monarch", fp32, (1024, 1024, 16, 16384)),
+               ("sltrain", fp32, (2048, 5461, 1024, 512)),
+               ("sltrain", bf16, (768, 3072, 1024, 192))])
 f32 = lambda *a: [v.astype(jnp.float32) for v in a]
 t0 = time.time()
 _print = print
@@ -223,60 +224,21 @@ fi
 
 if want 3; then
 echo "== 3. kernel benchmark [${SECONDS}s]"
-KI=()
 if [ "$QUICK" = 1 ]; then
   K="--sizes=64 --tokens=64 --nblocks=4 --quick --interpret"; KF="$K"
 else
-  # Session 11 timed n=1024 (all rows); the whole-block Triton kernels then
-  # became loops (no spills offline): n=4096 first (0.889 / 1.58 ms unrolled
-  # in session 8), the loop against the unrolled form, Monarch and
-  # block-diagonal rows only.
-  K="--sizes=4096,8192 --tokens=16384,512 --nblocks=16,64,4"
-  I="dense,monarch xla,monarch materialized,monarch pallas,"
-  I+="monarch pallas unrolled,monarch pallas bt64,blockdiag xla,"
-  KI=("--impls=${I}blockdiag pallas")
+  # Session 14 timed n=4096 in 16 and 64 blocks at 16384 tokens (the loop
+  # 2x faster than the unrolled form, still 2x slower than XLA) before the
+  # 150 s ran out: n=8192 next, then f32 at n=4096.
+  K="--sizes=8192 --tokens=16384,512 --nblocks=16,64,4"
   KF="--sizes=4096 --tokens=16384 --nblocks=16,64"
 fi
-timeout 150 $PY -m experiments.benchmark_kernels $K "${KI[@]}" \
-  --dtypes=bfloat16 \
-  --output_dir="$OUT"
-timeout 50 $PY -m experiments.benchmark_kernels $KF --dtypes=float32 \
-  --output_dir="$OUT/f32"
-# Where the SLTrain Triton forward's time goes (16x dense in session 8): the
-# same call with one thing changed at a time (H200.md's method when no
-# profiler fits the lease): ~no sparse entries (the kernel's GEMM floor),
-# chunks of 64 entries, 64- and 256-token tiles (the one-hot placement costs
-# c/bt of the tile GEMM), 32-wide tiles.
-QUICK=$QUICK timeout 80 $PY - <<'PY'
-import os
-import jax, jax.numpy as jnp
-from structmat import ops
-from structmat.kernels import sltrain as sk
-from structmat.utils.timing import time_fn
-quick = os.environ["QUICK"] == "1"
-n, t = (128, 64) if quick else (4096, 16384)
-k = jax.random.split(jax.random.key(0), 4)
-x = jax.random.normal(k[0], (t, n), jnp.bfloat16)
-for name, rank, density, kw in (
-    ("paper (rank n/32, 3%)", n // 32, 0.03, {}),
-    ("no sparse entries", n // 32, 1e-6, {}),
-    ("chunks of 64 entries", n // 32, 0.03, dict(chunk=64)),
-    ("64-token tiles", n // 32, 0.03, dict(block_tokens=64)),
-    ("256-token tiles", n // 32, 0.03, dict(block_tokens=256)),
-    ("32-wide tiles", n // 32, 0.03, dict(block_in=32, block_out=32))):
-  a = (jax.random.normal(k[1], (n, rank)) / n**.5).astype(jnp.bfloat16)
-  b = (jax.random.normal(k[2], (rank, n)) / rank**.5).astype(jnp.bfloat16)
-  idx = ops.draw_support(k[3], n, n, density)
-  v = jnp.ones(idx.shape, jnp.bfloat16)
-  orders = sk.support_orders(idx, n, n)  # 32-wide tiles sort in the call
-  f = jax.jit(lambda x, a, b, v: sk.sltrain_matmul_pallas(
-      x, a, b, v, idx, 1.0, orders=orders, interpret=quick or None, **kw))
-  try:
-    ms = 1e3 * time_fn(f, x, a, b, v, repeats=1 if quick else 10)
-    print(f"sltrain forward, {name}: {ms:.3f} ms", flush=True)
-  except Exception as ex:
-    print(f"sltrain forward, {name}: ERROR {type(ex).__name__}: {str(ex)[:300]}")
-PY
+I="dense,monarch xla,monarch materialized,monarch pallas,monarch pallas bt64,"
+I+="blockdiag xla,blockdiag pallas"
+timeout 150 $PY -m experiments.benchmark_kernels $K --impls="$I" \
+  --dtypes=bfloat16 --output_dir="$OUT"
+timeout 80 $PY -m experiments.benchmark_kernels $KF --impls="$I" \
+  --dtypes=float32 --output_dir="$OUT/f32"
 fi
 
 if want 4; then
@@ -295,10 +257,12 @@ echo "== 5. attention-sized Monarch: padded Triton blocks, Mosaic GPU [${SECONDS
 # 768 = 4 x 192 (LLaMA-130M / GPT-2 attention): Triton pads to 256 / 64 and
 # fits 32-token tiles; 512 = 4 x 128 (LLaMA-60M). The Mosaic GPU forward keeps
 # the factors in shared memory; since session 12 its weight gradients are
-# Mosaic GPU too (never compiled before). Session 8 (H200): at 768 both lost to
-# XLA at 512, 4096 and 65536 tokens; at 512 Triton won forward+backward.
+# Mosaic GPU too. Session 8 (H200): at 768 both lost to XLA at 512, 4096 and
+# 65536 tokens; at 512 Triton won forward+backward. Session 14 timed 768 with
+# Mosaic GPU's dw (1.5x faster than padded Triton, 1.1x slower than XLA) and
+# two warpgroups (no gain) before its 150 s ran out at 512 x 4096.
 if [ "$QUICK" = 1 ]; then KP="--sizes=128 --tokens=64 --nblocks=2 --quick --interpret"
-else KP="--sizes=768,512 --nblocks=4 --tokens=512,4096,65536"; fi
+else KP="--sizes=512 --nblocks=4 --tokens=65536,4096"; fi  # 768: session 14
 MG="monarch mgpu,monarch mgpu 2wg,monarch mgpu portable dw"
 timeout 150 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
   --impls="monarch xla,monarch materialized,dense,monarch pallas,$MG" \
@@ -306,18 +270,19 @@ timeout 150 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
 fi
 
 if [[ " ${STEPS:-} " == *" 6 "* ]]; then
-echo "== 6. pretraining, 60M Monarch, impl=pallas vs xla [${SECONDS}s]"
+echo "== 6. pretraining, Monarch, impl=pallas vs xla [${SECONDS}s]"
+# 60M: sessions 11 and 14 (93.0 vs 73.5 ms, losses within 2e-6); 130M next.
 if [ "$QUICK" = 1 ]; then
-  P="--batch_size=2 --seq_len=16 --vocab_size=256 --repeats=1"; P60=llama_tiny
+  P="--batch_size=2 --seq_len=16 --vocab_size=256 --repeats=1"; P6=llama_tiny
 else
-  P="--batch_size=256 --seq_len=256 --vocab_size=32000"; P60=llama_60m
+  P="--batch_size=256 --seq_len=256 --vocab_size=32000"; P6=${P6:-llama_130m}
 fi
 for impl in xla pallas; do
-  timeout 120 $PY -m experiments.benchmark_pretrain $P --presets=$P60 \
+  timeout 150 $PY -m experiments.benchmark_pretrain $P --presets=$P6 \
     --linears=monarch --dtype=bfloat16 --impl=$impl \
-    --output="$OUT/pallas_${P60}_$impl.json"
+    --output="$OUT/pallas_${P6}_$impl.json"
 done
-$PY - "$OUT/pallas_${P60}" <<'PY'
+$PY - "$OUT/pallas_${P6}" <<'PY'
 import json, os, sys
 rows = {i: json.load(open(f"{sys.argv[1]}_{i}.json"))["rows"]
         for i in ("xla", "pallas") if os.path.exists(f"{sys.argv[1]}_{i}.json")}

@@ -127,15 +127,19 @@ def supported(batch: int, w_shape, block_tokens: int, platform: str) -> str | No
 def slower_than_xla(platform: str) -> str | None:
   """Why ``impl="auto"`` keeps XLA on ``platform`` although the kernel runs.
 
-  On GPUs the Triton kernel never beat XLA's einsum, which already runs a
-  block-diagonal product near the copy roofline. H200, bf16, n=4096,
-  forward / forward+backward ms, kernel vs XLA: 16 blocks, 16384 tokens
-  0.133/0.241 vs 0.093/0.189; 64 blocks 0.103/0.185 vs 0.095/0.168;
-  16 blocks, 512 tokens 0.045/0.058 vs 0.046/0.057.
+  On GPUs XLA's einsum already runs a block-diagonal product near the copy
+  roofline. H200, bf16, forward / forward+backward ms, kernel vs XLA:
+  n=4096, 16384 tokens, 16 blocks 0.133/0.241 vs 0.093/0.189 (session 8;
+  0.134/0.236 vs 0.092/0.174 in session 14), 64 blocks 0.103/0.185 vs
+  0.095/0.168 (0.107/0.179 vs 0.099/0.176); 16 blocks, 512 tokens
+  0.045/0.058 vs 0.046/0.057. At n=1024, 16384 tokens (session 11) it won
+  in 16 blocks of 64, 0.041/0.057 vs 0.055/0.070, and tied in 4 (0.039/
+  0.072 vs 0.064/0.069): one shape, 13 microseconds, no rule.
   """
   if platform in GPU_PLATFORMS:
     return ("the Triton block-diagonal kernel was measured up to 1.4x slower "
-            "than XLA on an H200 (never faster); impl='pallas' runs it")
+            "than XLA on an H200 (ahead at one shape, n=1024 in 16 blocks, by "
+            "13 us); impl='pallas' runs it")
   return None
 
 

@@ -275,7 +275,8 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
 # Measured on H200s (bf16; forward / forward+backward ms, kernel vs XLA).
 # n=4096 in 16 blocks of 256 (q/l = 16): 512 tokens 0.060/0.071 vs
 # 0.075/0.069; 1024: 0.054/0.130 vs 0.081/0.061; 2048: 0.100/0.197 vs
-# 0.080/0.133; 16384: 0.889/1.58 vs 0.381/0.827. Its stage-1 dots are
+# 0.080/0.133; 16384: 0.889/1.58 vs 0.381/0.827 (session 8, unrolled), the
+# loop over k 0.781/1.551 vs 0.392/0.815 (session 14). Its stage-1 dots are
 # (tokens x p) @ (p x q/l): with q/l < 32 they underfill the tensor cores, so
 # the kernel only ever wins a forward at <= 1024 tokens and never a training
 # step (forward+backward): auto keeps XLA for q/l < 32 at every token count.
@@ -449,7 +450,8 @@ def _accumulate(n: int, step, shape, loop: bool):
   """sum(step(i) for i < n) into a float32 ``shape`` accumulator: a
   ``fori_loop`` with ``loop`` (whole blocks: Triton software-pipelines it;
   unrolled, every step's operands stayed live in registers and spilled,
-  4.5 KB per thread at n=4096 in 16 blocks), else unrolled (chunked blocks,
+  4.5 KB per thread at n=4096 in 16 blocks, and the H200 ran the forward 2x
+  slower: 1.561 vs 0.781 ms, session 14), else unrolled (chunked blocks,
   whose per-chunk operands a loop would multiply by its pipeline stages)."""
   acc = jnp.zeros(shape, jnp.float32)
   if loop:
@@ -466,7 +468,7 @@ def _sum(parts):
   return acc
 
 
-def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, p, s, tile, unroll):
+def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, p, s, tile):
   pp, ss = a_ref.shape[-1], b_ref.shape[-2]
   in_chunks, out_chunks = _chunks(p, pp, tile), _chunks(s, ss, tile)
 
@@ -482,7 +484,7 @@ def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, p, s, tile, unroll):
 
   if len(out_chunks) == 1:   # each stage-1 block goes straight into stage 2
     acc = _accumulate(k, lambda ki: _dot_t(stage1(ki), b_ref[ki]),
-                      (x_ref.shape[0], ss), len(in_chunks) == 1 and not unroll)
+                      (x_ref.shape[0], ss), len(in_chunks) == 1)
     _store(o_ref, acc.astype(o_ref.dtype), s)
     return
   # Output blocks wider than a tile: stage 1 once, stage 2 per output chunk
@@ -493,7 +495,7 @@ def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, p, s, tile, unroll):
     _store(o_ref.at[:, pl.ds(c, size)], acc.astype(o_ref.dtype), valid)
 
 
-def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform, unroll):
+def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform):
   """x (tokens, k*p), a/b padded to (l, k, G, P) / (l, k, S, G) -> the
   block-major (l, tokens, s) output."""
   # One program per (token tile, output block l): tiles x l programs keep a
@@ -502,7 +504,7 @@ def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform, unroll):
   l, k, g, pp = a.shape
   ss = b.shape[2]
   kernel = functools.partial(_fwd_kernel, k=k, p=p, s=s,
-                             tile=_tile(platform, a, b), unroll=unroll)
+                             tile=_tile(platform, a, b))
   xs = _split(x, p, pp)
   return pl.pallas_call(
       kernel,
@@ -525,7 +527,7 @@ def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform, unroll):
   )(xs, a, b)
 
 
-def _dx_kernel(do_ref, a_ref, b_ref, dx_ref, *, l, p, s, tile, unroll):
+def _dx_kernel(do_ref, a_ref, b_ref, dx_ref, *, l, p, s, tile):
   pp, ss = a_ref.shape[-1], b_ref.shape[-2]
   in_chunks, out_chunks = _chunks(s, ss, tile), _chunks(p, pp, tile)
 
@@ -537,7 +539,7 @@ def _dx_kernel(do_ref, a_ref, b_ref, dx_ref, *, l, p, s, tile, unroll):
 
   if len(out_chunks) == 1:
     acc = _accumulate(l, lambda li: _dot(dh(li), a_ref[li]),     # (bt, P)
-                      (do_ref.shape[1], pp), len(in_chunks) == 1 and not unroll)
+                      (do_ref.shape[1], pp), len(in_chunks) == 1)
     _store(dx_ref, acc.astype(dx_ref.dtype), p)
     return
   dhs = [dh(li) for li in range(l)]
@@ -546,14 +548,14 @@ def _dx_kernel(do_ref, a_ref, b_ref, dx_ref, *, l, p, s, tile, unroll):
     _store(dx_ref.at[:, pl.ds(c, size)], acc.astype(dx_ref.dtype), valid)
 
 
-def _call_dx(do, a, b, p, block_tokens, interpret, platform, unroll):
+def _call_dx(do, a, b, p, block_tokens, interpret, platform):
   """do (l, tokens, s) -> dx (tokens, k*p)."""
   l, tokens, s = do.shape
   _, k, g, pp = a.shape
   ss = b.shape[2]
   dx = pl.pallas_call(
       functools.partial(_dx_kernel, l=l, p=p, s=s,
-                        tile=_tile(platform, a, b), unroll=unroll),
+                        tile=_tile(platform, a, b)),
       out_shape=jax.ShapeDtypeStruct(
           (tokens, k * p) if pp == p else (tokens, k, p), do.dtype),
       grid=(tokens // block_tokens, k),
@@ -686,31 +688,28 @@ def _padded_weights(w1, w2, pad: bool):
           jnp.pad(b, ((0, 0), (0, 0), (0, ss - s), (0, gg - g))))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _monarch(x, w1, w2, block_tokens, interpret, platform, unroll):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _monarch(x, w1, w2, block_tokens, interpret, platform):
   p = w1.shape[2]
   a, b = _padded_weights(w1, w2, pads_blocks(platform))
-  o = _call_fwd(x, a, b, p, w2.shape[1], block_tokens, interpret, platform,
-                unroll)
+  o = _call_fwd(x, a, b, p, w2.shape[1], block_tokens, interpret, platform)
   return _to_output(o)
 
 
-def _vjp_fwd(x, w1, w2, block_tokens, interpret, platform, unroll):
-  return (_monarch(x, w1, w2, block_tokens, interpret, platform, unroll),
+def _vjp_fwd(x, w1, w2, block_tokens, interpret, platform):
+  return (_monarch(x, w1, w2, block_tokens, interpret, platform),
           (x, w1, w2))
 
 
-def backward(x, w1, w2, dy, block_tokens, interpret, platform, dx=True,
-             unroll=False):
+def backward(x, w1, w2, dy, block_tokens, interpret, platform, dx=True):
   """(dx, dw1, dw2) through the kernels; dx=False leaves dx to the caller
-  (None), as the Mosaic GPU path does. ``unroll``: as
-  ``monarch_matmul_pallas``'s."""
+  (None), as the Mosaic GPU path does."""
   _, q, p = w1.shape
   l, s, _ = w2.shape
   g = q // l
   a, b = _padded_weights(w1, w2, pads_blocks(platform))
   do = dy.reshape(dy.shape[0], s, l).transpose(2, 0, 1)   # (l, tokens, s)
-  dx_out = (_call_dx(do, a, b, p, block_tokens, interpret, platform, unroll)
+  dx_out = (_call_dx(do, a, b, p, block_tokens, interpret, platform)
             if dx else None)
   step = (block_tokens if not pads_blocks(platform) else dw_block_tokens(
       block_tokens, p, b.shape[3], s, _tile(platform, a, b), x.dtype.itemsize))
@@ -725,8 +724,8 @@ def backward(x, w1, w2, dy, block_tokens, interpret, platform, dx=True,
   return dx_out, dw1.astype(w1.dtype), dw2.astype(w2.dtype)
 
 
-def _vjp_bwd(block_tokens, interpret, platform, unroll, res, dy):
-  return backward(*res, dy, block_tokens, interpret, platform, unroll=unroll)
+def _vjp_bwd(block_tokens, interpret, platform, res, dy):
+  return backward(*res, dy, block_tokens, interpret, platform)
 
 
 _monarch.defvjp(_vjp_fwd, _vjp_bwd)
@@ -734,7 +733,7 @@ _monarch.defvjp(_vjp_fwd, _vjp_bwd)
 
 def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
                           interpret: bool | None = None,
-                          platform: str | None = None, unroll: bool = False):
+                          platform: str | None = None):
   """Fused Monarch product, same contract as ``ops.monarch_matmul`` (no bias).
 
   Args:
@@ -742,10 +741,6 @@ def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
     block_tokens: tokens per program.
     interpret: interpret mode (default: on the CPU).
     platform: backend to compile for (default: the default backend).
-    unroll: whole blocks' forward and dx unrolled over the blocks, as
-      measured on the H200 before session 11, instead of looped (which spills
-      nothing offline; the unrolled form up to 4.7 KB per thread): the
-      benchmark's "monarch pallas unrolled" row, an A/B for the GPU.
 
   Returns:
     (..., l*s).
@@ -759,5 +754,5 @@ def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
   if why:
     raise ValueError(f"the fused Monarch kernel cannot run these shapes: {why}")
   y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), block_tokens,
-               interpret, platform, unroll)
+               interpret, platform)
   return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -25,8 +25,11 @@ portable backward does).
 
 With ``warpgroups=2`` two consumer warpgroups share a CTA's factors and take
 turns at its tiles (each with its own buffers and barriers), so one computes
-while the other waits on a TMA or a wgmma (session 12; unmeasured: the
-benchmark's "monarch mgpu 2wg" row). Tests run the kernels under the
+while the other waits on a TMA or a wgmma (session 12). Measured on an
+H200 (session 14, the benchmark's "monarch mgpu 2wg" row) it gained
+nothing: 768 = 4 x 192, 65536 tokens, 0.338 / 0.837 ms forward / forward+
+backward against one warpgroup's 0.336 / 0.814, so one is the default.
+Tests run the kernels under the
 interpreter's race detector (``DETECT_RACES``).
 
 wgmma wants one shared-memory swizzle for both operands; the stage-1
@@ -41,10 +44,14 @@ shapes, else XLA's VJP. Runs on
 the CPU in Mosaic GPU's interpreter (which models TMA, barriers and wgmma) and
 cross-lowers for an H100. Compiled and timed on an H200 (session 8, jax
 0.11.2): it tied XLA at the 60M attention shape (512 in 4 blocks) and lost at
-130M's (768 in 4 blocks), so ``impl="auto"`` does not take it: call
-``monarch_matmul_mgpu`` (or the benchmark's "monarch mgpu" row). Numbers:
-WORKSPACE.md, "GPU measurements, session 8". Reference:
-``structmat.ops.monarch_matmul``.
+130M's (768 in 4 blocks); with its own weight gradients (session 14, all
+within 2.6e-3 of float32 XLA) it trains 1.5x faster than the padded Triton
+kernel at 768 but still 1.1x slower than XLA and 2.9x slower than the
+materialized dense matmul there, so ``impl="auto"`` does not take it and
+``impl="pallas"`` does where Triton would pad (``dispatch.mgpu_first``);
+else call ``monarch_matmul_mgpu`` (or the benchmark's "monarch mgpu" row).
+Numbers: WORKSPACE.md, "GPU measurements, session 8" and "session 14".
+Reference: ``structmat.ops.monarch_matmul``.
 """
 import functools
 from typing import NamedTuple
