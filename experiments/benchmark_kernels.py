@@ -3,8 +3,9 @@ r"""Kernel benchmark (GPU/TPU): dense, XLA Monarch, ragged_dot Monarch, Pallas k
   python -m experiments.benchmark_kernels --output_dir=$OUT          # full sweep
   python -m experiments.benchmark_kernels --sizes=256 --tokens=256 --dtypes=float32 --quick
 
-For each n in --sizes, token count in --tokens and dtype: forward and
-forward+backward time of a dense n x n matmul, the XLA Monarch path
+For each size in --sizes (n, square, or IN:OUT, e.g. 512:1376 for
+LLaMA-60M's MLP), token count in --tokens and dtype: forward and
+forward+backward time of a dense n x n (IN x OUT) matmul, the XLA Monarch path
 (``ops.monarch_matmul``), Monarch through ``jax.lax.ragged_dot``, the fused
 Pallas Monarch kernel (Triton; on GPUs also the Mosaic GPU forward), the
 Pallas block-diagonal kernel (and on TPUs megablox
@@ -37,7 +38,8 @@ from structmat.kernels import sltrain as sk
 from structmat.kernels import sltrain_tpu as stk
 from structmat.utils.timing import format_table, time_fn
 
-_SIZES = flags.DEFINE_list("sizes", ["1024", "4096", "8192"], "n (square).")
+_SIZES = flags.DEFINE_list("sizes", ["1024", "4096", "8192"], "Widths: n "
+                           "(square) or IN:OUT (a rectangular layer).")
 _TOKENS = flags.DEFINE_list("tokens", ["16384", "512"], "Token counts.")
 _DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "dtypes.")
 _NBLOCKS = flags.DEFINE_list("nblocks", ["4", "16", "64"], "Monarch blocks "
@@ -65,21 +67,37 @@ def ragged_monarch(x, w1, w2):
   return o.reshape(l, b, s).transpose(1, 2, 0).reshape(b, s * l)
 
 
-def rows_for(n, tokens, dtype, nb, repeats, interpret):
-  keys = jax.random.split(jax.random.key(n + tokens), 4)
-  blk = n // nb
+def parse_size(text: str) -> tuple[int, int]:
+  """'4096' -> (4096, 4096); '512:1376' -> (512, 1376)."""
+  parts = text.split(":")
+  try:
+    dims = tuple(int(v) for v in parts)
+  except ValueError:
+    dims = ()
+  if len(dims) not in (1, 2) or min(dims) < 1:
+    raise ValueError(f"--sizes: {text!r} is neither n nor IN:OUT (positive "
+                     "integers, e.g. 4096 or 512:1376).")
+  return dims[0], dims[-1]
+
+
+def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
+  """Every row at one configuration: (tokens, n) inputs, n -> n_out (default
+  n) layers, Monarch in ``nb`` blocks (fly's factor shapes)."""
+  n_out = n_out or n
+  keys = jax.random.split(jax.random.key(n + tokens + (n_out - n)), 4)
+  s1, s2, _, _ = ops.monarch_shapes(n, n_out, nb)
   x = jax.random.normal(keys[0], (tokens, n), dtype)
-  w = (jax.random.normal(keys[1], (n, n)) / np.sqrt(n)).astype(dtype)
-  w1 = (jax.random.normal(keys[2], (nb, blk, blk)) / np.sqrt(blk)).astype(dtype)
-  w2 = (jax.random.normal(keys[3], (nb, blk, blk)) / np.sqrt(blk)).astype(dtype)
+  w = (jax.random.normal(keys[1], (n, n_out)) / np.sqrt(n)).astype(dtype)
+  w1 = (jax.random.normal(keys[2], s1) / np.sqrt(s1[2])).astype(dtype)
+  w2 = (jax.random.normal(keys[3], s2) / np.sqrt(s2[2])).astype(dtype)
   wb = w1  # block-diagonal: the first Monarch factor alone
   # SLTrain at the paper's settings: rank n/32 (128 at 4096), 3% support.
-  rank = max(16, n // 32)
+  rank = max(16, min(n, n_out) // 32)
   sa = (jax.random.normal(keys[1], (n, rank)) / np.sqrt(n)).astype(dtype)
-  sb = (jax.random.normal(keys[2], (rank, n)) / np.sqrt(rank)).astype(dtype)
-  sidx = ops.draw_support(keys[3], n, n, 0.03)
+  sb = (jax.random.normal(keys[2], (rank, n_out)) / np.sqrt(rank)).astype(dtype)
+  sidx = ops.draw_support(keys[3], n, n_out, 0.03)
   sv = (jax.random.normal(keys[0], sidx.shape) / np.sqrt(n)).astype(dtype)
-  sorders = sk.support_orders(sidx, n, n)  # as the layer stores them at init
+  sorders = sk.support_orders(sidx, n, n_out)  # as the layer stores them
   itemsize = jnp.dtype(dtype).itemsize
   inner = 1 if jax.default_backend() == "cpu" else 10
   copy_s = time_fn(jax.jit(lambda x: x + 1), x, repeats=repeats, inner=inner)
@@ -180,7 +198,7 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
       # A kernel that cannot compile for a shape is a row, not a crash: the
       # sweep is one device call.
       rows.append({"impl": name, "error": f"{type(e).__name__}: {e}"[:300]})
-    rows[-1].update(n=n, tokens=tokens, nblocks=nb,
+    rows[-1].update(n=n, n_out=n_out, tokens=tokens, nblocks=nb,
                     dtype=jnp.dtype(dtype).name)
     # The forward time the impl="auto" roofline predicts for the XLA forms
     # (an H200's rates), next to the measured one to check the model.
@@ -190,7 +208,8 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret):
       rows[-1]["predicted_fwd_ms"] = 1e3 * predict(tokens, w1.shape, w2.shape,
                                                    itemsize)
     r = rows[-1]
-    print(f"  n={n} nb={nb} tokens={tokens} {r['dtype']} {name}: " + (
+    size = n if n == n_out else f"{n}:{n_out}"
+    print(f"  n={size} nb={nb} tokens={tokens} {r['dtype']} {name}: " + (
         f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f} ms, err "
         f"{r['max_rel_err']:.1e}" if "error" not in r else r["error"]),
           flush=True)
@@ -223,20 +242,21 @@ def main(argv):
   rows = []
   meta = {"backend": jax.default_backend(),
           "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+  sizes = [parse_size(v) for v in _SIZES.value]
   os.makedirs(_OUT.value, exist_ok=True)
   for dtype in _DTYPES.value:
-    for n in map(int, _SIZES.value):
+    for n, n_out in sizes:
       for tokens in map(int, _TOKENS.value):
         for nb in map(int, _NBLOCKS.value):
-          if n % nb:
+          if n % nb or n_out % nb:
             continue
           rows += rows_for(n, tokens, jnp.dtype(dtype), nb, repeats,
-                           _INTERPRET.value)
+                           _INTERPRET.value, n_out)
           # Written after every configuration: a timed-out sweep keeps data.
           with open(os.path.join(_OUT.value, "benchmark_kernels.json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
   print(f"\n{meta}\n")
-  print(format_table(rows, ["n", "nblocks", "tokens", "dtype", "impl",
+  print(format_table(rows, ["n", "n_out", "nblocks", "tokens", "dtype", "impl",
                             "numerics_ok",
                             "fwd_ms", "predicted_fwd_ms", "fwd_bwd_ms", "GB_per_s",
                             "pct_copy_roofline", "error"]))

@@ -570,6 +570,32 @@ def test_benchmark_kernels_smoke(tmp_path):
   assert "hang" in rows[2]["error"], rows[2]
 
 
+def test_benchmark_kernels_rectangular_sizes(tmp_path):
+  """IN:OUT sizes (a layer's own shape: LLaMA-60M's MLP is 512:1376) time
+  n -> n_out products, each row checked against its float32 reference."""
+  import subprocess
+  import sys
+  from experiments import benchmark_kernels as bk  # pylint: disable=import-outside-toplevel
+  assert bk.parse_size("512:1376") == (512, 1376)
+  assert bk.parse_size("64") == (64, 64)
+  for bad in ("512x1376", "1:2:3", "0", ""):
+    with pytest.raises(ValueError, match="IN:OUT"):
+      bk.parse_size(bad)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  p = subprocess.run([sys.executable, "-m", "experiments.benchmark_kernels",
+                      "--sizes=64:96,96:64", "--tokens=32", "--dtypes=float32",
+                      "--nblocks=4", "--quick", "--interpret",
+                      "--impls=dense,monarch xla,monarch materialized,"
+                      "monarch pallas,sltrain xla,sltrain pallas",
+                      f"--output_dir={tmp_path}"],
+                     cwd=root, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  rows = json.load(open(tmp_path / "benchmark_kernels.json"))["rows"]
+  assert [(r["n"], r["n_out"]) for r in rows] == [(64, 96)] * 6 + [(96, 64)] * 6
+  assert all(r.get("numerics_ok") for r in rows), rows
+  assert "64:96" in p.stdout
+
+
 def test_benchmark_gpu_sweep_skips_chunked_monarch():
   """On a GPU (patched here), a sweep leaves the chunked Monarch Triton rows
   out (with a row saying so) unless --impls names them."""

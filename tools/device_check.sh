@@ -9,9 +9,10 @@
 #   3. the kernel benchmark (bf16 at n=8192, the size not yet timed; f32 at
 #      n=4096);
 #   4. GPT-2 small (124M, 65,536 tokens per step, vocab 50257): dense, Monarch;
-#   5. (only when named) attention-sized Monarch: 768 = 4 x 192 (padded
-#      blocks) and 512 = 4 x 128: XLA, materialized, Triton, Mosaic GPU
-#      (forward, dx and since session 12 dw);
+#   5. (only when named) layer-sized Monarch: the attention's 512 = 4 x 128
+#      (XLA, materialized, Triton, Mosaic GPU), then the MLPs of LLaMA-60M
+#      (512 <-> 1376) and 130M (768 <-> 2048) in 4 blocks (XLA,
+#      materialized, Triton in chunks): where impl=pallas loses its time;
 #   6. (only when named) a Monarch preset (P6, default llama_130m) with
 #      impl=pallas (every Monarch layer a kernel: Triton, chunked MLP blocks,
 #      Mosaic GPU for the padded 768 = 4 x 192 attention on Hopper) against
@@ -23,15 +24,13 @@
 # took 400 s, and 15 minutes of device time (start-up included) held steps
 # 1-2 in one call and 3 in a second on the warm machine (it goes back after
 # 30 s idle: make the second call at once). Session 11: a start took ~35 s,
-# STEPS="2 6" 236 s, STEPS="2 6 3" 454 s (steps run in number order). Next:
-# STEPS="2 3 5" (<= 560 s: the looped kernels' and the Mosaic GPU weight
-# gradients' numerics and times), then at once STEPS=6 (<= 250 s) if the
-# budget holds it, else STEPS=1 in a later session (<= 415 s). Session 14:
-# a start ~40 s; STEPS="2 3 5" 495 s (steps 2, 3's bf16 sweep and 5 each
-# ran into their timeouts: their lists now start where they stopped), then
-# STEPS=6 (60M) 126 s, then the 60M and 130M impl=auto rows by hand 150 s:
-# 826 s held. Next: STEPS="3 6" (<= 530 s: n=8192, f32, 130M impl=pallas),
-# then at once STEPS="2 5" (<= 195 s).
+# STEPS="2 6" 236 s, STEPS="2 6 3" 454 s (steps run in number order).
+# Session 14: a start ~40 s; STEPS="2 3 5" 495 s (steps 2, 3's bf16 sweep
+# and 5 each ran into their timeouts: their lists now start where they
+# stopped), then STEPS=6 (60M) 126 s, then the 60M and 130M impl=auto rows
+# by hand 150 s: 826 s held. Next: STEPS="5 6" (<= 540 s: the MLP kernels
+# alone, 130M impl=pallas), then at once STEPS=3 (<= 230 s: n=8192, f32);
+# step 2 (<= 120 s) and steps 1 and 4 in a later session.
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
@@ -253,20 +252,27 @@ timeout 200 $PY -m experiments.benchmark_pretrain $G --linears=dense,monarch \
 fi
 
 if [[ " ${STEPS:-} " == *" 5 "* ]]; then
-echo "== 5. attention-sized Monarch: padded Triton blocks, Mosaic GPU [${SECONDS}s]"
-# 768 = 4 x 192 (LLaMA-130M / GPT-2 attention): Triton pads to 256 / 64 and
-# fits 32-token tiles; 512 = 4 x 128 (LLaMA-60M). The Mosaic GPU forward keeps
-# the factors in shared memory; since session 12 its weight gradients are
-# Mosaic GPU too. Session 8 (H200): at 768 both lost to XLA at 512, 4096 and
-# 65536 tokens; at 512 Triton won forward+backward. Session 14 timed 768 with
-# Mosaic GPU's dw (1.5x faster than padded Triton, 1.1x slower than XLA) and
-# two warpgroups (no gain) before its 150 s ran out at 512 x 4096.
-if [ "$QUICK" = 1 ]; then KP="--sizes=128 --tokens=64 --nblocks=2 --quick --interpret"
-else KP="--sizes=512 --nblocks=4 --tokens=65536,4096"; fi  # 768: session 14
+echo "== 5. layer-sized Monarch: attention and MLP shapes [${SECONDS}s]"
+# 768 = 4 x 192 (LLaMA-130M / GPT-2 attention) timed in session 14: Mosaic
+# GPU with its own dw 1.5x faster than padded Triton, 1.1x slower than XLA,
+# two warpgroups no gain; the materialized matmul 2.9x faster than both.
+# 512 = 4 x 128 (LLaMA-60M) at 65536 tokens next (its 4096-token rows were
+# launch-bound). Then the MLPs: the 60M step with impl=pallas is 1.27x
+# impl=xla's, and these chunked kernels were never timed alone.
+if [ "$QUICK" = 1 ]; then
+  KP="--sizes=128 --tokens=64 --nblocks=2 --quick --interpret"
+  KM="--sizes=64:96 --tokens=64 --nblocks=4 --quick --interpret"
+else
+  KP="--sizes=512 --nblocks=4 --tokens=65536"
+  KM="--sizes=512:1376,1376:512,768:2048,2048:768 --nblocks=4 --tokens=65536"
+fi
 MG="monarch mgpu,monarch mgpu 2wg,monarch mgpu portable dw"
-timeout 150 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
+timeout 90 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
   --impls="monarch xla,monarch materialized,dense,monarch pallas,$MG" \
   --output_dir="$OUT/attention"
+timeout 150 $PY -m experiments.benchmark_kernels $KM --dtypes=bfloat16 \
+  --impls="dense,monarch xla,monarch materialized,monarch pallas" \
+  --output_dir="$OUT/mlp"
 fi
 
 if [[ " ${STEPS:-} " == *" 6 "* ]]; then
