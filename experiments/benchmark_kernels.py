@@ -132,6 +132,10 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
             x, a, b, block_tokens=mbt, interpret=interp), (w1, w2)),
         ("monarch pallas bt64", lambda x, a, b: mk.monarch_matmul_pallas(
             x, a, b, block_tokens=min(64, tokens), interpret=interp), (w1, w2)),
+        # Chunked blocks spill at 64-128 tokens, not at 32 (bf16; offline
+        # compiler, tools/triton_smem.py): which is faster needs a GPU.
+        ("monarch pallas bt32", lambda x, a, b: mk.monarch_matmul_pallas(
+            x, a, b, block_tokens=min(32, tokens), interpret=interp), (w1, w2)),
         ("blockdiag pallas", lambda x, a: blockdiag_matmul_pallas(
             x, a, block_tokens=bt, interpret=interp), (wb,)),
         ("sltrain pallas", lambda x, a, b, v: sk.sltrain_matmul_pallas(

@@ -583,15 +583,16 @@ def test_benchmark_kernels_rectangular_sizes(tmp_path):
       bk.parse_size(bad)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   p = subprocess.run([sys.executable, "-m", "experiments.benchmark_kernels",
-                      "--sizes=64:96,96:64", "--tokens=32", "--dtypes=float32",
+                      "--sizes=64:96,96:64", "--tokens=64", "--dtypes=float32",
                       "--nblocks=4", "--quick", "--interpret",
                       "--impls=dense,monarch xla,monarch materialized,"
-                      "monarch pallas,sltrain xla,sltrain pallas",
+                      "monarch pallas,monarch pallas bt32,sltrain xla,"
+                      "sltrain pallas",
                       f"--output_dir={tmp_path}"],
                      cwd=root, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   rows = json.load(open(tmp_path / "benchmark_kernels.json"))["rows"]
-  assert [(r["n"], r["n_out"]) for r in rows] == [(64, 96)] * 6 + [(96, 64)] * 6
+  assert [(r["n"], r["n_out"]) for r in rows] == [(64, 96)] * 7 + [(96, 64)] * 7
   assert all(r.get("numerics_ok") for r in rows), rows
   assert "64:96" in p.stdout
 

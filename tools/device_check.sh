@@ -10,9 +10,9 @@
 #      n=4096);
 #   4. GPT-2 small (124M, 65,536 tokens per step, vocab 50257): dense, Monarch;
 #   5. (only when named) layer-sized Monarch: the attention's 512 = 4 x 128
-#      (XLA, materialized, Triton, Mosaic GPU), then the MLPs of LLaMA-60M
-#      (512 <-> 1376) and 130M (768 <-> 2048) in 4 blocks (XLA,
-#      materialized, Triton in chunks): where impl=pallas loses its time;
+#      (XLA, materialized, Triton, Mosaic GPU), then LLaMA-60M's MLP (512 <->
+#      1376 in 4 blocks: XLA, materialized, Triton in chunks at its own tile
+#      and at 32 tokens): where impl=pallas loses its time;
 #   6. (only when named) a Monarch preset (P6, default llama_130m) with
 #      impl=pallas (every Monarch layer a kernel: Triton, chunked MLP blocks,
 #      Mosaic GPU for the padded 768 = 4 x 192 attention on Hopper) against
@@ -28,7 +28,7 @@
 # Session 14: a start ~40 s; STEPS="2 3 5" 495 s (steps 2, 3's bf16 sweep
 # and 5 each ran into their timeouts: their lists now start where they
 # stopped), then STEPS=6 (60M) 126 s, then the 60M and 130M impl=auto rows
-# by hand 150 s: 826 s held. Next: STEPS="5 6" (<= 540 s: the MLP kernels
+# by hand 150 s: 826 s held. Next: STEPS="5 6" (<= 510 s: the MLP kernels
 # alone, 130M impl=pallas), then at once STEPS=3 (<= 230 s: n=8192, f32);
 # step 2 (<= 120 s) and steps 1 and 4 in a later session.
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
@@ -264,14 +264,14 @@ if [ "$QUICK" = 1 ]; then
   KM="--sizes=64:96 --tokens=64 --nblocks=4 --quick --interpret"
 else
   KP="--sizes=512 --nblocks=4 --tokens=65536"
-  KM="--sizes=512:1376,1376:512,768:2048,2048:768 --nblocks=4 --tokens=65536"
+  KM="--sizes=512:1376,1376:512 --nblocks=4 --tokens=65536"
 fi
 MG="monarch mgpu,monarch mgpu 2wg,monarch mgpu portable dw"
 timeout 90 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
   --impls="monarch xla,monarch materialized,dense,monarch pallas,$MG" \
   --output_dir="$OUT/attention"
-timeout 150 $PY -m experiments.benchmark_kernels $KM --dtypes=bfloat16 \
-  --impls="dense,monarch xla,monarch materialized,monarch pallas" \
+timeout 120 $PY -m experiments.benchmark_kernels $KM --dtypes=bfloat16 \
+  --impls="dense,monarch xla,monarch materialized,monarch pallas,monarch pallas bt32" \
   --output_dir="$OUT/mlp"
 fi
 
