@@ -123,10 +123,10 @@ def mgpu_first(w1_shape, w2_shape, platform: str) -> str | None:
   from structmat.kernels import monarch as mk  # pylint: disable=import-outside-toplevel
   if platform not in mk.GPU_PLATFORMS:
     return None
-  p, g, s = w1_shape[2], w1_shape[1] // w2_shape[0], w2_shape[1]
-  if mk.padded_dims(p, g, s) != (p, g, s):
-    return (f"Triton pads blocks (p, q/l, s) = {(p, g, s)} to "
-            f"{mk.padded_dims(p, g, s)}; Mosaic GPU trained 1.5x faster at "
+  dims = mk.block_dims(w1_shape, w2_shape)
+  if mk.padded_dims(*dims) != dims:
+    return (f"Triton pads blocks (p, q/l, s) = {dims} to "
+            f"{mk.padded_dims(*dims)}; Mosaic GPU trained 1.5x faster at "
             "768 = 4 x 192 on an H200")
   return None
 

@@ -88,6 +88,12 @@ def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
+def block_dims(w1_shape, w2_shape) -> tuple[int, int, int]:
+  """(p, q/l, s): the dims of the blocks the kernels multiply, x_k @ A[l, k]^T
+  ((tokens, p) @ (p, q/l)) then @ B[l, k]^T ((q/l, s))."""
+  return w1_shape[2], w1_shape[1] // w2_shape[0], w2_shape[1]
+
+
 def padded_dims(p: int, g: int, s: int, pad: bool = True) -> tuple[int, int, int]:
   """(P, G, S): the block sizes the kernel loads and multiplies, powers of two
   >= 16 (Triton's shapes and smallest dot) with ``pad``, else (p, g, s)."""
@@ -213,7 +219,7 @@ def chunk_width(pp: int, gg: int, ss: int, itemsize: int) -> int:
 
 def chunked(w1_shape, w2_shape, itemsize: int) -> bool:
   """Whether the Triton kernels walk these (padded) blocks in chunks."""
-  p, g, s = w1_shape[2], w1_shape[1] // w2_shape[0], w2_shape[1]
+  p, g, s = block_dims(w1_shape, w2_shape)
   pp, gg, ss = padded_dims(p, g, s)
   return max(pp, ss) > chunk_width(pp, gg, ss, itemsize)
 
@@ -336,7 +342,7 @@ def padding_problem(w1_shape, w2_shape, platform: str,
   """
   if not pads_blocks(platform):
     return None
-  p, g, s = w1_shape[2], w1_shape[1] // w2_shape[0], w2_shape[1]
+  p, g, s = block_dims(w1_shape, w2_shape)
   for name, v, padded in zip("pgs", (p, g, s), padded_dims(p, g, s)):
     if padded != v:
       return (f"{name}={v} pads to {padded} for Triton, measured up to 2.2x "
