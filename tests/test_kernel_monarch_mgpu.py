@@ -242,3 +242,38 @@ def test_pallas_on_hopper_prefers_mosaic_gpu_to_padded_triton(
       (4, 0) if mosaic else (0, 3))
   why = dispatch.mgpu_first((4, b, b), (4, b, b), "gpu")
   assert (why is not None) == mosaic and (not mosaic or "256" in why)
+
+
+@pytest.mark.parametrize("preset,mosaic,triton", [
+    ("llama_130m", 16, 9),   # 768 = 4 x 192 attention: Mosaic GPU
+    ("llama_60m", 0, 21),    # 512 = 4 x 128 attention: Triton
+])
+def test_pallas_train_step_cross_lowers_for_hopper(monkeypatch, preset, mosaic,
+                                                   triton):
+  """The whole train step of a preset's Monarch model (one layer) with
+  impl="pallas", as a Hopper GPU would trace it, lowers for an abstract H100:
+  per layer the four attention projections take four Mosaic GPU kernels each
+  (forward, dx, dU, dB) where Triton would pad, else three Triton ones, and
+  the three MLP projections three Triton kernels each (in chunks)."""
+  import collections  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from structmat.models import build_model  # pylint: disable=import-outside-toplevel
+  from structmat.models.family import preset_config  # pylint: disable=import-outside-toplevel
+  from structmat.train import steps  # pylint: disable=import-outside-toplevel
+  from structmat.train.state import create_state  # pylint: disable=import-outside-toplevel
+  cfg = preset_config(preset, "monarch", vocab_size=512, max_len=128,
+                      dtype=jnp.bfloat16, impl="pallas", attention="xla",
+                      n_layers=1)
+  model, tx = build_model(cfg), optax.adamw(1e-4)
+  tokens = jax.ShapeDtypeStruct((2, 129), jnp.int32)
+  state = jax.eval_shape(lambda t: create_state(model, tx, 0, t[:1, :-1]),
+                         tokens)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(mg, "hardware_problem", lambda platform: None)
+  text = cross_lower(functools.partial(steps.train_step, model=model, tx=tx,
+                                       pad_id=-1), (state, tokens), "cuda")
+  calls = collections.Counter(
+      "mosaic" if "mosaic_gpu" in t else "triton" if "triton" in t else t
+      for t in re.findall(r"custom_call @(\S+?)\(", text))
+  assert (calls["mosaic"], calls["triton"]) == (mosaic, triton), calls
