@@ -84,7 +84,7 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
   """Every row at one configuration: (tokens, n) inputs, n -> n_out (default
   n) layers, Monarch in ``nb`` blocks (fly's factor shapes)."""
   n_out = n_out or n
-  keys = jax.random.split(jax.random.key(n + tokens + (n_out - n)), 4)
+  keys = jax.random.split(jax.random.key(n_out + tokens), 4)
   s1, s2, _, _ = ops.monarch_shapes(n, n_out, nb)
   x = jax.random.normal(keys[0], (tokens, n), dtype)
   w = (jax.random.normal(keys[1], (n, n_out)) / np.sqrt(n)).astype(dtype)

@@ -2,7 +2,9 @@
 interpreter against the XLA reference (its buffers start as NaN, so an
 element the kernel never writes fails), gradients through the custom VJP,
 and cross-lowering for an H100."""
+import collections
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -255,8 +257,6 @@ def test_pallas_train_step_cross_lowers_for_hopper(monkeypatch, preset, mosaic,
   per layer the four attention projections take four Mosaic GPU kernels each
   (forward, dx, dU, dB) where Triton would pad, else three Triton ones, and
   the three MLP projections three Triton kernels each (in chunks)."""
-  import collections  # pylint: disable=import-outside-toplevel
-  import re  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   from structmat.models import build_model  # pylint: disable=import-outside-toplevel
   from structmat.models.family import preset_config  # pylint: disable=import-outside-toplevel
