@@ -7,12 +7,14 @@ r"""Pretraining throughput per linear family: tokens/s, MFU and step memory.
 Synthetic token batches (throughput does not depend on the text). Memory is
 XLA's compiled memory analysis of the train step (arguments + outputs +
 temporaries - aliased), available on every backend; on GPUs the allocator's
-peak is reported too. MFU uses --peak_tflops (989: the H100/H200 bf16
+peak is reported too. Lowering, compile and first-step seconds are printed as
+each ends and kept in the JSON rows. MFU uses --peak_tflops (989: the H100/H200 bf16
 datasheet). A table is printed last and JSON written to --output.
 """
 import functools
 import json
 import os
+import time
 
 from absl import app, flags, logging
 import jax
@@ -65,7 +67,19 @@ def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
   state = create_state(model, tx, 0, tokens[:1, :-1])
   step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                    pad_id=-1), donate_argnums=0)
-  mem = step.lower(state, tokens).compile().memory_analysis()
+  # Lowering (tracing; Pallas kernels build their modules here) and XLA's
+  # compile (Triton and Mosaic GPU kernels compiled) timed apart and printed
+  # as they finish: a run stopped by a timeout shows which took the time.
+  # The steps run that executable: nothing compiles again inside the timing.
+  t0 = time.perf_counter()
+  lowered = step.lower(state, tokens)
+  lower_s = time.perf_counter() - t0
+  print(f"  {preset} {linear}: lowered in {lower_s:.1f} s", flush=True)
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  print(f"  {preset} {linear}: compiled in {compile_s:.1f} s", flush=True)
+  mem = compiled.memory_analysis()
   step_bytes = None
   if mem is not None:
     step_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -74,11 +88,16 @@ def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
   losses = []
 
   def run(tokens):
-    holder["state"], metrics = step(holder["state"], tokens)
+    holder["state"], metrics = compiled(holder["state"], tokens)
     losses.append(metrics["train_loss"])
     return metrics["train_loss"]
 
-  seconds = time_fn(run, tokens, repeats=repeats)
+  # The first step apart: some kernels (Mosaic GPU) are built when first run.
+  t0 = time.perf_counter()
+  jax.block_until_ready(run(tokens))
+  first_step_s = time.perf_counter() - t0
+  print(f"  {preset} {linear}: first step in {first_step_s:.1f} s", flush=True)
+  seconds = time_fn(run, tokens, repeats=repeats, warmup=0)
   tps = batch * seq / seconds
   flops = train_flops_per_token(cfg, seq)
   on_accel = jax.default_backend() != "cpu"
@@ -88,6 +107,8 @@ def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
          "achieved_tflops": tps * flops / 1e12,
          "mfu": tps * flops / (peak_tflops * 1e12) if on_accel else None,
          "step_memory_mb": step_bytes / 2**20 if step_bytes else None,
+         "lower_s": lower_s, "compile_s": compile_s,
+         "first_step_s": first_step_s,
          # Same init and batch for every impl: compare these across --impl.
          "losses": [float(v) for v in losses],
          # As the built model has it (not the flag).

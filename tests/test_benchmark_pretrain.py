@@ -26,6 +26,11 @@ def test_rows_and_losses(tmp_path):
   for r in rows:
     assert r["tokens_per_sec"] > 0 and r["params"] > 0
     assert len(r["losses"]) >= 2 and all(v > 0 for v in r["losses"])
+    # Where the time went before the first timed step, row by row, also in
+    # the log as each part ends (a run a timeout stops shows which it was).
+    for part in ("lowered", "compiled", "first step"):
+      assert f"llama_tiny {r['linear']}: {part} in " in p.stdout, p.stdout
+    assert min(r["lower_s"], r["compile_s"], r["first_step_s"]) > 0
   assert rows[0]["step_vs_dense"] == 1.0
   assert rows[1]["params"] < rows[0]["params"]
 

@@ -6,8 +6,8 @@
 #   2. compiled (not interpreted) kernels against the XLA reference, forward and
 #      gradients, on fresh random inputs, never-compiled shapes first (elapsed
 #      seconds per line);
-#   3. the kernel benchmark (bf16 at n=8192, the size not yet timed; f32 at
-#      n=4096);
+#   3. the kernel benchmark (bf16 at n=8192: 512 tokens, 64 and 4 blocks;
+#      the float32 kernels at n=4096);
 #   4. GPT-2 small (124M, 65,536 tokens per step, vocab 50257): dense, Monarch;
 #   5. (only when named) layer-sized Monarch: the attention's 512 = 4 x 128
 #      (XLA, materialized, Triton, Mosaic GPU), then LLaMA-60M's MLP (512 <->
@@ -16,7 +16,8 @@
 #   6. (only when named) a Monarch preset (P6, default llama_130m) with
 #      impl=pallas (every Monarch layer a kernel: Triton, chunked MLP blocks,
 #      Mosaic GPU for the padded 768 = 4 x 192 attention on Hopper) against
-#      impl=xla: losses of identical steps and step times;
+#      impl=xla: losses of identical steps and step times (and each row's
+#      lowering, compile and first-step seconds);
 #   7. (only when named) SLTrain with W built whole or in blocks
 #      (--kernel_block): step time at 60M (256 x 256 tokens) and memory at 1B
 #      (1 x 256 tokens, where XLA:CPU measured 19.3 -> 14.3 GB).
@@ -28,9 +29,13 @@
 # Session 14: a start ~40 s; STEPS="2 3 5" 495 s (steps 2, 3's bf16 sweep
 # and 5 each ran into their timeouts: their lists now start where they
 # stopped), then STEPS=6 (60M) 126 s, then the 60M and 130M impl=auto rows
-# by hand 150 s: 826 s held. Next: STEPS="5 6" (<= 510 s: the MLP kernels
-# alone, 130M impl=pallas), then at once STEPS=3 (<= 230 s: n=8192, f32);
-# step 2 (<= 120 s) and steps 1 and 4 in a later session.
+# by hand 150 s: 826 s held. Session 15: STEPS="5 6" 379 s (130M
+# impl=pallas printed no step in its 150 s), then at once STEPS=3 and that
+# row again by hand (190 s, 3 repeats: no step either) 425 s: 849 s held.
+# Next: STEPS=6 (<= 520 s: 130M impl=pallas, now printing its lowering,
+# compile and first-step seconds), then at once STEPS=3 (<= 270 s: n=8192
+# at 512 tokens and in 64 and 4 blocks, the float32 kernels); step 2
+# (<= 120 s) and steps 1 and 4 in a later session.
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
@@ -226,17 +231,19 @@ echo "== 3. kernel benchmark [${SECONDS}s]"
 if [ "$QUICK" = 1 ]; then
   K="--sizes=64 --tokens=64 --nblocks=4 --quick --interpret"; KF="$K"
 else
-  # Session 14 timed n=4096 in 16 and 64 blocks at 16384 tokens (the loop
-  # 2x faster than the unrolled form, still 2x slower than XLA) before the
-  # 150 s ran out: n=8192 next, then f32 at n=4096.
-  K="--sizes=8192 --tokens=16384,512 --nblocks=16,64,4"
+  # Session 14 timed n=4096 in 16 and 64 blocks at 16384 tokens; session 15
+  # n=8192 in 16 blocks at 16384 (Triton 5x slower than XLA) and, in f32 at
+  # n=4096 in 16, dense, XLA and materialized, before the timeouts: the
+  # rest of n=8192 next (512 tokens first), then the f32 kernels.
+  K="--sizes=8192 --tokens=512,16384 --nblocks=64,4,16"
   KF="--sizes=4096 --tokens=16384 --nblocks=16,64"
 fi
 I="dense,monarch xla,monarch materialized,monarch pallas,monarch pallas bt64,"
 I+="blockdiag xla,blockdiag pallas"
+IF="monarch xla,monarch pallas,blockdiag xla,blockdiag pallas"
 timeout 150 $PY -m experiments.benchmark_kernels $K --impls="$I" \
   --dtypes=bfloat16 --output_dir="$OUT"
-timeout 80 $PY -m experiments.benchmark_kernels $KF --impls="$I" \
+timeout 110 $PY -m experiments.benchmark_kernels $KF --impls="$IF" \
   --dtypes=float32 --output_dir="$OUT/f32"
 fi
 
@@ -277,14 +284,18 @@ fi
 
 if [[ " ${STEPS:-} " == *" 6 "* ]]; then
 echo "== 6. pretraining, Monarch, impl=pallas vs xla [${SECONDS}s]"
-# 60M: sessions 11 and 14 (93.0 vs 73.5 ms, losses within 2e-6); 130M next.
+# 60M: sessions 11 and 14 (93.0 vs 73.5 ms, losses within 2e-6). 130M:
+# session 15's xla row 157 ms; its pallas row printed no step in 150 s (nor
+# in 190 s alone): benchmark_pretrain now prints its lowering, compile and
+# first-step seconds, and the pallas row has 400 s.
 if [ "$QUICK" = 1 ]; then
   P="--batch_size=2 --seq_len=16 --vocab_size=256 --repeats=1"; P6=llama_tiny
 else
   P="--batch_size=256 --seq_len=256 --vocab_size=32000"; P6=${P6:-llama_130m}
 fi
 for impl in xla pallas; do
-  timeout 150 $PY -m experiments.benchmark_pretrain $P --presets=$P6 \
+  T=120; [ $impl = pallas ] && T=400
+  timeout $T $PY -m experiments.benchmark_pretrain $P --presets=$P6 \
     --linears=monarch --dtype=bfloat16 --impl=$impl \
     --output="$OUT/pallas_${P6}_$impl.json"
 done

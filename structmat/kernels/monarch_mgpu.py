@@ -26,9 +26,12 @@ portable backward does).
 With ``warpgroups=2`` two consumer warpgroups share a CTA's factors and take
 turns at its tiles (each with its own buffers and barriers), so one computes
 while the other waits on a TMA or a wgmma (session 12). Measured on an
-H200 (session 14, the benchmark's "monarch mgpu 2wg" row) it gained
-nothing: 768 = 4 x 192, 65536 tokens, 0.338 / 0.837 ms forward / forward+
-backward against one warpgroup's 0.336 / 0.814, so one is the default.
+H200 at 65536 tokens (the benchmark's "monarch mgpu 2wg" row): at 512 = 4 x
+128, where every kernel takes two, 0.137 / 0.300 ms forward / forward+
+backward against one warpgroup's 0.171 / 0.344 (session 15); at 768 = 4 x
+192, where only the weight gradients do, 0.338 / 0.837 against 0.336 /
+0.814 (session 14). So the default (``default_warpgroups``) is two where
+the forward takes them, else one.
 Tests run the kernels under the
 interpreter's race detector (``DETECT_RACES``).
 
@@ -229,6 +232,19 @@ def warpgroups_fit(w1_shape, w2_shape, itemsize: int,
                2) <= SMEM_BUDGET
 
 
+def default_warpgroups(w1_shape, w2_shape, itemsize: int,
+                       interpret: bool) -> int:
+  """``monarch_matmul_mgpu``'s warpgroups when not given, as an H200
+  measured them at 65,536 tokens: 2 where the forward holds two warpgroups'
+  tiles (512 = 4 x 128, session 15: forward 0.137 vs 0.171 ms, forward+
+  backward 0.300 vs 0.344), else 1 (768 = 4 x 192, where only the weight
+  gradients take two, session 14: 0.837 vs 0.814). Interpreted: 1 (two
+  nested warpgroup computations can hang under ``jit`` on few cores)."""
+  if interpret:
+    return 1
+  return 2 if warpgroups_fit(w1_shape, w2_shape, itemsize) else 1
+
+
 def _blockwise(x, at, bt, interpret: bool, wgs: int = 1):
   """out_j = sum_i (x_i @ at[j, i]) @ bt[j, i]: x (tokens, k*p), at
   (l, k, p, g), bt (l, k, g, s) -> block-major (l, tokens, s).
@@ -397,7 +413,7 @@ _monarch.defvjp(_vjp_fwd, _vjp_bwd)
 
 def monarch_matmul_mgpu(x, w1, w2, *, interpret: bool | None = None,
                         platform: str | None = None, own_dw: bool = True,
-                        warpgroups: int = 1):
+                        warpgroups: int | None = None):
   """Monarch product through the Mosaic GPU kernel; ``ops.monarch_matmul``'s
   contract without bias.
 
@@ -408,12 +424,14 @@ def monarch_matmul_mgpu(x, w1, w2, *, interpret: bool | None = None,
       (default: the default backend; "cuda" when cross-lowering).
     own_dw: dw1, dw2 through ``monarch_mgpu_dw`` where it takes the shapes;
       False sends them to the portable kernels (the benchmark's A/B).
-    warpgroups: 1 (as measured in session 8) or 2 consumer warpgroups per
-      CTA, taking turns at its token tiles, in every kernel whose shared
-      memory holds two warpgroups' tiles (the others run one). Interpreted,
-      jax runs each warpgroup as a nested computation on a thread; under
-      ``jit`` they can starve XLA:CPU's thread pool (``jit(grad)`` hung on
-      two cores): interpret two warpgroups eagerly.
+    warpgroups: 1 or 2 consumer warpgroups per CTA, taking turns at its
+      token tiles, in every kernel whose shared memory holds two
+      warpgroups' tiles (the others run one); default
+      ``default_warpgroups`` (2 where the forward takes them, as measured;
+      1 when interpreted). Interpreted, jax runs each warpgroup as a nested
+      computation on a thread; under ``jit`` they can starve XLA:CPU's
+      thread pool (``jit(grad)`` hung on two cores): interpret two
+      warpgroups eagerly.
 
   Returns:
     (..., l*s), in x's dtype.
@@ -424,8 +442,12 @@ def monarch_matmul_mgpu(x, w1, w2, *, interpret: bool | None = None,
   if why := supported(x2.shape[0], w1.shape, w2.shape, x.dtype):
     raise ValueError(f"the Mosaic GPU Monarch kernel cannot run these shapes: "
                      f"{why}")
+  if warpgroups is None:
+    warpgroups = default_warpgroups(w1.shape, w2.shape, x.dtype.itemsize,
+                                    interpret)
   if warpgroups not in (1, 2):
-    raise ValueError(f"warpgroups={warpgroups}: use 1 or 2")
+    raise ValueError(f"warpgroups={warpgroups}: use 1 or 2 (or None: "
+                     "default_warpgroups)")
   y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), Options(
       interpret, "cpu" if interpret else platform, own_dw, warpgroups))
   return y.reshape(*x.shape[:-1], y.shape[-1])
