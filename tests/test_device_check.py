@@ -1,6 +1,8 @@
 """tools/device_check.sh, the prepared GPU check: its kernel-numerics step
-runs (tiny, interpreted) on the CPU, so a renamed or re-signed kernel API
-breaks here rather than in a scarce GPU session."""
+and its benchmark steps run (tiny, interpreted) on the CPU, so a renamed or
+re-signed kernel or benchmark API breaks here rather than in a scarce GPU
+session."""
+import json
 import os
 import subprocess
 import sys
@@ -19,3 +21,30 @@ def test_kernel_numerics_step_runs_quick(tmp_path):
   assert kinds == {"monarch", "blockdiag", "sltrain"}, out[-3000:]
   assert len(lines) == 16 and all(l.endswith("OK") for l in lines), (
       "\n".join(lines))
+
+
+def test_benchmark_steps_run_quick(tmp_path):
+  """Steps 3, 5 and 6 (kernel benchmark, layer-sized Monarch, impl=pallas
+  against xla in training), tiny and interpreted: each writes its JSON with
+  every row timed (bar the interpreted two-warpgroup row, which says why),
+  and step 6 compares the losses and prints where its time went."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, QUICK="1", STEPS="3 5 6", OUT=str(tmp_path),
+             PYTHON=sys.executable)
+  p = subprocess.run(["bash", "tools/device_check.sh"], cwd=root, env=env,
+                     capture_output=True, text=True, timeout=600)
+  out = p.stdout + p.stderr
+  assert p.returncode == 0, out[-3000:]
+  for sub in ("", "f32", "attention", "mlp"):
+    rows = json.load(open(tmp_path / sub / "benchmark_kernels.json"))["rows"]
+    assert rows, sub
+    for r in rows:
+      if r["impl"] == "monarch mgpu 2wg":
+        assert "interpreted" in r.get("error", "")
+      else:
+        assert r.get("error") is None and r["fwd_ms"] > 0, (sub, r)
+  for impl in ("xla", "pallas"):
+    row, = json.load(open(tmp_path / f"pallas_llama_tiny_{impl}.json"))["rows"]
+    assert row["compile_s"] > 0 and len(row["losses"]) >= 2
+  assert "llama_tiny monarch: compiled in" in out
+  assert "llama_tiny pallas vs xla step" in out, out[-3000:]
