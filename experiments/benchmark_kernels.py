@@ -15,12 +15,15 @@ reconstruct-and-multiply kernel; the bytes
 each must move (x, y and weights once), achieved bandwidth, and its share of
 the measured copy bandwidth (a copy of x, timed in the same run). Every row
 checks its numbers against the float32 XLA reference first (Triton has
-miscompiled before). Table last; JSON in --output_dir. On the CPU the Pallas
+miscompiled before). Each row prints its wall seconds (compiles included)
+as it ends, and the JSON in --output_dir is rewritten after every row, so a
+sweep a timeout stops keeps what it measured. Table last. On the CPU the Pallas
 rows run in interpret mode only with --interpret (slow; for smoke tests).
 """
 import functools
 import json
 import os
+import time
 
 from absl import app, flags
 import jax
@@ -81,8 +84,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
-  """Every row at one configuration: (tokens, n) inputs, n -> n_out (default
-  n) layers, Monarch in ``nb`` blocks (fly's factor shapes)."""
+  """Every row at one configuration, yielded as each is measured: (tokens,
+  n) inputs, n -> n_out (default n) layers, Monarch in ``nb`` blocks (fly's
+  factor shapes)."""
   n_out = n_out or n
   keys = jax.random.split(jax.random.key(n_out + tokens), 4)
   s1, s2, _, _ = ops.monarch_shapes(n, n_out, nb)
@@ -91,22 +95,33 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
   w1 = (jax.random.normal(keys[2], s1) / np.sqrt(s1[2])).astype(dtype)
   w2 = (jax.random.normal(keys[3], s2) / np.sqrt(s2[2])).astype(dtype)
   wb = w1  # block-diagonal: the first Monarch factor alone
-  # SLTrain at the paper's settings: rank n/32 (128 at 4096), 3% support.
-  rank = max(16, min(n, n_out) // 32)
-  sa = (jax.random.normal(keys[1], (n, rank)) / np.sqrt(n)).astype(dtype)
-  sb = (jax.random.normal(keys[2], (rank, n_out)) / np.sqrt(rank)).astype(dtype)
-  sidx = ops.draw_support(keys[3], n, n_out, 0.03)
-  sv = (jax.random.normal(keys[0], sidx.shape) / np.sqrt(n)).astype(dtype)
-  sorders = sk.support_orders(sidx, n, n_out)  # as the layer stores them
+
+  @functools.cache
+  def sl():
+    """SLTrain's (a, b, values), support and its tile orders, at the paper's
+    settings: rank n/32 (128 at 4096), 3% support. Built only for SLTrain
+    rows: drawing the support permutes n * n_out indices (91 s at n=8192 on
+    a 2-core CPU)."""
+    rank = max(16, min(n, n_out) // 32)
+    sa = (jax.random.normal(keys[1], (n, rank)) / np.sqrt(n)).astype(dtype)
+    sb = (jax.random.normal(keys[2], (rank, n_out))
+          / np.sqrt(rank)).astype(dtype)
+    sidx = ops.draw_support(keys[3], n, n_out, 0.03)
+    sv = (jax.random.normal(keys[0], sidx.shape) / np.sqrt(n)).astype(dtype)
+    # The orders as the layer stores them.
+    return (sa, sb, sv), sidx, sk.support_orders(sidx, n, n_out)
+
+  sidx = lambda: sl()[1]
   itemsize = jnp.dtype(dtype).itemsize
   inner = 1 if jax.default_backend() == "cpu" else 10
   copy_s = time_fn(jax.jit(lambda x: x + 1), x, repeats=repeats, inner=inner)
   copy_bw = 2 * x.size * itemsize / copy_s
   pallas_ok = jax.default_backend() != "cpu" or interpret
   bt = min(128, tokens)
-  # (name, fn(x, *weights), weights): forward+backward differentiates the
-  # input and every weight against a random cotangent (a constant cotangent
-  # lets XLA skip work).
+  # (name, fn(x, *weights), weights or a function giving them, for SLTrain's
+  # built on demand): forward+backward differentiates the input and every
+  # weight against a random cotangent (a constant cotangent lets XLA skip
+  # work).
   cases = [
       ("dense", lambda x, w: x @ w, (w,)),
       ("monarch xla", ops.monarch_matmul, (w1, w2)),
@@ -114,12 +129,12 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
       ("monarch materialized", ops.monarch_matmul_dense, (w1, w2)),
       ("monarch ragged_dot", ragged_monarch, (w1, w2)),
       ("blockdiag xla", ops.blockdiag_matmul, (wb,)),
-      ("sltrain xla", lambda x, a, b, v: ops.sltrain_matmul(x, a, b, v, sidx,
-                                                            1.0), (sa, sb, sv)),
+      ("sltrain xla", lambda x, a, b, v: ops.sltrain_matmul(
+          x, a, b, v, sidx(), 1.0), lambda: sl()[0]),
       # W built a quarter at a time, none of it kept for the backward
       # (the layer's kernel_block).
       ("sltrain blocked", lambda x, a, b, v: ops.sltrain_matmul(
-          x, a, b, v, sidx, 1.0, block=max(1, n // 4)), (sa, sb, sv)),
+          x, a, b, v, sidx(), 1.0, block=max(1, n // 4)), lambda: sl()[0]),
   ]
   if pallas_ok:
     interp = interpret or None
@@ -139,9 +154,8 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
         ("blockdiag pallas", lambda x, a: blockdiag_matmul_pallas(
             x, a, block_tokens=bt, interpret=interp), (wb,)),
         ("sltrain pallas", lambda x, a, b, v: sk.sltrain_matmul_pallas(
-            x, a, b, v, sidx, 1.0, orders=sorders, block_tokens=bt,
-            interpret=interp),
-         (sa, sb, sv)),
+            x, a, b, v, sidx(), 1.0, orders=sl()[2], block_tokens=bt,
+            interpret=interp), lambda: sl()[0]),
     ]
   if (jax.default_backend() == "gpu" or interpret) and itemsize == 2:
     # Mosaic GPU (Hopper; 16-bit), factors resident in shared memory: the
@@ -165,14 +179,17 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
     cases.append(("monarch tpu", lambda x, a, b: mt.monarch_matmul_tpu(
         x, a, b, block_tokens=tpu_bt, interpret=interpret or None), (w1, w2)))
     cases.append(("sltrain tpu", lambda x, a, b, v: stk.sltrain_matmul_tpu(
-        x, a, b, v, sidx, 1.0, orders=sorders, block_tokens=min(256, tokens),
-        interpret=interpret or None), (sa, sb, sv)))
+        x, a, b, v, sidx(), 1.0, orders=sl()[2], block_tokens=min(256, tokens),
+        interpret=interpret or None), lambda: sl()[0]))
   f32 = lambda a: a.astype(jnp.float32)
-  refs = {"dense": f32(x) @ f32(w),
-          "monarch": ops.monarch_matmul(f32(x), f32(w1), f32(w2)),
-          "blockdiag": ops.blockdiag_matmul(f32(x), f32(wb)),
-          "sltrain": ops.sltrain_matmul(f32(x), f32(sa), f32(sb), f32(sv),
-                                        sidx, 1.0)}
+  # float32 references, each computed once, when a row of its family first
+  # needs it.
+  refs = {"dense": lambda: f32(x) @ f32(w),
+          "monarch": lambda: ops.monarch_matmul(f32(x), f32(w1), f32(w2)),
+          "blockdiag": lambda: ops.blockdiag_matmul(f32(x), f32(wb)),
+          "sltrain": lambda: ops.sltrain_matmul(f32(x), *map(f32, sl()[0]),
+                                                sidx(), 1.0)}
+  refs = {k: functools.cache(v) for k, v in refs.items()}
   if _IMPLS.value:
     unknown = set(_IMPLS.value) - {c[0] for c in cases}
     if unknown:
@@ -183,8 +200,8 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
   # taken by auto): unless named in --impls, a GPU sweep skips their compiles.
   skip_chunked = (not _IMPLS.value and jax.default_backend() == "gpu"
                   and mk.chunked(w1.shape, w2.shape, itemsize))
-  rows = []
   for name, fn, weights in cases:
+    t0 = time.perf_counter()
     try:
       if skip_chunked and name.startswith("monarch pallas"):
         raise ValueError("skipped: blocks wider than a chunk of shared "
@@ -196,28 +213,30 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
         raise ValueError("skipped: two interpreted warpgroups can hang under "
                          "jit (jax's Mosaic GPU interpreter); time it on a "
                          "GPU")
-      rows.append(_measure(name, fn, x, weights, refs[name.split()[0]], dtype,
-                           repeats, inner, copy_bw))
+      weights = weights() if callable(weights) else weights
+      r = _measure(name, fn, x, weights, refs[name.split()[0]](), dtype,
+                   repeats, inner, copy_bw)
     except Exception as e:  # pylint: disable=broad-except
       # A kernel that cannot compile for a shape is a row, not a crash: the
       # sweep is one device call.
-      rows.append({"impl": name, "error": f"{type(e).__name__}: {e}"[:300]})
-    rows[-1].update(n=n, n_out=n_out, tokens=tokens, nblocks=nb,
-                    dtype=jnp.dtype(dtype).name)
+      r = {"impl": name, "error": f"{type(e).__name__}: {e}"[:300]}
+    # Wall seconds of the row, compiles and numerics included: what a
+    # device call's timeout has to hold.
+    r.update(n=n, n_out=n_out, tokens=tokens, nblocks=nb,
+             dtype=jnp.dtype(dtype).name, row_s=time.perf_counter() - t0)
     # The forward time the impl="auto" roofline predicts for the XLA forms
     # (an H200's rates), next to the measured one to check the model.
     predict = {"monarch xla": roofline.structured_seconds,
                "monarch materialized": roofline.dense_seconds}.get(name)
     if predict:
-      rows[-1]["predicted_fwd_ms"] = 1e3 * predict(tokens, w1.shape, w2.shape,
-                                                   itemsize)
-    r = rows[-1]
+      r["predicted_fwd_ms"] = 1e3 * predict(tokens, w1.shape, w2.shape,
+                                            itemsize)
     size = n if n == n_out else f"{n}:{n_out}"
     print(f"  n={size} nb={nb} tokens={tokens} {r['dtype']} {name}: " + (
         f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f} ms, err "
-        f"{r['max_rel_err']:.1e}" if "error" not in r else r["error"]),
-          flush=True)
-  return rows
+        f"{r['max_rel_err']:.1e}" if "error" not in r else r["error"])
+          + f" [{r['row_s']:.0f} s]", flush=True)
+    yield r
 
 
 def _measure(name, fn, x, weights, ref, dtype, repeats, inner, copy_bw):
@@ -254,16 +273,18 @@ def main(argv):
         for nb in map(int, _NBLOCKS.value):
           if n % nb or n_out % nb:
             continue
-          rows += rows_for(n, tokens, jnp.dtype(dtype), nb, repeats,
-                           _INTERPRET.value, n_out)
-          # Written after every configuration: a timed-out sweep keeps data.
-          with open(os.path.join(_OUT.value, "benchmark_kernels.json"), "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+          for row in rows_for(n, tokens, jnp.dtype(dtype), nb, repeats,
+                              _INTERPRET.value, n_out):
+            rows.append(row)
+            # Written after every row: a timed-out sweep keeps its data.
+            with open(os.path.join(_OUT.value, "benchmark_kernels.json"),
+                      "w") as f:
+              json.dump({"meta": meta, "rows": rows}, f, indent=1)
   print(f"\n{meta}\n")
   print(format_table(rows, ["n", "n_out", "nblocks", "tokens", "dtype", "impl",
                             "numerics_ok",
                             "fwd_ms", "predicted_fwd_ms", "fwd_bwd_ms", "GB_per_s",
-                            "pct_copy_roofline", "error"]))
+                            "pct_copy_roofline", "row_s", "error"]))
 
 
 if __name__ == "__main__":

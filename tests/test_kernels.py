@@ -618,3 +618,31 @@ def test_benchmark_gpu_sweep_skips_chunked_monarch():
                      capture_output=True, text=True, timeout=600)
   assert p.returncode == 0 and p.stdout.strip().endswith("OK"), (
       p.stdout[-2000:] + p.stderr[-3000:])
+
+
+def test_benchmark_builds_sltrain_inputs_only_for_its_rows():
+  """Drawing an SLTrain support permutes n * n_out indices (91 s at n=8192
+  on this CPU): a sweep without SLTrain rows never draws one, and each row
+  records its wall seconds."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = (
+      "import jax.numpy as jnp\n"
+      "from absl import flags\n"
+      "from experiments import benchmark_kernels as bk\n"
+      "from structmat import ops\n"
+      "flags.FLAGS(['bk', '--impls=dense,monarch xla'])\n"
+      "def no(*a): raise AssertionError('support drawn')\n"
+      "ops.draw_support = no\n"
+      "rows = list(bk.rows_for(64, 16, jnp.float32, 4, 1, True))\n"
+      "assert [r['impl'] for r in rows] == ['dense', 'monarch xla'], rows\n"
+      "assert all(r['row_s'] > 0 and r['numerics_ok'] for r in rows), rows\n"
+      "flags.FLAGS.impls = ['sltrain xla']\n"
+      "row, = bk.rows_for(64, 16, jnp.float32, 4, 1, True)\n"
+      "assert 'support drawn' in row['error'], row\n"
+      "print('OK')\n")
+  p = subprocess.run([sys.executable, "-c", script], cwd=root,
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0 and p.stdout.strip().endswith("OK"), (
+      p.stdout[-2000:] + p.stderr[-3000:])
