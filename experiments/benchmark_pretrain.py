@@ -11,6 +11,7 @@ peak is reported too. Lowering, compile and first-step seconds are printed as
 each ends and kept in the JSON rows. MFU uses --peak_tflops (989: the H100/H200 bf16
 datasheet). A table is printed last and JSON written to --output.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -49,18 +50,23 @@ _IMPL = flags.DEFINE_enum("impl", "xla", ["xla", "auto", "pallas"],
 _ATTENTION = flags.DEFINE_enum("attention", "auto",
                                ["auto", "naive", "xla", "cudnn"],
                                "Attention implementation (LlamaConfig).")
+_N_LAYERS = flags.DEFINE_integer(
+    "n_layers", 0, "Blocks per model (0: the preset's). One block prices "
+    "what each costs to lower and compile (kernels are per call site).")
 _KERNEL_BLOCK = flags.DEFINE_integer(
     "kernel_block", 0, "SLTrain rows: build W this many columns (rows) at a "
     "time, keeping none for the backward (0: whole W).")
 
 
 def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
-          impl="xla", attention="auto", kernel_block=0):
+          impl="xla", attention="auto", kernel_block=0, n_layers=0):
   kwargs = ({"kernel_block": kernel_block}
             if linear == "sltrain" and kernel_block else None)
   cfg = preset_config(preset, linear, linear_kwargs=kwargs, vocab_size=vocab,
                       max_len=seq, dtype=jnp.dtype(dtype), impl=impl,
                       attention=attention)
+  if n_layers:
+    cfg = dataclasses.replace(cfg, n_layers=n_layers)
   model = build_model(cfg)
   tx = optax.adamw(1e-4)
   tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, vocab)
@@ -111,8 +117,9 @@ def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
          "first_step_s": first_step_s,
          # Same init and batch for every impl: compare these across --impl.
          "losses": [float(v) for v in losses],
-         # As the built model has it (not the flag).
-         "kernel_block": dict(cfg.linear_kwargs).get("kernel_block", 0)}
+         # As the built model has them (not the flags).
+         "kernel_block": dict(cfg.linear_kwargs).get("kernel_block", 0),
+         "n_layers": cfg.n_layers}
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     row["peak_memory_mb"] = stats["peak_bytes_in_use"] / 2**20
@@ -125,14 +132,15 @@ def main(argv):
   meta = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
           "jax": jax.__version__, "dtype": _DTYPE.value, "batch": _BATCH.value,
           "seq_len": _SEQ.value, "vocab": _VOCAB.value, "impl": _IMPL.value,
-          "attention": _ATTENTION.value, "kernel_block": _KERNEL_BLOCK.value}
+          "attention": _ATTENTION.value, "kernel_block": _KERNEL_BLOCK.value,
+          "n_layers": _N_LAYERS.value}
   os.makedirs(os.path.dirname(_OUTPUT.value) or ".", exist_ok=True)
   for preset in _PRESETS.value:
     for linear in _LINEARS.value:
       logging.info("%s %s", preset, linear)
       row = bench(preset, linear, _BATCH.value, _SEQ.value, _VOCAB.value,
                   _DTYPE.value, _REPEATS.value, _PEAK.value, _IMPL.value,
-                  _ATTENTION.value, _KERNEL_BLOCK.value)
+                  _ATTENTION.value, _KERNEL_BLOCK.value, _N_LAYERS.value)
       dense = next((r for r in rows if r["preset"] == preset
                     and r["linear"] == "dense"), None)
       row["step_vs_dense"] = row["step_ms"] / dense["step_ms"] if dense else 1.0

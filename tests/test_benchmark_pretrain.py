@@ -52,3 +52,13 @@ def test_sltrain_kernel_block_same_losses(tmp_path):
   assert (whole[0]["kernel_block"], blocked[0]["kernel_block"]) == (0, 8)
   for u, v in zip(blocked[0]["losses"], whole[0]["losses"]):
     assert abs(u - v) <= 1e-5 * abs(v), (u, v)
+
+
+def test_n_layers_override(tmp_path):
+  """--n_layers builds fewer blocks than the preset (a one-block model prices
+  each block's lowering and compile); the row says how many it had."""
+  p, rows = _run(tmp_path, "monarch", "--n_layers=1")
+  assert p.returncode == 0, p.stderr[-3000:]
+  p, full = _run(tmp_path, "monarch")
+  assert (rows[0]["n_layers"], full[0]["n_layers"]) == (1, 2)
+  assert rows[0]["params"] < full[0]["params"]

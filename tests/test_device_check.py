@@ -43,8 +43,9 @@ def test_benchmark_steps_run_quick(tmp_path):
         assert "interpreted" in r.get("error", "")
       else:
         assert r.get("error") is None and r["fwd_ms"] > 0, (sub, r)
-  for impl in ("xla", "pallas"):
-    row, = json.load(open(tmp_path / f"pallas_llama_tiny_{impl}.json"))["rows"]
+  for run in ("xla", "pallas", "1block"):
+    row, = json.load(open(tmp_path / f"pallas_llama_tiny_{run}.json"))["rows"]
     assert row["compile_s"] > 0 and len(row["losses"]) >= 2
+    assert row["n_layers"] == (1 if run == "1block" else 2)
   assert "llama_tiny monarch: compiled in" in out
   assert "llama_tiny pallas vs xla step" in out, out[-3000:]

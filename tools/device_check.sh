@@ -32,10 +32,10 @@
 # by hand 150 s: 826 s held. Session 15: STEPS="5 6" 379 s (130M
 # impl=pallas printed no step in its 150 s), then at once STEPS=3 and that
 # row again by hand (190 s, 3 repeats: no step either) 425 s: 849 s held.
-# Next: STEPS=6 (<= 520 s: 130M impl=pallas, now printing its lowering,
-# compile and first-step seconds), then at once STEPS=3 (<= 270 s: n=8192
-# at 512 tokens and in 64 and 4 blocks, the float32 kernels); step 2
-# (<= 120 s) and steps 1 and 4 in a later session.
+# Next: STEPS=6 (<= 540 s: 130M impl=pallas, one block then all twelve,
+# printing lowering, compile and first-step seconds), then at once STEPS=3
+# (<= 270 s: n=8192 at 512 tokens and in 64 and 4 blocks, the float32
+# kernels); step 2 (<= 120 s) and steps 1 and 4 in a later session.
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
@@ -287,14 +287,20 @@ echo "== 6. pretraining, Monarch, impl=pallas vs xla [${SECONDS}s]"
 # 60M: sessions 11 and 14 (93.0 vs 73.5 ms, losses within 2e-6). 130M:
 # session 15's xla row 157 ms; its pallas row printed no step in 150 s (nor
 # in 190 s alone): benchmark_pretrain now prints its lowering, compile and
-# first-step seconds, and the pallas row has 400 s.
+# first-step seconds. First one block with impl=pallas (what each block
+# costs to lower and compile: 12 blocks should cost ~12x if per-call-site
+# work is what took the time; one layer carries 3.6 MB of kernel modules
+# at 130M, 0.29 MB at 60M), then the whole model both ways.
 if [ "$QUICK" = 1 ]; then
   P="--batch_size=2 --seq_len=16 --vocab_size=256 --repeats=1"; P6=llama_tiny
 else
   P="--batch_size=256 --seq_len=256 --vocab_size=32000"; P6=${P6:-llama_130m}
 fi
+timeout 90 $PY -m experiments.benchmark_pretrain $P --presets=$P6 \
+  --linears=monarch --dtype=bfloat16 --impl=pallas --n_layers=1 \
+  --output="$OUT/pallas_${P6}_1block.json"
 for impl in xla pallas; do
-  T=120; [ $impl = pallas ] && T=400
+  T=120; [ $impl = pallas ] && T=330
   timeout $T $PY -m experiments.benchmark_pretrain $P --presets=$P6 \
     --linears=monarch --dtype=bfloat16 --impl=$impl \
     --output="$OUT/pallas_${P6}_$impl.json"
