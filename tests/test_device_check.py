@@ -8,14 +8,21 @@ import subprocess
 import sys
 
 
-def test_kernel_numerics_step_runs_quick(tmp_path):
+def _run_quick(steps: str, out_dir) -> str:
+  """The script's tiny version of ``steps`` (PYTHON: this interpreter);
+  its output after checking it exited cleanly."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, QUICK="1", STEPS="2", OUT=str(tmp_path),
+  env = dict(os.environ, QUICK="1", STEPS=steps, OUT=str(out_dir),
              PYTHON=sys.executable)
   p = subprocess.run(["bash", "tools/device_check.sh"], cwd=root, env=env,
                      capture_output=True, text=True, timeout=600)
   out = p.stdout + p.stderr
   assert p.returncode == 0, out[-3000:]
+  return out
+
+
+def test_kernel_numerics_step_runs_quick(tmp_path):
+  out = _run_quick("2", tmp_path)
   lines = [l for l in out.splitlines() if "value, grads" in l or "ERROR" in l]
   kinds = {l.split("]")[1].split()[0] for l in lines}
   assert kinds == {"monarch", "blockdiag", "sltrain"}, out[-3000:]
@@ -28,13 +35,7 @@ def test_benchmark_steps_run_quick(tmp_path):
   against xla in training), tiny and interpreted: each writes its JSON with
   every row timed (bar the interpreted two-warpgroup row, which says why),
   and step 6 compares the losses and prints where its time went."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, QUICK="1", STEPS="3 5 6", OUT=str(tmp_path),
-             PYTHON=sys.executable)
-  p = subprocess.run(["bash", "tools/device_check.sh"], cwd=root, env=env,
-                     capture_output=True, text=True, timeout=600)
-  out = p.stdout + p.stderr
-  assert p.returncode == 0, out[-3000:]
+  out = _run_quick("3 5 6", tmp_path)
   for sub in ("", "f32", "attention", "mlp"):
     rows = json.load(open(tmp_path / sub / "benchmark_kernels.json"))["rows"]
     assert rows, sub

@@ -597,12 +597,21 @@ def test_benchmark_kernels_rectangular_sizes(tmp_path):
   assert "64:96" in p.stdout
 
 
-def test_benchmark_gpu_sweep_skips_chunked_monarch():
-  """On a GPU (patched here), a sweep leaves the chunked Monarch Triton rows
-  out (with a row saying so) unless --impls names them."""
+def _run_benchmark_script(script: str):
+  """Runs ``script`` (which imports experiments.benchmark_kernels and patches
+  what it needs) in a fresh interpreter; it must print OK last."""
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  p = subprocess.run([sys.executable, "-c", script], cwd=root,
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0 and p.stdout.strip().endswith("OK"), (
+      p.stdout[-2000:] + p.stderr[-3000:])
+
+
+def test_benchmark_gpu_sweep_skips_chunked_monarch():
+  """On a GPU (patched here), a sweep leaves the chunked Monarch Triton rows
+  out (with a row saying so) unless --impls names them."""
   script = (
       "import jax, jax.numpy as jnp\n"
       "from absl import flags\n"
@@ -614,19 +623,13 @@ def test_benchmark_gpu_sweep_skips_chunked_monarch():
       "assert 'skipped: blocks wider' in rows['monarch pallas']['error']\n"
       "assert 'fwd_ms' in rows['monarch xla'], rows\n"
       "print('OK')\n")
-  p = subprocess.run([sys.executable, "-c", script], cwd=root,
-                     capture_output=True, text=True, timeout=600)
-  assert p.returncode == 0 and p.stdout.strip().endswith("OK"), (
-      p.stdout[-2000:] + p.stderr[-3000:])
+  _run_benchmark_script(script)
 
 
 def test_benchmark_builds_sltrain_inputs_only_for_its_rows():
   """Drawing an SLTrain support permutes n * n_out indices (91 s at n=8192
   on this CPU): a sweep without SLTrain rows never draws one, and each row
   records its wall seconds."""
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   script = (
       "import jax.numpy as jnp\n"
       "from absl import flags\n"
@@ -642,7 +645,4 @@ def test_benchmark_builds_sltrain_inputs_only_for_its_rows():
       "row, = bk.rows_for(64, 16, jnp.float32, 4, 1, True)\n"
       "assert 'support drawn' in row['error'], row\n"
       "print('OK')\n")
-  p = subprocess.run([sys.executable, "-c", script], cwd=root,
-                     capture_output=True, text=True, timeout=600)
-  assert p.returncode == 0 and p.stdout.strip().endswith("OK"), (
-      p.stdout[-2000:] + p.stderr[-3000:])
+  _run_benchmark_script(script)
