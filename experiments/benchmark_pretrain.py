@@ -7,9 +7,10 @@ r"""Pretraining throughput per linear family: tokens/s, MFU and step memory.
 Synthetic token batches (throughput does not depend on the text). Memory is
 XLA's compiled memory analysis of the train step (arguments + outputs +
 temporaries - aliased), available on every backend; on GPUs the allocator's
-peak is reported too. Lowering, compile and first-step seconds are printed as
-each ends and kept in the JSON rows. MFU uses --peak_tflops (989: the H100/H200 bf16
-datasheet). A table is printed last and JSON written to --output.
+peak is reported too. Lowering, compile and first-step seconds are printed
+as each ends and kept in the JSON rows. MFU uses --peak_tflops (989: the
+H100/H200 bf16 datasheet). A table is printed last and JSON written to
+--output.
 """
 import dataclasses
 import functools
@@ -74,8 +75,8 @@ def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
   step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                    pad_id=-1), donate_argnums=0)
   # Lowering (tracing; Pallas kernels build their modules here) and XLA's
-  # compile (Triton and Mosaic GPU kernels compiled) timed apart and printed
-  # as they finish: a run stopped by a timeout shows which took the time.
+  # compile (Triton kernels compiled with it) timed apart and printed as
+  # they finish: a run stopped by a timeout shows which took the time.
   # The steps run that executable: nothing compiles again inside the timing.
   t0 = time.perf_counter()
   lowered = step.lower(state, tokens)
@@ -98,7 +99,8 @@ def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
     losses.append(metrics["train_loss"])
     return metrics["train_loss"]
 
-  # The first step apart: some kernels (Mosaic GPU) are built when first run.
+  # The first step apart: Mosaic GPU kernels are compiled when the
+  # executable first instantiates them (once per distinct kernel).
   t0 = time.perf_counter()
   jax.block_until_ready(run(tokens))
   first_step_s = time.perf_counter() - t0

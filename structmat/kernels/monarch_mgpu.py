@@ -235,11 +235,10 @@ def warpgroups_fit(w1_shape, w2_shape, itemsize: int,
 def default_warpgroups(w1_shape, w2_shape, itemsize: int,
                        interpret: bool) -> int:
   """``monarch_matmul_mgpu``'s warpgroups when not given, as an H200
-  measured them at 65,536 tokens: 2 where the forward holds two warpgroups'
-  tiles (512 = 4 x 128, session 15: forward 0.137 vs 0.171 ms, forward+
-  backward 0.300 vs 0.344), else 1 (768 = 4 x 192, where only the weight
-  gradients take two, session 14: 0.837 vs 0.814). Interpreted: 1 (two
-  nested warpgroup computations can hang under ``jit`` on few cores)."""
+  measured them (module docstring): 2 where the forward holds two
+  warpgroups' tiles, else 1 (then only the weight gradients would take
+  two, which was slower). Interpreted: 1 (two nested warpgroup
+  computations can hang under ``jit`` on few cores)."""
   if interpret:
     return 1
   return 2 if warpgroups_fit(w1_shape, w2_shape, itemsize) else 1
