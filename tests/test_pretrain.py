@@ -54,6 +54,8 @@ def test_every_family_trains(linear, tmp_path, data_dir):
   assert all(np.isfinite(list(train.values())))
   assert np.mean([train[5], train[6]]) < train[1], train
   assert np.isfinite(summary["eval_loss"]) and summary["tokens_seen"] == 6 * 4 * 32
+  # tokens/s from step 2 on: the first step (the compile) is timed apart.
+  assert summary["first_step_s"] > 0 and summary["tokens_per_sec_this_run"] > 0
   for name in ("config.json", "summary.json", "metrics.jsonl"):
     assert os.path.exists(tmp_path / name)
   assert os.listdir(tmp_path / "tensorboard")

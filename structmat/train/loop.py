@@ -386,6 +386,10 @@ def train_and_evaluate(config, workdir: str, init: str = "") -> dict:
                       config.batch_size * config.seq_len)
   prev = None  # (step, metrics) of the previous step: checked one step late
   eval_loss = float("nan")
+  first = step < config.total_steps
+  if first:
+    print("compiling the train step (the first step includes it)",
+          flush=True)
   try:
     while step < config.total_steps:
       if densify_step and step == densify_step:
@@ -395,6 +399,11 @@ def train_and_evaluate(config, workdir: str, init: str = "") -> dict:
         print(f"step {step}: Monarch layers switched to dense", flush=True)
       state, metrics = train_fn(state, place.put_batch(next(batches)))
       step += 1
+      if first:  # tokens/s and the ETA leave the compile out from here
+        jax.block_until_ready(metrics)
+        print(f"step {step}: first step {progress.first_step_done(step):.1f} s "
+              "(train step compiled)", flush=True)
+        first = False
       if prev is not None:
         _check_finite(*prev)
       prev = (step, metrics)
@@ -477,7 +486,9 @@ def _summary(config, workdir, state, step, progress, eval_loss, train_src,
       "eval_loss": eval_loss,
       "eval_perplexity": math.exp(min(eval_loss, 50)),
       "unigram_perplexity": math.exp(unigram),
+      # After the first step (which compiled the train step), first_step_s.
       "tokens_per_sec_this_run": progress.tokens_per_sec(step),
+      "first_step_s": progress.first_s,
       "peak_memory_bytes": peak_memory_bytes(),
       "backend": jax.default_backend(),
   }

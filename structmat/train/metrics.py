@@ -42,17 +42,34 @@ class MetricWriter:
 
 
 class Progress:
-  """Progress lines: step, loss, tokens/s and ETA since this run started."""
+  """Progress lines: step, loss, tokens/s and ETA since this run started, or
+  since its first step once ``first_step_done`` says it ended."""
 
   def __init__(self, total_steps: int, start_step: int, tokens_per_step: int):
     self.total, self.s0, self.tps = total_steps, start_step, tokens_per_step
     self.t0 = time.time()
+    self.first_s = None
+
+  def first_step_done(self, step: int) -> float:
+    """Times later steps from now and returns the first step's seconds: it
+    compiled the train step (minutes for kernel-laden models on a GPU),
+    which would skew tokens/s and the ETA for the whole run."""
+    now = time.time()
+    self.first_s = now - self.t0
+    self.s0, self.t0 = step, now
+    return self.first_s
+
+  def _step_seconds(self, step: int) -> float | None:
+    """Seconds per step so far; None before any step ran."""
+    if step == self.s0:  # only the first step so far, or none
+      return self.first_s
+    return max(time.time() - self.t0, 1e-9) / (step - self.s0)
 
   def tokens_per_sec(self, step: int) -> float:
-    return (step - self.s0) * self.tps / max(time.time() - self.t0, 1e-9)
+    seconds = self._step_seconds(step)
+    return self.tps / seconds if seconds else 0.0
 
   def line(self, step: int, loss: float) -> str:
-    elapsed = max(time.time() - self.t0, 1e-9)
-    eta = elapsed / max(step - self.s0, 1) * (self.total - step)
+    eta = (self._step_seconds(step) or 0.0) * (self.total - step)
     return (f"step {step}/{self.total}  loss {loss:.4f}  "
             f"{self.tokens_per_sec(step):,.0f} tokens/s  ETA {eta / 60:.1f} min")
