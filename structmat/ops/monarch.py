@@ -140,9 +140,23 @@ def monarch_matmul(x, w1, w2, bias=None, impl: str = "xla"):
 
 
 def monarch_to_dense(w1, w2):
-  """The (n, l*s) kernel in flax (in, out) layout computed by ``monarch_matmul``."""
-  n = w1.shape[0] * w1.shape[2]
-  return monarch_matmul(jnp.eye(n, dtype=w1.dtype), w1, w2)
+  """The (n, l*s) kernel in flax (in, out) layout computed by ``monarch_matmul``.
+
+  With q % l == 0 (every preset), output block li and input block kk of the
+  matrix couple through g = q/l intermediate indices: w1 rows gi*l + li of
+  block kk and w2 columns kk*g + gi of block li. So the (in, out) matrix,
+  indexed (kk, pi) x (t, li), is one batched matmul over (kk, li) with
+  contraction g (weight-sized; autodiff gives its backward as two more).
+  Else the structured product of the identity (n x the per-token FLOPs).
+  """
+  k, q, p = w1.shape
+  l, s, _ = w2.shape
+  if q % l:
+    return monarch_matmul(jnp.eye(k * p, dtype=w1.dtype), w1, w2)
+  g = q // l
+  a = w1.reshape(k, g, l, p)   # a[kk, gi, li, pi] = w1[kk, gi*l + li, pi]
+  b = w2.reshape(l, s, k, g)   # b[li, t, kk, gi] = w2[li, t, kk*g + gi]
+  return jnp.einsum("ltkg,kglp->kptl", b, a).reshape(k * p, s * l)
 
 
 def monarch_matmul_dense(x, w1, w2, bias=None):
