@@ -33,9 +33,10 @@
 # impl=pallas printed no step in its 150 s), then at once STEPS=3 and that
 # row again by hand (190 s, 3 repeats: no step either) 425 s: 849 s held.
 # Next: STEPS=6 (<= 540 s: 130M impl=pallas, one block then all twelve,
-# printing lowering, compile and first-step seconds), then at once STEPS=3
-# (<= 270 s: n=8192 at 512 tokens and in 64 and 4 blocks, the float32
-# kernels); step 2 (<= 120 s) and steps 1 and 4 in a later session.
+# printing lowering, compile and first-step seconds), then at once
+# STEPS=1 S1_IMPLS=auto (<= 295 s: the new materialization, 60M dense
+# beside it); STEPS=3 (<= 270 s: n=8192 at 512 tokens and in 64 and 4
+# blocks, the float32 kernels), step 2 (<= 120 s) and step 4 later.
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
@@ -63,13 +64,18 @@ else
   P130=llama_130m
 fi
 # Session 8 (H200): 60M dense 1,280,959 tokens/s, Monarch xla 858,549, auto
-# (Triton attention) 928,810; 130M dense 609,706. Now auto materializes the
-# Monarch layers of both presets (kernels/roofline.py): this measures that.
-# Each 60M row takes 25-50 s, a 130M Monarch one more than 65 s.
+# (Triton attention) 928,810; 130M dense 609,706. Session 14: auto
+# (materialized) 57.0 / 130.5 ms per step, xla 73.5 / 157 (session 15).
+# Session 15 builds the materialized W as one batched matmul of the
+# regrouped factors (ops.monarch_to_dense): S1_IMPLS=auto times only that
+# (the dense 60M row rides with the first impl). Each 60M row takes 25-50
+# s, a 130M Monarch one more than 65 s.
 for preset in $P60 $P130; do
-  for impl in xla auto; do
+  first=1
+  for impl in ${S1_IMPLS:-xla auto}; do
     L=monarch; T=120
-    [ $preset = $P60 ] && T=75 && [ $impl = xla ] && L=dense,monarch T=100
+    [ $preset = $P60 ] && T=75 && [ $first = 1 ] && L=dense,monarch T=100
+    first=0
     timeout $T $PY -m experiments.benchmark_pretrain $P --presets=$preset \
       --linears=$L --dtype=bfloat16 --impl=$impl \
       --output="$OUT/pretrain_${preset}_$impl.json"
