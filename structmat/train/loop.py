@@ -486,7 +486,8 @@ def _summary(config, workdir, state, step, progress, eval_loss, train_src,
       "eval_loss": eval_loss,
       "eval_perplexity": math.exp(min(eval_loss, 50)),
       "unigram_perplexity": math.exp(unigram),
-      # After the first step (which compiled the train step), first_step_s.
+      # Over the steps after the first, which compiled the train step and
+      # is timed alone in first_step_s.
       "tokens_per_sec_this_run": progress.tokens_per_sec(step),
       "first_step_s": progress.first_s,
       "peak_memory_bytes": peak_memory_bytes(),
