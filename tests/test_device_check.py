@@ -36,7 +36,7 @@ def test_benchmark_steps_run_quick(tmp_path):
   every row timed (bar the interpreted two-warpgroup row, which says why),
   and step 6 compares the losses and prints where its time went."""
   out = _run_quick("3 5 6", tmp_path)
-  for sub in ("", "f32", "attention", "mlp"):
+  for sub in ("", "f32", "attention", "mlp", "mlp130"):
     rows = json.load(open(tmp_path / sub / "benchmark_kernels.json"))["rows"]
     assert rows, sub
     for r in rows:
