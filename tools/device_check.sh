@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-call GPU check for the device tool (H100/H200, jax 0.11 cuda preinstalled):
 #   1. pretraining, 60M and 130M Monarch presets, impl=xla against impl=auto
-#      (the losses of identical steps and the step times; auto now
-#      materializes these widths), and the 60M dense baseline;
+#      (the losses of identical steps and the step times; auto materializes
+#      every 60M layer and 130M's attention), and the 60M dense baseline;
 #   2. compiled (not interpreted) kernels against the XLA reference, forward and
 #      gradients, on fresh random inputs, never-compiled shapes first (elapsed
 #      seconds per line);
