@@ -52,6 +52,8 @@ from structmat.kernels.blockdiag import (LOOP_SMEM_BUDGET, SMEM_BUDGET,
                                          TRITON_STAGES, _pow2, compiler_params,
                                          prepare, split_count)
 from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
+# The regrouping the kernels multiply (also ops.monarch_to_dense's).
+from structmat.ops.monarch import gather_weights  # pylint: disable=unused-import
 
 
 MAX_TRITON_BLOCK = 256
@@ -65,18 +67,8 @@ MAX_TRITON_BLOCK = 256
 # blocks' at 64, 180 KiB) stay within it.
 
 
-def gather_weights(w1, w2):
-  """(A, B): A (l, k, q/l, p), B (l, k, s, q/l) as described in the docstring."""
-  k, q, p = w1.shape
-  l, s, r = w2.shape
-  g = q // l
-  a = w1.reshape(k, g, l, p).transpose(2, 0, 1, 3)        # A[l, k] = w1[k, l::l]
-  b = w2.reshape(l, s, k, g).transpose(0, 2, 1, 3)        # B[l, k] = w2[l][:, k-range]
-  return a, b
-
-
 def scatter_weight_grads(da, db):
-  """Inverse of gather_weights for gradients: (dw1, dw2)."""
+  """Inverse of ``gather_weights`` for gradients: (dw1, dw2)."""
   l, k, g, p = da.shape
   s = db.shape[2]
   dw1 = da.transpose(1, 2, 0, 3).reshape(k, g * l, p)

@@ -139,24 +139,42 @@ def monarch_matmul(x, w1, w2, bias=None, impl: str = "xla"):
   return y.reshape(*batch_shape, y.shape[-1])
 
 
+def gather_weights(w1, w2):
+  """The factors regrouped by (output block l, input block k), q % l == 0.
+
+  Output block l and input block k couple only through g = q/l intermediate
+  indices: rows gi*l + l of w1[k] and columns k*g + gi of w2[l]. So
+
+    A (l, k, g, p): A[l, k] = w1[k, l::l]
+    B (l, k, s, g): B[l, k] = w2[l][:, k*g:(k+1)*g]
+
+  and block (l, k) of the (out, in) Monarch matrix is B[l, k] @ A[l, k]; the
+  product is y_l = sum_k (x_k @ A[l, k]^T) @ B[l, k]^T (the fused kernels'
+  form).
+  """
+  k, q, p = w1.shape
+  l, s, _ = w2.shape
+  g = q // l
+  a = w1.reshape(k, g, l, p).transpose(2, 0, 1, 3)
+  b = w2.reshape(l, s, k, g).transpose(0, 2, 1, 3)
+  return a, b
+
+
 def monarch_to_dense(w1, w2):
   """The (n, l*s) kernel in flax (in, out) layout computed by ``monarch_matmul``.
 
-  With q % l == 0 (every preset), output block li and input block kk of the
-  matrix couple through g = q/l intermediate indices: w1 rows gi*l + li of
-  block kk and w2 columns kk*g + gi of block li. So the (in, out) matrix,
-  indexed (kk, pi) x (t, li), is one batched matmul over (kk, li) with
-  contraction g (weight-sized; autodiff gives its backward as two more).
-  Else the structured product of the identity (n x the per-token FLOPs).
+  With q % l == 0 (every preset), one batched matmul of the regrouped
+  factors (``gather_weights``: block (l, k) is B[l, k] @ A[l, k], contraction
+  q/l; weight-sized, and autodiff gives its backward as two more), laid out
+  (k, p) x (s, l) as the structured path orders inputs and outputs. Else the
+  structured product of the identity (n x the per-token FLOPs).
   """
   k, q, p = w1.shape
   l, s, _ = w2.shape
   if q % l:
     return monarch_matmul(jnp.eye(k * p, dtype=w1.dtype), w1, w2)
-  g = q // l
-  a = w1.reshape(k, g, l, p)   # a[kk, gi, li, pi] = w1[kk, gi*l + li, pi]
-  b = w2.reshape(l, s, k, g)   # b[li, t, kk, gi] = w2[li, t, kk*g + gi]
-  return jnp.einsum("ltkg,kglp->kptl", b, a).reshape(k * p, s * l)
+  a, b = gather_weights(w1, w2)
+  return jnp.einsum("lksg,lkgp->kpsl", b, a).reshape(k * p, s * l)
 
 
 def monarch_matmul_dense(x, w1, w2, bias=None):
