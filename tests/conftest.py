@@ -23,3 +23,21 @@ def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tfds"))
   os.environ["STRUCTMAT_DATA_DIR"] = path
   return path
+
+
+@pytest.fixture
+def monkeypatch(monkeypatch):  # pylint: disable=redefined-outer-name
+  """pytest's monkeypatch, whose every patch also drops the kernel products'
+  shared traces (``structmat.kernels.shared_trace``): a trace made before a
+  patch would otherwise outlive it (a budget, a tile, a poisoned
+  ``pallas_call``), and the test would check the unpatched kernel."""
+  from structmat.kernels import shared_trace  # pylint: disable=import-outside-toplevel
+  patch = monkeypatch.setattr
+
+  def setattr_and_clear(*args, **kwargs):
+    patch(*args, **kwargs)
+    shared_trace.clear()
+
+  monkeypatch.setattr = setattr_and_clear
+  yield monkeypatch
+  shared_trace.clear()  # the traces made under the patches (undone next)

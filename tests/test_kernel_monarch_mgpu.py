@@ -261,17 +261,35 @@ def test_pallas_on_hopper_prefers_mosaic_gpu_to_padded_triton(
   assert (why is not None) == mosaic and (not mosaic or "256" in why)
 
 
-@pytest.mark.parametrize("preset,mosaic,triton", [
-    ("llama_130m", 16, 9),   # 768 = 4 x 192 attention: Mosaic GPU
-    ("llama_60m", 0, 21),    # 512 = 4 x 128 attention: Triton
+def _kernel_modules(text: str) -> collections.Counter:
+  """kind -> how many kernel calls a lowered module's text holds ("mosaic",
+  "triton"), and ("distinct", kind) -> how many distinct kernel modules."""
+  calls, bodies = collections.Counter(), collections.defaultdict(set)
+  for m in re.finditer(r'custom_call @(\S+?)\(.*?(?:module|ir) = "((?:[^"\\]|'
+                       r'\\.)*)"', text):
+    kind = "mosaic" if "mosaic_gpu" in m.group(1) else "triton"
+    calls[kind] += 1
+    bodies[kind].add(m.group(2))
+  calls.update({("distinct", k): len(v) for k, v in bodies.items()})
+  return calls
+
+
+@pytest.mark.parametrize("preset,mosaic,triton,distinct", [
+    # 768 = 4 x 192 attention: Mosaic GPU (forward and dx are one module,
+    # dU and dB another); MLPs 768 <-> 2048: Triton, in chunks.
+    ("llama_130m", 4, 6, (2, 6)),
+    ("llama_60m", 0, 9, (0, 9)),   # 512 = 4 x 128 attention: Triton
 ])
 def test_pallas_train_step_cross_lowers_for_hopper(monkeypatch, preset, mosaic,
-                                                   triton):
-  """The whole train step of a preset's Monarch model (one layer) with
+                                                   triton, distinct):
+  """The whole train step of a preset's Monarch model (two layers) with
   impl="pallas", as a Hopper GPU would trace it, lowers for an abstract H100:
-  per layer the four attention projections take four Mosaic GPU kernels each
-  (forward, dx, dU, dB) where Triton would pad, else three Triton ones, and
-  the three MLP projections three Triton kernels each (in chunks)."""
+  the four attention projections take four Mosaic GPU kernels (forward, dx,
+  dU, dB) where Triton would pad, else three Triton ones, and the MLP
+  projections three Triton kernels each (in chunks). Each product is lowered
+  once per shape (``shared_trace``), whatever the depth and the sites: before,
+  every site lowered its own kernels, and each backward's kernels carried
+  its site's source lines (4 distinct Mosaic GPU dx modules for q, k, v, o)."""
   import optax  # pylint: disable=import-outside-toplevel
   from structmat.models import build_model  # pylint: disable=import-outside-toplevel
   from structmat.models.family import preset_config  # pylint: disable=import-outside-toplevel
@@ -279,7 +297,7 @@ def test_pallas_train_step_cross_lowers_for_hopper(monkeypatch, preset, mosaic,
   from structmat.train.state import create_state  # pylint: disable=import-outside-toplevel
   cfg = preset_config(preset, "monarch", vocab_size=512, max_len=128,
                       dtype=jnp.bfloat16, impl="pallas", attention="xla",
-                      n_layers=1)
+                      n_layers=2)
   model, tx = build_model(cfg), optax.adamw(1e-4)
   tokens = jax.ShapeDtypeStruct((2, 129), jnp.int32)
   state = jax.eval_shape(lambda t: create_state(model, tx, 0, t[:1, :-1]),
@@ -288,7 +306,7 @@ def test_pallas_train_step_cross_lowers_for_hopper(monkeypatch, preset, mosaic,
   monkeypatch.setattr(mg, "hardware_problem", lambda platform: None)
   text = cross_lower(functools.partial(steps.train_step, model=model, tx=tx,
                                        pad_id=-1), (state, tokens), "cuda")
-  calls = collections.Counter(
-      "mosaic" if "mosaic_gpu" in t else "triton" if "triton" in t else t
-      for t in re.findall(r"custom_call @(\S+?)\(", text))
+  calls = _kernel_modules(text)
   assert (calls["mosaic"], calls["triton"]) == (mosaic, triton), calls
+  assert (calls["distinct", "mosaic"], calls["distinct", "triton"]) == (
+      distinct), calls

@@ -29,6 +29,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from structmat.kernels import triton_backend
 from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
+from structmat.kernels.shared_trace import traced_once
 
 
 def prepare(x, block_tokens: int, interpret, platform):
@@ -255,6 +256,7 @@ def _vjp_bwd(block_tokens, interpret, platform, res, dy):
 
 
 _blockdiag.defvjp(_vjp_fwd, _vjp_bwd)
+_blockdiag_once = traced_once(_blockdiag, (2, 3, 4))
 
 
 def blockdiag_matmul_pallas(x, w, *, block_tokens: int = 128,
@@ -280,5 +282,5 @@ def blockdiag_matmul_pallas(x, w, *, block_tokens: int = 128,
     raise ValueError(f"{x2.shape[0]} tokens are not a multiple of "
                      f"block_tokens={block_tokens}; pad the batch or pick a "
                      "divisor.")
-  y = _blockdiag(x2, w.astype(x.dtype), block_tokens, interpret, platform)
+  y = _blockdiag_once(x2, w.astype(x.dtype), block_tokens, interpret, platform)
   return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -52,6 +52,7 @@ from structmat.kernels.blockdiag import (LOOP_SMEM_BUDGET, SMEM_BUDGET,
                                          TRITON_STAGES, _pow2, compiler_params,
                                          prepare, split_count)
 from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
+from structmat.kernels.shared_trace import traced_once
 # The regrouping the kernels multiply (also ops.monarch_to_dense's).
 from structmat.ops.monarch import gather_weights  # pylint: disable=unused-import
 
@@ -727,6 +728,7 @@ def _vjp_bwd(block_tokens, interpret, platform, res, dy):
 
 
 _monarch.defvjp(_vjp_fwd, _vjp_bwd)
+_monarch_once = traced_once(_monarch, (3, 4, 5))
 
 
 def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
@@ -751,6 +753,6 @@ def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
                   "cpu" if interpret else platform, x2.dtype.itemsize)
   if why:
     raise ValueError(f"the fused Monarch kernel cannot run these shapes: {why}")
-  y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), block_tokens,
+  y = _monarch_once(x2, w1.astype(x.dtype), w2.astype(x.dtype), block_tokens,
                interpret, platform)
   return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -66,6 +66,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from structmat.kernels import monarch as mk
 from structmat.kernels.blockdiag import prepare
+from structmat.kernels.shared_trace import traced_once
 
 try:  # jax >= 0.11
   _InterpretParams = plgpu.InterpretGPUParams
@@ -408,6 +409,7 @@ def _vjp_bwd(opts, res, dy):
 
 
 _monarch.defvjp(_vjp_fwd, _vjp_bwd)
+_monarch_once = traced_once(_monarch, (3,))
 
 
 def monarch_matmul_mgpu(x, w1, w2, *, interpret: bool | None = None,
@@ -447,6 +449,6 @@ def monarch_matmul_mgpu(x, w1, w2, *, interpret: bool | None = None,
   if warpgroups not in (1, 2):
     raise ValueError(f"warpgroups={warpgroups}: use 1 or 2 (or None: "
                      "default_warpgroups)")
-  y = _monarch(x2, w1.astype(x.dtype), w2.astype(x.dtype), Options(
+  y = _monarch_once(x2, w1.astype(x.dtype), w2.astype(x.dtype), Options(
       interpret, "cpu" if interpret else platform, own_dw, warpgroups))
   return y.reshape(*x.shape[:-1], y.shape[-1])

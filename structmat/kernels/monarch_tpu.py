@@ -45,6 +45,7 @@ from jax.experimental.pallas import tpu as pltpu
 from structmat.kernels.monarch import layout_problem
 from structmat.kernels.mosaic_tpu import (LANES, VMEM_BUDGET, compiler_params,
                                           lane_chunks, matmul as _mm, whole)
+from structmat.kernels.shared_trace import traced_once
 
 
 def permute_w1(w1, l: int):
@@ -320,6 +321,7 @@ def _vjp_bwd(block_tokens, interpret, res, dy):
 
 
 _monarch.defvjp(_vjp_fwd, _vjp_bwd)
+_monarch_once = traced_once(_monarch, (3, 4))
 
 
 def monarch_matmul_tpu(x, w1, w2, *, block_tokens: int = 512,
@@ -353,5 +355,5 @@ def monarch_matmul_tpu(x, w1, w2, *, block_tokens: int = 512,
     w1 = jnp.pad(w1, ((0, 0), (0, 0), (0, pp - p)))
   if ss != s:   # zero rows: outputs s_idx*l + li >= l*s, sliced off below
     w2 = jnp.pad(w2, ((0, 0), (0, ss - s), (0, 0)))
-  y = _monarch(x2, w1, w2, block_tokens, interpret)[:, :l * s]
+  y = _monarch_once(x2, w1, w2, block_tokens, interpret)[:, :l * s]
   return y.reshape(*x.shape[:-1], l * s)

@@ -33,6 +33,7 @@ from structmat.kernels import triton_backend
 from structmat.kernels.blockdiag import (LOOP_SMEM_BUDGET, TRITON_STAGES,
                                          _pow2, compiler_params, prepare)
 from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
+from structmat.kernels.shared_trace import traced_once
 
 
 class TiledSupport(NamedTuple):
@@ -430,6 +431,7 @@ def _vjp_bwd(st, res, dy):
 
 
 _sltrain.defvjp(_vjp_fwd, _vjp_bwd)
+_sltrain_once = traced_once(_sltrain, (6,))
 
 
 def zero_padded(x, a, b, indices, d_in: int, d_out: int, rank=None):
@@ -491,5 +493,5 @@ def sltrain_matmul_pallas(x, a, b, values, indices, scale: float, *,
   t_idx = transposed_indices(idx, d_in_p, d_out_p)
   bwd_ts = tile_support(t_idx, d_out_p, d_in_p, bn, bk, chunk, bwd_o)
   st = _Static(float(scale), bt, bk, bn, chunk, interpret, platform)
-  y = _sltrain(x2, a, b, values.astype(x.dtype), fwd_ts, bwd_ts, st)
+  y = _sltrain_once(x2, a, b, values.astype(x.dtype), fwd_ts, bwd_ts, st)
   return y[:, :d_out].reshape(*x.shape[:-1], d_out)

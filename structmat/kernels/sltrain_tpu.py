@@ -36,6 +36,7 @@ from jax.experimental.pallas import tpu as pltpu
 from structmat.kernels import sltrain as sk
 from structmat.kernels.mosaic_tpu import (LANES, VMEM_BUDGET, compiler_params,
                                           lane_chunks, matmul as _mm, whole)
+from structmat.kernels.shared_trace import traced_once
 
 CHUNK = 128          # entries per one-hot placement step: one lane row
 _SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)   # whole array, scalar memory
@@ -336,6 +337,7 @@ def _vjp_bwd(st, res, dy):
 
 
 _sltrain.defvjp(_vjp_fwd, _vjp_bwd)
+_sltrain_once = traced_once(_sltrain, (6,))
 
 
 def sltrain_matmul_tpu(x, a, b, values, indices, scale: float, *,
@@ -379,5 +381,5 @@ def sltrain_matmul_tpu(x, a, b, values, indices, scale: float, *,
   bwd_ps = padded_support(sk.transposed_indices(idx, d_in_p, d_out_p),
                           d_out_p, d_in_p, bwd_o, (bn, bk))
   st = _Static(float(scale), bt, interpret, (bk, bn))
-  y = _sltrain(x2, a, b, values.astype(x.dtype), fwd_ps, bwd_ps, st)
+  y = _sltrain_once(x2, a, b, values.astype(x.dtype), fwd_ps, bwd_ps, st)
   return y[:, :d_out].reshape(*x.shape[:-1], d_out)
