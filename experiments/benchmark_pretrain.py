@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from structmat.kernels.lowering import kernel_modules
 from structmat.models import build_model
 from structmat.models.family import preset_config
 from structmat.models.flops import train_flops_per_token
@@ -53,7 +54,7 @@ _ATTENTION = flags.DEFINE_enum("attention", "auto",
                                "Attention implementation (LlamaConfig).")
 _N_LAYERS = flags.DEFINE_integer(
     "n_layers", 0, "Blocks per model (0: the preset's). One block prices "
-    "what each costs to lower and compile (kernels are per call site).")
+    "what each costs to lower and compile.")
 _KERNEL_BLOCK = flags.DEFINE_integer(
     "kernel_block", 0, "SLTrain rows: build W this many columns (rows) at a "
     "time, keeping none for the backward (0: whole W).")
@@ -81,7 +82,11 @@ def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
   t0 = time.perf_counter()
   lowered = step.lower(state, tokens)
   lower_s = time.perf_counter() - t0
-  print(f"  {preset} {linear}: lowered in {lower_s:.1f} s", flush=True)
+  text = lowered.as_text()
+  kernels = kernel_modules(text)
+  print(f"  {preset} {linear}: lowered in {lower_s:.1f} s "
+        f"({len(text) / 1e6:.1f} MB; kernel calls {kernels['calls']}, "
+        f"distinct {kernels['distinct']})", flush=True)
   t0 = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
@@ -116,6 +121,8 @@ def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
          "mfu": tps * flops / (peak_tflops * 1e12) if on_accel else None,
          "step_memory_mb": step_bytes / 2**20 if step_bytes else None,
          "lower_s": lower_s, "compile_s": compile_s,
+         "module_mb": len(text) / 1e6, "kernel_calls": kernels["calls"],
+         "kernel_modules": kernels["distinct"],
          "first_step_s": first_step_s,
          # Same init and batch for every impl: compare these across --impl.
          "losses": [float(v) for v in losses],

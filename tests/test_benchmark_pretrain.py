@@ -31,6 +31,8 @@ def test_rows_and_losses(tmp_path):
     for part in ("lowered", "compiled", "first step"):
       assert f"llama_tiny {r['linear']}: {part} in " in p.stdout, p.stdout
     assert min(r["lower_s"], r["compile_s"], r["first_step_s"]) > 0
+    # XLA's layers on the CPU: no kernel calls in the module.
+    assert r["module_mb"] > 0 and r["kernel_calls"] == {}, r
   assert rows[0]["step_vs_dense"] == 1.0
   assert rows[1]["params"] < rows[0]["params"]
 

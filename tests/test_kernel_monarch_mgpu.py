@@ -2,9 +2,7 @@
 interpreter against the XLA reference (its buffers start as NaN, so an
 element the kernel never writes fails), gradients through the custom VJP,
 and cross-lowering for an H100."""
-import collections
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,7 @@ from structmat import ops
 from structmat.kernels import monarch as mk
 from structmat.kernels import monarch_mgpu as mg
 from structmat.kernels import monarch_mgpu_dw as mdw
-from structmat.kernels.lowering import cross_lower
+from structmat.kernels.lowering import cross_lower, kernel_modules
 from tests.helpers import check_kernel
 
 SHAPES = [  # (tokens, w1 shape, w2 shape)
@@ -261,19 +259,6 @@ def test_pallas_on_hopper_prefers_mosaic_gpu_to_padded_triton(
   assert (why is not None) == mosaic and (not mosaic or "256" in why)
 
 
-def _kernel_modules(text: str) -> collections.Counter:
-  """kind -> how many kernel calls a lowered module's text holds ("mosaic",
-  "triton"), and ("distinct", kind) -> how many distinct kernel modules."""
-  calls, bodies = collections.Counter(), collections.defaultdict(set)
-  for m in re.finditer(r'custom_call @(\S+?)\(.*?(?:module|ir) = "((?:[^"\\]|'
-                       r'\\.)*)"', text):
-    kind = "mosaic" if "mosaic_gpu" in m.group(1) else "triton"
-    calls[kind] += 1
-    bodies[kind].add(m.group(2))
-  calls.update({("distinct", k): len(v) for k, v in bodies.items()})
-  return calls
-
-
 @pytest.mark.parametrize("preset,mosaic,triton,distinct", [
     # 768 = 4 x 192 attention: Mosaic GPU (forward and dx are one module,
     # dU and dB another); MLPs 768 <-> 2048: Triton, in chunks.
@@ -306,7 +291,9 @@ def test_pallas_train_step_cross_lowers_for_hopper(monkeypatch, preset, mosaic,
   monkeypatch.setattr(mg, "hardware_problem", lambda platform: None)
   text = cross_lower(functools.partial(steps.train_step, model=model, tx=tx,
                                        pad_id=-1), (state, tokens), "cuda")
-  calls = _kernel_modules(text)
-  assert (calls["mosaic"], calls["triton"]) == (mosaic, triton), calls
-  assert (calls["distinct", "mosaic"], calls["distinct", "triton"]) == (
-      distinct), calls
+  found = kernel_modules(text)
+  count = lambda what: tuple(found[what].get(k, 0)
+                             for k in ("mosaic_gpu", "triton"))
+  assert count("calls") == (mosaic, triton), found
+  assert count("distinct") == distinct, found
+  assert set(found["calls"]) <= {"mosaic_gpu", "triton"}, found
