@@ -137,10 +137,27 @@ def test_cross_lower_names_the_platforms():
 
 
 def test_supported_names_the_constraint():
-  assert "power-of-two" in supported(256, (4, 24, 32), 64, "gpu")
-  assert "(8, 128)" in supported(256, (4, 64, 64), 64, "tpu")
+  assert "{'q': 24}" in supported(256, (4, 24, 32), 64, "gpu")
+  assert ">= 16, got {'q': 8}" in supported(256, (4, 8, 32), 64, "gpu")
+  assert "(q, p) = (64, 64) in multiples of 128" in supported(
+      256, (4, 64, 64), 64, "tpu")
   assert "multiple" in supported(100, (4, 32, 32), 64, "gpu")
   assert supported(100, (4, 24, 32), 4, "cpu") is None
+
+
+@pytest.mark.parametrize("platform,why", [
+    ("tpu", "multiples of 128"), ("cuda", "power-of-two")])
+def test_kernel_refuses_what_its_backend_cannot_compile(platform, why):
+  """Compiled, the kernel checks ``supported`` first: LLaMA-60M's MLP in 4
+  blocks (344 x 128) raises naming the constraint, where it used to reach
+  the backend (Mosaic TPU's lowering error; on GPUs 8-wide Triton dots);
+  interpreted it runs."""
+  x, w = jnp.ones((128, 512), jnp.bfloat16), jnp.ones((4, 344, 128),
+                                                     jnp.bfloat16)
+  with pytest.raises(ValueError, match=f"block-diagonal kernel.*{why}"):
+    cross_lower(lambda x, w: blockdiag_matmul_pallas(
+        x, w, interpret=False, platform=platform), (x, w), platform)
+  assert blockdiag_matmul_pallas(x, w, interpret=True).shape == (128, 1376)
 
 
 

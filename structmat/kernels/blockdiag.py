@@ -114,14 +114,17 @@ def supported(batch: int, w_shape, block_tokens: int, platform: str) -> str | No
   if platform in GPU_PLATFORMS:
     if why := triton_backend.problem(platform):
       return why
-    bad = [n for n in (block_tokens, q, p) if not _pow2(n)]
+    sizes = dict(block_tokens=block_tokens, q=q, p=p)
+    bad = {name: n for name, n in sizes.items() if not _pow2(n)}
     if bad:
       return f"Triton needs power-of-two block sizes, got {bad}"
-    if min(q, p, block_tokens) < 16:
-      return "Triton dots need sizes >= 16"
+    small = {name: n for name, n in sizes.items() if n < 16}
+    if small:
+      return f"Triton dots need sizes >= 16, got {small}: use fewer blocks"
   if platform == "tpu":
     if p % 128 or q % 128 or block_tokens % 8:
-      return "Mosaic TPU needs block dims multiple of (8, 128)"
+      return (f"Mosaic TPU needs blocks (q, p) = ({q}, {p}) in multiples of "
+              f"128 and block_tokens={block_tokens} a multiple of 8")
   return None
 
 
@@ -278,9 +281,10 @@ def blockdiag_matmul_pallas(x, w, *, block_tokens: int = 128,
   check_blockdiag(x.shape[-1], w)
   x2, block_tokens, interpret, platform = prepare(x, block_tokens, interpret,
                                                   platform)
-  if x2.shape[0] % block_tokens:
-    raise ValueError(f"{x2.shape[0]} tokens are not a multiple of "
-                     f"block_tokens={block_tokens}; pad the batch or pick a "
-                     "divisor.")
+  # Interpreted, any block sizes run (the CPU); compiled, the backend's.
+  if why := supported(x2.shape[0], w.shape, block_tokens,
+                      "cpu" if interpret else platform):
+    raise ValueError(f"the block-diagonal kernel cannot run these shapes: "
+                     f"{why}")
   y = _blockdiag_once(x2, w.astype(x.dtype), block_tokens, interpret, platform)
   return y.reshape(*x.shape[:-1], y.shape[-1])

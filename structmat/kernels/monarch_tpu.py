@@ -140,9 +140,11 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
   pp, ss = padded_blocks(w1_shape, w2_shape, itemsize)
   need = vmem_estimate(block_tokens, (k, q, pp), (l, ss, r), itemsize, True)
   if need > VMEM_BUDGET:
+    fix = (f"fewer tokens per tile (>= {LANES})" if block_tokens > LANES
+           else "16-bit activations")
     return (f"block_tokens={block_tokens} needs ~{need >> 20} MiB of VMEM "
-            f"(budget {VMEM_BUDGET >> 20} MiB): use fewer tokens per tile "
-            f"(>= {LANES}) or smaller blocks (more of them)")
+            f"(budget {VMEM_BUDGET >> 20} MiB): use {fix} or smaller blocks "
+            "(more of them)")
   return None
 
 
