@@ -12,7 +12,7 @@ import jax
 from ml_collections import config_flags
 
 from experiments import sources
-from structmat.train import loop
+from structmat.train import loop, preflight
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/pretrain.py", "Config file (path[:args]).",
@@ -35,6 +35,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "With "
                                    "--coordinator_address.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the parameter table "
                              "and exit without training.")
+_CROSS_LOWER = flags.DEFINE_list(
+    "cross_lower", [], "With --dry_run: also lower the train step for these "
+    "abstract devices (cuda: an H100, tpu: a TPU v5e), choosing kernels as "
+    "they would, and print the Pallas kernels each holds or why a kernel "
+    "refuses the shapes (exit status 1). Needs no accelerator.")
 
 
 def _multi_process_env() -> bool:
@@ -58,7 +63,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if _DRY_RUN.value:
     loop.dry_run(_CONFIG.value)
+    if _CROSS_LOWER.value and not preflight.report(_CONFIG.value,
+                                                   _CROSS_LOWER.value):
+      raise SystemExit(1)
     return
+  if _CROSS_LOWER.value:
+    raise app.UsageError("--cross_lower goes with --dry_run.")
   config, init = sources.hf_init(_CONFIG.value, _INIT.value, _WORKDIR.value)
   loop.train_and_evaluate(config, _WORKDIR.value, init)
 

@@ -265,8 +265,8 @@ def test_pallas_on_hopper_prefers_mosaic_gpu_to_padded_triton(
     ("llama_130m", 4, 6, (2, 6)),
     ("llama_60m", 0, 9, (0, 9)),   # 512 = 4 x 128 attention: Triton
 ])
-def test_pallas_train_step_cross_lowers_for_hopper(monkeypatch, preset, mosaic,
-                                                   triton, distinct):
+def test_pallas_train_step_cross_lowers_for_hopper(preset, mosaic, triton,
+                                                   distinct):
   """The whole train step of a preset's Monarch model (two layers) with
   impl="pallas", as a Hopper GPU would trace it, lowers for an abstract H100:
   the four attention projections take four Mosaic GPU kernels (forward, dx,
@@ -287,8 +287,7 @@ def test_pallas_train_step_cross_lowers_for_hopper(monkeypatch, preset, mosaic,
   tokens = jax.ShapeDtypeStruct((2, 129), jnp.int32)
   state = jax.eval_shape(lambda t: create_state(model, tx, 0, t[:1, :-1]),
                          tokens)
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(mg, "hardware_problem", lambda platform: None)
+  # No patching: cross_lower chooses kernels as the H100 would.
   text = cross_lower(functools.partial(steps.train_step, model=model, tx=tx,
                                        pad_id=-1), (state, tokens), "cuda")
   found = kernel_modules(text)
@@ -297,3 +296,19 @@ def test_pallas_train_step_cross_lowers_for_hopper(monkeypatch, preset, mosaic,
   assert count("calls") == (mosaic, triton), found
   assert count("distinct") == distinct, found
   assert set(found["calls"]) <= {"mosaic_gpu", "triton"}, found
+
+
+def test_targeting_chooses_for_the_abstract_device():
+  """kernels.target: the platform kernels are chosen for is the host's
+  backend, or inside ``targeting`` (which ``cross_lower`` enters) the
+  abstract device's, whose Hopper compute capability Mosaic GPU assumes."""
+  from structmat.kernels import target  # pylint: disable=import-outside-toplevel
+  assert target.platform() == jax.default_backend() and not target.abstract()
+  assert "compute capability" in mg.hardware_problem("gpu")  # this CPU host
+  with target.targeting("cuda"):
+    assert target.platform() == "gpu" and target.abstract()
+    assert mg.hardware_problem("gpu") is None
+    with target.targeting("tpu"):
+      assert target.platform() == "tpu"
+    assert target.platform() == "gpu"
+  assert target.platform() == jax.default_backend() and not target.abstract()

@@ -151,7 +151,7 @@ def test_auto_takes_the_tpu_kernel_on_tpus(monkeypatch):
   assert kernel_names(16384, (4, 128, 128), (4, 344, 128)) == set()
 
 
-def test_pallas_train_step_lowers_each_kernel_once_for_tpus(monkeypatch):
+def test_pallas_train_step_lowers_each_kernel_once_for_tpus():
   """The impl="pallas" train step of LLaMA-60M's Monarch model, lowered for a
   TPU v5e, holds the same Mosaic TPU kernels at one block as at three: each
   kernel product is lowered once per shape (``kernels.shared_trace``), not
@@ -164,7 +164,6 @@ def test_pallas_train_step_lowers_each_kernel_once_for_tpus(monkeypatch):
   from structmat.models.family import preset_config  # pylint: disable=import-outside-toplevel
   from structmat.train import steps  # pylint: disable=import-outside-toplevel
   from structmat.train.state import create_state  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   tokens = jax.ShapeDtypeStruct((2, 129), jnp.int32)
 
   def kernels(n_layers):

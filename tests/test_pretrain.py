@@ -156,6 +156,37 @@ def test_dry_run_prints_total(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def test_cross_lower_preflight(capsys):
+  """The train step of a config, lowered for an abstract H100 and TPU v5e as
+  they would choose kernels (no accelerator, no data): SLTrain's kernels on
+  both; a block-diagonal layer whose blocks the TPU kernel cannot take
+  fails with the kernel's reason."""
+  from structmat.train import preflight  # pylint: disable=import-outside-toplevel
+  assert preflight.report(tiny(linear="sltrain", impl="pallas"),
+                          ["cuda", "tpu"])
+  out = capsys.readouterr().out
+  assert "cuda: lowered in" in out and "triton 9 (6 distinct)" in out, out
+  assert "tpu: lowered in" in out and "mosaic_tpu 9 (6 distinct)" in out, out
+  r = preflight.lower_train_step(tiny(linear="dense", impl="pallas"), "cuda")
+  assert r["calls"] == {} and r["module_mb"] > 0
+  assert not preflight.report(tiny(linear="blockdiag", impl="pallas"),
+                              ["tpu"])
+  assert ("tpu: FAILS: impl='pallas': the block-diagonal kernel cannot run"
+          in capsys.readouterr().out)
+
+
+def test_cross_lower_flag(tmp_path):
+  """--dry_run --cross_lower=...: exit status 1 when a platform fails;
+  --cross_lower without --dry_run is a usage error."""
+  args = ["--config=configs/pretrain.py:tiny=1,linear=blockdiag",
+          "--config.impl=pallas"]
+  rc, out = _run(tmp_path, *args, "--dry_run", "--cross_lower=tpu")
+  assert rc == 1 and "total parameters:" in out and "tpu: FAILS" in out, out
+  rc, out = _run(tmp_path, *args, "--cross_lower=tpu")
+  assert rc != 0 and "goes with --dry_run" in out, out
+  assert not os.listdir(tmp_path)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
   del data_dir
   c = tiny(total_steps=30, lr=1e30, warmup_steps=1, grad_clip=0.0,

@@ -27,14 +27,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from structmat.kernels import triton_backend
-from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
+from structmat.kernels import target, triton_backend
 from structmat.kernels.shared_trace import traced_once
+from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 
 
 def prepare(x, block_tokens: int, interpret, platform):
   """Shared wrapper prologue: (x as 2-D, block_tokens, interpret, platform)."""
-  platform = platform or jax.default_backend()
+  platform = platform or target.platform()
   if interpret is None:
     interpret = platform == "cpu"
   x2 = x.reshape(-1, x.shape[-1])

@@ -9,10 +9,10 @@ asks for (``experiments.benchmark_kernels`` times it on TPUs); ``impl="auto"``
 keeps the portable kernel until a TPU has measured which wins. On the CPU it
 runs in interpret mode (tests).
 """
-import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
+from structmat.kernels import target
 from structmat.ops.blockdiag import (check_blockdiag, from_block_major,
                                      to_block_major)
 
@@ -57,7 +57,7 @@ def blockdiag_matmul_gmm(x, w, *, tiling: tuple[int, int, int] | None = None,
                      "(a row tile may not straddle two blocks); pick a "
                      "divisor.")
   if interpret is None:
-    interpret = jax.default_backend() != "tpu"
+    interpret = target.platform() != "tpu"
   lhs = to_block_major(x2, k).reshape(k * tokens, p)
   sizes = jnp.full((k,), tokens, jnp.int32)
   # Positional: gmm is a custom_vjp whose static arguments are positions

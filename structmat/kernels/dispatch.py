@@ -20,7 +20,7 @@ import functools
 from absl import logging
 import jax
 
-from structmat.kernels import roofline
+from structmat.kernels import roofline, target
 
 IMPLS = ("auto", "xla", "pallas")
 
@@ -31,7 +31,7 @@ def choose(impl: str, why_not) -> bool:
     raise ValueError(f"impl={impl!r}; use one of {IMPLS}.")
   if impl == "xla":
     return False
-  platform = jax.default_backend()
+  platform = target.platform()
   if impl == "pallas":
     return True
   if platform == "cpu":
@@ -65,12 +65,12 @@ def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
   itemsize = x.dtype.itemsize  # the kernel computes in x's dtype
   if impl == "auto":
     why = roofline.materialize_problem(tokens, w1.shape, w2.shape, itemsize,
-                                       jax.default_backend())
+                                       target.platform())
     if why is None:
       logging.debug("impl=auto: Monarch %s -> %s materialized (dense matmul)",
                     w1.shape, w2.shape)
       return ref.monarch_matmul_dense(x, w1, w2, bias)
-  if jax.default_backend() == "tpu":
+  if target.platform() == "tpu":
     bt = mt.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize)
     why_not = lambda plat: (
         mt.supported(tokens, w1.shape, w2.shape, bt, itemsize)
@@ -78,7 +78,7 @@ def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
     kernel = functools.partial(mt.monarch_matmul_tpu, block_tokens=bt)
   else:
     bt = mk.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize,
-                             jax.default_backend(), block_tokens)
+                             target.platform(), block_tokens)
     why_not = lambda plat: (
         mk.supported(tokens, w1.shape, w2.shape, bt, plat, itemsize)
         or mk.slower_than_xla(tokens, w1.shape, w2.shape, plat, bt)
@@ -101,7 +101,7 @@ def _portable_or_mgpu(portable, tokens, w1_shape, w2_shape, bt, dtype):
   and the Mosaic GPU one takes them."""
   from structmat.kernels import monarch as mk  # pylint: disable=import-outside-toplevel
   from structmat.kernels import monarch_mgpu as mg  # pylint: disable=import-outside-toplevel
-  platform = jax.default_backend()
+  platform = target.platform()
   why = (mk.supported(tokens, w1_shape, w2_shape, bt, platform,
                       jax.numpy.dtype(dtype).itemsize)
          or mgpu_first(w1_shape, w2_shape, platform))
@@ -154,7 +154,7 @@ def sltrain(x, a, b, values, indices, scale, impl: str, orders=None,
   from structmat.ops import sparse_lowrank as ref  # pylint: disable=import-outside-toplevel
   tokens = x.size // x.shape[-1]
   d_in, d_out = a.shape[0], b.shape[1]
-  if jax.default_backend() == "tpu":
+  if target.platform() == "tpu":
     bt = 256 if tokens % 256 == 0 else 128
     why_not = lambda plat: (
         stk.supported(tokens, d_in, d_out, a.shape[1], indices.shape[0], bt,

@@ -21,13 +21,17 @@ import re
 import jax
 import jax.numpy as jnp
 
+from structmat.kernels import target
+
 DEVICE_KINDS = {"cuda": "NVIDIA H100 80GB HBM3", "tpu": "TPU v5 lite"}
 
 
 def cross_lower(fn, args, platform: str, grad_argnums=None) -> str:
   """Lower ``fn(*args)`` (or the gradient of its float32 sum over
   ``grad_argnums``) for an abstract H100 (``platform="cuda"``) or TPU v5e
-  (``"tpu"``) on this host. Returns the lowered module's text."""
+  (``"tpu"``) on this host, choosing kernels as that device would
+  (``target.targeting``: ``impl`` dispatch, interpret mode off). Returns
+  the lowered module's text."""
   if platform not in DEVICE_KINDS:
     raise ValueError(f"platform={platform!r}; use one of {tuple(DEVICE_KINDS)}")
   ad = jax.sharding.AbstractDevice(device_kind=DEVICE_KINDS[platform],
@@ -39,7 +43,7 @@ def cross_lower(fn, args, platform: str, grad_argnums=None) -> str:
   if grad_argnums is not None:
     f = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)),
                  argnums=grad_argnums)
-  with jax.sharding.use_abstract_mesh(mesh):
+  with jax.sharding.use_abstract_mesh(mesh), target.targeting(platform):
     return jax.jit(f).trace(*args).lower(
         lowering_platforms=(platform,)).as_text()
 

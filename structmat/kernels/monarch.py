@@ -51,8 +51,8 @@ from structmat.kernels import triton_backend
 from structmat.kernels.blockdiag import (LOOP_SMEM_BUDGET, SMEM_BUDGET,
                                          TRITON_STAGES, _pow2, compiler_params,
                                          prepare, split_count)
-from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 from structmat.kernels.shared_trace import traced_once
+from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 # The regrouping the kernels multiply (also ops.monarch_to_dense's).
 from structmat.ops.monarch import gather_weights  # pylint: disable=unused-import
 

@@ -65,6 +65,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from structmat.kernels import monarch as mk
+from structmat.kernels import target
 from structmat.kernels.blockdiag import prepare
 from structmat.kernels.shared_trace import traced_once
 
@@ -169,6 +170,8 @@ def hardware_problem(platform: str) -> str | None:
     return None
   if platform not in ("gpu", "cuda"):
     return f"platform {platform}: Mosaic GPU kernels run on NVIDIA GPUs"
+  if target.abstract():  # cross-lowering for an abstract H100
+    return None
   cc = getattr(jax.devices()[0], "compute_capability", None)
   if cc is None or not str(cc).startswith("9."):
     return f"compute capability {cc}: wgmma needs a Hopper GPU (9.0)"

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from structmat.kernels import target
 from structmat.kernels.monarch import layout_problem
 from structmat.kernels.mosaic_tpu import (LANES, VMEM_BUDGET, compiler_params,
                                           lane_chunks, matmul as _mm, whole)
@@ -342,7 +343,7 @@ def monarch_matmul_tpu(x, w1, w2, *, block_tokens: int = 512,
   from structmat.ops.monarch import _check  # the reference's shape checks
   _check(x.shape[-1], w1, w2)
   if interpret is None:
-    interpret = jax.default_backend() != "tpu"
+    interpret = target.platform() != "tpu"
   x2 = x.reshape(-1, x.shape[-1])
   why = supported(x2.shape[0], w1.shape, w2.shape, block_tokens,
                   x2.dtype.itemsize)

@@ -32,8 +32,8 @@ from jax.experimental import pallas as pl
 from structmat.kernels import triton_backend
 from structmat.kernels.blockdiag import (LOOP_SMEM_BUDGET, TRITON_STAGES,
                                          _pow2, compiler_params, prepare)
-from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 from structmat.kernels.shared_trace import traced_once
+from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 
 
 class TiledSupport(NamedTuple):

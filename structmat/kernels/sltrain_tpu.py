@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from structmat.kernels import sltrain as sk
+from structmat.kernels import target
 from structmat.kernels.mosaic_tpu import (LANES, VMEM_BUDGET, compiler_params,
                                           lane_chunks, matmul as _mm, whole)
 from structmat.kernels.shared_trace import traced_once
@@ -360,7 +361,7 @@ def sltrain_matmul_tpu(x, a, b, values, indices, scale: float, *,
   """
   d_in, d_out = a.shape[0], b.shape[1]
   if interpret is None:
-    interpret = jax.default_backend() != "tpu"
+    interpret = target.platform() != "tpu"
   x2 = x.reshape(-1, x.shape[-1])
   bt = min(block_tokens, x2.shape[0])
   why = supported(x2.shape[0], d_in, d_out, a.shape[1], indices.shape[0], bt,

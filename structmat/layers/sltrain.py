@@ -2,9 +2,9 @@
 import math
 
 import flax.linen as nn
-import jax
 
 from structmat import ops
+from structmat.kernels import target
 from structmat.kernels.sltrain import support_orders
 from structmat.layers import init as sm_init
 from structmat.layers.base import StructuredLinear, require, unbox
@@ -93,7 +93,7 @@ class SparsePlusLowRank(StructuredLinear):
     if not self.kernel_block:
       return False
     return self.impl == "xla" or (self.impl == "auto"
-                                  and jax.default_backend() != "tpu")
+                                  and target.platform() != "tpu")
 
   def compute_of(self, fn, args, p):
     return ops.sltrain_matmul_blocked_of(

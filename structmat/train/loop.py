@@ -290,11 +290,16 @@ def evaluate_loss(eval_fn, state, batches) -> float:
   return total / max(count, 1.0)
 
 
+def config_vocab(config) -> int:
+  """The vocabulary size a run of ``config`` will have, without building its
+  tokenizer (the byte tokenizer's is fixed)."""
+  return config.data.vocab_size if config.data.tokenizer != "byte" else 259
+
+
 def dry_run(config) -> int:
   """Build the model abstractly, print the parameter table, return the total."""
   validate_config(config)
-  vocab = config.data.vocab_size if config.data.tokenizer != "byte" else 259
-  cfg = model_config(config, vocab)
+  cfg = model_config(config, config_vocab(config))
   shapes = jax.eval_shape(build_model(cfg).init, jax.random.key(0),
                           jnp.ones((1, config.seq_len), jnp.int32))
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
