@@ -13,8 +13,8 @@ from structmat import ops
 from structmat.kernels import monarch as mk
 from structmat.kernels import monarch_mgpu as mg
 from structmat.kernels import monarch_mgpu_dw as mdw
-from structmat.kernels.lowering import cross_lower, kernel_modules
-from tests.helpers import check_kernel
+from structmat.kernels.lowering import cross_lower
+from tests.helpers import check_kernel, preset_step_kernels
 
 SHAPES = [  # (tokens, w1 shape, w2 shape)
     (128, (2, 64, 64), (2, 64, 64)),      # square, q/l = 32 (64-byte swizzle)
@@ -275,22 +275,7 @@ def test_pallas_train_step_cross_lowers_for_hopper(preset, mosaic, triton,
   once per shape (``shared_trace``), whatever the depth and the sites: before,
   every site lowered its own kernels, and each backward's kernels carried
   its site's source lines (4 distinct Mosaic GPU dx modules for q, k, v, o)."""
-  import optax  # pylint: disable=import-outside-toplevel
-  from structmat.models import build_model  # pylint: disable=import-outside-toplevel
-  from structmat.models.family import preset_config  # pylint: disable=import-outside-toplevel
-  from structmat.train import steps  # pylint: disable=import-outside-toplevel
-  from structmat.train.state import create_state  # pylint: disable=import-outside-toplevel
-  cfg = preset_config(preset, "monarch", vocab_size=512, max_len=128,
-                      dtype=jnp.bfloat16, impl="pallas", attention="xla",
-                      n_layers=2)
-  model, tx = build_model(cfg), optax.adamw(1e-4)
-  tokens = jax.ShapeDtypeStruct((2, 129), jnp.int32)
-  state = jax.eval_shape(lambda t: create_state(model, tx, 0, t[:1, :-1]),
-                         tokens)
-  # No patching: cross_lower chooses kernels as the H100 would.
-  text = cross_lower(functools.partial(steps.train_step, model=model, tx=tx,
-                                       pad_id=-1), (state, tokens), "cuda")
-  found = kernel_modules(text)
+  found = preset_step_kernels(preset, "cuda", n_layers=2)
   count = lambda what: tuple(found[what].get(k, 0)
                              for k in ("mosaic_gpu", "triton"))
   assert count("calls") == (mosaic, triton), found

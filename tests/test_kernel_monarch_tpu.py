@@ -10,7 +10,8 @@ import pytest
 from structmat import ops
 from structmat.kernels import monarch_tpu as mt
 from structmat.kernels.lowering import cross_lower
-from tests.helpers import check_kernel, poison_pallas_outputs
+from tests.helpers import (check_kernel, poison_pallas_outputs,
+                           preset_step_kernels)
 
 # (tokens, block_tokens, w1 (k, q, p), w2 (l, s, r))
 SHAPES = [
@@ -157,26 +158,7 @@ def test_pallas_train_step_lowers_each_kernel_once_for_tpus():
   kernel product is lowered once per shape (``kernels.shared_trace``), not
   once per call site (before: 14 calls per block, 10 distinct modules at
   two blocks)."""
-  import functools  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
-  from structmat.kernels.lowering import kernel_modules  # pylint: disable=import-outside-toplevel
-  from structmat.models import build_model  # pylint: disable=import-outside-toplevel
-  from structmat.models.family import preset_config  # pylint: disable=import-outside-toplevel
-  from structmat.train import steps  # pylint: disable=import-outside-toplevel
-  from structmat.train.state import create_state  # pylint: disable=import-outside-toplevel
-  tokens = jax.ShapeDtypeStruct((2, 129), jnp.int32)
-
-  def kernels(n_layers):
-    cfg = preset_config("llama_60m", "monarch", vocab_size=512, max_len=128,
-                        dtype=jnp.bfloat16, impl="pallas", attention="xla",
-                        n_layers=n_layers)
-    model, tx = build_model(cfg), optax.adamw(1e-4)
-    state = jax.eval_shape(lambda t: create_state(model, tx, 0, t[:1, :-1]),
-                           tokens)
-    return kernel_modules(cross_lower(functools.partial(
-        steps.train_step, model=model, tx=tx, pad_id=-1), (state, tokens),
-                                      "tpu"))
-
+  kernels = lambda n: preset_step_kernels("llama_60m", "tpu", n_layers=n)
   one = kernels(1)
   assert one == kernels(3)
   # Forward and backward of the attention (512 = 4 x 128) and of the MLP's
