@@ -6,7 +6,9 @@ again (Pallas lowering is Python, and a Mosaic GPU module is ~290 KB), and
 the backward, traced afresh per site, carries that site's source lines in
 its kernels' debug locations, so identical kernels became distinct modules.
 Mosaic GPU compiles each distinct module once per process (its cache keys
-on the module's hash), so every extra module is an extra compile.
+on the module's hash), and XLA each distinct Triton call (its kernel reuse
+cache keys on the backend config), so every extra module is an extra
+compile.
 
 Cross-lowered for an H100 on the 2-core CPU (session 16), LLaMA-130M's
 12-layer ``impl=pallas`` train step (Mosaic GPU attention, chunked Triton
