@@ -40,6 +40,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from structmat import ops  # pylint: disable=wrong-import-position
 from structmat.kernels import monarch as mk  # pylint: disable=wrong-import-position
+from structmat.kernels import shared_trace  # pylint: disable=wrong-import-position
 from structmat.kernels import sltrain as sk  # pylint: disable=wrong-import-position
 from structmat.models.family import linear_shapes, preset_config  # pylint: disable=wrong-import-position
 from structmat.kernels.lowering import cross_lower  # pylint: disable=wrong-import-position
@@ -72,12 +73,14 @@ def triton_modules(fn, args, grad_argnums):
                     debug=True, **k)
 
   pl.pallas_call, out = debug, io.StringIO()
+  shared_trace.clear()  # trace the kernels again, through `debug`
   try:
     with contextlib.redirect_stdout(out):
       cross_lower(fn, args, "cuda", grad_argnums)
       cross_lower(fn, args, "cuda")   # the forward alone (grad drops it)
   finally:
     pl.pallas_call = original
+    shared_trace.clear()  # no trace keeps the debug flag
   modules = {}
   for part in out.getvalue().split("The Triton module for pallas_call ")[1:]:
     head, body = part.split("\n", 1)
