@@ -129,24 +129,17 @@ def check_orders_skip_the_sort(kernel, args, cotangent, orders):
 
 def preset_step_kernels(preset: str, platform: str, n_layers: int,
                         linear: str = "monarch"):
-  """``lowering.kernel_modules`` of a preset's ``impl="pallas"`` train step
-  (bf16, ``n_layers`` blocks, a 2 x 128-token batch) cross-lowered for
-  ``platform`` ("cuda": an H100, "tpu": a TPU v5e), which chooses kernels
-  as that device would."""
-  import functools  # pylint: disable=import-outside-toplevel
+  """{"calls", "distinct"} kernels (``lowering.kernel_modules``) of a
+  preset's ``impl="pallas"`` train step (bf16, ``n_layers`` blocks, a 2 x
+  128-token batch) cross-lowered for ``platform`` ("cuda": an H100, "tpu":
+  a TPU v5e) by ``train.preflight.lower_step``."""
   import optax  # pylint: disable=import-outside-toplevel
-  from structmat.kernels.lowering import cross_lower, kernel_modules  # pylint: disable=import-outside-toplevel
   from structmat.models import build_model  # pylint: disable=import-outside-toplevel
   from structmat.models.family import preset_config  # pylint: disable=import-outside-toplevel
-  from structmat.train import steps  # pylint: disable=import-outside-toplevel
-  from structmat.train.state import create_state  # pylint: disable=import-outside-toplevel
+  from structmat.train import preflight  # pylint: disable=import-outside-toplevel
   cfg = preset_config(preset, linear, vocab_size=512, max_len=128,
                       dtype=jnp.bfloat16, impl="pallas", attention="xla",
                       n_layers=n_layers)
-  model, tx = build_model(cfg), optax.adamw(1e-4)
-  tokens = jax.ShapeDtypeStruct((2, 129), jnp.int32)
-  state = jax.eval_shape(lambda t: create_state(model, tx, 0, t[:1, :-1]),
-                         tokens)
-  return kernel_modules(cross_lower(functools.partial(
-      steps.train_step, model=model, tx=tx, pad_id=-1), (state, tokens),
-                                    platform))
+  r = preflight.lower_step(build_model(cfg), optax.adamw(1e-4), (2, 129),
+                           platform, seed=0)
+  return {"calls": r["calls"], "distinct": r["distinct"]}

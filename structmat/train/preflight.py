@@ -23,25 +23,32 @@ from structmat.train.loop import (config_vocab, frozen_dtype, model_config,
 from structmat.train.state import create_state
 
 
-def lower_train_step(config, platform: str) -> dict:
-  """Lower ``config``'s train step for ``platform`` ("cuda" or "tpu"):
+def lower_step(model, tx, batch_shape, platform: str, **state_kwargs) -> dict:
+  """Lower ``steps.train_step`` of ``model`` and ``tx`` on an int32 batch of
+  ``batch_shape`` (rows, length + 1) for ``platform`` ("cuda" or "tpu"),
+  the state built abstractly (``create_state``'s ``state_kwargs``):
   {"platform", "lower_s", "module_mb", "calls", "distinct"} (kernel calls
   and distinct kernel modules by kind, ``lowering.kernel_modules``). Raises
   the ValueError of a kernel that cannot take the shapes."""
-  validate_config(config)
-  model = build_model(model_config(config, config_vocab(config)))
-  tx = make_optimizer(config)
-  example = jnp.ones((1, config.seq_len), jnp.int32)
-  state = jax.eval_shape(lambda: create_state(
-      model, tx, config.seed, example, trainable=config.trainable,
-      frozen_dtype=frozen_dtype(config)))
-  batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1),
-                               jnp.int32)
+  example = jnp.ones((1, batch_shape[1] - 1), jnp.int32)
+  state = jax.eval_shape(lambda: create_state(model, tx, example_tokens=example,
+                                              **state_kwargs))
+  batch = jax.ShapeDtypeStruct(batch_shape, jnp.int32)
   t0 = time.perf_counter()
   text = cross_lower(functools.partial(steps.train_step, model=model, tx=tx,
                                        pad_id=-1), (state, batch), platform)
   return {"platform": platform, "lower_s": time.perf_counter() - t0,
           "module_mb": len(text) / 1e6, **kernel_modules(text)}
+
+
+def lower_train_step(config, platform: str) -> dict:
+  """``lower_step`` of ``config``'s model, optimizer and global batch."""
+  validate_config(config)
+  return lower_step(build_model(model_config(config, config_vocab(config))),
+                    make_optimizer(config),
+                    (config.batch_size, config.seq_len + 1), platform,
+                    seed=config.seed, trainable=config.trainable,
+                    frozen_dtype=frozen_dtype(config))
 
 
 def report(config, platforms) -> bool:
