@@ -145,6 +145,11 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
     cases += [
         ("monarch pallas", lambda x, a, b: mk.monarch_matmul_pallas(
             x, a, b, block_tokens=mbt, interpret=interp), (w1, w2)),
+        # The output permutation left to XLA, as before session 17 (it now
+        # rides in the kernel's l-strided stores): which is faster needs a GPU.
+        ("monarch pallas p2 xla", lambda x, a, b: mk.monarch_matmul_pallas(
+            x, a, b, block_tokens=mbt, interpret=interp, strided_p2=False),
+         (w1, w2)),
         ("monarch pallas bt64", lambda x, a, b: mk.monarch_matmul_pallas(
             x, a, b, block_tokens=min(64, tokens), interpret=interp), (w1, w2)),
         # Chunked blocks spill at 64-128 tokens, not at 32 (bf16; offline

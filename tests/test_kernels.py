@@ -207,6 +207,56 @@ def test_monarch_kernel_matches_reference(tokens, bt, s1, s2, dtype, tol,
   assert set(poisoned) == {"monarch_fwd", "monarch_dx", "monarch_dw"}
 
 
+def _activation_transposes(fn, tokens, *args):
+  """Shapes of the transposes outside any kernel whose operand has a
+  ``tokens`` axis (the weights' regrouping transposes do not)."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        continue
+      if (eqn.primitive.name == "transpose"
+          and tokens in eqn.invars[0].aval.shape):
+        found.append(eqn.invars[0].aval.shape)
+      for v in eqn.params.values():
+        for inner in v if isinstance(v, (tuple, list)) else (v,):
+          inner = getattr(inner, "jaxpr", inner)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_monarch_forward_stores_the_output_permutation():
+  """Triton (and interpret mode, which tests it) writes y once, P2 in its
+  strided stores: no activation-sized transpose follows the forward kernel,
+  while the backward undoes P2 on dy in XLA. Mosaic TPU, whose blocks
+  cannot stride, still writes block-major blocks that XLA permutes."""
+  tokens, s1, s2 = 96, (4, 16, 24), (2, 36, 32)   # padded blocks, k != l
+  x, w1, w2, g = _monarch_inputs(3, tokens, s1, s2)
+  fwd = lambda x, w1, w2: mk.monarch_matmul_pallas(
+      x, w1, w2, block_tokens=32, interpret=True)
+  assert _activation_transposes(fwd, tokens, x, w1, w2) == []
+  grad = lambda x, w1, w2: jax.vjp(fwd, x, w1, w2)[1](g)
+  assert _activation_transposes(grad, tokens, x, w1, w2) == [(tokens, 36, 2)]
+  # strided_p2=False (the benchmark's comparison): XLA permutes, same values
+  unstrided = lambda x, w1, w2: mk.monarch_matmul_pallas(
+      x, w1, w2, block_tokens=32, interpret=True, strided_p2=False)
+  assert _activation_transposes(unstrided, tokens, x, w1, w2) == [(2, 96, 36)]
+  ref = ops.monarch_matmul(x, w1, w2)
+  for f in (fwd, unstrided):
+    np.testing.assert_allclose(f(x, w1, w2), ref, rtol=1e-5, atol=1e-5)
+  s1, s2 = (2, 256, 128), (2, 128, 256)             # TPU-aligned blocks
+  x, w1, w2, _ = _monarch_inputs(4, 64, s1, s2)
+  tpu = lambda x, w1, w2, **kw: mk.monarch_matmul_pallas(
+      x, w1, w2, block_tokens=32, interpret=False, platform="tpu", **kw)
+  assert _activation_transposes(tpu, 64, x, w1, w2) == [(2, 64, 128)]
+  with pytest.raises(ValueError, match="strided_p2=True: Mosaic TPU"):
+    tpu(x, w1, w2, strided_p2=True)
+
+
 @pytest.mark.parametrize("i,loops", [(0, True), (2, True), (6, True),
                                      (7, False), (8, False)])
 def test_monarch_whole_blocks_loop(i, loops):

@@ -281,11 +281,14 @@ else
   KM="--sizes=512:1376,1376:512 --nblocks=4 --tokens=65536"
 fi
 MG="monarch mgpu,monarch mgpu 2wg,monarch mgpu portable dw"
-timeout 90 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
-  --impls="monarch xla,monarch materialized,dense,monarch pallas,$MG" \
+# Session 17: "monarch pallas" stores P2 itself (l-strided stores; its
+# programs launch l-fastest), "p2 xla" the block-major output XLA permutes
+# as before, and the 344-wide chunks run as 256 + 128 (256 + 256 before).
+timeout 100 $PY -m experiments.benchmark_kernels $KP --dtypes=bfloat16 \
+  --impls="monarch xla,monarch materialized,dense,monarch pallas,monarch pallas p2 xla,$MG" \
   --output_dir="$OUT/attention"
-timeout 120 $PY -m experiments.benchmark_kernels $KM --dtypes=bfloat16 \
-  --impls="dense,monarch xla,monarch materialized,monarch pallas,monarch pallas bt32" \
+timeout 140 $PY -m experiments.benchmark_kernels $KM --dtypes=bfloat16 \
+  --impls="dense,monarch xla,monarch materialized,monarch pallas,monarch pallas p2 xla,monarch pallas bt32" \
   --output_dir="$OUT/mlp"
 # LLaMA-130M's MLP (768 <-> 2048 in 4 blocks), XLA forms only: the roofline
 # keeps it structured under auto (materialized predicted 0.79-0.81x, margin

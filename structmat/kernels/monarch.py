@@ -9,11 +9,14 @@ into A[l, k] = w1[k, l::l] (q/l, p) and B[l, k] = w2[l][:, k*q/l:(k+1)*q/l]
 
     o_l = sum_k (x_k @ A[l, k]^T) @ B[l, k]^T
 
-Forward: one program per token tile loops over (l, k) and writes o_l into a
-block-major (l, tokens, s) output; the final permutation P2 (index s*l + l) is
-an XLA transpose. Backward: dx per (token tile, k) program; dA, dB per (l, k)
-program looping over token tiles (accumulating across grid programs would race
-on Triton). Reference: ``structmat.ops.monarch_matmul``.
+Forward: one program per (output block l, token tile) sums over k and
+stores o_l with the final permutation P2 (block l's column j is output column
+j*l + l): a store strided by l into y's (tokens, s, l) view, so y is written
+once (until session 17 the kernel wrote a block-major (l, tokens, s) array
+and XLA transposed it, two more passes over y). Backward: XLA undoes P2 on dy
+(``strides_p2`` says why not the kernels); dx per (k, token tile) program; dA,
+dB per (l, k) program looping over token tiles (accumulating across grid
+programs would race on Triton). Reference: ``structmat.ops.monarch_matmul``.
 
 Block sizes that are not powers of two (LLaMA-130M's and GPT-2's 768 features
 in 4 blocks of 192, q/l = 48) are padded for Triton, which loads and computes
@@ -99,6 +102,21 @@ def pads_blocks(platform: str) -> bool:
   """Whether the kernel pads blocks to powers of two on ``platform``: on
   GPUs (Triton) and in interpret mode ("cpu", which tests the GPU code), not
   on TPUs (Mosaic takes any multiple of (8, 128) as it is)."""
+  return platform != "tpu"
+
+
+def strides_p2(platform: str) -> bool:
+  """Whether the forward applies P2 through l-strided stores into y's
+  (tokens, s, l) view: with Triton (GPUs, and interpret mode, which tests
+  that code). Mosaic TPU blocks need (8, 128)-aligned trailing dims, so there
+  it writes a block-major (l, tokens, s) array that XLA permutes.
+
+  The backward still reads dy block-major (XLA undoes P2 first): reading dy
+  through the strided view, Triton 3.6 could no longer pipeline those loads
+  through shared memory (cp.async takes >= 4 contiguous bytes), and the 60M
+  MLP's dx spilled 2020 bytes per thread instead of 292
+  (``tools/triton_smem.py``); each of dx's l steps would also pull every
+  sector of the dy tile for a quarter of it."""
   return platform != "tpu"
 
 
@@ -500,28 +518,41 @@ def _fwd_kernel(x_ref, a_ref, b_ref, o_ref, *, k, p, s, tile):
     _store(o_ref.at[:, pl.ds(c, size)], acc.astype(o_ref.dtype), valid)
 
 
-def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform):
-  """x (tokens, k*p), a/b padded to (l, k, G, P) / (l, k, S, G) -> the
-  block-major (l, tokens, s) output."""
-  # One program per (token tile, output block l): tiles x l programs keep a
-  # GPU busy even at a few hundred tokens; x tiles are re-read per l from L2.
+def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform, strided):
+  """x (tokens, k*p), a/b padded to (l, k, G, P) / (l, k, S, G) -> y
+  (tokens, s*l), the output permutation P2 (index s_idx*l + l) included:
+  in the kernel's stores with ``strided``, else by XLA."""
+  # One program per (output block l, token tile): tiles x l programs keep a
+  # GPU busy even at a few hundred tokens. l varies fastest (launch order),
+  # so a tile's l programs run together: x's tile is re-read from L2, and
+  # their interleaved stores below meet in the same L2 sectors.
   tokens = x.shape[0]
   l, k, g, pp = a.shape
   ss = b.shape[2]
   kernel = functools.partial(_fwd_kernel, k=k, p=p, s=s,
                              tile=_tile(platform, a, b))
   xs = _split(x, p, pp)
-  return pl.pallas_call(
+  if strided:
+    # P2 in the store: block l's column j is output column j*l + l, so each
+    # program writes its (bt, S) tile strided by l into y's (tokens, s, l)
+    # view. Until session 17 the kernel wrote a block-major (l, tokens, s)
+    # array that XLA then transposed: two more passes over y.
+    out = (jax.ShapeDtypeStruct((tokens, s, l), x.dtype),
+           pl.BlockSpec((block_tokens, ss, None), lambda j, i: (i, 0, j)))
+  else:
+    out = (jax.ShapeDtypeStruct((l, tokens, s), x.dtype),
+           pl.BlockSpec((None, block_tokens, ss), lambda j, i: (j, i, 0)))
+  y = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((l, tokens, s), x.dtype),
-      grid=(tokens // block_tokens, l),
+      out_shape=out[0],
+      grid=(l, tokens // block_tokens),
       # the whole row: (bt, k*p), or (bt, k, P) in the padded view
       in_specs=[pl.BlockSpec((block_tokens, *xs.shape[1:-1],
                               max(pp, xs.shape[-1])),
-                             lambda i, j: (i,) + (0,) * (xs.ndim - 1)),
-                pl.BlockSpec((None, k, g, pp), lambda i, j: (j, 0, 0, 0)),
-                pl.BlockSpec((None, k, ss, g), lambda i, j: (j, 0, 0, 0))],
-      out_specs=pl.BlockSpec((None, block_tokens, ss), lambda i, j: (j, i, 0)),
+                             lambda j, i: (i,) + (0,) * (xs.ndim - 1)),
+                pl.BlockSpec((None, k, g, pp), lambda j, i: (j, 0, 0, 0)),
+                pl.BlockSpec((None, k, ss, g), lambda j, i: (j, 0, 0, 0))],
+      out_specs=out[1],
       interpret=interpret,
       # 8 warps from a 64 KB float32 accumulator on (128 registers per
       # thread at 4 warps): n=4096 in 16 blocks, 64-token tiles spilled 304
@@ -530,6 +561,9 @@ def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform):
           platform, 2, 8 if block_tokens * ss >= 16384 else 4),
       name="monarch_fwd",
   )(xs, a, b)
+  if not strided:
+    y = y.transpose(1, 2, 0)
+  return y.reshape(tokens, s * l)
 
 
 def _dx_kernel(do_ref, a_ref, b_ref, dx_ref, *, l, p, s, tile):
@@ -563,11 +597,12 @@ def _call_dx(do, a, b, p, block_tokens, interpret, platform):
                         tile=_tile(platform, a, b)),
       out_shape=jax.ShapeDtypeStruct(
           (tokens, k * p) if pp == p else (tokens, k, p), do.dtype),
-      grid=(tokens // block_tokens, k),
-      in_specs=[pl.BlockSpec((l, block_tokens, ss), lambda i, j: (0, i, 0)),
-                pl.BlockSpec((l, None, g, pp), lambda i, j: (0, j, 0, 0)),
-                pl.BlockSpec((l, None, ss, g), lambda i, j: (0, j, 0, 0))],
-      out_specs=_split_spec(block_tokens, p, pp, lambda i, j: (i, j)),
+      # k varies fastest: a tile's k programs read its dy rows from L2
+      grid=(k, tokens // block_tokens),
+      in_specs=[pl.BlockSpec((l, block_tokens, ss), lambda j, i: (0, i, 0)),
+                pl.BlockSpec((l, None, g, pp), lambda j, i: (0, j, 0, 0)),
+                pl.BlockSpec((l, None, ss, g), lambda j, i: (0, j, 0, 0))],
+      out_specs=_split_spec(block_tokens, p, pp, lambda j, i: (i, j)),
       interpret=interpret,
       compiler_params=None if interpret else compiler_params(
           platform, 2, 8 if block_tokens * pp >= 16384 else 4),
@@ -639,13 +674,13 @@ def _dw_chunked(x_ref, do_ref, a_ref, b_ref, da_ref, db_ref, bt, n_tiles,
 
 
 def _call_dw(x, do, a, b, p, block_tokens, interpret, platform):
-  """(dA, dB), padded like a and b (float32): each program sums one token
+  """(dA, dB), padded like a and b (float32), from x and do (l, tokens,
+  s): each program sums one token
   chunk of one (l, k) pair into a float32 partial (programs must not
   accumulate into a shared block on Triton); XLA adds the partials. The chunks
   fill the GPU when l*k is small. ``block_tokens``: the loop's token step
   (``dw_block_tokens`` on GPUs)."""
-  tokens = x.shape[0]
-  s = do.shape[2]
+  tokens, s = do.shape[1:]
   l, k, g, pp = a.shape
   ss = b.shape[2]
   chunks = split_count(tokens // block_tokens, l * k)
@@ -676,12 +711,6 @@ def _call_dw(x, do, a, b, p, block_tokens, interpret, platform):
   return da.sum(0), db.sum(0)
 
 
-def _to_output(o):
-  """(l, tokens, s) -> (tokens, s*l): P2, output index s_idx*l + l_idx."""
-  l, tokens, s = o.shape
-  return o.transpose(1, 2, 0).reshape(tokens, s * l)
-
-
 def _padded_weights(w1, w2, pad: bool):
   """gather_weights, zero-padded to (l, k, G, P) and (l, k, S, G)."""
   a, b = gather_weights(w1, w2)
@@ -693,16 +722,16 @@ def _padded_weights(w1, w2, pad: bool):
           jnp.pad(b, ((0, 0), (0, 0), (0, ss - s), (0, gg - g))))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _monarch(x, w1, w2, block_tokens, interpret, platform):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _monarch(x, w1, w2, block_tokens, interpret, platform, strided):
   p = w1.shape[2]
   a, b = _padded_weights(w1, w2, pads_blocks(platform))
-  o = _call_fwd(x, a, b, p, w2.shape[1], block_tokens, interpret, platform)
-  return _to_output(o)
+  return _call_fwd(x, a, b, p, w2.shape[1], block_tokens, interpret, platform,
+                   strided)
 
 
-def _vjp_fwd(x, w1, w2, block_tokens, interpret, platform):
-  return (_monarch(x, w1, w2, block_tokens, interpret, platform),
+def _vjp_fwd(x, w1, w2, block_tokens, interpret, platform, strided):
+  return (_monarch(x, w1, w2, block_tokens, interpret, platform, strided),
           (x, w1, w2))
 
 
@@ -729,17 +758,19 @@ def backward(x, w1, w2, dy, block_tokens, interpret, platform, dx=True):
   return dx_out, dw1.astype(w1.dtype), dw2.astype(w2.dtype)
 
 
-def _vjp_bwd(block_tokens, interpret, platform, res, dy):
+def _vjp_bwd(block_tokens, interpret, platform, strided, res, dy):
+  del strided   # the backward reads dy block-major either way
   return backward(*res, dy, block_tokens, interpret, platform)
 
 
 _monarch.defvjp(_vjp_fwd, _vjp_bwd)
-_monarch_once = traced_once(_monarch, (3, 4, 5))
+_monarch_once = traced_once(_monarch, (3, 4, 5, 6))
 
 
 def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
                           interpret: bool | None = None,
-                          platform: str | None = None):
+                          platform: str | None = None,
+                          strided_p2: bool | None = None):
   """Fused Monarch product, same contract as ``ops.monarch_matmul`` (no bias).
 
   Args:
@@ -747,6 +778,9 @@ def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
     block_tokens: tokens per program.
     interpret: interpret mode (default: on the CPU).
     platform: backend to compile for (default: the default backend).
+    strided_p2: whether the forward kernel stores the output permutation
+      itself (l-strided stores) rather than leaving it to an XLA transpose;
+      default ``strides_p2``: with Triton, not on TPUs (which cannot).
 
   Returns:
     (..., l*s).
@@ -759,6 +793,12 @@ def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
                   "cpu" if interpret else platform, x2.dtype.itemsize)
   if why:
     raise ValueError(f"the fused Monarch kernel cannot run these shapes: {why}")
+  target = "cpu" if interpret else platform
+  if strided_p2 is None:
+    strided_p2 = strides_p2(target)
+  elif strided_p2 and not strides_p2(target):
+    raise ValueError(f"strided_p2=True: Mosaic TPU ({target}) cannot store "
+                     "l-strided blocks; leave it None (XLA permutes)")
   y = _monarch_once(x2, w1.astype(x.dtype), w2.astype(x.dtype), block_tokens,
-               interpret, platform)
+                    interpret, platform, bool(strided_p2))
   return y.reshape(*x.shape[:-1], y.shape[-1])
