@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 from structmat import ops
 from structmat.kernels import blockdiag as bd
@@ -255,6 +256,75 @@ def test_monarch_forward_stores_the_output_permutation():
   assert _activation_transposes(tpu, 64, x, w1, w2) == [(2, 64, 128)]
   with pytest.raises(ValueError, match="strided_p2=True: Mosaic TPU"):
     tpu(x, w1, w2, strided_p2=True)
+
+
+def _grids(fn, *args):
+  """{pallas_call name: its grid} of fn traced (not lowered)."""
+  found = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        name = (getattr(eqn.params.get("name_and_src_info"), "name", None)
+                or eqn.params.get("name"))
+        found[str(name)] = tuple(eqn.params["grid_mapping"].grid)
+      for v in eqn.params.values():
+        for inner in v if isinstance(v, (tuple, list)) else (v,):
+          inner = getattr(inner, "jaxpr", inner)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_gpu_grids_launch_programs_that_share_an_input_together():
+  """Triton launches the first grid axis fastest, a TPU steps the last one
+  fastest: on GPUs the programs that read the same activation tile (the
+  Monarch forward's l output blocks and dx's k input blocks, a
+  block-diagonal block's output tiles, SLTrain's output tiles) come first,
+  on TPUs last; the values do not change (interpret mode runs the GPU
+  order)."""
+  grid, specs, out = bd.launch_order(
+      "cuda", (8, 2, 3), [pl.BlockSpec((4, 4), lambda i, j, c: (i, 10 * j + c))],
+      pl.BlockSpec((4,), lambda i, j, c: (c,)))
+  assert grid == (3, 2, 8)
+  assert specs[0].index_map(2, 1, 5) == (5, 12) and out.index_map(2, 1, 5) == (2,)
+  assert bd.launch_order("tpu", (8, 2, 3), specs, out)[0] == (8, 2, 3)
+
+  s1, s2 = (2, 256, 128), (2, 128, 256)   # k = l = 2; 512 tokens in 32s
+  x, w1, w2, g = _monarch_inputs(5, 512, s1, s2, jnp.bfloat16)
+  fn = lambda plat: (lambda x, w1, w2: jax.vjp(
+      lambda *a: mk.monarch_matmul_pallas(*a, block_tokens=32,
+                                          interpret=False, platform=plat),
+      x, w1, w2)[1](g))
+  for plat, order in (("cuda", (2, 16)), ("tpu", (16, 2))):
+    grids = _grids(fn(plat), x, w1, w2)
+    assert grids["monarch_fwd"] == grids["monarch_dx"] == order, (plat, grids)
+
+  xb = jax.random.normal(jax.random.key(6), (256, 2 * 256), jnp.bfloat16)
+  wb = jax.random.normal(jax.random.key(7), (2, 512, 256), jnp.bfloat16)
+  fb = lambda plat: lambda x, w: bd.blockdiag_matmul_pallas(
+      x, w, block_tokens=128, interpret=False, platform=plat)
+  # (output tiles of a block, blocks, token tiles); reversed on TPUs, whose
+  # tile is the whole 512-wide block
+  assert _grids(fb("cuda"), xb, wb)["blockdiag_fwd"] == (4, 2, 2)
+  assert _grids(fb("tpu"), xb, wb)["blockdiag_fwd"] == (2, 2, 1)
+  np.testing.assert_allclose(
+      np.asarray(bd.blockdiag_matmul_pallas(xb[:64], wb, block_tokens=32,
+                                            interpret=True), np.float32),
+      np.asarray(ops.blockdiag_matmul(xb[:64], wb), np.float32),
+      rtol=2e-2, atol=2e-1)
+
+  from structmat.kernels import sltrain as sk   # pylint: disable=import-outside-toplevel
+  xs = jnp.ones((256, 128), jnp.bfloat16)
+  a, b = jnp.ones((128, 16), jnp.bfloat16), jnp.ones((16, 256), jnp.bfloat16)
+  idx = jnp.arange(0, 128 * 256, 97, dtype=jnp.int32)
+  vals = jnp.ones(idx.shape, jnp.bfloat16)
+  fs = lambda x: sk.sltrain_matmul_pallas(x, a, b, vals, idx, 1.0,
+                                          block_tokens=128, interpret=False,
+                                          platform="cuda")
+  assert _grids(fs, xs)["sltrain_fwd"] == (256 // sk.DEFAULT_TILE, 2)
 
 
 @pytest.mark.parametrize("i,loops", [(0, True), (2, True), (6, True),

@@ -20,6 +20,7 @@ Constraints checked by ``supported``: on Triton every loaded block needs
 power-of-two sizes; on TPU the last two block dims must be multiples of
 (8, 128) or the full dims. On the CPU, ``interpret=True`` runs the kernel.
 """
+import dataclasses
 import functools
 
 import jax
@@ -174,19 +175,37 @@ def _fwd_kernel(x_ref, w_ref, y_ref, *, chunk):
   y_ref[...] = acc.astype(y_ref.dtype)
 
 
+def launch_order(platform: str, grid: tuple[int, ...], in_specs, out_specs):
+  """(grid, in_specs, out_specs) for ``platform``, given as a TPU runs them:
+  Mosaic TPU steps through a grid row-major (the last axis fastest) and does
+  not fetch again a block whose index did not change, so kernels put last
+  the axis whose programs share an input block. Triton launches program_id
+  0, the first axis, fastest: elsewhere (GPUs, and interpret mode, which
+  tests that code) the grid and the index maps' arguments are reversed, so
+  those programs run together and re-read the shared block from L2 rather
+  than memory. Only for kernels that do not read ``pl.program_id``."""
+  if platform == "tpu":
+    return grid, in_specs, out_specs
+  flip = lambda s: dataclasses.replace(
+      s, index_map=lambda *ids, f=s.index_map: f(*ids[::-1]))
+  return (tuple(grid[::-1]), [flip(s) for s in in_specs], flip(out_specs))
+
+
 def _call_fwd(x, w, block_tokens, interpret, platform):
   b = x.shape[0]
   k, q, p = w.shape
   tile, chunk = tiling(block_tokens, q, p, x.dtype.itemsize, platform)
   n_tiles = q // tile
+  # The n_tiles programs of one x block last (fastest), then the blocks k.
+  grid, in_specs, out_specs = launch_order(
+      platform, (b // block_tokens, k, n_tiles),
+      [pl.BlockSpec((block_tokens, p), lambda i, j, c: (i, j)),
+       pl.BlockSpec((None, tile, p), lambda i, j, c: (j, c, 0))],
+      pl.BlockSpec((block_tokens, tile), lambda i, j, c: (i, j * n_tiles + c)))
   return pl.pallas_call(
       functools.partial(_fwd_kernel, chunk=chunk),
       out_shape=jax.ShapeDtypeStruct((b, k * q), x.dtype),
-      grid=(b // block_tokens, k, n_tiles),
-      in_specs=[pl.BlockSpec((block_tokens, p), lambda i, j, c: (i, j)),
-                pl.BlockSpec((None, tile, p), lambda i, j, c: (j, c, 0))],
-      out_specs=pl.BlockSpec((block_tokens, tile),
-                             lambda i, j, c: (i, j * n_tiles + c)),
+      grid=grid, in_specs=in_specs, out_specs=out_specs,
       interpret=interpret,
       compiler_params=None if interpret else compiler_params(platform, 3),
       name="blockdiag_fwd",

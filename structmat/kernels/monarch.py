@@ -9,12 +9,12 @@ into A[l, k] = w1[k, l::l] (q/l, p) and B[l, k] = w2[l][:, k*q/l:(k+1)*q/l]
 
     o_l = sum_k (x_k @ A[l, k]^T) @ B[l, k]^T
 
-Forward: one program per (output block l, token tile) sums over k and
+Forward: one program per (token tile, output block l) sums over k and
 stores o_l with the final permutation P2 (block l's column j is output column
 j*l + l): a store strided by l into y's (tokens, s, l) view, so y is written
 once (until session 17 the kernel wrote a block-major (l, tokens, s) array
 and XLA transposed it, two more passes over y). Backward: XLA undoes P2 on dy
-(``strides_p2`` says why not the kernels); dx per (k, token tile) program; dA,
+(``strides_p2`` says why not the kernels); dx per (token tile, k) program; dA,
 dB per (l, k) program looping over token tiles (accumulating across grid
 programs would race on Triton). Reference: ``structmat.ops.monarch_matmul``.
 
@@ -53,7 +53,7 @@ from jax.experimental import pallas as pl
 from structmat.kernels import triton_backend
 from structmat.kernels.blockdiag import (LOOP_SMEM_BUDGET, SMEM_BUDGET,
                                          TRITON_STAGES, _pow2, compiler_params,
-                                         prepare, split_count)
+                                         launch_order, prepare, split_count)
 from structmat.kernels.shared_trace import traced_once
 from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 # The regrouping the kernels multiply (also ops.monarch_to_dense's).
@@ -522,10 +522,10 @@ def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform, strided):
   """x (tokens, k*p), a/b padded to (l, k, G, P) / (l, k, S, G) -> y
   (tokens, s*l), the output permutation P2 (index s_idx*l + l) included:
   in the kernel's stores with ``strided``, else by XLA."""
-  # One program per (output block l, token tile): tiles x l programs keep a
-  # GPU busy even at a few hundred tokens. l varies fastest (launch order),
-  # so a tile's l programs run together: x's tile is re-read from L2, and
-  # their interleaved stores below meet in the same L2 sectors.
+  # One program per (token tile, output block l): tiles x l programs keep a
+  # GPU busy even at a few hundred tokens. A tile's l programs launch
+  # together on GPUs (``launch_order``): they re-read its x rows from L2,
+  # and their interleaved stores below meet in the same L2 sectors.
   tokens = x.shape[0]
   l, k, g, pp = a.shape
   ss = b.shape[2]
@@ -538,21 +538,21 @@ def _call_fwd(x, a, b, p, s, block_tokens, interpret, platform, strided):
     # view. Until session 17 the kernel wrote a block-major (l, tokens, s)
     # array that XLA then transposed: two more passes over y.
     out = (jax.ShapeDtypeStruct((tokens, s, l), x.dtype),
-           pl.BlockSpec((block_tokens, ss, None), lambda j, i: (i, 0, j)))
+           pl.BlockSpec((block_tokens, ss, None), lambda i, j: (i, 0, j)))
   else:
     out = (jax.ShapeDtypeStruct((l, tokens, s), x.dtype),
-           pl.BlockSpec((None, block_tokens, ss), lambda j, i: (j, i, 0)))
+           pl.BlockSpec((None, block_tokens, ss), lambda i, j: (j, i, 0)))
+  grid, in_specs, out_spec = launch_order(
+      platform, (tokens // block_tokens, l),
+      # the whole row: (bt, k*p), or (bt, k, P) in the padded view
+      [pl.BlockSpec((block_tokens, *xs.shape[1:-1], max(pp, xs.shape[-1])),
+                    lambda i, j: (i,) + (0,) * (xs.ndim - 1)),
+       pl.BlockSpec((None, k, g, pp), lambda i, j: (j, 0, 0, 0)),
+       pl.BlockSpec((None, k, ss, g), lambda i, j: (j, 0, 0, 0))], out[1])
   y = pl.pallas_call(
       kernel,
       out_shape=out[0],
-      grid=(l, tokens // block_tokens),
-      # the whole row: (bt, k*p), or (bt, k, P) in the padded view
-      in_specs=[pl.BlockSpec((block_tokens, *xs.shape[1:-1],
-                              max(pp, xs.shape[-1])),
-                             lambda j, i: (i,) + (0,) * (xs.ndim - 1)),
-                pl.BlockSpec((None, k, g, pp), lambda j, i: (j, 0, 0, 0)),
-                pl.BlockSpec((None, k, ss, g), lambda j, i: (j, 0, 0, 0))],
-      out_specs=out[1],
+      grid=grid, in_specs=in_specs, out_specs=out_spec,
       interpret=interpret,
       # 8 warps from a 64 KB float32 accumulator on (128 registers per
       # thread at 4 warps): n=4096 in 16 blocks, 64-token tiles spilled 304
@@ -592,17 +592,19 @@ def _call_dx(do, a, b, p, block_tokens, interpret, platform):
   l, tokens, s = do.shape
   _, k, g, pp = a.shape
   ss = b.shape[2]
+  # a tile's k programs launch together, re-reading its dy rows from L2
+  grid, in_specs, out_spec = launch_order(
+      platform, (tokens // block_tokens, k),
+      [pl.BlockSpec((l, block_tokens, ss), lambda i, j: (0, i, 0)),
+       pl.BlockSpec((l, None, g, pp), lambda i, j: (0, j, 0, 0)),
+       pl.BlockSpec((l, None, ss, g), lambda i, j: (0, j, 0, 0))],
+      _split_spec(block_tokens, p, pp, lambda i, j: (i, j)))
   dx = pl.pallas_call(
       functools.partial(_dx_kernel, l=l, p=p, s=s,
                         tile=_tile(platform, a, b)),
       out_shape=jax.ShapeDtypeStruct(
           (tokens, k * p) if pp == p else (tokens, k, p), do.dtype),
-      # k varies fastest: a tile's k programs read its dy rows from L2
-      grid=(k, tokens // block_tokens),
-      in_specs=[pl.BlockSpec((l, block_tokens, ss), lambda j, i: (0, i, 0)),
-                pl.BlockSpec((l, None, g, pp), lambda j, i: (0, j, 0, 0)),
-                pl.BlockSpec((l, None, ss, g), lambda j, i: (0, j, 0, 0))],
-      out_specs=_split_spec(block_tokens, p, pp, lambda j, i: (i, j)),
+      grid=grid, in_specs=in_specs, out_specs=out_spec,
       interpret=interpret,
       compiler_params=None if interpret else compiler_params(
           platform, 2, 8 if block_tokens * pp >= 16384 else 4),
