@@ -688,6 +688,25 @@ def test_auto_keeps_xla_where_the_kernel_was_measured_slower(monkeypatch):
   assert "11x" in sk.slower_than_xla("gpu") and sk.slower_than_xla("tpu") is None
 
 
+def test_benchmark_times_the_forward_with_the_backward():
+  """The forward+backward row runs the forward kernel: its loss, sum(y * g),
+  is linear in y, so with jax.grad alone jit dropped the forward (its
+  gradient needs only g), as the benchmark did until session 17."""
+  from experiments import benchmark_kernels as bk   # pylint: disable=import-outside-toplevel
+  S = jax.ShapeDtypeStruct
+  args = (S((512, 512), jnp.bfloat16), S((4, 128, 128), jnp.bfloat16),
+          S((4, 128, 128), jnp.bfloat16))
+  fn = lambda x, a, b: mk.monarch_matmul_pallas(
+      x, a, b, block_tokens=128, interpret=False, platform="cuda")
+  g = jnp.ones((512, 512), jnp.bfloat16)
+  text = cross_lower(bk.fwd_bwd(fn, g, 3), args, "cuda")
+  assert all(name in text for name in ("monarch_fwd", "monarch_dx",
+                                       "monarch_dw")), "a kernel is missing"
+  grad_only = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * g),
+                               argnums=(0, 1, 2)))
+  assert "monarch_fwd" not in cross_lower(grad_only, args, "cuda")
+
+
 def test_benchmark_kernels_smoke(tmp_path):
   import subprocess
   import sys
