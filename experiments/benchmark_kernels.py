@@ -250,7 +250,7 @@ def fwd_bwd(fn, g, n_args: int):
   forward live: with the gradients alone (this benchmark until session 17)
   jit dropped it, as a loss linear in y needs no y for its gradient, so
   those "forward+backward" rows timed the backward only (the kernels'
-  forward never ran; XLA's kept the stage-1 product its backward reads)."""
+  forward never ran; XLA's kept the residuals its backward reads)."""
   f32 = lambda a: a.astype(jnp.float32)
   return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f32(fn(*a) * g)),
                                     argnums=tuple(range(n_args))))
