@@ -33,11 +33,15 @@
 # by hand 150 s: 826 s held. Session 15: STEPS="5 6" 379 s (130M
 # impl=pallas printed no step in its 150 s), then at once STEPS=3 and that
 # row again by hand (190 s, 3 repeats: no step either) 425 s: 849 s held.
-# Next: STEPS=6 (<= 540 s: 130M impl=pallas, one block then all twelve,
-# printing lowering, compile and first-step seconds), then at once
-# STEPS=1 S1_IMPLS=auto (<= 295 s: the new materialization, 60M dense
-# beside it); STEPS=3 (<= 270 s: n=8192 at 512 tokens and in 64 and 4
-# blocks, the float32 kernels), step 2 (<= 120 s) and step 4 later.
+# Next (session 17 changed the Triton Monarch kernels: P2 in the forward's
+# strided stores, l-/k-fastest launches, 344 = 256 + 128 chunks; and the
+# benchmark's forward+backward now includes the forward, which jax.grad
+# had dropped): STEPS="5 6" P6=llama_60m (<= 480 s: the 60M layer rows with
+# and without the strided P2, then the 60M impl=pallas step against xla),
+# then at once STEPS=6 (<= 540 s: 130M impl=pallas, one block then all
+# twelve, printing lowering, compile and first-step seconds) if the budget
+# holds it; later STEPS=1 S1_IMPLS=auto (<= 295 s), STEPS=3 (<= 270 s),
+# step 2 (<= 120 s) and step 4.
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
