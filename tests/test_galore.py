@@ -182,3 +182,17 @@ def test_predicate_and_errors():
     G.scale_by_galore(proj_type="diagonal")
   with pytest.raises(ValueError, match="structured"):
     G.default_predicate("all")
+
+
+def test_benchmark_refresh_rows():
+  """experiments.benchmark_galore's refresh part at a small size: both
+  refreshes timed beside a whole AdamW step (updates and state), and the
+  randomized projector captures the optimal rank-r energy on a decaying
+  spectrum."""
+  from experiments import benchmark_galore  # pylint: disable=import-outside-toplevel
+  rows = benchmark_galore.refresh_rows(64, [8], gap=10)
+  assert [r["refresh"] for r in rows] == ["full SVD", "randomized"]
+  for r in rows:
+    assert r["refresh_ms"] > 0 and r["adam_step_ms"] > 0
+    assert r["per_step_overhead_ms"] == pytest.approx(r["refresh_ms"] / 10)
+  assert 0.95 < rows[1]["energy_vs_optimal"] <= 1 + 1e-4
