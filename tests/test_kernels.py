@@ -208,26 +208,33 @@ def test_monarch_kernel_matches_reference(tokens, bt, s1, s2, dtype, tol,
   assert set(poisoned) == {"monarch_fwd", "monarch_dx", "monarch_dw"}
 
 
-def _activation_transposes(fn, tokens, *args):
-  """Shapes of the transposes outside any kernel whose operand has a
-  ``tokens`` axis (the weights' regrouping transposes do not)."""
-  found = []
-
+def _eqns(fn, *args):
+  """Every equation of fn's jaxpr, nested ones (jit, custom_vjp, loops)
+  included; not the kernels' bodies inside a pallas_call."""
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
+      yield eqn
       if eqn.primitive.name == "pallas_call":
         continue
-      if (eqn.primitive.name == "transpose"
-          and tokens in eqn.invars[0].aval.shape):
-        found.append(eqn.invars[0].aval.shape)
       for v in eqn.params.values():
         for inner in v if isinstance(v, (tuple, list)) else (v,):
           inner = getattr(inner, "jaxpr", inner)
           if hasattr(inner, "eqns"):
-            walk(inner)
+            yield from walk(inner)
+  return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
 
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
+
+def _kernel_name(eqn) -> str:
+  return str(getattr(eqn.params.get("name_and_src_info"), "name", None)
+             or eqn.params.get("name"))    # jax 0.10 / later
+
+
+def _activation_transposes(fn, tokens, *args):
+  """Shapes of the transposes outside any kernel whose operand has a
+  ``tokens`` axis (the weights' regrouping transposes do not)."""
+  return [e.invars[0].aval.shape for e in _eqns(fn, *args)
+          if e.primitive.name == "transpose"
+          and tokens in e.invars[0].aval.shape]
 
 
 def test_monarch_forward_stores_the_output_permutation():
@@ -260,22 +267,8 @@ def test_monarch_forward_stores_the_output_permutation():
 
 def _grids(fn, *args):
   """{pallas_call name: its grid} of fn traced (not lowered)."""
-  found = {}
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":
-        name = (getattr(eqn.params.get("name_and_src_info"), "name", None)
-                or eqn.params.get("name"))
-        found[str(name)] = tuple(eqn.params["grid_mapping"].grid)
-      for v in eqn.params.values():
-        for inner in v if isinstance(v, (tuple, list)) else (v,):
-          inner = getattr(inner, "jaxpr", inner)
-          if hasattr(inner, "eqns"):
-            walk(inner)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
+  return {_kernel_name(e): tuple(e.params["grid_mapping"].grid)
+          for e in _eqns(fn, *args) if e.primitive.name == "pallas_call"}
 
 
 def test_gpu_grids_launch_programs_that_share_an_input_together():
@@ -343,21 +336,8 @@ def test_monarch_whole_blocks_loop(i, loops):
 
 def _kernel_primitives(fn, *args):
   """{pallas_call name: the primitives of its kernel's top level}."""
-  found = {}
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":
-        name = (getattr(eqn.params.get("name_and_src_info"), "name", None)
-                or eqn.params.get("name"))    # jax 0.10 / later
-        found[str(name)] = {e.primitive.name for e in eqn.params["jaxpr"].eqns}
-      for v in eqn.params.values():
-        inner = getattr(v, "jaxpr", v)
-        if hasattr(inner, "eqns"):
-          walk(inner)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
+  return {_kernel_name(e): {k.primitive.name for k in e.params["jaxpr"].eqns}
+          for e in _eqns(fn, *args) if e.primitive.name == "pallas_call"}
 
 
 @pytest.mark.parametrize("tile,tokens,bt,s1,s2,dtype,tol", [
