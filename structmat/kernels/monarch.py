@@ -791,11 +791,11 @@ def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
   _check(x.shape[-1], w1, w2)
   x2, block_tokens, interpret, platform = prepare(x, block_tokens, interpret,
                                                   platform)
-  why = supported(x2.shape[0], w1.shape, w2.shape, block_tokens,
-                  "cpu" if interpret else platform, x2.dtype.itemsize)
+  target = "cpu" if interpret else platform   # what the kernel compiles for
+  why = supported(x2.shape[0], w1.shape, w2.shape, block_tokens, target,
+                  x2.dtype.itemsize)
   if why:
     raise ValueError(f"the fused Monarch kernel cannot run these shapes: {why}")
-  target = "cpu" if interpret else platform
   if strided_p2 is None:
     strided_p2 = strides_p2(target)
   elif strided_p2 and not strides_p2(target):
