@@ -7,7 +7,8 @@ GPU or TPU is lent (the tests do this for every kernel; ``tools/triton_smem.py``
 feeds the Triton modules it yields to the offline Triton compiler). Nothing is
 compiled or run: numerics need interpret mode or the hardware.
 ``kernel_modules`` counts the kernels in a lowered module's text: calls, and
-distinct modules (what the device compiles).
+distinct modules (what the device compiles; on jaxlib 0.11, every Mosaic GPU
+call, see ``kernel_bodies``).
 
 Example::
 
@@ -16,6 +17,7 @@ Example::
                        (x, w1, w2), "cuda", grad_argnums=(0, 1, 2))
 """
 import collections
+import hashlib
 import re
 
 import jax
@@ -55,20 +57,81 @@ KERNEL_TARGETS = {"mosaic_gpu_v2": "mosaic_gpu", "mosaic_gpu": "mosaic_gpu",
 _CALL = re.compile(r"custom_call @(\S+?)\((.*)")
 
 
+def _mlir_string(escaped: str) -> bytes:
+  """The bytes of an MLIR string literal's body (``\\XX``, ``\\\\`` and
+  ``\\"`` escapes)."""
+  out, i = bytearray(), 0
+  while i < len(escaped):
+    if escaped[i] != "\\":
+      j = escaped.find("\\", i)
+      j = len(escaped) if j < 0 else j
+      out += escaped[i:j].encode()
+      i = j
+    elif escaped[i + 1] in "\\\"":
+      out.append(ord(escaped[i + 1]))
+      i += 2
+    else:
+      out.append(int(escaped[i + 1:i + 3], 16))
+      i += 3
+  return bytes(out)
+
+
+# A dump file name, which jaxlib 0.11 numbers per lowering ("body_0",
+# "body_2", ...): two lowerings of one kernel then differ in it and in the
+# kernel hash taken over it, and the device compiles both. jaxlib 0.10 sets
+# no such attribute and 0.12 names it without a counter.
+_DUMP_NAME = "mosaic_gpu.dump_basename"
+_MGPU_CONFIG = re.compile(
+    r'kernel_hash = "(?:[^"\\]|\\.)*", module = "((?:[^"\\]|\\.)*)"')
+
+
+def _mosaic_gpu_module(escaped: str) -> str:
+  """A digest of a Mosaic GPU kernel's serialized module (the custom call's
+  ``module`` attribute) with its dump name dropped, locations kept."""
+  # pylint: disable=import-outside-toplevel
+  from jax._src.interpreters import mlir  # the dialects JAX registers
+  from jax.experimental.mosaic.gpu import dialect
+  ctx = mlir.make_ir_context()
+  dialect.register_dialect(ctx)
+  ctx.allow_unregistered_dialects = True  # jaxlib's own, stable_mosaic_gpu
+  with ctx:
+    module = mlir.ir.Module.parse(_mlir_string(escaped))
+    attrs = module.operation.attributes
+    if _DUMP_NAME in attrs:
+      del attrs[_DUMP_NAME]
+    asm = module.operation.get_asm(enable_debug_info=True)
+  return hashlib.sha256(asm.encode()).hexdigest()
+
+
+def kernel_bodies(text: str) -> dict[str, list[str]]:
+  """Each Pallas kernel call in a lowered module's text, by kind
+  ("mosaic_gpu", "triton", "mosaic_tpu"), as the attributes that say what it
+  computes: its source location dropped and, for Mosaic GPU, its module's
+  dump name (jaxlib 0.11 numbers it per lowering, so there no two Mosaic GPU
+  calls are byte-identical and the device compiles each; what this compares
+  is whether they lower the same kernel)."""
+  bodies = collections.defaultdict(list)
+  for target, rest in _CALL.findall(text):
+    kind = KERNEL_TARGETS.get(target)
+    if kind:
+      # Past the operand list: attributes, types, then the location ref.
+      body = re.sub(r"loc\(#[^)]*\)", "", rest.split(")", 1)[1])
+      if kind == "mosaic_gpu":
+        body = _MGPU_CONFIG.sub(
+            lambda m: f"module = {_mosaic_gpu_module(m.group(1))}", body)
+      bodies[kind].append(body)
+  return dict(bodies)
+
+
 def kernel_modules(text: str) -> dict[str, dict[str, int]]:
   """The Pallas kernels in a lowered module's text (``cross_lower``'s, or
   ``jax.jit(f).lower(...).as_text()``): {"calls": {kind: n}, "distinct":
   {kind: n}}, kind "mosaic_gpu", "triton" or "mosaic_tpu". A call is one
   custom call in the text (a function that several sites call holds its
-  kernels once); calls whose kernel and shapes are the same (their
-  attributes, source locations aside) count as one distinct module, which
-  the device compiles once."""
-  calls, bodies = collections.Counter(), collections.defaultdict(set)
-  for target, rest in _CALL.findall(text):
-    kind = KERNEL_TARGETS.get(target)
-    if kind:
-      calls[kind] += 1
-      # Past the operand list: attributes, types, then the location ref.
-      bodies[kind].add(re.sub(r"loc\(#[^)]*\)", "", rest.split(")", 1)[1]))
-  return {"calls": dict(calls),
-          "distinct": {k: len(v) for k, v in bodies.items()}}
+  kernels once); calls that lower the same kernel at the same shapes
+  (``kernel_bodies``) count as one distinct module, which the device
+  compiles once (with jaxlib 0.11, the GPU image's, it compiles every Mosaic
+  GPU call)."""
+  bodies = kernel_bodies(text)
+  return {"calls": {k: len(v) for k, v in bodies.items()},
+          "distinct": {k: len(set(v)) for k, v in bodies.items()}}
