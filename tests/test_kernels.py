@@ -11,6 +11,7 @@ from jax.experimental import pallas as pl
 from structmat import ops
 from structmat.kernels import blockdiag as bd
 from structmat.kernels import monarch as mk
+from structmat.kernels import portable
 from structmat.kernels import roofline
 from structmat.kernels import blockdiag_matmul_pallas, supported
 from structmat.kernels.lowering import cross_lower
@@ -278,12 +279,12 @@ def test_gpu_grids_launch_programs_that_share_an_input_together():
   block-diagonal block's output tiles, SLTrain's output tiles) come first,
   on TPUs last; the values do not change (interpret mode runs the GPU
   order)."""
-  grid, specs, out = bd.launch_order(
+  grid, specs, out = portable.launch_order(
       "cuda", (8, 2, 3), [pl.BlockSpec((4, 4), lambda i, j, c: (i, 10 * j + c))],
       pl.BlockSpec((4,), lambda i, j, c: (c,)))
   assert grid == (3, 2, 8)
   assert specs[0].index_map(2, 1, 5) == (5, 12) and out.index_map(2, 1, 5) == (2,)
-  assert bd.launch_order("tpu", (8, 2, 3), specs, out)[0] == (8, 2, 3)
+  assert portable.launch_order("tpu", (8, 2, 3), specs, out)[0] == (8, 2, 3)
 
   s1, s2 = (2, 256, 128), (2, 128, 256)   # k = l = 2; 512 tokens in 32s
   x, w1, w2, g = _monarch_inputs(5, 512, s1, s2, jnp.bfloat16)

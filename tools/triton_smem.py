@@ -13,6 +13,9 @@ compile error. Triton is no dependency of structmat; put it beside:
   PYTHONPATH=/tmp/triton .venv/bin/python tools/triton_smem.py \\
       --kernel=sltrain --presets=llama_60m,llama_1b --dtypes=bfloat16
   PYTHONPATH=/tmp/triton .venv/bin/python tools/triton_smem.py \\
+      --kernel=sltrain --shapes=4096:4096:128 --force_block_tokens=256 \\
+      --chunk=64 --dtypes=bfloat16       # SLTrain at other tiles
+  PYTHONPATH=/tmp/triton .venv/bin/python tools/triton_smem.py \\
       --shapes=4096:4096:16 --tokens=16384        # a benchmark shape
 
 Every layer of the presets named (LLaMA-7B's Monarch MLP takes minutes to
@@ -58,6 +61,9 @@ _TOKENS = flags.DEFINE_integer("tokens", 4096, "Tokens per call.")
 _FORCE_BT = flags.DEFINE_integer(
     "force_block_tokens", 0, "This token tile (Monarch: and dw step) whatever "
     "the estimates say, to see what Triton asks for (calibration).")
+_CHUNK = flags.DEFINE_integer(
+    "chunk", 0, "SLTrain: sparse entries placed per step (0: the default, "
+    "sltrain.DEFAULT_CHUNK).")
 H100_SMEM = 227 * 1024
 S = jax.ShapeDtypeStruct
 
@@ -149,8 +155,10 @@ def sltrain_case(d_in, d_out, rank, dtype, tokens, density=0.03):
   nnz = jax.eval_shape(lambda: ops.draw_support(
       jax.random.key(0), d_in, d_out, density)).shape[0]
   bt = _FORCE_BT.value or 128
+  chunk = _CHUNK.value or sk.DEFAULT_CHUNK
   fn = lambda x, a, b, v, i: sk.sltrain_matmul_pallas(
-      x, a, b, v, i, 1.0, block_tokens=bt, interpret=False, platform="cuda")
+      x, a, b, v, i, 1.0, block_tokens=bt, chunk=chunk, interpret=False,
+      platform="cuda")
   args = [S((tokens, d_in), dtype), S((d_in, rank), dtype),
           S((rank, d_out), dtype), S((nnz,), dtype), S((nnz,), jnp.int32)]
   # One estimate for the largest of the kernels (sltrain.smem_estimate).
@@ -159,8 +167,8 @@ def sltrain_case(d_in, d_out, rank, dtype, tokens, density=0.03):
   est = sk.smem_estimate(bt, bk, bn, rank, dtype.itemsize)
   if _FORCE_BT.value:
     sk.supported = lambda *a, **k: None
-  return (fn, args, (0, 1, 2, 3), {}, f"bt {bt}, rank {rank}, {nnz} entries, "
-          f"largest estimated {est / 1024:.0f} KiB")
+  return (fn, args, (0, 1, 2, 3), {}, f"bt {bt}, chunk {chunk}, rank {rank}, "
+          f"{nnz} entries, largest estimated {est / 1024:.0f} KiB")
 
 
 def cases():

@@ -20,40 +20,18 @@ Constraints checked by ``supported``: on Triton every loaded block needs
 power-of-two sizes; on TPU the last two block dims must be multiples of
 (8, 128) or the full dims. On the CPU, ``interpret=True`` runs the kernel.
 """
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
-from structmat.kernels import target, triton_backend
+from structmat.kernels import triton_backend
+from structmat.kernels.portable import (SMEM_BUDGET, TRITON_STAGES,
+                                        compiler_params, launch_order, pow2,
+                                        prepare, split_count)
 from structmat.kernels.shared_trace import traced_once
-from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
-
-
-def prepare(x, block_tokens: int, interpret, platform):
-  """Shared wrapper prologue: (x as 2-D, block_tokens, interpret, platform)."""
-  platform = platform or target.platform()
-  if interpret is None:
-    interpret = platform == "cpu"
-  x2 = x.reshape(-1, x.shape[-1])
-  return x2, min(block_tokens, x2.shape[0]), interpret, platform
-
-
-def _pow2(n: int) -> bool:
-  return n > 0 and n & (n - 1) == 0
-
-
-# Shared memory a Triton program may plan for: below the 227 KiB an H100/H200
-# block can have, leaving room for what the estimate does not count.
-SMEM_BUDGET = 160 * 1024
-TRITON_STAGES = 3  # compiler_params' num_stages: buffers per operand in loops
-# For estimates that bound what Triton asks for from above, checked against
-# its compiler offline (tools/triton_smem.py): the Monarch kernels' pipelined
-# loops, SLTrain's. They may come this close to the 227 KiB.
-LOOP_SMEM_BUDGET = 224 * 1024
+from structmat.kernels.triton_backend import GPU_PLATFORMS
 
 
 def smem_estimate(m: int, n: int, k: int, itemsize: int, looped: bool) -> int:
@@ -97,16 +75,6 @@ def tiling(rows: int, out: int, inner: int, itemsize: int,
   return tile, chunk
 
 
-def split_count(n_tiles: int, programs: int, target: int = 264) -> int:
-  """How many token chunks a weight-gradient kernel splits its n_tiles into:
-  the largest power-of-two divisor of n_tiles up to target / programs (two
-  programs per multiprocessor on a 132-SM Hopper), at least 1."""
-  chunks = 1
-  while (n_tiles % (2 * chunks) == 0 and 2 * chunks * programs <= target):
-    chunks *= 2
-  return chunks
-
-
 def supported(batch: int, w_shape, block_tokens: int, platform: str) -> str | None:
   """None if the kernel can run these shapes on ``platform``, else why not."""
   k, q, p = w_shape
@@ -116,7 +84,7 @@ def supported(batch: int, w_shape, block_tokens: int, platform: str) -> str | No
     if why := triton_backend.problem(platform):
       return why
     sizes = dict(block_tokens=block_tokens, q=q, p=p)
-    bad = {name: n for name, n in sizes.items() if not _pow2(n)}
+    bad = {name: n for name, n in sizes.items() if not pow2(n)}
     if bad:
       return f"Triton needs power-of-two block sizes, got {bad}"
     small = {name: n for name, n in sizes.items() if n < 16}
@@ -148,17 +116,6 @@ def slower_than_xla(platform: str) -> str | None:
   return None
 
 
-def compiler_params(platform: str | None, n_grid_axes: int, num_warps: int = 4):
-  """The backend's compiler parameters: Triton on GPUs, Mosaic on TPUs."""
-  if platform in GPU_PLATFORMS:
-    if why := triton_backend.problem(platform):
-      raise ValueError(why)
-    return plt.CompilerParams(num_warps=num_warps, num_stages=TRITON_STAGES)
-  if platform == "tpu":
-    return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_grid_axes)
-  return None
-
-
 def _fwd_kernel(x_ref, w_ref, y_ref, *, chunk):
   """y tile = x block @ w tile^T, looping over input chunks."""
   rows, inner = x_ref.shape
@@ -173,22 +130,6 @@ def _fwd_kernel(x_ref, w_ref, y_ref, *, chunk):
   acc = jax.lax.fori_loop(0, inner // chunk, body,
                           jnp.zeros((rows, tile), jnp.float32))
   y_ref[...] = acc.astype(y_ref.dtype)
-
-
-def launch_order(platform: str, grid: tuple[int, ...], in_specs, out_specs):
-  """(grid, in_specs, out_specs) for ``platform``, given as a TPU runs them:
-  Mosaic TPU steps through a grid row-major (the last axis fastest) and does
-  not fetch again a block whose index did not change, so kernels put last
-  the axis whose programs share an input block. Triton launches program_id
-  0, the first axis, fastest: elsewhere (GPUs, and interpret mode, which
-  tests that code) the grid and the index maps' arguments are reversed, so
-  those programs run together and re-read the shared block from L2 rather
-  than memory. Only for kernels that do not read ``pl.program_id``."""
-  if platform == "tpu":
-    return grid, in_specs, out_specs
-  flip = lambda s: dataclasses.replace(
-      s, index_map=lambda *ids, f=s.index_map: f(*ids[::-1]))
-  return (tuple(grid[::-1]), [flip(s) for s in in_specs], flip(out_specs))
 
 
 def _call_fwd(x, w, block_tokens, interpret, platform):

@@ -51,9 +51,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from structmat.kernels import triton_backend
-from structmat.kernels.blockdiag import (LOOP_SMEM_BUDGET, SMEM_BUDGET,
-                                         TRITON_STAGES, _pow2, compiler_params,
-                                         launch_order, prepare, split_count)
+from structmat.kernels.portable import (LOOP_SMEM_BUDGET, SMEM_BUDGET,
+                                        TRITON_STAGES, compiler_params,
+                                        launch_order, pow2, prepare,
+                                        split_count)
 from structmat.kernels.shared_trace import traced_once
 from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 # The regrouping the kernels multiply (also ops.monarch_to_dense's).
@@ -80,7 +81,7 @@ def scatter_weight_grads(da, db):
   return dw1, dw2
 
 
-def _next_pow2(n: int) -> int:
+def _nextpow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
@@ -95,7 +96,7 @@ def padded_dims(p: int, g: int, s: int, pad: bool = True) -> tuple[int, int, int
   >= 16 (Triton's shapes and smallest dot) with ``pad``, else (p, g, s)."""
   if not pad:
     return p, g, s
-  return tuple(max(16, _next_pow2(v)) for v in (p, g, s))
+  return tuple(max(16, _nextpow2(v)) for v in (p, g, s))
 
 
 def pads_blocks(platform: str) -> bool:
@@ -264,7 +265,7 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
   if why := triton_backend.problem(platform, masked):
     return why
   if platform in GPU_PLATFORMS:
-    if not _pow2(block_tokens) or block_tokens < 16:
+    if not pow2(block_tokens) or block_tokens < 16:
       return (f"Triton needs a power-of-two block_tokens >= 16, got "
               f"{block_tokens}")
     pp, gg, ss = padded_dims(p, g, s)
@@ -457,7 +458,7 @@ def _chunks(real: int, padded: int, tile: int | None):
   size = padded if tile is None else min(padded, tile)
   if size == padded:
     return [(0, size, real)]
-  return [(c, min(size, max(16, _next_pow2(real - c))), min(size, real - c))
+  return [(c, min(size, max(16, _nextpow2(real - c))), min(size, real - c))
           for c in range(0, real, size)]
 
 

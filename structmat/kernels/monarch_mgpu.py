@@ -66,7 +66,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from structmat.kernels import monarch as mk
 from structmat.kernels import target
-from structmat.kernels.blockdiag import prepare
+from structmat.kernels.portable import prepare
 from structmat.kernels.shared_trace import traced_once
 
 try:  # jax >= 0.11

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from structmat.kernels import triton_backend
-from structmat.kernels.blockdiag import (LOOP_SMEM_BUDGET, TRITON_STAGES,
-                                         _pow2, compiler_params, prepare)
+from structmat.kernels.portable import (LOOP_SMEM_BUDGET, TRITON_STAGES,
+                                        compiler_params, pow2, prepare)
 from structmat.kernels.shared_trace import traced_once
 from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 
@@ -142,7 +142,7 @@ def padded_dim(size: int, cap: int, platform: str) -> tuple[int, int]:
   divides."""
   tile = tile_for(size, cap)
   gpu = platform in GPU_PLATFORMS
-  if size % tile == 0 and tile >= (16 if gpu else 8) and (_pow2(tile) or not gpu):
+  if size % tile == 0 and tile >= (16 if gpu else 8) and (pow2(tile) or not gpu):
     return tile, size
   if size > cap:
     return cap, _cdiv(size, cap) * cap
@@ -189,7 +189,7 @@ def supported(tokens: int, in_features: int, out_features: int, rank: int,
   if why := triton_backend.problem(platform, masked=True):
     return why
   if platform in GPU_PLATFORMS:
-    bad = [v for v in (bt, bk, bn, rank, chunk) if not _pow2(v) or v < 16]
+    bad = [v for v in (bt, bk, bn, rank, chunk) if not pow2(v) or v < 16]
     if bad:
       return f"Triton needs power-of-two tiles and rank >= 16, got {bad}"
     smem = smem_estimate(bt, bk, bn, rank, itemsize)
