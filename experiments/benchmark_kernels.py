@@ -161,6 +161,17 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
         ("sltrain pallas", lambda x, a, b, v: sk.sltrain_matmul_pallas(
             x, a, b, v, sidx(), 1.0, orders=sl()[2], block_tokens=bt,
             interpret=interp), lambda: sl()[0]),
+        # Each program rebuilds its sparse tiles, so that work per token
+        # halves with 256-token tiles (eight warps, sltrain.fwd_warps); fewer,
+        # wider placement steps (c64: 64 entries each) shorten the
+        # data-dependent chain of one-hot dots. Which wins needs a GPU.
+        ("sltrain pallas bt256", lambda x, a, b, v: sk.sltrain_matmul_pallas(
+            x, a, b, v, sidx(), 1.0, orders=sl()[2],
+            block_tokens=min(256, tokens), interpret=interp),
+         lambda: sl()[0]),
+        ("sltrain pallas c64", lambda x, a, b, v: sk.sltrain_matmul_pallas(
+            x, a, b, v, sidx(), 1.0, orders=sl()[2], block_tokens=bt,
+            chunk=64, interpret=interp), lambda: sl()[0]),
     ]
   if (jax.default_backend() == "gpu" or interpret) and itemsize == 2:
     # Mosaic GPU (Hopper; 16-bit), factors resident in shared memory: the

@@ -31,12 +31,13 @@ def test_kernel_numerics_step_runs_quick(tmp_path):
 
 
 def test_benchmark_steps_run_quick(tmp_path):
-  """Steps 3, 5 and 6 (kernel benchmark, layer-sized Monarch, impl=pallas
-  against xla in training), tiny and interpreted: each writes its JSON with
-  every row timed (bar the interpreted two-warpgroup row, which says why),
-  and step 6 compares the losses and prints where its time went."""
-  out = _run_quick("3 5 6", tmp_path)
-  for sub in ("", "f32", "attention", "mlp", "mlp130"):
+  """Steps 3, 5, 6 and 8 (kernel benchmark, layer-sized Monarch, impl=pallas
+  against xla in training, SLTrain tiles), tiny and interpreted: each writes
+  its JSON with every row timed (bar the interpreted two-warpgroup row, which
+  says why), and step 6 compares the losses and prints where its time
+  went."""
+  out = _run_quick("3 5 6 8", tmp_path)
+  for sub in ("", "f32", "attention", "mlp", "mlp130", "sltrain"):
     rows = json.load(open(tmp_path / sub / "benchmark_kernels.json"))["rows"]
     assert rows, sub
     for r in rows:

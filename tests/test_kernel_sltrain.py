@@ -1,5 +1,7 @@
 """SLTrain reconstruct-and-multiply kernel: interpret mode against the XLA
 reference (forward and every gradient), poisoned outputs, cross-lowering."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,6 +210,26 @@ def test_cross_lowering_for_h100(grad, d_in):
           s((nnz,), jnp.int32)]
   text = cross_lower(fwd, args, "cuda", (0, 1, 2, 3) if grad else None)
   assert "sltrain_fwd" in text and (not grad or "sltrain_dvalues" in text)
+
+
+def test_wide_token_tiles_take_more_warps():
+  """256-token tiles hold a (256, 64) float32 accumulator: the forward and dx
+  take eight warps there (four spilled 564 bytes a thread, offline), four at
+  128 tokens; dvalues keeps four."""
+  assert (sk.fwd_warps(128, 64), sk.fwd_warps(256, 64)) == (4, 8)
+  d_in, d_out, r, t = 256, 512, 16, 512
+  s = jax.ShapeDtypeStruct
+  args = [s((t, d_in), jnp.bfloat16), s((d_in, r), jnp.bfloat16),
+          s((r, d_out), jnp.bfloat16), s((int(0.03 * d_in * d_out),),
+                                         jnp.bfloat16),
+          s((int(0.03 * d_in * d_out),), jnp.int32)]
+  for bt, warps in ((128, "4"), (256, "8")):
+    text = cross_lower(lambda x, a, b, v, i, bt=bt: sk.sltrain_matmul_pallas(
+        x, a, b, v, i, 2.0, block_tokens=bt, interpret=False,
+        platform="cuda"), args, "cuda", (0, 1, 2, 3))
+    found = re.findall(r'name = "(\w+)"[^}]*?num_warps = (\d+)', text)
+    assert ("sltrain_fwd", warps) in found and (
+        "sltrain_dvalues", "4") in found, found
 
 
 def test_layer_with_pallas_impl_matches_xla():

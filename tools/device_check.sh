@@ -21,7 +21,10 @@
 #      lowering, compile and first-step seconds);
 #   7. (only when named) SLTrain with W built whole or in blocks
 #      (--kernel_block): step time at 60M (256 x 256 tokens) and memory at 1B
-#      (1 x 256 tokens, where XLA:CPU measured 19.3 -> 14.3 GB).
+#      (1 x 256 tokens, where XLA:CPU measured 19.3 -> 14.3 GB);
+#   8. (only when named) the SLTrain kernel at other tiles (n=4096, rank
+#      128, 3%, 16384 tokens): 128-token tiles as before, 256-token tiles on
+#      eight warps, 64-entry placement steps, beside dense and XLA.
 # Steps in order of what is still unmeasured. Session 8 on an H200: steps 1-2
 # took 400 s, and 15 minutes of device time (start-up included) held steps
 # 1-2 in one call and 3 in a second on the warm machine (it goes back after
@@ -41,7 +44,8 @@
 # then at once STEPS=6 (<= 540 s: 130M impl=pallas, one block then all
 # twelve, printing lowering, compile and first-step seconds) if the budget
 # holds it; later STEPS=1 S1_IMPLS=auto (<= 295 s), STEPS=3 (<= 270 s),
-# step 2 (<= 120 s) and step 4.
+# step 2 (<= 120 s), STEPS=8 (<= 150 s; session 18) and step 4.
+# jax 0.11.2, the image's version, passes the whole CPU suite (session 18).
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
 # version of every step (on the CPU too, kernels interpreted) to check the script.
@@ -354,4 +358,21 @@ for run in $RUNS; do
       --output="$OUT/sltrain_${preset}_kb$kb.json"
   done
 done
+fi
+
+if [[ " ${STEPS:-} " == *" 8 "* ]]; then
+echo "== 8. SLTrain kernel tiles [${SECONDS}s]"
+# Session 11 (H200): forward 9.04 ms against dense 0.76 and XLA 0.84 (2.87
+# with no sparse entries). Each program rebuilds its sparse tiles, per token
+# tile (c/bt of a dense product: "bt256" halves it) in a data-dependent
+# chain of one-hot dots ("c64": half as many, twice as wide); the output
+# tiles launch first since session 17. Drawing the support takes seconds.
+if [ "$QUICK" = 1 ]; then
+  KS="--sizes=64 --tokens=64 --quick --interpret"
+else
+  KS="--sizes=4096 --tokens=16384"
+fi
+timeout 150 $PY -m experiments.benchmark_kernels $KS --nblocks=16 \
+  --dtypes=bfloat16 --output_dir="$OUT/sltrain" \
+  --impls="dense,sltrain xla,sltrain pallas,sltrain pallas bt256,sltrain pallas c64"
 fi

@@ -220,6 +220,18 @@ def slower_than_xla(platform: str) -> str | None:
   return None
 
 
+# float32 accumulator registers per thread the forward (and dx) may hold: at
+# 256-token tiles of 64 outputs, four warps spilled 564 bytes a thread
+# (Triton 3.6 offline, n=4096, rank 128, bf16), eight none (211 registers).
+ACC_REGISTERS = 64
+
+
+def fwd_warps(bt: int, bn: int) -> int:
+  """Warps per forward (and dx) program: 4, or more where the (bt, bn) float32
+  accumulator would exceed ``ACC_REGISTERS`` a thread."""
+  return max(4, bt * bn // (32 * ACC_REGISTERS))
+
+
 def _sparse_tile(rows_ref, cols_ref, vals_ref, start, end, bk, bn, chunk):
   """The (bk, bn) sparse tile from entries [start, end) of the sorted lists.
 
@@ -307,7 +319,8 @@ def _call_fwd(x, u, b, vals_sorted, ts: TiledSupport, scale, bt, bk, bn, chunk,
                 full(nnz_p), full(nnz_p), full(nnz_p)],
       out_specs=pl.BlockSpec((bt, bn), lambda j, i: (i, j)),
       interpret=interpret,
-      compiler_params=None if interpret else compiler_params(platform, 2),
+      compiler_params=None if interpret else compiler_params(
+          platform, 2, num_warps=fwd_warps(bt, bn)),
       name="sltrain_fwd",
   )(ts.offsets, x, u, b, ts.rows, ts.cols, vals)
 
