@@ -138,6 +138,24 @@ def test_cross_lower_names_the_platforms():
     cross_lower(lambda x: x, (jnp.ones(4),), "rocm")
 
 
+def test_kernel_bodies_compare_what_each_call_lowers():
+  """``lowering.kernel_bodies``: MLIR string escapes decoded; a Mosaic GPU
+  module this JAX cannot parse back is compared as its bytes (no error), and
+  calls differing only in their location count once."""
+  from structmat.kernels import lowering  # pylint: disable=import-outside-toplevel
+  assert lowering._mlir_string(r'a\\b\"c\41\00') == b'a\\b"cA\x00'  # pylint: disable=protected-access
+  call = ('%{i} = stablehlo.custom_call @mosaic_gpu_v2(%arg0) {{mhlo.backend_'
+          'config = {{kernel_hash = "\\0{i}", module = "{m}"}}}} : (tensor<8x'
+          'f32>) -> tensor<8xf32> loc(#loc{i})\n')
+  text = "".join(call.format(i=i, m=m) for i, m in enumerate("aab"))
+  text += call.format(i=3, m="a").replace("mosaic_gpu_v2", "__gpu$xla.gpu.triton")
+  bodies = lowering.kernel_bodies(text)
+  assert {k: len(v) for k, v in bodies.items()} == {"mosaic_gpu": 3,
+                                                     "triton": 1}
+  assert lowering.kernel_modules(text)["distinct"] == {"mosaic_gpu": 2,
+                                                        "triton": 1}
+
+
 def test_supported_names_the_constraint():
   assert "{'q': 24}" in supported(256, (4, 24, 32), 64, "gpu")
   assert ">= 16, got {'q': 8}" in supported(256, (4, 8, 32), 64, "gpu")
