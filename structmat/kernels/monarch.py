@@ -81,7 +81,7 @@ def scatter_weight_grads(da, db):
   return dw1, dw2
 
 
-def _nextpow2(n: int) -> int:
+def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
@@ -96,7 +96,7 @@ def padded_dims(p: int, g: int, s: int, pad: bool = True) -> tuple[int, int, int
   >= 16 (Triton's shapes and smallest dot) with ``pad``, else (p, g, s)."""
   if not pad:
     return p, g, s
-  return tuple(max(16, _nextpow2(v)) for v in (p, g, s))
+  return tuple(max(16, _next_pow2(v)) for v in (p, g, s))
 
 
 def pads_blocks(platform: str) -> bool:
@@ -458,7 +458,7 @@ def _chunks(real: int, padded: int, tile: int | None):
   size = padded if tile is None else min(padded, tile)
   if size == padded:
     return [(0, size, real)]
-  return [(c, min(size, max(16, _nextpow2(real - c))), min(size, real - c))
+  return [(c, min(size, max(16, _next_pow2(real - c))), min(size, real - c))
           for c in range(0, real, size)]
 
 
