@@ -12,9 +12,12 @@ contiguously once it is sorted by tile
 (``tile_support``: per-tile offsets plus an argsort, which ``support_orders``
 computes once per support, at the layer's init, for the default tiles, so no
 training step sorts). The sparse entries are placed with one-hot matmuls
-(entries x rows)^T @ (entries x cols * values), which Triton and Mosaic both lower (neither can
-scatter into a register tile), in chunks of ``chunk`` entries with a
-data-dependent trip count.
+(rows x entries) @ (entries x cols * values), which Triton and Mosaic both
+lower (neither can scatter into a register tile), in chunks of ``chunk``
+entries with a data-dependent trip count, which Triton software-pipelines
+(each step's indices and values are fetched while the previous step
+multiplies); the next input tile's x block and offsets are loaded before
+the current tile's placement loop (Triton pipelines innermost loops only).
 
 Backward: dx is the same kernel on the transposed problem (W^T = scale b^T a^T
 + S^T with u = dy b^T, the support re-sorted for W^T's tiles); the factor
@@ -232,28 +235,33 @@ def fwd_warps(bt: int, bn: int) -> int:
   return max(4, bt * bn // (32 * ACC_REGISTERS))
 
 
-def _sparse_tile(rows_ref, cols_ref, vals_ref, start, end, bk, bn, chunk):
+def _sparse_tile(rows_ref, cols_ref, vals_ref, start, end, bk, bn, chunk,
+                 dtype):
   """The (bk, bn) sparse tile from entries [start, end) of the sorted lists.
 
-  The one-hot operands are in the values' dtype: 0, 1 and each value are
-  exact there, and a tile holds each (row, col) at most once, so every
-  element of the float32 result is exactly one value or 0 (16-bit dots run
-  at the tensor cores' full rate)."""
-  dtype = vals_ref.dtype
-  rid = jax.lax.broadcasted_iota(jnp.int32, (chunk, bk), 1)
+  The one-hot operands are in ``dtype`` (x's): 0, 1 and each value are exact
+  there, and a tile holds each (row, col) at most once, so every element of
+  the float32 result is exactly one value or 0 (16-bit dots run at the
+  tensor cores' full rate). The row one-hot is built (bk, chunk), the dot's
+  own orientation (built (chunk, bk), Triton transposed it through shared
+  memory every step), and both select in ``dtype`` (an int32 select cost a
+  conversion per element). The values come as float32: 4-byte loads Triton
+  prefetches with the indices (cp.async), where 2-byte ones stalled each
+  step."""
+  rid = jax.lax.broadcasted_iota(jnp.int32, (bk, chunk), 0)
   cid = jax.lax.broadcasted_iota(jnp.int32, (chunk, bn), 1)
-  pos = jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+  pos = jax.lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+  one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
 
   def body(c, acc):
     s = start + c * chunk
     sl = pl.ds(s, chunk)
-    valid = (s + pos) < end                                  # (chunk, 1)
-    r = rows_ref[sl][:, None]
-    col = cols_ref[sl][:, None]
-    v = vals_ref[sl][:, None]
-    one_r = jnp.where((r == rid) & valid, 1, 0).astype(dtype)   # (chunk, bk)
-    one_c = jnp.where(col == cid, v, 0).astype(dtype)           # (chunk, bn)
-    return acc + jax.lax.dot_general(one_r, one_c, (((0,), (0,)), ((), ())),
+    valid = (s + pos) < end                                  # (1, chunk)
+    one_r = jnp.where((rows_ref[sl][None, :] == rid) & valid, one,
+                      zero)                                  # (bk, chunk)
+    one_c = jnp.where(cols_ref[sl][:, None] == cid,
+                      vals_ref[sl][:, None].astype(dtype), zero)  # (chunk, bn)
+    return acc + jax.lax.dot_general(one_r, one_c, (((1,), (0,)), ((), ())),
                                      preferred_element_type=jnp.float32)
 
   trips = (end - start + chunk - 1) // chunk
@@ -272,13 +280,20 @@ def _fwd_kernel(off_ref, x_ref, u_ref, b_ref, rows_ref, cols_ref, vals_ref,
   j = pl.program_id(0)
   rank = u_ref.shape[1]
 
-  def body(k, acc):
+  def loads(k):
     t = k * n_tn + j
-    w = _sparse_tile(rows_ref, cols_ref, vals_ref, off_ref[t], off_ref[t + 1],
-                     bk, bn, chunk)
+    return x_ref[:, pl.ds(k * bk, bk)], off_ref[t], off_ref[t + 1]
+
+  def body(k, carry):
+    acc, (x_k, start, end) = carry
+    # The next input tile's loads before this one's placement loop, which
+    # hides their latency (Triton pipelines only innermost loops).
+    nxt = loads(jnp.minimum(k + 1, n_k - 1))
+    w = _sparse_tile(rows_ref, cols_ref, vals_ref, start, end, bk, bn, chunk,
+                     x_ref.dtype)
     return acc + jax.lax.dot_general(
-        x_ref[:, pl.ds(k * bk, bk)], w.astype(x_ref.dtype),
-        (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        x_k, w.astype(x_ref.dtype), (((1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32), nxt
 
   def low_body(c, acc):
     cols = pl.ds(c * rc, rc)
@@ -289,7 +304,8 @@ def _fwd_kernel(off_ref, x_ref, u_ref, b_ref, rows_ref, cols_ref, vals_ref,
   low = scale * jax.lax.fori_loop(
       0, rank // rc, low_body,
       jnp.zeros((x_ref.shape[0], bn), jnp.float32))
-  o_ref[...] = jax.lax.fori_loop(0, n_k, body, low).astype(o_ref.dtype)
+  acc, _ = jax.lax.fori_loop(0, n_k, body, (low, loads(0)))
+  o_ref[...] = acc.astype(o_ref.dtype)
 
 
 def _call_fwd(x, u, b, vals_sorted, ts: TiledSupport, scale, bt, bk, bn, chunk,
@@ -298,7 +314,8 @@ def _call_fwd(x, u, b, vals_sorted, ts: TiledSupport, scale, bt, bk, bn, chunk,
   tokens, d_in = x.shape
   d_out, rank = b.shape[1], b.shape[0]
   nnz_p = ts.rows.shape[0]
-  vals = jnp.concatenate([vals_sorted, jnp.zeros((chunk,), vals_sorted.dtype)])
+  vals = jnp.concatenate([vals_sorted.astype(jnp.float32),
+                          jnp.zeros((chunk,), jnp.float32)])
   kernel = functools.partial(_fwd_kernel, scale=scale, bk=bk, bn=bn,
                              n_k=d_in // bk, n_tn=d_out // bn, chunk=chunk,
                              rc=rank_chunk(rank, x.dtype.itemsize))
