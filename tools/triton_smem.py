@@ -71,12 +71,14 @@ S = jax.ShapeDtypeStruct
 def triton_modules(fn, args, grad_argnums):
   """{kernel name: (Triton module text, num_warps)} of fn and its gradient."""
   pl = mk.pl   # jax.experimental.pallas, shared by every kernel module
-  original, warps = pl.pallas_call, {}
+  original = pl.pallas_call
 
   def debug(*a, name=None, compiler_params=None, **k):
-    warps[name] = getattr(compiler_params, "num_warps", 4)
-    return original(*a, name=name, compiler_params=compiler_params,
-                    debug=True, **k)
+    # Each call's warps ride in its printed name: calls sharing a name (the
+    # SLTrain forward and dx) may take different ones.
+    warps = getattr(compiler_params, "num_warps", 4)
+    return original(*a, name=f"{name}__w{warps}",
+                    compiler_params=compiler_params, debug=True, **k)
 
   pl.pallas_call, out = debug, io.StringIO()
   shared_trace.clear()  # trace the kernels again, through `debug`
@@ -90,13 +92,13 @@ def triton_modules(fn, args, grad_argnums):
   modules = {}
   for part in out.getvalue().split("The Triton module for pallas_call ")[1:]:
     head, body = part.split("\n", 1)
-    name = head.split()[0].rstrip(":")
+    name, warps = head.split()[0].rstrip(":").rsplit("__w", 1)
     while name in modules:   # a kernel called twice (SLTrain's fwd for dx)
       name += "'"
     body = body[body.index("module"):].split("\n#loc")[0]
     # Locations Triton's parser does not take: ' "name"(#loc3)', ' [unknown]'.
     modules[name] = (re.sub(r' "[^"\n]*"\(#loc[0-9]*\)| \[unknown\]', "",
-                            body), warps.get(name, 4))
+                            body), int(warps))
   return modules
 
 

@@ -225,7 +225,7 @@ def slower_than_xla(platform: str) -> str | None:
 
 # float32 accumulator registers per thread the forward (and dx) may hold: at
 # 256-token tiles of 64 outputs, four warps spilled 564 bytes a thread
-# (Triton 3.6 offline, n=4096, rank 128, bf16), eight none (211 registers).
+# (Triton 3.6 offline, n=4096, rank 128, bf16), eight none (220 registers).
 ACC_REGISTERS = 64
 
 
