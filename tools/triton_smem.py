@@ -18,6 +18,11 @@ compile error. Triton is no dependency of structmat; put it beside:
   PYTHONPATH=/tmp/triton .venv/bin/python tools/triton_smem.py \\
       --shapes=4096:4096:16 --tokens=16384        # a benchmark shape
 
+The Triton module is the running JAX's lowering; the GPU image runs jax
+0.11.2, which pip serves on Python 3.12 here (a venv with jax==0.11.2,
+jaxlib==0.11.2 and structmat, Triton 3.6 installed for that Python):
+``PYTHONPATH=/tmp/triton312:. /tmp/v11/bin/python tools/triton_smem.py``.
+
 Every layer of the presets named (LLaMA-7B's Monarch MLP takes minutes to
 compile) at the tiles ``impl="pallas"`` takes: for Monarch
 ``fit_block_tokens`` and the weight gradients' ``dw_block_tokens``, beside
