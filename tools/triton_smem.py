@@ -31,7 +31,8 @@ swapped, dx; ``dw_smem_estimate``); for
 SLTrain the default tiles (``padded_dim``), noting ``smem_estimate`` (its
 largest kernel's). A row per kernel; OVER marks
 what the GPU would refuse (227 KiB a block), UNDER an estimate below what
-Triton asked for; wgmma / mma count the tensor-core instructions in the PTX.
+Triton asked for; wgmma / mma count the tensor-core instructions in the PTX,
+loop_ld the tensor loads in loops that Triton did not prefetch.
 """
 import contextlib
 import io
@@ -107,8 +108,31 @@ def triton_modules(fn, args, grad_argnums):
   return modules
 
 
+def loop_loads(ttgir: str) -> int:
+  """Tensor loads inside ``scf.for`` bodies of Triton GPU IR that Triton did
+  not turn into prefetches (cp.async / TMA): each waits on memory where it
+  stands. Triton pipelines the innermost loops' loads that feed dots; the
+  SLTrain forward's 2-byte values and the x block of its outer loop stalled
+  so (2 at session 17's code). A load issued a step ahead by the kernel
+  itself, as that x block now is, still counts (1 now): the column says
+  where to read the IR, not what is wrong."""
+  count, loops = 0, []   # indentation of the enclosing loops
+  for line in ttgir.splitlines():
+    indent = len(line) - len(line.lstrip())
+    while loops and indent <= loops[-1] and not line.strip().startswith(
+        "scf.yield"):
+      loops.pop()
+    if "scf.for" in line:
+      loops.append(indent)
+    elif loops and " tt.load " in line and "tensor<" in line.split(
+        "tt.load", 1)[1]:
+      count += 1
+  return count
+
+
 def compile_report(module: str, num_warps: int) -> dict:
-  """Shared bytes, registers, spill bytes and tensor-core instructions."""
+  """Shared bytes, registers, spill bytes, tensor-core instructions and
+  unprefetched loads in loops (``loop_loads``)."""
   import triton  # pylint: disable=import-outside-toplevel
   from triton.backends.compiler import GPUTarget  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +155,8 @@ def compile_report(module: str, num_warps: int) -> dict:
   return dict(shared=kernel.metadata.shared,
               regs=int(regs.group(1)) if regs else -1,
               spills=int(spills.group(1)) if spills else 0,
-              wgmma=ptx.count("wgmma.mma_async"), mma=ptx.count("mma.sync"))
+              wgmma=ptx.count("wgmma.mma_async"), mma=ptx.count("mma.sync"),
+              loop_loads=loop_loads(kernel.asm["ttgir"]))
 
 
 def monarch_case(d_in, d_out, nb, dtype, tokens):
@@ -198,7 +223,7 @@ def cases():
 def main(_):
   make = monarch_case if _KERNEL.value == "monarch" else sltrain_case
   print(f"{'layer':18s} {'shape':16s} {'dtype':9s} {'kernel':18s} "
-        "asked_KiB est_KiB  regs spill_B wgmma  mma  tiles")
+        "asked_KiB est_KiB  regs spill_B wgmma  mma loop_ld  tiles")
   for label, shape in cases():
     for dtype in map(jnp.dtype, _DTYPES.value):
       fn, args, argnums, estimates, note = make(*shape, dtype, _TOKENS.value)
@@ -210,7 +235,8 @@ def main(_):
         est_s = "" if est is None else f"{est / 1024:.0f}"
         print(f"{label:18s} {str(shape):16s} {dtype.name:9s} {name:18s} "
               f"{r['shared'] / 1024:9.0f} {est_s:>7s} {r['regs']:5d} "
-              f"{r['spills']:7d} {r['wgmma']:5d} {r['mma']:4d}  {note} {flag}",
+              f"{r['spills']:7d} {r['wgmma']:5d} {r['mma']:4d} "
+              f"{r['loop_loads']:7d}  {note} {flag}",
               flush=True)
 
 
