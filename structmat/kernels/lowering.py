@@ -91,7 +91,7 @@ def _mosaic_gpu_module(escaped: str) -> str:
   bytes as they are where this JAX cannot parse them back (a count must not
   fail the benchmark that asked for it)."""
   # pylint: disable=import-outside-toplevel
-  from jax._src.interpreters import mlir  # the dialects JAX registers
+  from jax.interpreters import mlir  # the dialects JAX registers
   from jax.experimental.mosaic.gpu import dialect
   try:
     ctx = mlir.make_ir_context()
