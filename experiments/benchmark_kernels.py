@@ -36,6 +36,7 @@ from structmat.kernels.blockdiag_gmm import blockdiag_matmul_gmm
 from structmat.kernels import monarch as mk
 from structmat.kernels import monarch_mgpu as mg
 from structmat.kernels import monarch_tpu as mt
+from structmat.kernels import monarch_two_pass as m2
 from structmat.kernels import roofline
 from structmat.kernels import sltrain as sk
 from structmat.kernels import sltrain_tpu as stk
@@ -142,6 +143,8 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
     # most 128 tokens whose shared memory fits).
     mbt = mk.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize,
                               "cpu" if interpret else jax.default_backend())
+    tbt = m2.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize,
+                              "cpu" if interpret else jax.default_backend())
     cases += [
         ("monarch pallas", lambda x, a, b: mk.monarch_matmul_pallas(
             x, a, b, block_tokens=mbt, interpret=interp), (w1, w2)),
@@ -156,6 +159,20 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
         # compiler, tools/triton_smem.py): which is faster needs a GPU.
         ("monarch pallas bt32", lambda x, a, b: mk.monarch_matmul_pallas(
             x, a, b, block_tokens=min(32, tokens), interpret=interp), (w1, w2)),
+        # XLA's block-diagonal stage 1, then a kernel that reads it once
+        # through P1 and writes y once through P2 (session 19): 4 passes
+        # over the activations where XLA's path makes 8; at its own tile
+        # (fit_block_tokens: 64 tokens at 256-wide outputs), at 128 (half
+        # the factor re-reads, an accumulator that spilled offline), and
+        # with P2 left to XLA.
+        ("monarch two-pass", lambda x, a, b: m2.monarch_matmul_two_pass(
+            x, a, b, block_tokens=tbt, interpret=interp), (w1, w2)),
+        ("monarch two-pass bt128", lambda x, a, b: m2.monarch_matmul_two_pass(
+            x, a, b, block_tokens=min(128, tokens), interpret=interp),
+         (w1, w2)),
+        ("monarch two-pass p2 xla", lambda x, a, b: m2.monarch_matmul_two_pass(
+            x, a, b, block_tokens=tbt, interpret=interp, strided_p2=False),
+         (w1, w2)),
         ("blockdiag pallas", lambda x, a: blockdiag_matmul_pallas(
             x, a, block_tokens=bt, interpret=interp), (wb,)),
         ("sltrain pallas", lambda x, a, b, v: sk.sltrain_matmul_pallas(

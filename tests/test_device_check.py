@@ -26,18 +26,21 @@ def test_kernel_numerics_step_runs_quick(tmp_path):
   lines = [l for l in out.splitlines() if "value, grads" in l or "ERROR" in l]
   kinds = {l.split("]")[1].split()[0] for l in lines}
   assert kinds == {"monarch", "blockdiag", "sltrain"}, out[-3000:]
-  assert len(lines) == 16 and all(l.endswith("OK") for l in lines), (
+  assert len(lines) == 20 and all(l.endswith("OK") for l in lines), (
       "\n".join(lines))
+  assert sum("monarch two-pass" in l for l in lines) == 4
 
 
 def test_benchmark_steps_run_quick(tmp_path):
-  """Steps 3, 5, 6 and 8 (kernel benchmark, layer-sized Monarch, impl=pallas
-  against xla in training, SLTrain tiles), tiny and interpreted: each writes
+  """Steps 3, 5, 6, 8 and 9 (kernel benchmark, layer-sized Monarch,
+  impl=pallas against xla in training, SLTrain tiles, two-pass Monarch),
+  tiny and interpreted: each writes
   its JSON with every row timed (bar the interpreted two-warpgroup row, which
   says why), and step 6 compares the losses and prints where its time
   went."""
-  out = _run_quick("3 5 6 8", tmp_path)
-  for sub in ("", "f32", "attention", "mlp", "mlp130", "sltrain"):
+  out = _run_quick("3 5 6 8 9", tmp_path)
+  for sub in ("", "f32", "attention", "mlp", "mlp130", "sltrain", "two_pass",
+              "two_pass_layers"):
     rows = json.load(open(tmp_path / sub / "benchmark_kernels.json"))["rows"]
     assert rows, sub
     for r in rows:

@@ -717,6 +717,9 @@ def test_benchmark_kernels_smoke(tmp_path):
   assert p.returncode == 0, p.stderr[-3000:]
   rows = json.load(open(tmp_path / "benchmark_kernels.json"))["rows"]
   assert {r["impl"] for r in rows} >= {"monarch pallas", "blockdiag pallas",
+                                       "monarch two-pass",
+                                       "monarch two-pass bt128",
+                                       "monarch two-pass p2 xla",
                                        "blockdiag gmm", "monarch tpu",
                                        "sltrain tpu",
                                        "monarch xla", "monarch materialized",

@@ -24,7 +24,11 @@
 #      (1 x 256 tokens, where XLA:CPU measured 19.3 -> 14.3 GB);
 #   8. (only when named) the SLTrain kernel at other tiles (n=4096, rank
 #      128, 3%, 16384 tokens): 128-token tiles as before, 256-token tiles on
-#      eight warps, 64-entry placement steps, beside dense and XLA.
+#      eight warps, 64-entry placement steps, beside dense and XLA;
+#   9. (only when named) the two-pass Monarch (XLA stage 1, a Pallas stage
+#      2 taking P1 and P2 through its loads and stores) at n=4096 in 16
+#      blocks (16384 and 512 tokens) and the 60M layers (65536), beside
+#      dense, XLA and the fused kernel.
 # Steps in order of what is still unmeasured. Session 8 on an H200: steps 1-2
 # took 400 s, and 15 minutes of device time (start-up included) held steps
 # 1-2 in one call and 3 in a second on the warm machine (it goes back after
@@ -36,15 +40,16 @@
 # by hand 150 s: 826 s held. Session 15: STEPS="5 6" 379 s (130M
 # impl=pallas printed no step in its 150 s), then at once STEPS=3 and that
 # row again by hand (190 s, 3 repeats: no step either) 425 s: 849 s held.
-# Next (session 17 changed the Triton Monarch kernels: P2 in the forward's
-# strided stores, l-/k-fastest launches, 344 = 256 + 128 chunks; and the
-# benchmark's forward+backward now includes the forward, which jax.grad
-# had dropped): STEPS="5 6" P6=llama_60m (<= 480 s: the 60M layer rows with
-# and without the strided P2, then the 60M impl=pallas step against xla),
-# then at once STEPS=6 (<= 540 s: 130M impl=pallas, one block then all
-# twelve, printing lowering, compile and first-step seconds) if the budget
-# holds it; later STEPS=1 S1_IMPLS=auto (<= 295 s), STEPS=3 (<= 270 s),
-# step 2 (<= 120 s), STEPS=8 (<= 150 s; session 18) and step 4.
+# Next: first `S2_KINDS=two_pass STEPS="2 9"` (<= 350 s: session 19's
+# two-pass Monarch compiled against float32 XLA, value and gradients, then
+# timed at the issue's shape and the 60M layers beside XLA and the fused
+# kernel), then at once, if the budget holds, STEPS="5 6" P6=llama_60m
+# (<= 480 s: session 17's strided P2 and launch order in the fused kernel,
+# the benchmark's forward+backward now with its forward, which jax.grad had
+# dropped; the 60M impl=pallas step against xla). Later: STEPS=6 (<= 540 s:
+# 130M impl=pallas, one block then all twelve, printing lowering, compile
+# and first-step seconds), STEPS=1 S1_IMPLS=auto (<= 295 s), STEPS=3 (<=
+# 270 s), step 2 (<= 120 s), STEPS=8 (<= 150 s; session 18) and step 4.
 # jax 0.11.2, the image's version, passes the whole CPU suite (session 18).
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
@@ -109,12 +114,14 @@ fi
 
 if want 2; then
 echo "== 2. compiled kernels vs XLA reference [${SECONDS}s]"
-QUICK=$QUICK timeout 120 $PY - <<'PY'
+# S2_KINDS (e.g. "two_pass") checks only those kinds.
+QUICK=$QUICK S2_KINDS="${S2_KINDS:-}" timeout 120 $PY - <<'PY'
 import os, time
 import jax, jax.numpy as jnp
 from structmat import ops
 from structmat.kernels import blockdiag_matmul_pallas, monarch as mk
 from structmat.kernels import monarch_mgpu as mg, sltrain as sk
+from structmat.kernels import monarch_two_pass as m2
 quick = os.environ["QUICK"] == "1"
 bf16, fp32 = jnp.bfloat16, jnp.float32
 TOL = {bf16: 2e-2, fp32: 2e-3}
@@ -129,13 +136,23 @@ TOL = {bf16: 2e-2, fp32: 2e-3}
 # warpgroups, the looped whole blocks (n=4096 in 16, 512 and 768 in 4, 1024
 # f32 in 16) and SLTrain in rank slices and padded ranks: last.
 if quick:
-  checks = ([("monarch", d, s) for d in (bf16, fp32) for s in (
+  checks = ([("two_pass", d, s) for d in (bf16, fp32) for s in (
+                (64, 64, 4, 32), (96, 96, 4, 32))]
+            + [("monarch", d, s) for d in (bf16, fp32) for s in (
                 (64, 64, 4, 32), (96, 96, 4, 32), (256, 688, 2, 32))]
             + [("mgpu", bf16, (128, 2, 128, w)) for w in (1, 2)]
             + [("sltrain", d, s) for d in (bf16, fp32)
                for s in ((256, 256, 64), (64, 100, 64), (64, 96, 64, 24))])
 else:
-  checks = ([("monarch", bf16, (2048, 768, 4, 4096)),
+  # Session 19's two-pass Monarch, never compiled: the issue's shape, 4
+  # blocks (q/l = 256 in dot steps), the 60M MLP (chunked s and p) and the
+  # 130M attention (q/l = 48 padded), bf16 and one f32.
+  checks = ([("two_pass", bf16, s) for s in (
+                (4096, 4096, 16, 16384), (4096, 4096, 4, 16384),
+                (512, 1376, 4, 4096), (1376, 512, 4, 4096),
+                (768, 768, 4, 4096))]
+            + [("two_pass", fp32, (4096, 4096, 16, 16384))]
+            + [("monarch", bf16, (2048, 768, 4, 4096)),
              ("monarch", bf16, (512, 1376, 4, 4096)),
              ("monarch", bf16, (1376, 512, 4, 4096)),
              ("monarch", fp32, (768, 768, 4, 4096)),
@@ -196,6 +213,19 @@ def monarch(dtype, n, n_out, nb, t):
         lambda x, a: ops.blockdiag_matmul(*f32(x, a)), (x, w1), g[:, :n])
 
 
+def two_pass(dtype, n, n_out, nb, t):
+  k = jax.random.split(jax.random.key(n * nb + t + 1), 4)
+  s1, s2, _, _ = ops.monarch_shapes(n, n_out, nb)
+  x = jax.random.normal(k[0], (t, n), dtype)
+  w1 = (jax.random.normal(k[1], s1) / s1[2]**.5).astype(dtype)
+  w2 = (jax.random.normal(k[2], s2) / s2[2]**.5).astype(dtype)
+  g = jax.random.normal(k[3], (t, n_out), dtype)
+  bt = m2.fit_block_tokens(t, s1, s2, x.dtype.itemsize, jax.default_backend())
+  yield "monarch two-pass", grads_vs_ref(
+      lambda x, a, c: m2.monarch_matmul_two_pass(x, a, c, block_tokens=bt),
+      lambda x, a, c: ops.monarch_matmul(*f32(x, a, c)), (x, w1, w2), g)
+
+
 def mgpu(dtype, n, nb, t, wgs=1):
   # The Mosaic GPU forward, dx and (since session 12) dw1, dw2, with wgs
   # consumer warpgroups per CTA where they fit.
@@ -227,8 +257,12 @@ def sltrain(dtype, n, m, t, r=None):
       (x, a, b, v), g)
 
 
-RUN = {"monarch": monarch, "mgpu": mgpu, "sltrain": sltrain}
+RUN = {"monarch": monarch, "mgpu": mgpu, "sltrain": sltrain,
+       "two_pass": two_pass}
+only = os.environ["S2_KINDS"].split()
 for kind, dtype, shape in checks:
+  if only and kind not in only:
+    continue
   what = f"{jnp.dtype(dtype).name} {shape}"
   try:
     for name, errs in RUN[kind](dtype, *shape):
@@ -375,4 +409,27 @@ fi
 timeout 150 $PY -m experiments.benchmark_kernels $KS --nblocks=16 \
   --dtypes=bfloat16 --output_dir="$OUT/sltrain" \
   --impls="dense,sltrain xla,sltrain pallas,sltrain pallas bt256,sltrain pallas c64"
+fi
+
+if [[ " ${STEPS:-} " == *" 9 "* ]]; then
+echo "== 9. two-pass Monarch against XLA and the fused kernel [${SECONDS}s]"
+# Session 19's form: XLA's block-diagonal stage 1 (measured at the copy
+# roofline: 0.092 ms at n=4096 in 16 blocks), a stage-2 kernel reading it
+# through P1 and writing y through P2: 4 passes where XLA's Monarch makes 8
+# (0.392 / 0.815 ms; the fused kernel 0.781 / 1.551, session 14). The
+# issue's shape at 16384 and 512 tokens, then the 60M layers at 65536.
+if [ "$QUICK" = 1 ]; then
+  K9="--sizes=64 --tokens=64 --nblocks=4 --quick --interpret"
+  K9L="--sizes=64:96 --tokens=64 --nblocks=4 --quick --interpret"
+else
+  K9="--sizes=4096 --tokens=16384,512 --nblocks=16"
+  K9L="--sizes=512,512:1376,1376:512 --nblocks=4 --tokens=65536"
+fi
+T2="monarch two-pass,monarch two-pass bt128,monarch two-pass p2 xla"
+timeout 120 $PY -m experiments.benchmark_kernels $K9 --dtypes=bfloat16 \
+  --impls="dense,monarch xla,blockdiag xla,$T2,monarch pallas" \
+  --output_dir="$OUT/two_pass"
+timeout 110 $PY -m experiments.benchmark_kernels $K9L --dtypes=bfloat16 \
+  --impls="dense,monarch xla,monarch materialized,$T2" \
+  --output_dir="$OUT/two_pass_layers"
 fi

@@ -49,13 +49,15 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from structmat import ops  # pylint: disable=wrong-import-position
 from structmat.kernels import monarch as mk  # pylint: disable=wrong-import-position
+from structmat.kernels import monarch_two_pass as m2  # pylint: disable=wrong-import-position
 from structmat.kernels import shared_trace  # pylint: disable=wrong-import-position
 from structmat.kernels import sltrain as sk  # pylint: disable=wrong-import-position
 from structmat.models.family import linear_shapes, preset_config  # pylint: disable=wrong-import-position
 from structmat.kernels.lowering import cross_lower  # pylint: disable=wrong-import-position
 
-_KERNEL = flags.DEFINE_enum("kernel", "monarch", ["monarch", "sltrain"],
-                            "Which kernels.")
+_KERNEL = flags.DEFINE_enum(
+    "kernel", "monarch", ["monarch", "monarch2", "sltrain"],
+    "Which kernels (monarch2: monarch_two_pass's stage 2, forward and dx).")
 _PRESETS = flags.DEFINE_list(
     "presets", ["llama_60m", "llama_130m", "llama_350m", "gpt2_small",
                 "gpt2_medium"], "Presets whose layers to compile.")
@@ -183,6 +185,21 @@ def monarch_case(d_in, d_out, nb, dtype, tokens):
   return fn, args, (0, 1, 2), estimates, note
 
 
+def monarch2_case(d_in, d_out, nb, dtype, tokens):
+  w1, w2, _, _ = ops.monarch_shapes(d_in, d_out, nb)
+  p, g, s = w1[2], w1[1] // w2[0], w2[1]
+  it = dtype.itemsize
+  bt = _FORCE_BT.value or m2.fit_block_tokens(tokens, w1, w2, it, "cuda")
+  if _FORCE_BT.value:
+    m2.supported = lambda *a, **k: None
+  estimates = {"monarch2_fwd": m2.smem_estimate(bt, g, s, it),
+               "monarch2_dx": m2.smem_estimate(bt, g, p, it)}
+  fn = lambda x, a, b: m2.monarch_matmul_two_pass(
+      x, a, b, block_tokens=bt, interpret=False, platform="cuda")
+  args = [S((tokens, w1[0] * p), dtype), S(w1, dtype), S(w2, dtype)]
+  return fn, args, (0, 1, 2), estimates, f"bt {bt}"
+
+
 def sltrain_case(d_in, d_out, rank, dtype, tokens, density=0.03):
   nnz = jax.eval_shape(lambda: ops.draw_support(
       jax.random.key(0), d_in, d_out, density)).shape[0]
@@ -211,9 +228,10 @@ def cases():
     return
   seen = set()
   for preset in _PRESETS.value:
-    cfg = preset_config(preset, _KERNEL.value)
+    linear = "sltrain" if _KERNEL.value == "sltrain" else "monarch"
+    cfg = preset_config(preset, linear)
     kw = dict(cfg.linear_kwargs)
-    third = kw["nblocks"] if _KERNEL.value == "monarch" else kw["rank"]
+    third = kw["rank"] if linear == "sltrain" else kw["nblocks"]
     for site, (d_in, d_out) in linear_shapes(cfg).items():
       if (d_in, d_out) not in seen:
         seen.add((d_in, d_out))
@@ -221,7 +239,8 @@ def cases():
 
 
 def main(_):
-  make = monarch_case if _KERNEL.value == "monarch" else sltrain_case
+  make = dict(monarch=monarch_case, monarch2=monarch2_case,
+              sltrain=sltrain_case)[_KERNEL.value]
   print(f"{'layer':18s} {'shape':16s} {'dtype':9s} {'kernel':18s} "
         "asked_KiB est_KiB  regs spill_B wgmma  mma loop_ld  tiles")
   for label, shape in cases():
