@@ -103,7 +103,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.grad_clip = 1.0
   c.compute_dtype = "float32"     # "bfloat16" on accelerators
   c.impl = "xla"                  # "auto" | "pallas": Monarch/BTT/blockdiag/SLTrain
-                                  # kernels (Triton on GPUs, Mosaic on TPUs)
+                                  # kernels (Triton on GPUs, Mosaic on TPUs);
+                                  # "pallas:two_pass": that Monarch kernel
   c.seed = 0
 
   # Mesh (-1 fills with the remaining devices) and logical-axis rules.

@@ -47,8 +47,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps.")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Accelerator peak for MFU.")
 _OUTPUT = flags.DEFINE_string("output", "runs/benchmark_pretrain.json", "JSON.")
-_IMPL = flags.DEFINE_enum("impl", "xla", ["xla", "auto", "pallas"],
-                          "Monarch/BTT implementation.")
+_IMPL = flags.DEFINE_enum(
+    "impl", "xla", ["xla", "auto", "pallas", "pallas:two_pass", "pallas:fused",
+                    "pallas:mgpu"],
+    "Monarch/BTT implementation (pallas:<kernel>: that Monarch kernel).")
 _ATTENTION = flags.DEFINE_enum("attention", "auto",
                                ["auto", "naive", "xla", "cudnn"],
                                "Attention implementation (LlamaConfig).")

@@ -8,12 +8,13 @@ import subprocess
 import sys
 
 
-def _run_quick(steps: str, out_dir) -> str:
-  """The script's tiny version of ``steps`` (PYTHON: this interpreter);
-  its output after checking it exited cleanly."""
+def _run_quick(steps: str, out_dir, **env_vars) -> str:
+  """The script's tiny version of ``steps`` (PYTHON: this interpreter; more
+  variables in ``env_vars``); its output after checking it exited
+  cleanly."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, QUICK="1", STEPS=steps, OUT=str(out_dir),
-             PYTHON=sys.executable)
+             PYTHON=sys.executable, **env_vars)
   p = subprocess.run(["bash", "tools/device_check.sh"], cwd=root, env=env,
                      capture_output=True, text=True, timeout=600)
   out = p.stdout + p.stderr
@@ -54,3 +55,14 @@ def test_benchmark_steps_run_quick(tmp_path):
     assert row["n_layers"] == (1 if run == "1block" else 2)
   assert "llama_tiny monarch: compiled in" in out
   assert "llama_tiny pallas vs xla step" in out, out[-3000:]
+
+
+def test_training_step_takes_a_named_monarch_kernel(tmp_path):
+  """Step 6 with S6_IMPLS times the named kernels (the two-pass Monarch)
+  against impl=xla in training, and compares their losses."""
+  out = _run_quick("6", tmp_path, S6_IMPLS="xla pallas:two_pass")
+  run = json.load(open(tmp_path / "pallas_llama_tiny_pallas_two_pass.json"))
+  assert run["meta"]["impl"] == "pallas:two_pass"
+  assert len(run["rows"][0]["losses"]) >= 2
+  assert not (tmp_path / "pallas_llama_tiny_1block.json").exists()
+  assert "llama_tiny pallas:two_pass vs xla step" in out, out[-3000:]

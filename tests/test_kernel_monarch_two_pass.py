@@ -136,3 +136,50 @@ def test_two_pass_cross_lowers_for_hopper(tokens, s1, s2, grad):
                                              interpret=False, platform="cuda")
   text = cross_lower(fn, args, "cuda", (0, 1, 2) if grad else None)
   assert text.count("__gpu$xla.gpu.triton") == (2 if grad else 1)
+
+
+def test_impl_names_a_monarch_kernel():
+  """impl="pallas:two_pass" runs this kernel through the ops and layers
+  (a config selects it by name); names an op lacks, or on a TPU, raise
+  with the choices."""
+  from structmat.kernels import dispatch
+  x, w1, w2, _ = _monarch_inputs(2, 32, (4, 16, 16), (4, 16, 16))
+  ref = ops.monarch_matmul(x, w1, w2)
+  for impl, kernel in (("pallas:two_pass", "monarch2_fwd"),
+                       ("pallas:fused", "monarch_fwd"), ("pallas", "monarch_fwd")):
+    fn = lambda x, w1, w2, impl=impl: ops.monarch_matmul(x, w1, w2, impl=impl)
+    names = [_kernel_name(e) for e in _eqns(fn, x, w1, w2)
+             if e.primitive.name == "pallas_call"]
+    assert names == [kernel], (impl, names)
+    np.testing.assert_allclose(fn(x, w1, w2), ref, rtol=1e-5, atol=1e-5)
+  bias = jnp.arange(64, dtype=jnp.float32)
+  np.testing.assert_allclose(
+      ops.monarch_matmul(x, w1, w2, bias, impl="pallas:two_pass"), ref + bias,
+      rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="no kernel 'nope'.*two_pass"):
+    ops.monarch_matmul(x, w1, w2, impl="pallas:nope")
+  with pytest.raises(ValueError, match="one kernel: use impl='pallas'"):
+    ops.blockdiag_matmul(x, w1, impl="pallas:two_pass")
+  with pytest.raises(ValueError, match="pallas:<kernel>"):
+    ops.monarch_matmul(x, w1, w2, impl="auto:two_pass")
+  from structmat.kernels import target
+  with target.targeting("tpu"), pytest.raises(ValueError, match="Mosaic TPU"):
+    dispatch.monarch(x, w1, w2, None, "pallas:two_pass")
+
+
+def test_monarch_layer_takes_the_two_pass_kernel():
+  """A MonarchLinear with impl="pallas:two_pass" (interpret mode) matches
+  impl="xla" in value and gradients."""
+  from structmat import layers
+  from tests.helpers import assert_close, randomize
+  x = jax.random.normal(jax.random.key(3), (2, 16, 64))
+  outs = {}
+  for impl in ("xla", "pallas:two_pass"):
+    layer = layers.Monarch(features=48, nblocks=4, impl=impl)
+    params = randomize(layer.init(jax.random.key(0), x), seed=1)
+    loss = lambda p, x: jnp.sum(layer.apply(p, x) ** 2)
+    outs[impl] = (layer.apply(params, x), jax.grad(loss, (0, 1))(params, x))
+  assert_close(outs["pallas:two_pass"][0], outs["xla"][0], 1e-5, 1e-5)
+  for a, b in zip(jax.tree.leaves(outs["pallas:two_pass"][1]),
+                  jax.tree.leaves(outs["xla"][1])):
+    assert_close(a, b, 1e-4, 1e-5)

@@ -357,22 +357,29 @@ if [ "$QUICK" = 1 ]; then
 else
   P="--batch_size=256 --seq_len=256 --vocab_size=32000"; P6=${P6:-llama_130m}
 fi
-timeout 90 $PY -m experiments.benchmark_pretrain $P --presets=$P6 \
-  --linears=monarch --dtype=bfloat16 --impl=pallas --n_layers=1 \
-  --output="$OUT/pallas_${P6}_1block.json"
-for impl in xla pallas; do
-  T=120; [ $impl = pallas ] && T=330
+if [ -z "${S6_IMPLS:-}" ]; then
+  timeout 90 $PY -m experiments.benchmark_pretrain $P --presets=$P6 \
+    --linears=monarch --dtype=bfloat16 --impl=pallas --n_layers=1 \
+    --output="$OUT/pallas_${P6}_1block.json"
+fi
+# S6_IMPLS="xla pallas:two_pass" times session 19's two-pass Monarch in
+# training instead of (or beside) the fused kernels.
+for impl in ${S6_IMPLS:-xla pallas}; do
+  T=120; [ $impl != xla ] && T=330
   timeout $T $PY -m experiments.benchmark_pretrain $P --presets=$P6 \
     --linears=monarch --dtype=bfloat16 --impl=$impl \
-    --output="$OUT/pallas_${P6}_$impl.json"
+    --output="$OUT/pallas_${P6}_${impl/:/_}.json"
 done
-$PY - "$OUT/pallas_${P6}" <<'PY'
+$PY - "$OUT/pallas_${P6}" ${S6_IMPLS:-xla pallas} <<'PY'
 import json, os, sys
-rows = {i: json.load(open(f"{sys.argv[1]}_{i}.json"))["rows"]
-        for i in ("xla", "pallas") if os.path.exists(f"{sys.argv[1]}_{i}.json")}
-for r, b in zip(rows.get("pallas", []), rows.get("xla", [])):
-  print(r["preset"], "pallas vs xla step", f"{r['step_ms']:.1f} / {b['step_ms']:.1f} ms",
-        "max rel loss diff", max(abs(u - v) / abs(v) for u, v in zip(r["losses"], b["losses"])))
+rows = {i: json.load(open(f"{sys.argv[1]}_{i.replace(':', '_')}.json"))["rows"]
+        for i in sys.argv[2:]
+        if os.path.exists(f"{sys.argv[1]}_{i.replace(':', '_')}.json")}
+for impl in rows:
+  for r, b in zip(rows[impl] if impl != "xla" else [], rows.get("xla", [])):
+    print(r["preset"], impl, "vs xla step",
+          f"{r['step_ms']:.1f} / {b['step_ms']:.1f} ms", "max rel loss diff",
+          max(abs(u - v) / abs(v) for u, v in zip(r["losses"], b["losses"])))
 PY
 fi
 

@@ -23,6 +23,25 @@ import jax
 from structmat.kernels import roofline, target
 
 IMPLS = ("auto", "xla", "pallas")
+# impl="pallas:<name>" names one of an op's kernels (off TPUs): Monarch's
+# "fused" (the default), "two_pass" (``monarch_two_pass``, session 19) or
+# "mgpu" (Mosaic GPU, Hopper).
+KERNELS = {"monarch": ("fused", "two_pass", "mgpu")}
+
+
+def split_impl(impl: str, op: str) -> tuple[str, str | None]:
+  """("pallas", kernel) for impl="pallas:kernel", else (impl, None);
+  raises naming the choices for an unknown impl or a kernel ``op`` lacks."""
+  mode, _, kernel = impl.partition(":")
+  if mode not in IMPLS or (kernel and mode != "pallas"):
+    raise ValueError(f"impl={impl!r}; use one of {IMPLS}, or 'pallas:<kernel>' "
+                     f"with a kernel of {KERNELS}.")
+  if kernel and kernel not in KERNELS.get(op, ()):
+    raise ValueError(
+        f"impl={impl!r}: {op} has no kernel {kernel!r}; "
+        + (f"use one of {KERNELS[op]}" if op in KERNELS else
+           f"{op} has one kernel: use impl='pallas'"))
+  return mode, kernel or None
 
 
 def choose(impl: str, why_not) -> bool:
@@ -57,10 +76,19 @@ def forced(kernel, *args, **kwargs):
 def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
   """The fused kernel for the platform: the TPU kernel (tokens in lanes) on
   TPUs, the portable one (Triton) elsewhere, interpreted on the CPU; under
-  impl="pallas" the Mosaic GPU one where only it takes the shapes."""
+  impl="pallas" the Mosaic GPU one where only it takes the shapes.
+  impl="pallas:two_pass" or "pallas:mgpu" runs that kernel (off TPUs);
+  "pallas:fused" the fused one without the Mosaic GPU fallback."""
   from structmat.kernels import monarch as mk  # pylint: disable=import-outside-toplevel
   from structmat.kernels import monarch_tpu as mt  # pylint: disable=import-outside-toplevel
   from structmat.ops import monarch as ref  # pylint: disable=import-outside-toplevel
+  impl, named = split_impl(impl, "monarch")
+  if named and target.platform() == "tpu":
+    raise ValueError(f"impl='pallas:{named}': TPUs run the Mosaic TPU Monarch "
+                     "kernel; use impl='pallas'")
+  if named:
+    y = forced(_named_monarch(named, x, w1, w2, block_tokens), x, w1, w2)
+    return y if bias is None else y + bias.astype(y.dtype)
   tokens = x.size // x.shape[-1]
   itemsize = x.dtype.itemsize  # the kernel computes in x's dtype
   if impl == "auto":
@@ -91,6 +119,22 @@ def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
     return ref.monarch_matmul(x, w1, w2, bias)
   y = forced(kernel, x, w1, w2)
   return y if bias is None else y + bias.astype(y.dtype)
+
+
+def _named_monarch(name: str, x, w1, w2, block_tokens: int):
+  """The Monarch kernel impl="pallas:<name>" runs, at the tile it fits."""
+  from structmat.kernels import monarch as mk  # pylint: disable=import-outside-toplevel
+  from structmat.kernels import monarch_mgpu as mg  # pylint: disable=import-outside-toplevel
+  from structmat.kernels import monarch_two_pass as m2  # pylint: disable=import-outside-toplevel
+  tokens, itemsize = x.size // x.shape[-1], x.dtype.itemsize
+  if name == "mgpu":
+    return mg.monarch_matmul_mgpu
+  fit = m2 if name == "two_pass" else mk
+  bt = fit.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize,
+                            target.platform(), block_tokens)
+  kernel = (m2.monarch_matmul_two_pass if name == "two_pass"
+            else mk.monarch_matmul_pallas)
+  return functools.partial(kernel, block_tokens=bt)
 
 
 def _portable_or_mgpu(portable, tokens, w1_shape, w2_shape, bt, dtype):
@@ -135,6 +179,7 @@ def mgpu_first(w1_shape, w2_shape, platform: str) -> str | None:
 def blockdiag(x, w, impl: str, block_tokens: int = 128):
   from structmat.kernels import blockdiag as bk  # pylint: disable=import-outside-toplevel
   from structmat.ops import blockdiag as ref  # pylint: disable=import-outside-toplevel
+  impl, _ = split_impl(impl, "blockdiag")
   tokens = x.size // x.shape[-1]
   bt = min(block_tokens, tokens)
   if not choose(impl, lambda plat: bk.supported(tokens, w.shape, bt, plat)
@@ -152,6 +197,7 @@ def sltrain(x, a, b, values, indices, scale, impl: str, orders=None,
   from structmat.kernels import sltrain as sk  # pylint: disable=import-outside-toplevel
   from structmat.kernels import sltrain_tpu as stk  # pylint: disable=import-outside-toplevel
   from structmat.ops import sparse_lowrank as ref  # pylint: disable=import-outside-toplevel
+  impl, _ = split_impl(impl, "sltrain")
   tokens = x.size // x.shape[-1]
   d_in, d_out = a.shape[0], b.shape[1]
   if target.platform() == "tpu":

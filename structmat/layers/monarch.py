@@ -20,7 +20,7 @@ class Monarch(StructuredLinear):
   else out_blk), each ~ U(+-1/sqrt(block fan-in)); bias U(+-1/sqrt(out)).
   """
   nblocks: int = 4
-  impl: str = "xla"  # "auto" | "xla" | "pallas": see structmat.kernels.dispatch
+  impl: str = "xla"  # "auto" | "xla" | "pallas[:kernel]": see kernels.dispatch
 
   def inner(self, in_features: int) -> int | None:
     """Per-block intermediate size q; None: fly's rule."""

@@ -115,9 +115,10 @@ def monarch_matmul(x, w1, w2, bias=None, impl: str = "xla"):
     bias: optional (l*s,) added to the output (fused, cheaper than adding it
       afterwards).
     impl: "xla" (this function), "pallas" (the fused kernel, interpret mode on
-      the CPU) or "auto" (on GPUs the materialized product where it is
-      predicted faster, else the kernel on GPU/TPU where the shapes fit and
-      measurements favor it, else this function); see
+      the CPU), "pallas:two_pass" / "pallas:fused" / "pallas:mgpu" (that
+      kernel, off TPUs) or "auto" (on GPUs the materialized product where it
+      is predicted faster, else the kernel on GPU/TPU where the shapes fit
+      and measurements favor it, else this function); see
       ``structmat.kernels.dispatch``.
 
   Returns:
