@@ -128,9 +128,9 @@ def check_orders_skip_the_sort(kernel, args, cotangent, orders):
 
 
 def preset_step_kernels(preset: str, platform: str, n_layers: int,
-                        linear: str = "monarch"):
+                        linear: str = "monarch", impl: str = "pallas"):
   """{"calls", "distinct"} kernels (``lowering.kernel_modules``) of a
-  preset's ``impl="pallas"`` train step (bf16, ``n_layers`` blocks, a 2 x
+  preset's ``impl`` train step (bf16, ``n_layers`` blocks, a 2 x
   128-token batch) cross-lowered for ``platform`` ("cuda": an H100, "tpu":
   a TPU v5e) by ``train.preflight.lower_step``."""
   import optax  # pylint: disable=import-outside-toplevel
@@ -138,7 +138,7 @@ def preset_step_kernels(preset: str, platform: str, n_layers: int,
   from structmat.models.family import preset_config  # pylint: disable=import-outside-toplevel
   from structmat.train import preflight  # pylint: disable=import-outside-toplevel
   cfg = preset_config(preset, linear, vocab_size=512, max_len=128,
-                      dtype=jnp.bfloat16, impl="pallas", attention="xla",
+                      dtype=jnp.bfloat16, impl=impl, attention="xla",
                       n_layers=n_layers)
   r = preflight.lower_step(build_model(cfg), optax.adamw(1e-4), (2, 129),
                            platform, seed=0)

@@ -183,3 +183,17 @@ def test_monarch_layer_takes_the_two_pass_kernel():
   for a, b in zip(jax.tree.leaves(outs["pallas:two_pass"][1]),
                   jax.tree.leaves(outs["xla"][1])):
     assert_close(a, b, 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("preset,distinct", [("llama_60m", 6),
+                                             ("llama_130m", 4)])
+def test_two_pass_train_step_cross_lowers_for_hopper(preset, distinct):
+  """A preset's whole train step (two layers) with impl="pallas:two_pass"
+  lowers for an abstract H100: a forward and a dx Triton kernel per
+  Monarch shape (attention, MLP in, MLP out), nothing else; at 130M the
+  square attention's dx is its forward and the MLP's dx one direction is the
+  other's forward, so XLA compiles 4 modules."""
+  from tests.helpers import preset_step_kernels
+  found = preset_step_kernels(preset, "cuda", n_layers=2,
+                              impl="pallas:two_pass")
+  assert found == {"calls": {"triton": 6}, "distinct": {"triton": distinct}}
