@@ -770,6 +770,25 @@ _monarch.defvjp(_vjp_fwd, _vjp_bwd)
 _monarch_once = traced_once(_monarch, (3, 4, 5, 6))
 
 
+def checked_call(x, w1, w2, block_tokens, interpret, platform, fits,
+                 what: str):
+  """The Monarch wrappers' prologue: the reference's shape checks,
+  ``prepare``, and ``fits(tokens, w1_shape, w2_shape, block_tokens, target,
+  itemsize)`` (a ``supported``), raising with ``what`` and its reason.
+  Returns (x2, block_tokens, interpret, platform, target), ``target`` being
+  what the kernel compiles for ("cpu" when interpreted)."""
+  from structmat.ops.monarch import _check  # pylint: disable=import-outside-toplevel
+  _check(x.shape[-1], w1, w2)
+  x2, block_tokens, interpret, platform = prepare(x, block_tokens, interpret,
+                                                  platform)
+  target = "cpu" if interpret else platform
+  why = fits(x2.shape[0], w1.shape, w2.shape, block_tokens, target,
+             x2.dtype.itemsize)
+  if why:
+    raise ValueError(f"{what} cannot run these shapes: {why}")
+  return x2, block_tokens, interpret, platform, target
+
+
 def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
                           interpret: bool | None = None,
                           platform: str | None = None,
@@ -788,15 +807,9 @@ def monarch_matmul_pallas(x, w1, w2, *, block_tokens: int = 128,
   Returns:
     (..., l*s).
   """
-  from structmat.ops.monarch import _check  # the reference's shape checks
-  _check(x.shape[-1], w1, w2)
-  x2, block_tokens, interpret, platform = prepare(x, block_tokens, interpret,
-                                                  platform)
-  target = "cpu" if interpret else platform   # what the kernel compiles for
-  why = supported(x2.shape[0], w1.shape, w2.shape, block_tokens, target,
-                  x2.dtype.itemsize)
-  if why:
-    raise ValueError(f"the fused Monarch kernel cannot run these shapes: {why}")
+  x2, block_tokens, interpret, platform, target = checked_call(
+      x, w1, w2, block_tokens, interpret, platform, supported,
+      "the fused Monarch kernel")
   if strided_p2 is None:
     strided_p2 = strides_p2(target)
   elif strided_p2 and not strides_p2(target):

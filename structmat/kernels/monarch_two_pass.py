@@ -42,11 +42,15 @@ from jax.experimental import pallas as pl
 from structmat.kernels import monarch as mk
 from structmat.kernels import triton_backend
 from structmat.kernels.portable import (LOOP_SMEM_BUDGET, TRITON_STAGES,
-                                        compiler_params, launch_order, prepare)
+                                        compiler_params, launch_order)
 from structmat.kernels.shared_trace import traced_once
 from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 from structmat.ops.blockdiag import blockdiag_matmul
 from structmat.ops.monarch import gather_weights
+
+# The fused kernel's helpers: column chunks of a block, masked stores, a @ b^T.
+_chunks, _store, _dot_t, _next_pow2 = (  # pylint: disable=protected-access
+    mk._chunks, mk._store, mk._dot_t, mk._next_pow2)
 
 K_STEP = 64       # inner-dim elements per dot step where g is wider
 OUT_TILE = 256    # output columns per accumulator (MAX_TRITON_BLOCK)
@@ -70,15 +74,15 @@ def _k_dims(g: int) -> tuple[int, int, int]:
   """(G, kc, steps) of the inner dim g: the loaded width (a power of two >=
   16 where g <= K_STEP, masked past g), the dot step and steps per block."""
   if g <= K_STEP:
-    gg = max(16, mk._next_pow2(g))  # pylint: disable=protected-access
+    gg = max(16, _next_pow2(g))
     return gg, gg, 1
   return g, K_STEP, g // K_STEP
 
 
 def _out_chunks(s: int):
   """Static (start, size, valid) output chunks: ``monarch._chunks``'s."""
-  ss = max(16, mk._next_pow2(s))  # pylint: disable=protected-access
-  return ss, mk._chunks(s, ss, OUT_TILE)  # pylint: disable=protected-access
+  ss = max(16, _next_pow2(s))
+  return ss, _chunks(s, ss, OUT_TILE)
 
 
 def _widest(s: int) -> int:
@@ -177,11 +181,10 @@ def _stage2_kernel(h_ref, w_ref, o_ref, *, n_in, g, out_chunks):
       i, kk = (t, 0) if n_kc == 1 else (jax.lax.div(t, n_kc),
                                          jax.lax.rem(t, n_kc))
       w = w_ref[i, pl.ds(c, size), pl.ds(kk * kc, kc)]
-      return acc + mk._dot_t(load(i, kk), w)  # pylint: disable=protected-access
+      return acc + _dot_t(load(i, kk), w)
     acc = jax.lax.fori_loop(0, n_in * n_kc, step,
                             jnp.zeros((h_ref.shape[0], size), jnp.float32))
-    mk._store(o_ref.at[:, pl.ds(c, size)], acc.astype(o_ref.dtype),  # pylint: disable=protected-access
-              valid)
+    _store(o_ref.at[:, pl.ds(c, size)], acc.astype(o_ref.dtype), valid)
 
 
 def _call_stage2(h4, w, s: int, strided: bool, block_tokens: int, interpret,
@@ -298,16 +301,9 @@ def monarch_matmul_two_pass(x, w1, w2, *, block_tokens: int = 128,
   Returns:
     (..., l*s).
   """
-  from structmat.ops.monarch import _check  # the reference's shape checks
-  _check(x.shape[-1], w1, w2)
-  x2, block_tokens, interpret, platform = prepare(x, block_tokens, interpret,
-                                                  platform)
-  target = "cpu" if interpret else platform   # what the kernel compiles for
-  why = supported(x2.shape[0], w1.shape, w2.shape, block_tokens, target,
-                  x2.dtype.itemsize)
-  if why:
-    raise ValueError(f"the two-pass Monarch kernel cannot run these shapes: "
-                     f"{why}")
+  x2, block_tokens, interpret, platform, _ = mk.checked_call(
+      x, w1, w2, block_tokens, interpret, platform, supported,
+      "the two-pass Monarch kernel")
   y = _two_pass_once(x2, w1.astype(x.dtype), w2.astype(x.dtype), block_tokens,
                      interpret, platform, bool(strided_p2))
   return y.reshape(*x.shape[:-1], y.shape[-1])
