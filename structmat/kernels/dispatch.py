@@ -20,7 +20,7 @@ import functools
 from absl import logging
 import jax
 
-from structmat.kernels import roofline, target
+from structmat.kernels import roofline, shards, target
 
 IMPLS = ("auto", "xla", "pallas")
 # impl="pallas:<name>" names one of an op's kernels (off TPUs): Monarch's
@@ -64,10 +64,11 @@ def choose(impl: str, why_not) -> bool:
 
 
 def forced(kernel, *args, **kwargs):
-  """Run ``kernel``; a shape it refuses names the way out: impl="pallas"
+  """Run ``kernel`` (per token shard inside ``shards.over``: XLA cannot
+  split a kernel); a shape it refuses names the way out: impl="pallas"
   forces kernels on every layer, "auto" runs XLA where they cannot."""
   try:
-    return kernel(*args, **kwargs)
+    return shards.per_shard(kernel, *args, **kwargs)
   except ValueError as e:
     raise ValueError(f"impl='pallas': {e}. impl='auto' runs XLA for shapes a "
                      "kernel cannot take (and where XLA measured faster).") from e
@@ -89,7 +90,7 @@ def monarch(x, w1, w2, bias, impl: str, block_tokens: int = 128):
   if named:
     y = forced(_named_monarch(named, x, w1, w2, block_tokens), x, w1, w2)
     return y if bias is None else y + bias.astype(y.dtype)
-  tokens = x.size // x.shape[-1]
+  tokens = shards.local_tokens(x.size // x.shape[-1])
   itemsize = x.dtype.itemsize  # the kernel computes in x's dtype
   if impl == "auto":
     why = roofline.materialize_problem(tokens, w1.shape, w2.shape, itemsize,
@@ -126,7 +127,8 @@ def _named_monarch(name: str, x, w1, w2, block_tokens: int):
   from structmat.kernels import monarch as mk  # pylint: disable=import-outside-toplevel
   from structmat.kernels import monarch_mgpu as mg  # pylint: disable=import-outside-toplevel
   from structmat.kernels import monarch_two_pass as m2  # pylint: disable=import-outside-toplevel
-  tokens, itemsize = x.size // x.shape[-1], x.dtype.itemsize
+  tokens = shards.local_tokens(x.size // x.shape[-1])
+  itemsize = x.dtype.itemsize
   if name == "mgpu":
     return mg.monarch_matmul_mgpu
   fit = m2 if name == "two_pass" else mk
@@ -180,7 +182,7 @@ def blockdiag(x, w, impl: str, block_tokens: int = 128):
   from structmat.kernels import blockdiag as bk  # pylint: disable=import-outside-toplevel
   from structmat.ops import blockdiag as ref  # pylint: disable=import-outside-toplevel
   impl, _ = split_impl(impl, "blockdiag")
-  tokens = x.size // x.shape[-1]
+  tokens = shards.local_tokens(x.size // x.shape[-1])
   bt = min(block_tokens, tokens)
   if not choose(impl, lambda plat: bk.supported(tokens, w.shape, bt, plat)
                 or bk.slower_than_xla(plat)):
@@ -198,7 +200,7 @@ def sltrain(x, a, b, values, indices, scale, impl: str, orders=None,
   from structmat.kernels import sltrain_tpu as stk  # pylint: disable=import-outside-toplevel
   from structmat.ops import sparse_lowrank as ref  # pylint: disable=import-outside-toplevel
   impl, _ = split_impl(impl, "sltrain")
-  tokens = x.size // x.shape[-1]
+  tokens = shards.local_tokens(x.size // x.shape[-1])
   d_in, d_out = a.shape[0], b.shape[1]
   if target.platform() == "tpu":
     bt = 256 if tokens % 256 == 0 else 128

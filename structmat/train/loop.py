@@ -21,6 +21,7 @@ from structmat import data as sm_data
 from structmat.data import hosts
 from structmat.data.tokenizers import cached_path
 from structmat.data.pipeline import unigram_log_perplexity
+from structmat.kernels import shards
 from structmat.models import build_model, llama_config
 from structmat.models.family import FAMILIES, gpt2_config
 from structmat.models.llama import parse_adapters, parse_value
@@ -276,7 +277,19 @@ class Placement:
                                          pad_id=pad_id),
                        in_shardings=(sh, self.batch),
                        out_shardings=self.replicated)
-    return train, evaluate
+    return self.on_mesh(train), self.on_mesh(evaluate)
+
+  def on_mesh(self, jitted):
+    """``jitted``, traced with Pallas kernels run per token shard
+    (``kernels.shards``: XLA would gather every kernel's operands onto
+    each device)."""
+    axes = self.batch.spec[0]
+
+    @functools.wraps(jitted)
+    def call(*args):
+      with shards.over(self.mesh, axes):
+        return jitted(*args)
+    return call
 
   def put_batch(self, local):
     return sharding.global_batch(local, self.batch)

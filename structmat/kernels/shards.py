@@ -1,0 +1,90 @@
+"""Kernels on each device's share of the tokens.
+
+XLA's SPMD partitioner cannot split a Pallas kernel: to it a ``pallas_call``
+is an opaque custom call, so inside a ``jit`` whose activations are sharded
+over devices it gathers the kernel's operands onto every device and runs the
+whole product on each (jax-ml/jax#19748: Pallas kernels "are not
+automatically partitioned"), which multiplies a data-parallel step's layer
+time and activation memory by the number of token shards. So while a train
+step is traced for a mesh (``over``, which the train loop enters), dispatch
+runs each kernel under ``shard_map`` (``per_shard``): every device
+multiplies its own tokens; the weights enter whole (XLA gathers fsdp- or
+tensor-sharded ones, as it does for any matmul) and shard_map's transpose
+sums their gradients over the token shards. Outside ``over`` (one device,
+or a mesh whose batch axes have size 1) kernels run as they are.
+
+On TPUs this is not only speed: lowering a Mosaic kernel for a multi-device
+mesh outside a shard_map raises ("Mosaic kernels cannot be automatically
+partitioned"), so before this a TPU-pod step with ``impl="pallas"`` (or
+"auto" where it takes a kernel) did not compile.
+
+``over`` acts while a function is traced, which ``jax.jit`` does at its
+first call and caches regardless of ``over``: enter it around that first
+call (the train loop wraps its steps so, ``loop.Placement.on_mesh``), not
+around a function already traced without it.
+"""
+import contextlib
+import math
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+_MESHES: list = []   # a stack of (mesh, token axes): ``over`` nests
+
+
+@contextlib.contextmanager
+def over(mesh, axes):
+  """Trace kernel calls inside to run per shard of the tokens, which the
+  mesh's ``axes`` split (a name, a tuple of names or None: the "batch"
+  logical axis's mesh axes)."""
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  _MESHES.append((mesh, tuple(a for a in axes if mesh.shape[a] > 1)))
+  try:
+    yield
+  finally:
+    _MESHES.pop()
+
+
+def token_shards() -> int:
+  """How many token shards kernels traced here run on (1: no ``over``)."""
+  if not _MESHES:
+    return 1
+  mesh, axes = _MESHES[-1]
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def local_tokens(tokens: int) -> int:
+  """The tokens each kernel call sees: its shard's, where they divide."""
+  shards = token_shards()
+  return tokens // shards if tokens % shards == 0 else tokens
+
+
+def per_shard(kernel, x, *args, **kwargs):
+  """``kernel(x, *args, **kwargs)`` with x (..., n) split over the token
+  shards (its leading dims flattened), every other array argument whole on
+  each, and the (..., m) result split the same way. Non-array arguments
+  (scales, None) are passed through. Without ``over``, or when the token
+  count does not divide, the call as it is (XLA then replicates it)."""
+  shards = token_shards()
+  tokens = x.size // x.shape[-1]
+  if shards == 1 or tokens % shards:
+    return kernel(x, *args, **kwargs)
+  mesh, axes = _MESHES[-1]
+  is_array = lambda v: hasattr(v, "shape") and hasattr(v, "dtype")
+  keys = list(kwargs)
+  values = list(args) + [kwargs[k] for k in keys]
+  arrays = [v for v in values if is_array(v)]
+
+  def body(x2, *arrs):
+    it = iter(arrs)
+    filled = [next(it) if is_array(v) else v for v in values]
+    return kernel(x2, *filled[:len(args)],
+                  **dict(zip(keys, filled[len(args):])))
+
+  x2 = x.reshape(tokens, x.shape[-1])
+  y = jax.shard_map(body, mesh=mesh,
+                    in_specs=(P(axes, None),) + (P(),) * len(arrays),
+                    out_specs=P(axes, None),
+                    # pallas_call has no replication rule (jax-ml/jax#21855)
+                    check_vma=False)(x2, *arrays)
+  return y.reshape(*x.shape[:-1], y.shape[-1])
