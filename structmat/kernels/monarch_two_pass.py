@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from structmat.kernels import monarch as mk
 from structmat.kernels import triton_backend
 from structmat.kernels.portable import (LOOP_SMEM_BUDGET, TRITON_STAGES,
-                                        compiler_params, launch_order)
+                                        compiler_params, launch_order, pow2)
 from structmat.kernels.shared_trace import traced_once
 from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 from structmat.ops.blockdiag import blockdiag_matmul
@@ -53,7 +53,7 @@ _chunks, _store, _dot_t, _next_pow2 = (  # pylint: disable=protected-access
     mk._chunks, mk._store, mk._dot_t, mk._next_pow2)
 
 K_STEP = 64       # inner-dim elements per dot step where g is wider
-OUT_TILE = 256    # output columns per accumulator (MAX_TRITON_BLOCK)
+OUT_TILE = mk.MAX_TRITON_BLOCK  # output columns per accumulator
 # float32 accumulator elements a program holds by default (64 KB: 64
 # registers a thread on eight warps). Compiled offline (Triton 3.6, sm_90,
 # bf16, 16384 tokens): 128-token tiles of 256 outputs spilled 140-152 bytes
@@ -103,8 +103,12 @@ def smem_estimate(block_tokens: int, g: int, s: int, itemsize: int) -> int:
              block_tokens * size * itemsize)
 
 
-def _problem(tokens: int, g: int, widths, block_tokens: int,
-             platform: str, itemsize: int) -> str | None:
+def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
+              platform: str, itemsize: int = 2) -> str | None:
+  """None if the two-pass kernels (forward and dx) run these shapes on
+  ``platform``, else why not."""
+  if why := mk.layout_problem(w1_shape, w2_shape):
+    return why
   if platform == "tpu":
     return ("the two-pass Monarch kernel is Triton-only (strided (bt, q/l) "
             "loads); TPUs run structmat.kernels.monarch_tpu")
@@ -113,29 +117,20 @@ def _problem(tokens: int, g: int, widths, block_tokens: int,
   if tokens % block_tokens:
     return (f"tokens={tokens} is not a multiple of block_tokens="
             f"{block_tokens}")
-  if platform in GPU_PLATFORMS and (
-      block_tokens < 16 or block_tokens & (block_tokens - 1)):
-    return f"block_tokens={block_tokens}: Triton needs a power of two >= 16"
+  p, g, s = mk.block_dims(w1_shape, w2_shape)
   if g > K_STEP and g % K_STEP:
     return (f"q/l={g}: above {K_STEP} it must be a multiple of {K_STEP} "
             "(the dot steps)")
-  for s in widths:
-    need = smem_estimate(block_tokens, g, s, itemsize)
-    if platform in GPU_PLATFORMS and need > LOOP_SMEM_BUDGET:
-      return (f"block_tokens={block_tokens} needs ~{need // 1024} KiB of "
-              f"shared memory (budget {LOOP_SMEM_BUDGET // 1024} KiB): use "
-              "fewer tokens per tile")
+  if platform not in GPU_PLATFORMS:
+    return None
+  if block_tokens < 16 or not pow2(block_tokens):
+    return f"block_tokens={block_tokens}: Triton needs a power of two >= 16"
+  need = max(smem_estimate(block_tokens, g, w, itemsize) for w in (s, p))
+  if need > LOOP_SMEM_BUDGET:
+    return (f"block_tokens={block_tokens} needs ~{need // 1024} KiB of "
+            f"shared memory (budget {LOOP_SMEM_BUDGET // 1024} KiB): use "
+            "fewer tokens per tile")
   return None
-
-
-def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
-              platform: str, itemsize: int = 2) -> str | None:
-  """None if the two-pass kernels (forward and dx) run these shapes on
-  ``platform``, else why not."""
-  if why := mk.layout_problem(w1_shape, w2_shape):
-    return why
-  p, g, s = mk.block_dims(w1_shape, w2_shape)
-  return _problem(tokens, g, (s, p), block_tokens, platform, itemsize)
 
 
 def fit_block_tokens(tokens: int, w1_shape, w2_shape, itemsize: int,
@@ -218,7 +213,7 @@ def _call_stage2(h4, w, s: int, strided: bool, block_tokens: int, interpret,
       interpret=interpret,
       # 8 warps from a 64 KB float32 accumulator on, as the fused kernel.
       compiler_params=None if interpret else compiler_params(
-          platform, 2, 8 if block_tokens * size >= 16384 else 4),
+          platform, 2, 8 if block_tokens * size >= ACC_ELEMENTS else 4),
       name=name,
   )(h4, w)
   return y.reshape(tokens, -1)
