@@ -135,7 +135,10 @@ def test_two_pass_cross_lowers_for_hopper(tokens, s1, s2, grad):
   fn = lambda *a: m2.monarch_matmul_two_pass(*a, block_tokens=bt,
                                              interpret=False, platform="cuda")
   text = cross_lower(fn, args, "cuda", (0, 1, 2) if grad else None)
-  assert text.count("__gpu$xla.gpu.triton") == (2 if grad else 1)
+  # The gradient of a sum needs no y: jax 0.12 drops the forward kernel
+  # there, 0.10 and 0.11 keep it.
+  assert "monarch2_dx" in text if grad else "monarch2_fwd" in text
+  assert 1 <= text.count("__gpu$xla.gpu.triton") <= (2 if grad else 1)
 
 
 def test_impl_names_a_monarch_kernel():
