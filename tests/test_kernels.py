@@ -800,9 +800,9 @@ def test_benchmark_gpu_sweep_skips_chunked_monarch():
 
 
 def test_benchmark_builds_sltrain_inputs_only_for_its_rows():
-  """Drawing an SLTrain support permutes n * n_out indices (91 s at n=8192
-  on this CPU): a sweep without SLTrain rows never draws one, and each row
-  records its wall seconds."""
+  """Drawing an SLTrain support keys all n * n_out positions (seconds at
+  n=8192 on this CPU): a sweep without SLTrain rows never draws one, and
+  each row records its wall seconds."""
   script = (
       "import jax.numpy as jnp\n"
       "from absl import flags\n"

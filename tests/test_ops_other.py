@@ -69,6 +69,56 @@ def test_sltrain_ops():
                np.asarray(x, np.float64) @ ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape,thresholded", [
+    ((100, 100, 0.03), True), ((48, 200, 0.2), True), ((7, 300, 0.011), True),
+    ((30, 30, 0.5), False)])
+def test_draw_support_threshold_path_equals_a_full_sort(monkeypatch, shape,
+                                                        thresholded):
+  """The support is the nnz smallest keys whichever way they are found: the
+  thresholded candidates, the fallback when the threshold kept too few or
+  too many (forced here), and a sort of every key (dense supports go there
+  directly)."""
+  from structmat.ops import sparse_lowrank as sl  # pylint: disable=import-outside-toplevel
+  nnz = max(1, int(shape[2] * shape[0] * shape[1]))
+  size = shape[0] * shape[1]
+  real = sl._candidates  # pylint: disable=protected-access
+  forms = {"threshold": real,
+           "full sort": lambda n, s: (s, s),
+           "too few kept": lambda n, s: (max(1, n // 2), s - 1),
+           "too many kept": lambda n, s: (real(n, s)[0], n)}
+  assert (real(nnz, size)[1] < size) == thresholded
+  for seed in range(4):
+    got = {}
+    for name, form in forms.items():
+      monkeypatch.setattr(sl, "_candidates", form)
+      got[name] = np.asarray(sl.draw_support(jax.random.key(seed), *shape))
+    ref = got["full sort"]
+    assert ref.shape == (nnz,) and np.all(np.diff(ref) > 0)
+    assert 0 <= ref[0] and ref[-1] < size
+    for name, idx in got.items():
+      assert np.array_equal(idx, ref), (name, seed)
+
+
+def test_draw_support_is_uniform():
+  """Every position is drawn with probability density, independently of
+  where it lies (a chi-square over 10,000 positions and 2,000 supports)."""
+  draws, d_in, d_out, density = 2000, 100, 100, 0.03
+  keys = jax.random.split(jax.random.key(7), draws)
+  idx = jax.jit(jax.vmap(lambda k: ops.draw_support(k, d_in, d_out, density)))(
+      keys)
+  counts = np.bincount(np.asarray(idx).ravel(), minlength=d_in * d_out)
+  nnz = int(density * d_in * d_out)
+  assert counts.sum() == draws * nnz
+  p = nnz / (d_in * d_out)
+  mean, var = draws * p, draws * p * (1 - p)
+  chi2 = ((counts - mean) ** 2 / var).sum()
+  dof = d_in * d_out
+  assert abs(chi2 - dof) < 8 * np.sqrt(2 * dof), chi2
+  # No drift across the matrix: the first and last thousand positions.
+  for part in (counts[:1000], counts[-1000:]):
+    assert abs(part.mean() - mean) < 8 * np.sqrt(var / 1000), part.mean()
+
+
 @pytest.mark.parametrize("k,chunk", [(7, 3), (8, 8), (5, 32), (1, 1)])
 def test_nola_combine_matches_stacked_bases(k, chunk):
   key_data = jax.random.key_data(jax.random.key(11))
