@@ -173,6 +173,11 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
         ("monarch two-pass p2 xla", lambda x, a, b: m2.monarch_matmul_two_pass(
             x, a, b, block_tokens=tbt, interpret=interp, strided_p2=False),
          (w1, w2)),
+        # Its weight gradients as token-reduction kernels reading h and dz
+        # in place, where XLA's contractions may copy both (session 20).
+        ("monarch two-pass dwk", lambda x, a, b: m2.monarch_matmul_two_pass(
+            x, a, b, block_tokens=tbt, interpret=interp, dw_kernel=True),
+         (w1, w2)),
         ("blockdiag pallas", lambda x, a: blockdiag_matmul_pallas(
             x, a, block_tokens=bt, interpret=interp), (wb,)),
         ("sltrain pallas", lambda x, a, b, v: sk.sltrain_matmul_pallas(

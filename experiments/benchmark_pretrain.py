@@ -48,8 +48,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps.")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Accelerator peak for MFU.")
 _OUTPUT = flags.DEFINE_string("output", "runs/benchmark_pretrain.json", "JSON.")
 _IMPL = flags.DEFINE_enum(
-    "impl", "xla", ["xla", "auto", "pallas", "pallas:two_pass", "pallas:fused",
-                    "pallas:mgpu"],
+    "impl", "xla", ["xla", "auto", "pallas", "pallas:two_pass",
+                    "pallas:two_pass_dw", "pallas:fused", "pallas:mgpu"],
     "Monarch/BTT implementation (pallas:<kernel>: that Monarch kernel).")
 _ATTENTION = flags.DEFINE_enum("attention", "auto",
                                ["auto", "naive", "xla", "cudnn"],

@@ -27,9 +27,10 @@ def test_kernel_numerics_step_runs_quick(tmp_path):
   lines = [l for l in out.splitlines() if "value, grads" in l or "ERROR" in l]
   kinds = {l.split("]")[1].split()[0] for l in lines}
   assert kinds == {"monarch", "blockdiag", "sltrain"}, out[-3000:]
-  assert len(lines) == 20 and all(l.endswith("OK") for l in lines), (
+  assert len(lines) == 21 and all(l.endswith("OK") for l in lines), (
       "\n".join(lines))
-  assert sum("monarch two-pass" in l for l in lines) == 4
+  assert sum("monarch two-pass" in l for l in lines) == 5
+  assert sum("monarch two-pass dwk" in l for l in lines) == 1
 
 
 def test_benchmark_steps_run_quick(tmp_path):

@@ -720,6 +720,7 @@ def test_benchmark_kernels_smoke(tmp_path):
                                        "monarch two-pass",
                                        "monarch two-pass bt128",
                                        "monarch two-pass p2 xla",
+                                       "monarch two-pass dwk",
                                        "blockdiag gmm", "monarch tpu",
                                        "sltrain tpu",
                                        "monarch xla", "monarch materialized",

@@ -26,9 +26,9 @@
 #      128, 3%, 16384 tokens): 128-token tiles as before, 256-token tiles on
 #      eight warps, 64-entry placement steps, beside dense and XLA;
 #   9. (only when named) the two-pass Monarch (XLA stage 1, a Pallas stage
-#      2 taking P1 and P2 through its loads and stores) at n=4096 in 16
-#      blocks (16384 and 512 tokens) and the 60M layers (65536), beside
-#      dense, XLA and the fused kernel.
+#      2 taking P1 and P2 through its loads and stores; "dwk": its weight
+#      gradients as kernels) at n=4096 in 16 blocks (16384 and 512 tokens)
+#      and the 60M layers (65536), beside dense, XLA and the fused kernel.
 # Steps in order of what is still unmeasured. Session 8 on an H200: steps 1-2
 # took 400 s, and 15 minutes of device time (start-up included) held steps
 # 1-2 in one call and 3 in a second on the warm machine (it goes back after
@@ -40,10 +40,12 @@
 # by hand 150 s: 826 s held. Session 15: STEPS="5 6" 379 s (130M
 # impl=pallas printed no step in its 150 s), then at once STEPS=3 and that
 # row again by hand (190 s, 3 repeats: no step either) 425 s: 849 s held.
-# Next: first `S2_KINDS=two_pass STEPS="2 9"` (<= 350 s: session 19's
-# two-pass Monarch compiled against float32 XLA, value and gradients, then
-# timed at the issue's shape and the 60M layers beside XLA and the fused
-# kernel), then at once, if the budget holds, STEPS="5 6" P6=llama_60m
+# Next: first `S2_KINDS=two_pass STEPS="2 9"` (<= 390 s: session 19's
+# two-pass Monarch, and session 20's with kernel weight gradients, compiled
+# against float32 XLA, value and gradients, then timed at the issue's shape
+# and the 60M layers beside XLA and the fused kernel; if "dwk" wins,
+# S6_IMPLS="xla pallas:two_pass_dw" below), then at once, if the budget
+# holds, STEPS="5 6" P6=llama_60m
 # (<= 480 s: session 17's strided P2 and launch order in the fused kernel,
 # the benchmark's forward+backward now with its forward, which jax.grad had
 # dropped; the 60M impl=pallas step against xla). Later: STEPS=6 (<= 540 s:
@@ -138,6 +140,7 @@ TOL = {bf16: 2e-2, fp32: 2e-3}
 if quick:
   checks = ([("two_pass", d, s) for d in (bf16, fp32) for s in (
                 (64, 64, 4, 32), (96, 96, 4, 32))]
+            + [("two_pass", bf16, (64, 96, 4, 32, True))]
             + [("monarch", d, s) for d in (bf16, fp32) for s in (
                 (64, 64, 4, 32), (96, 96, 4, 32), (256, 688, 2, 32))]
             + [("mgpu", bf16, (128, 2, 128, w)) for w in (1, 2)]
@@ -146,12 +149,16 @@ if quick:
 else:
   # Session 19's two-pass Monarch, never compiled: the issue's shape, 4
   # blocks (q/l = 256 in dot steps), the 60M MLP (chunked s and p) and the
-  # 130M attention (q/l = 48 padded), bf16 and one f32.
+  # 130M attention (q/l = 48 padded), bf16 and one f32; then session 20's
+  # weight-gradient kernels (dwk) at the issue's shape and the 60M MLP.
   checks = ([("two_pass", bf16, s) for s in (
                 (4096, 4096, 16, 16384), (4096, 4096, 4, 16384),
                 (512, 1376, 4, 4096), (1376, 512, 4, 4096),
                 (768, 768, 4, 4096))]
             + [("two_pass", fp32, (4096, 4096, 16, 16384))]
+            + [("two_pass", bf16, s + (True,)) for s in (
+                (4096, 4096, 16, 16384), (512, 1376, 4, 4096),
+                (1376, 512, 4, 4096))]
             + [("monarch", bf16, (2048, 768, 4, 4096)),
              ("monarch", bf16, (512, 1376, 4, 4096)),
              ("monarch", bf16, (1376, 512, 4, 4096)),
@@ -213,7 +220,7 @@ def monarch(dtype, n, n_out, nb, t):
         lambda x, a: ops.blockdiag_matmul(*f32(x, a)), (x, w1), g[:, :n])
 
 
-def two_pass(dtype, n, n_out, nb, t):
+def two_pass(dtype, n, n_out, nb, t, dw_kernel=False):
   k = jax.random.split(jax.random.key(n * nb + t + 1), 4)
   s1, s2, _, _ = ops.monarch_shapes(n, n_out, nb)
   x = jax.random.normal(k[0], (t, n), dtype)
@@ -221,8 +228,9 @@ def two_pass(dtype, n, n_out, nb, t):
   w2 = (jax.random.normal(k[2], s2) / s2[2]**.5).astype(dtype)
   g = jax.random.normal(k[3], (t, n_out), dtype)
   bt = m2.fit_block_tokens(t, s1, s2, x.dtype.itemsize, jax.default_backend())
-  yield "monarch two-pass", grads_vs_ref(
-      lambda x, a, c: m2.monarch_matmul_two_pass(x, a, c, block_tokens=bt),
+  yield "monarch two-pass" + (" dwk" if dw_kernel else ""), grads_vs_ref(
+      lambda x, a, c: m2.monarch_matmul_two_pass(x, a, c, block_tokens=bt,
+                                                 dw_kernel=dw_kernel),
       lambda x, a, c: ops.monarch_matmul(*f32(x, a, c)), (x, w1, w2), g)
 
 
@@ -433,10 +441,11 @@ else
   K9L="--sizes=512,512:1376,1376:512 --nblocks=4 --tokens=65536"
 fi
 T2="monarch two-pass,monarch two-pass bt128,monarch two-pass p2 xla"
-timeout 120 $PY -m experiments.benchmark_kernels $K9 --dtypes=bfloat16 \
+T2="$T2,monarch two-pass dwk"
+timeout 140 $PY -m experiments.benchmark_kernels $K9 --dtypes=bfloat16 \
   --impls="dense,monarch xla,blockdiag xla,$T2,monarch pallas" \
   --output_dir="$OUT/two_pass"
-timeout 110 $PY -m experiments.benchmark_kernels $K9L --dtypes=bfloat16 \
+timeout 130 $PY -m experiments.benchmark_kernels $K9L --dtypes=bfloat16 \
   --impls="dense,monarch xla,monarch materialized,$T2" \
   --output_dir="$OUT/two_pass_layers"
 fi

@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from structmat import ops  # pylint: disable=wrong-import-position
 from structmat.kernels import monarch as mk  # pylint: disable=wrong-import-position
 from structmat.kernels import monarch_two_pass as m2  # pylint: disable=wrong-import-position
+from structmat.kernels import monarch_two_pass_dw as dwk  # pylint: disable=wrong-import-position
 from structmat.kernels import shared_trace  # pylint: disable=wrong-import-position
 from structmat.kernels import sltrain as sk  # pylint: disable=wrong-import-position
 from structmat.models.family import linear_shapes, preset_config  # pylint: disable=wrong-import-position
@@ -69,6 +70,9 @@ _TOKENS = flags.DEFINE_integer("tokens", 4096, "Tokens per call.")
 _FORCE_BT = flags.DEFINE_integer(
     "force_block_tokens", 0, "This token tile (Monarch: and dw step) whatever "
     "the estimates say, to see what Triton asks for (calibration).")
+_DW_KERNEL = flags.DEFINE_bool(
+    "dw_kernel", False, "monarch2: the weight gradients as token-reduction "
+    "kernels (monarch2_dw1, monarch2_dw2) instead of XLA's contractions.")
 _CHUNK = flags.DEFINE_integer(
     "chunk", 0, "SLTrain: sparse entries placed per step (0: the default, "
     "sltrain.DEFAULT_CHUNK).")
@@ -194,10 +198,20 @@ def monarch2_case(d_in, d_out, nb, dtype, tokens):
     m2.supported = lambda *a, **k: None
   estimates = {"monarch2_fwd": m2.smem_estimate(bt, g, s, it),
                "monarch2_dx": m2.smem_estimate(bt, g, p, it)}
+  note = f"bt {bt}"
+  if _DW_KERNEL.value:   # out (a, c, m, g): dw2 (l, s, k, g), dw1 (k, p, l, g)
+    for name, dims in (("monarch2_dw2", (w2[0], s, w1[0], g)),
+                       ("monarch2_dw1", (w1[0], p, w2[0], g))):
+      t = dwk.plan(tokens, *dims, it, "cuda")
+      if t:
+        estimates[name] = dwk.smem_estimate(t.bt, t.cc, t.mc, t.gg, it)
+      note += f", {name[-3:]} " + (
+          f"cc {t.cc} mc {t.mc} bt {t.bt} x{t.chunks}" if t else "in XLA")
   fn = lambda x, a, b: m2.monarch_matmul_two_pass(
-      x, a, b, block_tokens=bt, interpret=False, platform="cuda")
+      x, a, b, block_tokens=bt, interpret=False, platform="cuda",
+      dw_kernel=_DW_KERNEL.value)
   args = [S((tokens, w1[0] * p), dtype), S(w1, dtype), S(w2, dtype)]
-  return fn, args, (0, 1, 2), estimates, f"bt {bt}"
+  return fn, args, (0, 1, 2), estimates, note
 
 
 def sltrain_case(d_in, d_out, rank, dtype, tokens, density=0.03):

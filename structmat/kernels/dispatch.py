@@ -24,9 +24,10 @@ from structmat.kernels import roofline, shards, target
 
 IMPLS = ("auto", "xla", "pallas")
 # impl="pallas:<name>" names one of an op's kernels (off TPUs): Monarch's
-# "fused" (the default), "two_pass" (``monarch_two_pass``, session 19) or
-# "mgpu" (Mosaic GPU, Hopper).
-KERNELS = {"monarch": ("fused", "two_pass", "mgpu")}
+# "fused" (the default), "two_pass" (``monarch_two_pass``, session 19),
+# "two_pass_dw" (the same with its weight gradients as kernels, session 20)
+# or "mgpu" (Mosaic GPU, Hopper).
+KERNELS = {"monarch": ("fused", "two_pass", "two_pass_dw", "mgpu")}
 
 
 def split_impl(impl: str, op: str) -> tuple[str, str | None]:
@@ -131,12 +132,14 @@ def _named_monarch(name: str, x, w1, w2, block_tokens: int):
   itemsize = x.dtype.itemsize
   if name == "mgpu":
     return mg.monarch_matmul_mgpu
-  fit = m2 if name == "two_pass" else mk
+  two_pass = name.startswith("two_pass")
+  fit = m2 if two_pass else mk
   bt = fit.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize,
                             target.platform(), block_tokens)
-  kernel = (m2.monarch_matmul_two_pass if name == "two_pass"
-            else mk.monarch_matmul_pallas)
-  return functools.partial(kernel, block_tokens=bt)
+  if two_pass:
+    return functools.partial(m2.monarch_matmul_two_pass, block_tokens=bt,
+                             dw_kernel=name == "two_pass_dw")
+  return functools.partial(mk.monarch_matmul_pallas, block_tokens=bt)
 
 
 def _portable_or_mgpu(portable, tokens, w1_shape, w2_shape, bt, dtype):

@@ -25,8 +25,9 @@ Backward: dy's P2 undone by XLA (``monarch.strides_p2`` says why the
 kernels read dy block-major), dz = dy_l @ w2[l] as XLA's block-diagonal
 product, dx = sum_l dz[t, l, k, :] @ A[l, k] by the same stage-2 kernel
 (contiguous stores), and the weight gradients as XLA contractions over the
-tokens of (dz, x) and (dy, h). Residuals: x and h, as XLA's VJP keeps x and
-its stage-1 product.
+tokens of (dz, x) and (dy, h), or with ``dw_kernel`` as token-reduction
+kernels that read h and dz in place (``monarch_two_pass_dw``). Residuals: x
+and h, as XLA's VJP keeps x and its stage-1 product.
 
 Triton only (GPUs, and interpret mode, which tests that code): its loads
 take any strided (bt, g) slice, while Mosaic TPU blocks need (8, 128)-
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from structmat.kernels import monarch as mk
+from structmat.kernels import monarch_two_pass_dw as dwk
 from structmat.kernels import triton_backend
 from structmat.kernels.portable import (LOOP_SMEM_BUDGET, TRITON_STAGES,
                                         compiler_params, launch_order, pow2)
@@ -239,17 +241,21 @@ def _forward(x, w1, w2, block_tokens, interpret, platform, strided):
   return y, h
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _two_pass(x, w1, w2, block_tokens, interpret, platform, strided):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _two_pass(x, w1, w2, block_tokens, interpret, platform, strided,
+              dw_kernel):
+  del dw_kernel
   return _forward(x, w1, w2, block_tokens, interpret, platform, strided)[0]
 
 
-def _vjp_fwd(x, w1, w2, block_tokens, interpret, platform, strided):
+def _vjp_fwd(x, w1, w2, block_tokens, interpret, platform, strided,
+             dw_kernel):
+  del dw_kernel
   y, h = _forward(x, w1, w2, block_tokens, interpret, platform, strided)
   return y, (x, h, w1, w2)
 
 
-def _vjp_bwd(block_tokens, interpret, platform, strided, res, dy):
+def _vjp_bwd(block_tokens, interpret, platform, strided, dw_kernel, res, dy):
   del strided   # the backward reads dy block-major either way
   x, h, w1, w2 = res
   k, q, p = w1.shape
@@ -259,27 +265,37 @@ def _vjp_bwd(block_tokens, interpret, platform, strided, res, dy):
   do = dy.reshape(tokens, s, l).transpose(0, 2, 1)         # (tokens, l, s)
   dz = blockdiag_matmul(do.reshape(tokens, l * s),
                         w2.transpose(0, 2, 1))             # (tokens, l*r)
+  h4, dz4, x3 = (h.reshape(tokens, k, l, g), dz.reshape(tokens, l, k, g),
+                 x.reshape(tokens, k, p))
   a, _ = gather_weights(w1, w2)                            # (l, k, g, p)
-  dx = _call_stage2(dz.reshape(tokens, l, k, g),
-                    _pad(a.transpose(1, 0, 3, 2), p, g), p, False,
+  dx = _call_stage2(dz4, _pad(a.transpose(1, 0, 3, 2), p, g), p, False,
                     block_tokens, interpret, platform, "monarch2_dx")
-  f32 = jnp.float32
-  dw2 = jnp.einsum("tls,tklg->lskg", do, h.reshape(tokens, k, l, g),
-                   preferred_element_type=f32).reshape(l, s, r)
-  dw1 = jnp.einsum("tlkg,tkp->kglp", dz.reshape(tokens, l, k, g),
-                   x.reshape(tokens, k, p),
-                   preferred_element_type=f32).reshape(k, q, p)
-  return dx, dw1.astype(w1.dtype), dw2.astype(w2.dtype)
+  tiles = (lambda *dims: dwk.plan(tokens, *dims, x.dtype.itemsize, platform)
+           if dw_kernel else None)
+  if t2 := tiles(l, s, k, g):
+    dw2 = dwk.token_sum(do, h4, t2, interpret, platform, "monarch2_dw2")
+  else:
+    dw2 = jnp.einsum("tls,tklg->lskg", do, h4,
+                     preferred_element_type=jnp.float32)
+  if t1 := tiles(k, p, l, g):   # (k, p, l, g) to w1's (k, g, l, p)
+    dw1 = dwk.token_sum(x3, dz4, t1, interpret, platform,
+                        "monarch2_dw1").transpose(0, 3, 2, 1)
+  else:
+    dw1 = jnp.einsum("tlkg,tkp->kglp", dz4, x3,
+                     preferred_element_type=jnp.float32)
+  return (dx, dw1.reshape(k, q, p).astype(w1.dtype),
+          dw2.reshape(l, s, r).astype(w2.dtype))
 
 
 _two_pass.defvjp(_vjp_fwd, _vjp_bwd)
-_two_pass_once = traced_once(_two_pass, (3, 4, 5, 6))
+_two_pass_once = traced_once(_two_pass, (3, 4, 5, 6, 7))
 
 
 def monarch_matmul_two_pass(x, w1, w2, *, block_tokens: int = 128,
                             interpret: bool | None = None,
                             platform: str | None = None,
-                            strided_p2: bool = True):
+                            strided_p2: bool = True,
+                            dw_kernel: bool = False):
   """Monarch product in two passes (module docstring), same contract as
   ``ops.monarch_matmul`` (no bias).
 
@@ -292,6 +308,9 @@ def monarch_matmul_two_pass(x, w1, w2, *, block_tokens: int = 128,
     strided_p2: whether stage 2 stores the output permutation itself
       (l-strided stores), else it writes (l, s) blocks and XLA permutes
       them (two more passes over y; the benchmark's A/B).
+    dw_kernel: whether the weight gradients run as token-reduction kernels
+      reading h and dz in place (``monarch_two_pass_dw``, where its tiles
+      fit) instead of XLA's contractions, which may copy h and dz first.
 
   Returns:
     (..., l*s).
@@ -300,5 +319,5 @@ def monarch_matmul_two_pass(x, w1, w2, *, block_tokens: int = 128,
       x, w1, w2, block_tokens, interpret, platform, supported,
       "the two-pass Monarch kernel")
   y = _two_pass_once(x2, w1.astype(x.dtype), w2.astype(x.dtype), block_tokens,
-                     interpret, platform, bool(strided_p2))
+                     interpret, platform, bool(strided_p2), bool(dw_kernel))
   return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -22,7 +22,7 @@ def draw_support(key, in_features: int, out_features: int, density: float):
   (threefry). Only the few positions whose key falls under a threshold are
   sorted (about nnz + 8 sqrt(nnz)), not all in*out of them: a full sort
   (what ``jax.random.permutation`` does, a few rounds over) took 45 s per
-  4096 x 11008 matrix on a 2-core CPU, this takes about 1 s. Where the
+  4096 x 11008 matrix on a 2-core CPU, this takes 1.9 s. Where the
   threshold misses (probability ~1e-15) a full sort gives the same answer.
   """
   size = in_features * out_features
