@@ -40,7 +40,7 @@
 # by hand 150 s: 826 s held. Session 15: STEPS="5 6" 379 s (130M
 # impl=pallas printed no step in its 150 s), then at once STEPS=3 and that
 # row again by hand (190 s, 3 repeats: no step either) 425 s: 849 s held.
-# Next: first `S2_KINDS=two_pass STEPS="2 9"` (<= 390 s: session 19's
+# Next: first `S2_KINDS=two_pass STEPS="2 9"` (<= 420 s: session 19's
 # two-pass Monarch, and session 20's with kernel weight gradients, compiled
 # against float32 XLA, value and gradients, then timed at the issue's shape
 # and the 60M layers beside XLA and the fused kernel; if "dwk" wins,
@@ -51,7 +51,7 @@
 # dropped; the 60M impl=pallas step against xla). Later: STEPS=6 (<= 540 s:
 # 130M impl=pallas, one block then all twelve, printing lowering, compile
 # and first-step seconds), STEPS=1 S1_IMPLS=auto (<= 295 s), STEPS=3 (<=
-# 270 s), step 2 (<= 120 s), STEPS=8 (<= 150 s; session 18) and step 4.
+# 270 s), step 2 (<= 150 s), STEPS=8 (<= 150 s; session 18) and step 4.
 # jax 0.11.2, the image's version, passes the whole CPU suite (session 18).
 # The benchmarks import neither tfds nor ml_collections, so no wheels are needed.
 # Everything lands in $OUT: run.log and the JSON files. QUICK=1 runs a tiny
@@ -117,7 +117,7 @@ fi
 if want 2; then
 echo "== 2. compiled kernels vs XLA reference [${SECONDS}s]"
 # S2_KINDS (e.g. "two_pass") checks only those kinds.
-QUICK=$QUICK S2_KINDS="${S2_KINDS:-}" timeout 120 $PY - <<'PY'
+QUICK=$QUICK S2_KINDS="${S2_KINDS:-}" timeout 150 $PY - <<'PY'
 import os, time
 import jax, jax.numpy as jnp
 from structmat import ops
@@ -147,18 +147,18 @@ if quick:
             + [("sltrain", d, s) for d in (bf16, fp32)
                for s in ((256, 256, 64), (64, 100, 64), (64, 96, 64, 24))])
 else:
-  # Session 19's two-pass Monarch, never compiled: the issue's shape, 4
-  # blocks (q/l = 256 in dot steps), the 60M MLP (chunked s and p) and the
-  # 130M attention (q/l = 48 padded), bf16 and one f32; then session 20's
-  # weight-gradient kernels (dwk) at the issue's shape and the 60M MLP.
-  checks = ([("two_pass", bf16, s) for s in (
-                (4096, 4096, 16, 16384), (4096, 4096, 4, 16384),
-                (512, 1376, 4, 4096), (1376, 512, 4, 4096),
-                (768, 768, 4, 4096))]
+  # Session 19's two-pass Monarch, never compiled: the issue's shape (also
+  # with session 20's weight-gradient kernels, dwk), 4 blocks (q/l = 256 in
+  # dot steps), the 60M MLP (chunked s and p) and the 130M attention (q/l =
+  # 48 padded), bf16 and one f32; then dwk at the 60M MLP.
+  checks = ([("two_pass", bf16, (4096, 4096, 16, 16384, dwk))
+             for dwk in (False, True)]
+            + [("two_pass", bf16, s) for s in (
+                (4096, 4096, 4, 16384), (512, 1376, 4, 4096),
+                (1376, 512, 4, 4096), (768, 768, 4, 4096))]
             + [("two_pass", fp32, (4096, 4096, 16, 16384))]
             + [("two_pass", bf16, s + (True,)) for s in (
-                (4096, 4096, 16, 16384), (512, 1376, 4, 4096),
-                (1376, 512, 4, 4096))]
+                (512, 1376, 4, 4096), (1376, 512, 4, 4096))]
             + [("monarch", bf16, (2048, 768, 4, 4096)),
              ("monarch", bf16, (512, 1376, 4, 4096)),
              ("monarch", bf16, (1376, 512, 4, 4096)),

@@ -41,8 +41,10 @@ from structmat.kernels.portable import (LOOP_SMEM_BUDGET, TRITON_STAGES,
                                         compiler_params, pow2, split_count)
 from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 
-# float32 accumulator elements per program: 64 KB, as stage 2's.
+# The fused kernel's helpers (_next_pow2, _dot_tn) are used below.
 # pylint: disable=protected-access
+
+# float32 accumulator elements per program: 64 KB, as stage 2's.
 ACC_ELEMENTS = 16384
 MAX_C_TILE = mk.MAX_TRITON_BLOCK   # accumulator rows (u's columns) at most
 MAX_TOKEN_STEP = 64                # the dots' inner (token) dim at most
