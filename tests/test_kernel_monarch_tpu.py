@@ -119,7 +119,10 @@ def test_supported_names_the_constraint():
   # Over VMEM: a smaller tile is the fix while there is one, else 16 bits.
   assert "fewer tokens" in mt.supported(16384, (16, 512, 512), (16, 512, 512),
                                         256)
-  assert "16-bit" in mt.supported(16384, (16, 512, 512), (16, 512, 512), 128)
+  assert "16-bit" in mt.supported(16384, (16, 512, 512), (16, 512, 512), 128,
+                                  4)
+  assert "use smaller blocks" in mt.supported(16384, (16, 512, 512),
+                                              (16, 512, 512), 128, 2)
   with pytest.raises(ValueError, match="cannot run"):
     mt.monarch_matmul_tpu(jnp.ones((100, 128)), jnp.ones((4, 64, 32)),
                           jnp.ones((8, 16, 32)), interpret=True)
@@ -127,9 +130,41 @@ def test_supported_names_the_constraint():
 
 def test_fit_block_tokens():
   sixteen = ((16, 256, 256), (16, 256, 256))
-  assert mt.fit_block_tokens(16384, *sixteen, 2) == 128   # VMEM-bound
+  assert mt.fit_block_tokens(16384, *sixteen, 2) == 256   # VMEM-bound
+  assert mt.fit_block_tokens(16384, *sixteen, 4) == 128
+  assert mt.supported(16384, *sixteen, 128, 4) is None
   assert mt.fit_block_tokens(16384, (4, 128, 128), (4, 128, 128), 2) == 512
   assert mt.fit_block_tokens(384, (4, 128, 128), (4, 128, 128), 2) == 128
+
+
+# Scoped VMEM (MiB) libtpu 0.0.42 allocated compiling each kernel for a TPU
+# v5e with every operand left in HBM, its worst case (tools/tpu_compile.py
+# --kernels=monarch_tpu --sizes=2048,4096 --nblocks=4,16 --tokens=16384
+# --block_tokens=BT, session 21): (n, nblocks, block_tokens, itemsize) ->
+# (forward, backward).
+LIBTPU_VMEM_MIB = {
+    (2048, 4, 128, 2): (8.00, 22.50), (2048, 4, 128, 4): (15.00, 35.00),
+    (2048, 4, 256, 2): (12.49, 29.49), (2048, 4, 256, 4): (22.00, 46.00),
+    (2048, 4, 512, 2): (20.58, 42.58), (2048, 4, 512, 4): (36.00, 68.00),
+    (4096, 4, 128, 2): (24.34, 77.34), (4096, 4, 128, 4): (46.31, 118.32),
+    (4096, 4, 256, 2): (34.41, 92.41), (4096, 4, 512, 2): (50.85, 118.85),
+    (4096, 16, 128, 2): (12.00, 29.00), (4096, 16, 128, 4): (22.00, 46.00),
+    (4096, 16, 256, 2): (20.00, 42.00), (4096, 16, 256, 4): (36.00, 68.00),
+    (4096, 16, 512, 2): (36.00, 68.07),
+}
+
+
+@pytest.mark.parametrize("key", sorted(LIBTPU_VMEM_MIB))
+def test_vmem_estimate_bounds_what_libtpu_allocated(key):
+  """The estimate the tiles are planned with bounds the TPU compiler's
+  allocation (a tile it accepts compiles) and stays within 3 MiB of it (it
+  does not refuse tiles that fit: before session 21 it was up to 8 MiB over,
+  which kept n=4096 in 16 blocks at 128-token tiles and refused float32)."""
+  n, nb, bt, itemsize = key
+  w1, w2, _, _ = ops.monarch_shapes(n, n, nb)
+  for backward, allocated in zip((False, True), LIBTPU_VMEM_MIB[key]):
+    est = mt.vmem_estimate(bt, w1, w2, itemsize, backward) / 2**20
+    assert allocated <= est <= allocated + 3, (backward, est, allocated)
 
 
 def test_auto_takes_the_tpu_kernel_on_tpus(monkeypatch):

@@ -81,7 +81,11 @@ def test_shared_memory_model():
       assert tile == min(inner, 128) and 16 <= chunk <= 128
       assert bd.smem_estimate(128, tile, chunk, itemsize,
                               chunk < inner) <= bd.SMEM_BUDGET
-  assert bd.tiling(128, 1024, 512, 2, "tpu") == (1024, 512)
+  # On TPUs whole inputs, output tiles of at most 512 (n=8192 in 4 blocks of
+  # 2048 did not compile whole: tools/tpu_compile.py).
+  assert bd.tiling(128, 1024, 512, 2, "tpu") == (512, 512)
+  assert bd.tiling(128, 384, 2048, 2, "tpu") == (384, 2048)
+  assert bd.tiling(128, 640, 640, 4, "tpu") == (128, 640)   # 128 divides
   # The fused Monarch: the same H200 runs (n=4096, 16 blocks) compiled with
   # 64-token tiles and overflowed with 128; the 60M preset's shapes compiled.
   assert "shared memory" in mk.supported(16384, (16, 256, 256), (16, 256, 256),
@@ -91,6 +95,63 @@ def test_shared_memory_model():
   assert mk.fit_block_tokens(65536, (4, 128, 128), (4, 128, 128), 2,
                              "gpu") == 128
   assert mk.fit_block_tokens(100, (4, 16, 16), (4, 16, 16), 4, "cpu") == 100
+
+
+@pytest.mark.parametrize("tokens,bt,wshape,dtype,tol", [
+    (96, 32, (2, 256, 384), jnp.float32, 1e-5),   # 2 x 3 tiles, 3 steps
+    (64, 32, (1, 256, 128), jnp.bfloat16, 1e-2),
+])
+def test_blockdiag_tpu_tiles_in_the_tpu_interpreter(tokens, bt, wshape, dtype,
+                                                    tol, monkeypatch):
+  """The TPU forms (``platform="tpu"``) in the TPU interpreter: forward in
+  output tiles, the weight gradient accumulated over a sequential token
+  axis, in 128-wide tiles here (TPU_TILE shrunk) so that every block has
+  several."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
+  poisoned = poison_pallas_outputs(monkeypatch)
+  monkeypatch.setattr(bd, "TPU_TILE", 128)
+  k1, k2, k3 = jax.random.split(jax.random.key(sum(wshape)), 3)
+  k, q, p = wshape
+  x = jax.random.normal(k1, (tokens, k * p)).astype(dtype)
+  w = (jax.random.normal(k2, wshape) / np.sqrt(p)).astype(dtype)
+  g = jax.random.normal(k3, (tokens, k * q)).astype(dtype)
+  ker = lambda x, w: blockdiag_matmul_pallas(
+      x, w, block_tokens=bt, interpret=pltpu.InterpretParams(),
+      platform="tpu")
+  check_kernel(ker, ops.blockdiag_matmul, (x, w), g, tol, ("dx", "dw"),
+               fwd_atol=tol * 4)
+  assert set(poisoned) == {"blockdiag_fwd", "blockdiag_dw"}
+
+
+# Scoped VMEM (MiB) libtpu 0.0.42 allocated for the TPU block-diagonal
+# kernels, every operand left in HBM (tools/tpu_compile.py --kernels=
+# blockdiag, session 21; 128-token tiles): (n, nblocks, itemsize) ->
+# (forward, weight gradient).
+BLOCKDIAG_LIBTPU_MIB = {
+    (4096, 4, 2): (2.95, 2.50), (4096, 4, 4): (5.50, 3.00),
+    (4096, 16, 4): (1.00, 1.00), (8192, 4, 2): (5.70, 2.50),
+    (8192, 4, 4): (10.50, 3.00), (8192, 16, 2): (1.50, 2.50),
+    (8192, 16, 4): (3.05, 3.00),
+}
+
+
+@pytest.mark.parametrize("key", sorted(BLOCKDIAG_LIBTPU_MIB))
+def test_blockdiag_vmem_estimates_bound_what_libtpu_allocated(key):
+  n, nb, itemsize = key
+  q = p = n // nb
+  assert supported(16384, (nb, q, p), 128, "tpu", itemsize) is None
+  tile = bd.tiling(128, q, p, itemsize, "tpu")[0]
+  tq = bd.tpu_tile(q, lambda t: bd.dw_vmem_estimate(128, t, 128, itemsize))
+  tp = bd.tpu_tile(p, lambda t: bd.dw_vmem_estimate(128, tq, t, itemsize))
+  est = (bd.vmem_estimate(128, tile, p, itemsize) / 2**20,
+         bd.dw_vmem_estimate(128, tq, tp, itemsize) / 2**20)
+  for e, allocated in zip(est, BLOCKDIAG_LIBTPU_MIB[key]):
+    assert allocated <= e <= allocated + 3, (est, allocated)
+
+
+def test_blockdiag_tpu_refuses_what_no_tile_fits():
+  assert "fewer tokens" in supported(16384, (1, 16384, 16384), 1024, "tpu", 4)
+  assert supported(16384, (1, 16384, 16384), 128, "tpu", 2) is None
 
 
 def test_poisoning_catches_an_unwritten_element(monkeypatch):
@@ -154,6 +215,34 @@ def test_kernel_bodies_compare_what_each_call_lowers():
                                                      "triton": 1}
   assert lowering.kernel_modules(text)["distinct"] == {"mosaic_gpu": 2,
                                                         "triton": 1}
+
+
+def test_scoped_vmem_reads_a_compiled_tpu_module():
+  """``lowering.scoped_vmem`` on the text of a compiled TPU module (the
+  shape of libtpu 0.0.42's): each kernel's largest scoped allocation over
+  its calls, and how many of its operands and results XLA placed in VMEM."""
+  from structmat.kernels.lowering import scoped_vmem  # pylint: disable=import-outside-toplevel
+  cfg = ('backend_config={"flag_configs":[],"scoped_memory_configs":[],'
+         '"used_scoped_memory_configs":[{"memory_space":"1","offset":"0",'
+         '"size":"%d"}]}')
+  hlo = "\n".join([
+      "  %w.1 = bf16[16,256,256]{2,1,0:T(8,128)(2,1)S(1)} copy(%p)",
+      "  %x.2 = bf16[512,4096]{1,0:T(8,128)(2,1)} parameter(0)",
+      "  %monarch_tpu_bwd.1 = (bf16[512,4096]{1,0}, f32[16,256,256]{2,1,0:"
+      "T(8,128)S(1)}) custom-call(%x.2, %w.1, /*index=2*/%x.2), "
+      "custom_call_target=\"tpu_custom_call\", " + cfg % (13 << 20),
+      "  %monarch_tpu_bwd.7 = (bf16[512,4096]{1,0}) custom-call(%x.2), "
+      "custom_call_target=\"tpu_custom_call\", " + cfg % (9 << 20),
+      "  %fusion.3 = f32[8]{0} fusion(%x.2), " + cfg % (1 << 20),
+      "  %monarch_tpu_fwd = bf16[512,4096]{1,0} custom-call(%x.2, %w.1), "
+      "custom_call_target=\"tpu_custom_call\", " + cfg % (3 << 19)])
+  assert scoped_vmem(hlo, ["monarch_tpu_bwd", "monarch_tpu_fwd",
+                           "monarch_tpu_bwd"]) == {
+                               "monarch_tpu_bwd": (13.0, 2),
+                               "monarch_tpu_fwd": (1.5, 1)}
+  assert scoped_vmem(hlo, ["fusion"]) == {}   # not a custom call
+  assert scoped_vmem(hlo) == scoped_vmem(hlo, ["monarch_tpu_bwd",
+                                               "monarch_tpu_fwd"])
 
 
 def test_supported_names_the_constraint():

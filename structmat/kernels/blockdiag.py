@@ -14,7 +14,19 @@ Shared memory: Triton stages both operands of every dot in shared memory
 accumulator through it for the store; an H100/H200 block gets 227 KiB. Whole
 blocks overflowed it on an H200 (256-wide blocks with 128-token tiles asked
 for 352 KiB), so on GPUs the output tile and input chunk are cut to fit
-``SMEM_BUDGET`` (``tiling``). Mosaic TPU keeps whole blocks in VMEM.
+``SMEM_BUDGET`` (``tiling``).
+
+VMEM: Mosaic TPU copies every block whole into VMEM (double-buffered), so
+whole weight blocks did not compile there once they were wide: libtpu
+(``tools/tpu_compile.py``, a v5e) refused n=8192 in 4 blocks of 2048 (a
+2048 x 2048 weight block, twice) and the weight gradient of 4096 in 4 blocks
+(whose program held a whole token chunk of dy and x and a 1024 x 1024 float32
+tile, twice). On TPUs the forward's output tile and the gradient's
+(tq, tp) tiles are therefore at most 512 wide (multiples of 128, as megablox
+``gmm`` tiles), cut further to fit ``vmem_estimate`` within the budget, and
+the weight gradient steps through the tokens on a sequential grid axis,
+accumulating into its resident float32 tile, instead of loading a chunk of
+them at once.
 
 Constraints checked by ``supported``: on Triton every loaded block needs
 power-of-two sizes; on TPU the last two block dims must be multiples of
@@ -26,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from structmat.kernels import triton_backend
+from structmat.kernels import mosaic_tpu, triton_backend
 from structmat.kernels.portable import (SMEM_BUDGET, TRITON_STAGES,
                                         compiler_params, launch_order, pow2,
                                         prepare, split_count)
@@ -59,13 +71,16 @@ def tiling(rows: int, out: int, inner: int, itemsize: int,
            platform: str | None) -> tuple[int, int]:
   """(out_tile, inner_chunk) for a (rows x inner) @ (inner x out) block.
 
-  Mosaic TPU: the whole block. Elsewhere (Triton, and interpret mode, which
-  then runs the loop the GPU runs): output tiles of at most 128 and the
-  largest input chunk (at most 128) that keeps ``smem_estimate`` within
-  ``SMEM_BUDGET``; never below 16 (Triton's smallest dot).
+  Mosaic TPU: the widest output tile of at most TPU_TILE (``tpu_tile``)
+  whose ``vmem_estimate`` fits, the whole input. Elsewhere (Triton, and
+  interpret mode, which then runs the loop the GPU runs): output tiles of at
+  most 128 and the largest input chunk (at most 128) that keeps
+  ``smem_estimate`` within ``SMEM_BUDGET``; never below 16 (Triton's
+  smallest dot).
   """
   if platform == "tpu":
-    return out, inner
+    fits = lambda t: vmem_estimate(rows, t, inner, itemsize)
+    return tpu_tile(out, fits), inner
   tile = _fit(out, 128)
   chunk = _fit(inner, 128)
   while (chunk > 16 and
@@ -75,8 +90,41 @@ def tiling(rows: int, out: int, inner: int, itemsize: int,
   return tile, chunk
 
 
-def supported(batch: int, w_shape, block_tokens: int, platform: str) -> str | None:
-  """None if the kernel can run these shapes on ``platform``, else why not."""
+TPU_TILE = 512   # widest output (and weight-gradient) tile on TPUs
+
+
+def tpu_tile(size: int, vmem=lambda tile: 0) -> int:
+  """The widest tile of ``size`` (a multiple of 128, as ``supported``
+  requires on TPUs) that divides it, is at most TPU_TILE and whose
+  ``vmem(tile)`` fits ``mosaic_tpu.VMEM_BUDGET``; 128 at least."""
+  for tile in range(min(size, TPU_TILE) // 128 * 128, 128, -128):
+    if size % tile == 0 and vmem(tile) <= mosaic_tpu.VMEM_BUDGET:
+      return tile
+  return min(size, 128)
+
+
+def vmem_estimate(rows: int, tile: int, inner: int, itemsize: int) -> int:
+  """VMEM bytes of a TPU forward program: its (rows, inner) input block,
+  (tile, inner) weight block and (rows, tile) output block, each
+  double-buffered, and two float32 (rows, tile) temporaries (accumulator,
+  product). libtpu 0.0.42 (v5e) allocated 5.70 MiB for 8192 in 4 blocks,
+  bf16, 128 tokens (5.75 here), 10.5 in float32 (11.0)."""
+  return 2 * (rows + tile) * inner * itemsize + rows * tile * (
+      2 * itemsize + 8)
+
+
+def dw_vmem_estimate(step: int, tq: int, tp: int, itemsize: int) -> int:
+  """VMEM bytes of a TPU weight-gradient program: a token step's dy and x
+  tiles, double-buffered, the resident float32 (tq, tp) tile (buffered
+  twice) and the step's float32 product (libtpu 0.0.42: 2.5 MiB at 512 x
+  512, bf16, 128 tokens; 3.5 here)."""
+  return 2 * step * (tq + tp) * itemsize + 3 * tq * tp * 4
+
+
+def supported(batch: int, w_shape, block_tokens: int, platform: str,
+              itemsize: int = 4) -> str | None:
+  """None if the kernel can run these shapes on ``platform`` (``itemsize``:
+  the activations' bytes, float32 by default), else why not."""
   k, q, p = w_shape
   if batch % block_tokens:
     return f"tokens {batch} not a multiple of block_tokens {block_tokens}"
@@ -94,6 +142,13 @@ def supported(batch: int, w_shape, block_tokens: int, platform: str) -> str | No
     if p % 128 or q % 128 or block_tokens % 8:
       return (f"Mosaic TPU needs blocks (q, p) = ({q}, {p}) in multiples of "
               f"128 and block_tokens={block_tokens} a multiple of 8")
+    need = max(vmem_estimate(block_tokens, 128, max(p, q), itemsize),
+               dw_vmem_estimate(block_tokens, 128, 128, itemsize))
+    if need > mosaic_tpu.VMEM_BUDGET:
+      return (f"block_tokens={block_tokens} with {max(p, q)}-wide blocks needs "
+              f"~{need >> 20} MiB of VMEM even in 128-wide tiles (budget "
+              f"{mosaic_tpu.VMEM_BUDGET >> 20} MiB): use fewer tokens per "
+              "tile or more, narrower blocks")
   return None
 
 
@@ -175,13 +230,13 @@ def _call_dw(dy, x, w_shape, dtype, block_tokens, interpret, platform):
   k, q, p = w_shape
   itemsize = x.dtype.itemsize
   if platform == "tpu":
-    tq, tp, step = q, p, block_tokens
-  else:  # (step x tq)^T @ (step x tp) per loop step, pipelined
-    tq, tp = _fit(q, 128), _fit(p, 128)
-    step = block_tokens
-    while (step > 16 and step % 2 == 0 and
-           smem_estimate(tq, tp, step, itemsize, True) > SMEM_BUDGET):
-      step //= 2
+    return _call_dw_tpu(dy, x, w_shape, dtype, block_tokens, interpret)
+  # (step x tq)^T @ (step x tp) per loop step, pipelined
+  tq, tp = _fit(q, 128), _fit(p, 128)
+  step = block_tokens
+  while (step > 16 and step % 2 == 0 and
+         smem_estimate(tq, tp, step, itemsize, True) > SMEM_BUDGET):
+    step //= 2
   nq, np_ = q // tq, p // tp
   chunks = split_count(b // block_tokens, k * nq * np_)
   rows = b // chunks
@@ -200,6 +255,46 @@ def _call_dw(dy, x, w_shape, dtype, block_tokens, interpret, platform):
       name="blockdiag_dw",
   )(dy, x)
   return dw.sum(0).astype(dtype)
+
+
+def _dw_tpu_kernel(dy_ref, x_ref, dw_ref):
+  """dw tile += dy step^T @ x step; the tile stays in VMEM over the steps
+  (the grid's last, sequential axis)."""
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    dw_ref[...] = jnp.zeros_like(dw_ref)
+
+  dw_ref[...] += jax.lax.dot_general(
+      dy_ref[...], x_ref[...], (((0,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32)
+
+
+def _call_dw_tpu(dy, x, w_shape, dtype, block_tokens, interpret):
+  """dw on TPUs: one program per (block, (tq, tp) tile, token step), the
+  steps in order, accumulating into the resident float32 tile."""
+  b = x.shape[0]
+  k, q, p = w_shape
+  itemsize = x.dtype.itemsize
+  tq = tpu_tile(q, lambda t: dw_vmem_estimate(block_tokens, t, 128, itemsize))
+  tp = tpu_tile(p, lambda t: dw_vmem_estimate(block_tokens, tq, t, itemsize))
+  nq, np_ = q // tq, p // tp
+  dw = pl.pallas_call(
+      _dw_tpu_kernel,
+      out_shape=jax.ShapeDtypeStruct((k, q, p), jnp.float32),
+      # Axis 1 enumerates the (tq, tp) tiles of a block: t -> (t // np_, t % np_).
+      grid=(k, nq * np_, b // block_tokens),
+      in_specs=[pl.BlockSpec((block_tokens, tq),
+                             lambda j, t, i: (i, j * nq + t // np_)),
+                pl.BlockSpec((block_tokens, tp),
+                             lambda j, t, i: (i, j * np_ + t % np_))],
+      out_specs=pl.BlockSpec((None, tq, tp),
+                             lambda j, t, i: (j, t // np_, t % np_)),
+      interpret=interpret,
+      compiler_params=mosaic_tpu.compiler_params(
+          ("parallel", "parallel", "arbitrary"), interpret),
+      name="blockdiag_dw",
+  )(dy, x)
+  return dw.astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -243,7 +338,7 @@ def blockdiag_matmul_pallas(x, w, *, block_tokens: int = 128,
                                                   platform)
   # Interpreted, any block sizes run (the CPU); compiled, the backend's.
   if why := supported(x2.shape[0], w.shape, block_tokens,
-                      "cpu" if interpret else platform):
+                      "cpu" if interpret else platform, x2.dtype.itemsize):
     raise ValueError(f"the block-diagonal kernel cannot run these shapes: "
                      f"{why}")
   y = _blockdiag_once(x2, w.astype(x.dtype), block_tokens, interpret, platform)

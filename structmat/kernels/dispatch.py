@@ -187,7 +187,8 @@ def blockdiag(x, w, impl: str, block_tokens: int = 128):
   impl, _ = split_impl(impl, "blockdiag")
   tokens = shards.local_tokens(x.size // x.shape[-1])
   bt = min(block_tokens, tokens)
-  if not choose(impl, lambda plat: bk.supported(tokens, w.shape, bt, plat)
+  if not choose(impl, lambda plat: bk.supported(tokens, w.shape, bt, plat,
+                                                x.dtype.itemsize)
                 or bk.slower_than_xla(plat)):
     return ref.blockdiag_matmul(x, w)
   return forced(bk.blockdiag_matmul_pallas, x, w, block_tokens=bt)

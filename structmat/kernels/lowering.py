@@ -8,7 +8,9 @@ feeds the Triton modules it yields to the offline Triton compiler). Nothing is
 compiled or run: numerics need interpret mode or the hardware.
 ``kernel_modules`` counts the kernels in a lowered module's text: calls, and
 distinct modules (what the device compiles; on jaxlib 0.11, every Mosaic GPU
-call, see ``kernel_bodies``).
+call, see ``kernel_bodies``). ``scoped_vmem`` reads what libtpu allocated
+for each Mosaic TPU kernel from a compiled module (``tools/tpu_compile.py``
+compiles for a TPU without one).
 
 Example::
 
@@ -140,3 +142,35 @@ def kernel_modules(text: str) -> dict[str, dict[str, int]]:
   bodies = kernel_bodies(text)
   return {"calls": {k: len(v) for k, v in bodies.items()},
           "distinct": {k: len(set(v)) for k, v in bodies.items()}}
+
+
+# In a compiled TPU module's text (``compiled.as_text()``): the scoped VMEM
+# a custom call got, and an instruction's name and result type.
+_USED = re.compile(r'"used_scoped_memory_configs":\[\{[^}]*"size":"(\d+)"')
+_DEF = re.compile(r"\s*(?:ROOT )?(%[^ ]+) = (.*?) [\w-]+\(")
+
+
+def scoped_vmem(hlo: str, names=None) -> dict[str, tuple[float, int]]:
+  """{kernel: (MiB of scoped VMEM libtpu gave it, how many of its operands
+  and results XLA placed in VMEM (memory space S(1)) instead)}, the largest
+  over a kernel's calls, from the compiled module's text; ``names``: only
+  those kernels (default: every Mosaic TPU call, by instruction name less
+  its ".N"). What XLA places in VMEM the kernel does not copy into its own
+  scoped buffers."""
+  defs = {m.group(1): m.group(2) for m in map(_DEF.match, hlo.splitlines())
+          if m}
+  out = {}
+  for line in hlo.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%([^ ]+?)(?:\.\d+)? = (.*?) "
+                 r"custom-call\(([^)]*)\)", line)
+    used = m and _USED.search(line)
+    if not used or (names is None and "tpu_custom_call" not in line) or (
+        names is not None and m.group(1) not in names):
+      continue
+    operands = [o.split("*/")[-1].strip() for o in m.group(3).split(",")]
+    in_vmem = m.group(2).count("S(1)") + sum(
+        "S(1)" in defs.get(o, "") for o in operands)
+    mib = int(used.group(1)) / (1 << 20)
+    if mib >= out.get(m.group(1), (-1, 0))[0]:
+      out[m.group(1)] = (mib, in_vmem)
+  return out

@@ -6,9 +6,7 @@ weight-gradient kernel splits its tokens. (``mosaic_tpu`` holds the Mosaic
 TPU kernels' counterparts.)"""
 import dataclasses
 
-from jax.experimental.pallas import tpu as pltpu
-
-from structmat.kernels import target, triton_backend
+from structmat.kernels import mosaic_tpu, target, triton_backend
 from structmat.kernels.triton_backend import GPU_PLATFORMS, plt
 
 
@@ -42,8 +40,8 @@ def compiler_params(platform: str | None, n_grid_axes: int, num_warps: int = 4):
     if why := triton_backend.problem(platform):
       raise ValueError(why)
     return plt.CompilerParams(num_warps=num_warps, num_stages=TRITON_STAGES)
-  if platform == "tpu":
-    return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_grid_axes)
+  if platform == "tpu":   # the Mosaic TPU kernels' raised VMEM limit
+    return mosaic_tpu.compiler_params(("parallel",) * n_grid_axes, False)
   return None
 
 

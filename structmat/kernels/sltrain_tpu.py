@@ -150,8 +150,11 @@ def supported(tokens: int, in_features: int, out_features: int, rank: int,
   d_in, d_out, bk, bn = padded_dims(in_features, out_features)
   need = vmem_estimate(d_in, d_out, rank, nnz, bt, itemsize, (bk, bn))
   if need > VMEM_BUDGET:
+    fix = (f"fewer tokens per tile (>= {LANES})" if bt > LANES else
+           "impl='xla' (or narrower layers): one column block of W does not "
+           "fit even with the smallest tile")
     return (f"needs ~{need >> 20} MiB of VMEM (budget {VMEM_BUDGET >> 20} "
-            "MiB): use fewer tokens per tile")
+            f"MiB): use {fix}")
   return None
 
 
@@ -196,7 +199,7 @@ def _fwd_kernel(start_ref, count_ref, x_ref, a_ref, b_ref, rows_ref, cols_ref,
       def place(c, acc):
         m = start_ref[t] + c
         one_r, one_c = _one_hots(rows_ref, cols_ref, m, c0, bk, nb)
-        v = vals_ref[pl.ds(m, 1), :].astype(jnp.float32)
+        v = vals_ref[pl.ds(m, 1), :]                             # float32
         return acc + _mm(one_r.astype(jnp.float32),
                          jnp.where(one_c, v, 0.0), ((1,), (1,)))
       w_ref[rows, :] += jax.lax.fori_loop(0, count_ref[t], place,
@@ -299,8 +302,14 @@ def _call_dvals(x, dy, ps: PaddedSupport, bt, interpret, tiles):
 
 
 def _layout_values(values, ps: PaddedSupport):
+  """The values in ``ps``'s padded (chunks, 128) layout, in float32: the
+  kernel reads one chunk row at a data-dependent index, which Mosaic
+  loads only from 32-bit arrays (libtpu refused bfloat16 ones: "cannot
+  statically prove that index in dimension 0 is a multiple of 8", since a
+  packed 16-bit tile holds 16 rows)."""
   slots = ps.rows.size
-  return (jnp.zeros((slots,), values.dtype).at[ps.pos].set(values[ps.order])
+  return (jnp.zeros((slots,), jnp.float32)
+          .at[ps.pos].set(values[ps.order].astype(jnp.float32))
           .reshape(ps.rows.shape))
 
 
