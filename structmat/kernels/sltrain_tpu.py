@@ -303,10 +303,10 @@ def _call_dvals(x, dy, ps: PaddedSupport, bt, interpret, tiles):
 
 def _layout_values(values, ps: PaddedSupport):
   """The values in ``ps``'s padded (chunks, 128) layout, in float32: the
-  kernel reads one chunk row at a data-dependent index, which Mosaic
-  loads only from 32-bit arrays (libtpu refused bfloat16 ones: "cannot
-  statically prove that index in dimension 0 is a multiple of 8", since a
-  packed 16-bit tile holds 16 rows)."""
+  kernel reads one chunk row at a data-dependent index, which in a packed
+  16-bit array (16 rows to a tile) Mosaic cannot prove aligned (libtpu
+  refused the bfloat16 kernels so: "cannot statically prove that index in
+  dimension 0 is a multiple of 8")."""
   slots = ps.rows.size
   return (jnp.zeros((slots,), jnp.float32)
           .at[ps.pos].set(values[ps.order].astype(jnp.float32))
