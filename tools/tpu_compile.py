@@ -76,6 +76,9 @@ _PRESETS = flags.DEFINE_list(
     "Monarch and SLTrain (e.g. llama_60m,llama_130m).")
 _BATCH = flags.DEFINE_string("batch", "256x256", "A preset step's rows x "
                              "tokens per row (the presets' 65,536).")
+_N_LAYERS = flags.DEFINE_integer(
+    "n_layers", 0, "A preset step's blocks (0: the preset's): fewer still "
+    "compile every layer shape where the whole model outgrows a chip's HBM.")
 _TOPOLOGY = flags.DEFINE_string(
     "topology", "v5e:2x2", "The deviceless TPU topology (libtpu's names: "
     "v5e:2x2, v6e:2x2, v5p:2x2x1, v4:2x2x1); one chip compiles.")
@@ -279,13 +282,16 @@ def preset_rows(device, preset: str, linear: str):
   from structmat.train import steps  # pylint: disable=import-outside-toplevel
   from structmat.train.state import create_state  # pylint: disable=import-outside-toplevel
   rows, length = map(int, _BATCH.value.split("x"))
+  layers = dict(n_layers=_N_LAYERS.value) if _N_LAYERS.value else {}
   cfg = preset_config(preset, linear, vocab_size=32000, max_len=length,
-                      dtype=jnp.bfloat16, impl="pallas", attention="xla")
+                      dtype=jnp.bfloat16, impl="pallas", attention="xla",
+                      **layers)
   model, tx = build_model(cfg), optax.adamw(1e-4)
   state = jax.eval_shape(lambda: create_state(
       model, tx, example_tokens=jnp.ones((1, length), jnp.int32), seed=0))
   step = functools.partial(steps.train_step, model=model, tx=tx, pad_id=-1)
-  label = f"{preset} {linear} {rows}x{length}"
+  label = f"{preset} {linear} {rows}x{length}" + (
+      f" {_N_LAYERS.value} blocks" if _N_LAYERS.value else "")
   try:
     compiled, secs = compile_on(
         device, step, (state, S((rows, length + 1), jnp.int32)))
