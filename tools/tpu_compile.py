@@ -140,21 +140,15 @@ def compile_on(device, fn, args, limit: int | None = None):
   return compiled, time.perf_counter() - t0
 
 
-def chip_info(device):
-  """Pallas' table of the chip's per-core sizes (``vmem_capacity_bytes``,
-  ``hbm_capacity_bytes``), or None where it lacks this chip."""
+def vmem_capacity(device) -> int:
+  """The chip's VMEM per core, from Pallas' table (v5e's 128 MiB where the
+  table lacks the chip)."""
   try:
     from jax._src.pallas.mosaic import tpu_info  # pylint: disable=import-outside-toplevel
     with jax.default_device(device):
-      return tpu_info.get_tpu_info()
+      return tpu_info.get_tpu_info().vmem_capacity_bytes
   except Exception:  # pylint: disable=broad-except
-    return None
-
-
-def vmem_capacity(device) -> int:
-  """The chip's VMEM per core (v5e's 128 MiB where Pallas lacks the chip)."""
-  info = chip_info(device)
-  return info.vmem_capacity_bytes if info else 128 << 20
+    return 128 << 20
 
 
 def grad_of(fn, argnums):
@@ -169,10 +163,8 @@ def monarch_case(n, nb, tokens, dtype):
   bt = _BT.value or mt.fit_block_tokens(tokens, w1, w2, it)
   if why := mt.supported(tokens, w1, w2, bt, it):
     return why
-  k, q, _ = w1
-  l, _, r = w2
-  pw1, pw2 = (k, q, mt.padded_blocks(w1, w2, it)[0]), (
-      l, mt.padded_blocks(w1, w2, it)[1], r)
+  pp, ss = mt.padded_blocks(w1, w2, it)   # as ``supported`` plans them
+  pw1, pw2 = (*w1[:2], pp), (w2[0], ss, w2[2])
   est = {"monarch_tpu_fwd": mt.vmem_estimate(bt, pw1, pw2, it, False),
          "monarch_tpu_bwd": mt.vmem_estimate(bt, pw1, pw2, it, True)}
   fn = functools.partial(mt.monarch_matmul_tpu, block_tokens=bt,
