@@ -141,8 +141,7 @@ def test_blockdiag_vmem_estimates_bound_what_libtpu_allocated(key):
   q = p = n // nb
   assert supported(16384, (nb, q, p), 128, "tpu", itemsize) is None
   tile = bd.tiling(128, q, p, itemsize, "tpu")[0]
-  tq = bd.tpu_tile(q, lambda t: bd.dw_vmem_estimate(128, t, 128, itemsize))
-  tp = bd.tpu_tile(p, lambda t: bd.dw_vmem_estimate(128, tq, t, itemsize))
+  tq, tp = bd.dw_tiles_tpu(q, p, 128, itemsize)
   est = (bd.vmem_estimate(128, tile, p, itemsize) / 2**20,
          bd.dw_vmem_estimate(128, tq, tp, itemsize) / 2**20)
   for e, allocated in zip(est, BLOCKDIAG_LIBTPU_MIB[key]):

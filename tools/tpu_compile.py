@@ -180,8 +180,7 @@ def blockdiag_case(n, nb, tokens, dtype):
     return why
   it = dtype.itemsize
   tile = bk.tiling(bt, w[1], w[2], it, "tpu")[0]
-  tq = bk.tpu_tile(w[1], lambda t: bk.dw_vmem_estimate(bt, t, 128, it))
-  tp = bk.tpu_tile(w[2], lambda t: bk.dw_vmem_estimate(bt, tq, t, it))
+  tq, tp = bk.dw_tiles_tpu(w[1], w[2], bt, it)
   # The forward kernel also runs dx (the same block sizes here).
   est = {"blockdiag_fwd": bk.vmem_estimate(bt, tile, w[2], it),
          "blockdiag_dw": bk.dw_vmem_estimate(bt, tq, tp, it)}

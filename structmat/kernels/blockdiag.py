@@ -121,6 +121,13 @@ def dw_vmem_estimate(step: int, tq: int, tp: int, itemsize: int) -> int:
   return 2 * step * (tq + tp) * itemsize + 3 * tq * tp * 4
 
 
+def dw_tiles_tpu(q: int, p: int, step: int, itemsize: int) -> tuple[int, int]:
+  """(tq, tp): a TPU weight-gradient program's tile of a (q, p) block, the
+  widest (``tpu_tile``) whose ``dw_vmem_estimate`` fits, q's side first."""
+  tq = tpu_tile(q, lambda t: dw_vmem_estimate(step, t, 128, itemsize))
+  return tq, tpu_tile(p, lambda t: dw_vmem_estimate(step, tq, t, itemsize))
+
+
 def supported(batch: int, w_shape, block_tokens: int, platform: str,
               itemsize: int = 4) -> str | None:
   """None if the kernel can run these shapes on ``platform`` (``itemsize``:
@@ -226,11 +233,11 @@ def _call_dw(dy, x, w_shape, dtype, block_tokens, interpret, platform):
   """dw: one program per (block, dw tile, token chunk) writes a float32
   partial that XLA sums (accumulating across programs would race on
   Triton)."""
+  if platform == "tpu":
+    return _call_dw_tpu(dy, x, w_shape, dtype, block_tokens, interpret)
   b = x.shape[0]
   k, q, p = w_shape
   itemsize = x.dtype.itemsize
-  if platform == "tpu":
-    return _call_dw_tpu(dy, x, w_shape, dtype, block_tokens, interpret)
   # (step x tq)^T @ (step x tp) per loop step, pipelined
   tq, tp = _fit(q, 128), _fit(p, 128)
   step = block_tokens
@@ -275,8 +282,7 @@ def _call_dw_tpu(dy, x, w_shape, dtype, block_tokens, interpret):
   b = x.shape[0]
   k, q, p = w_shape
   itemsize = x.dtype.itemsize
-  tq = tpu_tile(q, lambda t: dw_vmem_estimate(block_tokens, t, 128, itemsize))
-  tp = tpu_tile(p, lambda t: dw_vmem_estimate(block_tokens, tq, t, itemsize))
+  tq, tp = dw_tiles_tpu(q, p, block_tokens, itemsize)
   nq, np_ = q // tq, p // tp
   dw = pl.pallas_call(
       _dw_tpu_kernel,
