@@ -105,6 +105,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.impl = "xla"                  # "auto" | "pallas": Monarch/BTT/blockdiag/SLTrain
                                   # kernels (Triton on GPUs, Mosaic on TPUs);
                                   # "pallas:two_pass": that Monarch kernel
+  c.remat = "none"                # "full" | "dots": recompute blocks in the
+                                  # backward (models/remat.py) when a step's
+                                  # activations outgrow the device
   c.seed = 0
 
   # Mesh (-1 fills with the remaining devices) and logical-axis rules.

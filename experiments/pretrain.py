@@ -2,6 +2,9 @@ r"""Pretraining launcher.
 
   python -m experiments.pretrain --config=configs/pretrain.py --workdir=runs/pretrain
   python -m experiments.pretrain --config=configs/pretrain.py:model=llama_60m,linear=monarch --dry_run
+  PYTHONPATH=/tmp/libtpu python -m experiments.pretrain \
+      --config=configs/pretrain.py:model=llama_130m,linear=monarch \
+      --config.impl=pallas --dry_run --tpu_topology=v5e:4x4
 
 See configs/pretrain.py for the variants and expected results.
 """
@@ -40,6 +43,13 @@ _CROSS_LOWER = flags.DEFINE_list(
     "abstract devices (cuda: an H100, tpu: a TPU v5e), choosing kernels as "
     "they would, and print the Pallas kernels each holds or why a kernel "
     "refuses the shapes (exit status 1). Needs no accelerator.")
+_TPU_TOPOLOGY = flags.DEFINE_string(
+    "tpu_topology", "", "With --dry_run: also compile the train step with "
+    "libtpu for this TPU slice (v5e:2x2, v5e:4x4, v6e:2x2, v5p:2x2x1...), "
+    "described without hardware, on the config's mesh over all its chips, "
+    "and print the HBM per chip and the kernels' VMEM, or the compiler's "
+    "error (out of HBM: exit status 1). Needs libtpu beside structmat "
+    "(structmat/train/preflight.py), no TPU.")
 
 
 def _multi_process_env() -> bool:
@@ -63,12 +73,19 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if _DRY_RUN.value:
     loop.dry_run(_CONFIG.value)
-    if _CROSS_LOWER.value and not preflight.report(_CONFIG.value,
-                                                   _CROSS_LOWER.value):
+    ok = not _CROSS_LOWER.value or preflight.report(_CONFIG.value,
+                                                    _CROSS_LOWER.value)
+    if _TPU_TOPOLOGY.value:
+      try:
+        ok = preflight.report_topology(_CONFIG.value,
+                                       _TPU_TOPOLOGY.value) and ok
+      except ValueError as e:   # no libtpu, or a name it does not know
+        raise app.UsageError(str(e)) from e
+    if not ok:
       raise SystemExit(1)
     return
-  if _CROSS_LOWER.value:
-    raise app.UsageError("--cross_lower goes with --dry_run.")
+  if _CROSS_LOWER.value or _TPU_TOPOLOGY.value:
+    raise app.UsageError("--cross_lower and --tpu_topology go with --dry_run.")
   config, init = sources.hf_init(_CONFIG.value, _INIT.value, _WORKDIR.value)
   loop.train_and_evaluate(config, _WORKDIR.value, init)
 

@@ -90,3 +90,41 @@ def test_attention_impls_agree(heads, kv_heads):
   np.testing.assert_allclose(attend(q, kk, v, "auto"), ref, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="attention"):
     attend(q, kk, v, "flash")
+
+
+@pytest.mark.parametrize("preset,linear,impl", [
+    ("llama_tiny", "monarch", "xla"), ("llama_tiny", "sltrain", "pallas"),
+    ("gpt2_tiny", "dense", "xla")])
+def test_remat_keeps_loss_and_gradients(preset, linear, impl):
+  """config.remat "full" / "dots" recompute blocks in the backward (a
+  checkpoint in the gradient's jaxpr) and change nothing else: the same
+  parameter paths, loss and gradients as "none" (LLaMA with a Compacter
+  adapter, whose PHM rule is shared from outside the rematerialized
+  blocks; SLTrain's kernels, interpreted, run again in the backward)."""
+  from structmat.models.family import build_model, preset_config  # pylint: disable=import-outside-toplevel
+  tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, 64)
+  kw = (dict(adapters=(("after", "mlp"), ("reduction_factor", 4)))
+        if preset.startswith("llama") else {})
+  got = {}
+  for remat in ("none", "full", "dots"):
+    model = build_model(preset_config(preset, linear, vocab_size=64,
+                                      max_len=32, remat=remat, impl=impl,
+                                      **kw))
+    v = model.init(jax.random.key(1), tokens[:1])
+    loss = lambda p: jnp.mean(  # noqa: E731
+        jax.nn.log_softmax(model.apply({**v, "params": p}, tokens))[..., 3])
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(v["params"]))
+    assert ("checkpoint" in jaxpr or "remat" in jaxpr) == (remat != "none")
+    got[remat] = jax.jit(jax.value_and_grad(loss))(v["params"])
+  ref = got.pop("none")
+  for remat, out in got.items():
+    assert jax.tree.structure(out) == jax.tree.structure(ref)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=remat)
+
+
+def test_remat_names_the_field():
+  with pytest.raises(ValueError, match="remat='blocks'.*'full'"):
+    cfg = llama_config("llama_tiny", vocab_size=64, remat="blocks")
+    jax.eval_shape(Llama(cfg).init, jax.random.key(0),
+                   jnp.ones((1, 4), jnp.int32))

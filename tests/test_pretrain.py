@@ -183,7 +183,63 @@ def test_cross_lower_flag(tmp_path):
   rc, out = _run(tmp_path, *args, "--dry_run", "--cross_lower=tpu")
   assert rc == 1 and "total parameters:" in out and "tpu: FAILS" in out, out
   rc, out = _run(tmp_path, *args, "--cross_lower=tpu")
-  assert rc != 0 and "goes with --dry_run" in out, out
+  assert rc != 0 and "go with --dry_run" in out, out
+  assert not os.listdir(tmp_path)
+
+
+_COMPILE_ON_DEVICES = """
+import json
+from configs import pretrain
+from structmat.train import preflight
+import jax
+out = {}
+for name, devices, mesh in (("data", jax.devices(), dict(data=-1)),
+                            ("fsdp", jax.devices()[:2], dict(data=1, fsdp=-1))):
+  c = pretrain.get_config("tiny=1,linear=monarch")
+  c.impl = "pallas"
+  c.mesh.update(mesh)
+  out[name] = preflight.compile_step(c, devices)
+print(json.dumps(out))
+"""
+
+
+def test_compile_step_on_given_devices():
+  """``preflight.compile_step`` (what --tpu_topology runs on a TPU slice's
+  chips) compiles the train loop's step on the devices it is given, the
+  config's mesh over them, and reports per-device memory: on 4 fake CPU
+  devices, data-parallel over all 4, then fsdp over the first 2, whose
+  state arguments are sharded, so smaller per device. (libtpu's compile
+  of the same for TPU chips is run by hand: WORKSPACE.)"""
+  env = dict(os.environ, XLA_FLAGS=" ".join(filter(None, [
+      os.environ.get("XLA_FLAGS", ""),
+      "--xla_force_host_platform_device_count=4"])))
+  p = subprocess.run([sys.executable, "-c", _COMPILE_ON_DEVICES], cwd=ROOT,
+                     env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  r = json.loads(p.stdout.strip().splitlines()[-1])
+  data, fsdp = r["data"], r["fsdp"]
+  assert data["devices"] == 4 and data["mesh"] == dict(data=4, fsdp=1,
+                                                       tensor=1), data
+  assert fsdp["devices"] == 2 and fsdp["mesh"] == dict(data=1, fsdp=2,
+                                                       tensor=1), fsdp
+  for x in (data, fsdp):
+    assert x["temp_gib"] > 0 and x["argument_gib"] > 0 and x["compile_s"] > 0
+    assert x["total_gib"] == pytest.approx(
+        x["argument_gib"] + x["temp_gib"] + x["output_gib"])
+  # 0.77 here: the tiny model's odd-sized dims (vocab 259) stay replicated.
+  assert fsdp["argument_gib"] < 0.85 * data["argument_gib"], (fsdp, data)
+
+
+def test_tpu_topology_flag(tmp_path):
+  """--tpu_topology: a name libtpu cannot give (or no libtpu, as in CI)
+  is a usage error that names the flag and the fix; without --dry_run it
+  is a usage error too."""
+  args = ["--config=configs/pretrain.py:tiny=1,linear=monarch"]
+  rc, out = _run(tmp_path, *args, "--dry_run", "--tpu_topology=v5e:3x3")
+  assert rc != 0 and "--tpu_topology='v5e:3x3'" in out, out
+  assert "pip install --no-deps --target" in out or "v5e:4x4" in out, out
+  rc, out = _run(tmp_path, *args, "--tpu_topology=v5e:2x2")
+  assert rc != 0 and "go with --dry_run" in out, out
   assert not os.listdir(tmp_path)
 
 

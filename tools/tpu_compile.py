@@ -32,8 +32,8 @@ every argument), then each Mosaic kernel in that module: MiB of scoped VMEM
 as compiled here, in the worst case, and the estimate it was planned with;
 OVER where the estimate is below the worst case (the kernel could pick a
 tile that does not compile), or ERROR with libtpu's message. A preset row
-compiles the whole train step (bf16, impl=pallas, AdamW, XLA attention) on
-one chip and gives the device memory XLA plans for it (arguments,
+compiles the launcher's whole train step (bf16, impl=pallas, the preset's
+AdamW) on one chip and gives the device memory XLA plans for it (arguments,
 temporaries), or libtpu's out-of-HBM message with what it needed. JSON
 lands in --output_dir.
 """
@@ -266,38 +266,29 @@ def kernel_rows(device, label, made):
 
 
 def preset_rows(device, preset: str, linear: str):
-  """Compile a preset's whole impl=pallas train step on one chip."""
-  import optax  # pylint: disable=import-outside-toplevel
-  from structmat.models import build_model  # pylint: disable=import-outside-toplevel
-  from structmat.models.family import preset_config  # pylint: disable=import-outside-toplevel
-  from structmat.train import steps  # pylint: disable=import-outside-toplevel
-  from structmat.train.state import create_state  # pylint: disable=import-outside-toplevel
+  """Compile a preset's whole impl=pallas train step on one chip: the
+  launcher's config (``preflight.compile_step``, what ``--dry_run
+  --tpu_topology`` runs on a whole slice) at --batch rows x tokens."""
+  from configs import pretrain  # pylint: disable=import-outside-toplevel
+  from structmat.train import preflight  # pylint: disable=import-outside-toplevel
   rows, length = map(int, _BATCH.value.split("x"))
-  layers = dict(n_layers=_N_LAYERS.value) if _N_LAYERS.value else {}
-  cfg = preset_config(preset, linear, vocab_size=32000, max_len=length,
-                      dtype=jnp.bfloat16, impl="pallas", attention="xla",
-                      **layers)
-  model, tx = build_model(cfg), optax.adamw(1e-4)
-  state = jax.eval_shape(lambda: create_state(
-      model, tx, example_tokens=jnp.ones((1, length), jnp.int32), seed=0))
-  step = functools.partial(steps.train_step, model=model, tx=tx, pad_id=-1)
+  config = pretrain.get_config(f"model={preset},linear={linear}")
+  config.update(dict(impl="pallas", compute_dtype="bfloat16",
+                     batch_size=rows, seq_len=length))
+  config.mesh.update(dict(data=1, fsdp=1, tensor=1))
+  if _N_LAYERS.value:
+    config.model_dims = json.dumps(dict(n_layers=_N_LAYERS.value))
   label = f"{preset} {linear} {rows}x{length}" + (
       f" {_N_LAYERS.value} blocks" if _N_LAYERS.value else "")
   try:
-    compiled, secs = compile_on(
-        device, step, (state, S((rows, length + 1), jnp.int32)))
+    r = preflight.compile_step(config, [device])
   except Exception as e:  # pylint: disable=broad-except
     # Out of HBM is an answer too: how much the step needs (then fewer
     # rows per chip, or fsdp over more chips).
     return [dict(label=label, mode="step", result="ERROR " + first_line(e))]
-  m = compiled.memory_analysis()
-  gib = lambda b: b / (1 << 30)
-  return [dict(label=label, mode="step", result=f"ok {secs:.1f} s",
-               kernels={k: v[0] for k, v in
-                        scoped_vmem(compiled.as_text()).items()},
-               argument_gib=gib(m.argument_size_in_bytes),
-               temp_gib=gib(m.temp_size_in_bytes),
-               output_gib=gib(m.output_size_in_bytes))]
+  return [dict(label=label, mode="step", result=f"ok {r['compile_s']:.1f} s",
+               kernels=r["vmem_mib"], argument_gib=r["argument_gib"],
+               temp_gib=r["temp_gib"], output_gib=r["output_gib"])]
 
 
 def show(r: dict) -> str:

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from structmat.layers import apply_to
+from structmat.models import remat
 from structmat.models.llama import LlamaConfig, _linear, attend
 
 GPT2_SITES = ("q", "k", "v", "o", "fc", "proj")
@@ -37,6 +38,7 @@ class GPT2Config:
   param_dtype: Any = jnp.float32
   impl: str = "xla"
   attention: str = "auto"
+  remat: str = "none"  # blocks' activation checkpointing: see models.remat
 
   linear_for = LlamaConfig.linear_for  # same override rules as LLaMA
 
@@ -48,6 +50,7 @@ class GPT2Config:
     if self.d_model % self.n_heads:
       raise ValueError(f"d_model={self.d_model} must be divisible by "
                        f"n_heads={self.n_heads}.")
+    remat.check(self.remat)
     unknown = {s for s, _, _ in self.overrides
                if s.rpartition(".")[2] not in GPT2_SITES}
     if unknown:
@@ -126,8 +129,9 @@ class GPT2(nn.Module):
             nn.initializers.normal(0.02), axes), name=name)
     wte = emb(cfg.vocab_size, "wte", ("vocab", "embed"))
     x = wte(tokens) + emb(cfg.max_len, "wpe", (None, "embed"))(positions)
+    block = remat.block_class(GPT2Block, cfg.remat)
     for i in range(cfg.n_layers):
-      x = GPT2Block(cfg, i, name=f"layer_{i}")(x)
+      x = block(cfg, i, name=f"layer_{i}")(x)
     x = _norm(cfg, "ln_f")(x)
     logits = wte.attend(x)
     return logits if logits_dtype is None else logits.astype(logits_dtype)

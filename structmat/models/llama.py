@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from structmat.layers import LINEARS, apply_to, make_linear
 from structmat.layers.adapters import CompacterAdapter
 from structmat.layers.phm import PHMRule
+from structmat.models import remat
 
 SITES = ("q", "k", "v", "o", "gate", "up", "down")
 ATTN_SITES, MLP_SITES = SITES[:4], SITES[4:]
@@ -51,6 +52,7 @@ class LlamaConfig:
   impl: str = "xla"  # kernels of the layers that have them (Monarch, BTT,
                      # blockdiag, SLTrain): see structmat.kernels.dispatch
   attention: str = "auto"  # see ATTENTION_IMPLS / attend()
+  remat: str = "none"  # blocks' activation checkpointing: see models.remat
   # Compacter-style bottleneck adapters inserted after sublayers, as sorted
   # (key, value) pairs, () for none: after ("attn,mlp" or "mlp"), n, rank
   # (None: full PHM slices), reduction_factor. One PHM rule is shared by all.
@@ -88,6 +90,7 @@ class LlamaConfig:
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for rotary "
                        "embeddings; change d_model or n_heads.")
+    remat.check(self.remat)
     unknown = {s for s, _, _ in self.overrides
                if s.rpartition(".")[2] not in SITES
                or (s.count(".") and not s.partition(".")[0].isdigit())}
@@ -317,8 +320,9 @@ def _backbone(cfg: LlamaConfig, tokens, positions):
   if cfg.adapters:  # one rule tensor shared by every adapter (Compacter)
     rule = PHMRule(dict(cfg.adapters).get("n", 4),
                    param_dtype=cfg.param_dtype, name="phm_rule")
+  block = remat.block_class(Block, cfg.remat)
   for i in range(cfg.n_layers):
-    x = Block(cfg, i, rule=rule, name=f"layer_{i}")(x, positions)
+    x = block(cfg, i, rule=rule, name=f"layer_{i}")(x, positions)
   return embed, rms_norm(cfg, "final_norm")(x)
 
 

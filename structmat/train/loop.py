@@ -87,6 +87,7 @@ def model_config(config, vocab_size: int):
                       n_kv_heads=config.n_kv_heads or None,
                       tie_embeddings=config.tie_embeddings,
                       impl=config.get("impl", "xla"),
+                      remat=config.get("remat", "none"),
                       adapters=parse_adapters(config.get("adapters", "")),
                       overrides=overrides, **dict(config.linear_kwargs))
 
@@ -110,7 +111,8 @@ def _gpt2_model_config(config, vocab_size: int, overrides):
   return gpt2_config(vocab_size, config.linear, dims, config.model,
                      dict(config.linear_kwargs),
                      dtype=DTYPES[config.compute_dtype],
-                     impl=config.get("impl", "xla"), overrides=overrides)
+                     impl=config.get("impl", "xla"),
+                     remat=config.get("remat", "none"), overrides=overrides)
 
 
 MODEL_DIMS = DIM_FIELDS + ("rope_theta", "rope_scaling", "norm_eps")
@@ -219,11 +221,22 @@ def _densify_step(config) -> int:
   return int(config.densify_at * config.total_steps) if config.densify_at else 0
 
 
-class Placement:
-  """Mesh, logical rules and the shardings of states and batches."""
+def state_factory(config, tx):
+  """(example tokens (1, seq_len), ``create_state`` bound to ``config`` and
+  ``tx``: model -> TrainState), what ``Placement`` builds states with."""
+  example = jnp.ones((1, config.seq_len), jnp.int32)
+  return example, functools.partial(create_state, tx=tx, seed=config.seed,
+                                    example_tokens=example,
+                                    trainable=config.trainable,
+                                    frozen_dtype=frozen_dtype(config))
 
-  def __init__(self, config, new_state, example):
-    self.mesh = sharding.make_mesh(config.mesh)
+
+class Placement:
+  """Mesh, logical rules and the shardings of states and batches, over
+  ``devices`` (default: all of this job's)."""
+
+  def __init__(self, config, new_state, example, devices=None):
+    self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v)
                        for k, v in config.logical_rules)
     self.batch = sharding.batch_sharding(self.mesh, self.rules)
@@ -237,10 +250,14 @@ class Placement:
                        f"divisible by the process count "
                        f"({jax.process_count()}) and by data x fsdp ({shards}).")
     self.local_batch = rows
+    self.batch_shape = (config.batch_size, config.seq_len + 1)
 
   def state_shardings(self, model):
     """TrainState of NamedShardings, derived abstractly (nothing allocated)."""
-    boxed = jax.eval_shape(model.init, jax.random.key(0), self.example)
+    # The key made inside: nothing runs (the default device may be a
+    # topology's, described without hardware: preflight.compile_step).
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                              self.example))
     full = sharding.logical_shardings(dict(boxed), self.mesh, self.rules)
     abstract = jax.eval_shape(lambda: self.new_state(model))
     train_sh, frozen_sh = partition(full["params"], self.trainable)
@@ -267,7 +284,7 @@ class Placement:
                                                           sharding=s),
                         shapes, sh)
 
-  def compile(self, model, tx, pad_id):
+  def _jit_steps(self, model, tx, pad_id):
     sh = self.state_shardings(model)
     train = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                       pad_id=pad_id), donate_argnums=0,
@@ -277,7 +294,23 @@ class Placement:
                                          pad_id=pad_id),
                        in_shardings=(sh, self.batch),
                        out_shardings=self.replicated)
-    return self.on_mesh(train), self.on_mesh(evaluate)
+    return train, evaluate
+
+  def compile(self, model, tx, pad_id):
+    """(train step, eval step), jitted for the mesh."""
+    return tuple(map(self.on_mesh, self._jit_steps(model, tx, pad_id)))
+
+  def lower_train(self, model, tx, pad_id: int = -1):
+    """The train step ``compile`` gives, lowered for the mesh on an abstract
+    state and global batch (nothing allocated): what a run would compile."""
+    train, _ = self._jit_steps(model, tx, pad_id)
+    # The state outside ``over``: its init traces the model on one example
+    # row, which is no token shard.
+    state = self.abstract(model)
+    batch = jax.ShapeDtypeStruct(self.batch_shape, jnp.int32,
+                                 sharding=self.batch)
+    with shards.over(self.mesh, self.batch.spec[0]):
+      return train.lower(state, batch)
 
   def on_mesh(self, jitted):
     """``jitted``, traced with Pallas kernels run per token shard
@@ -358,11 +391,7 @@ def train_and_evaluate(config, workdir: str, init: str = "") -> dict:
                       config.keep_checkpoints)
   densify_step = _densify_step(config)
   model = build_model(cfg)
-  example = jnp.ones((1, config.seq_len), jnp.int32)
-  new_state = functools.partial(create_state, tx=tx, seed=config.seed,
-                                example_tokens=example,
-                                trainable=config.trainable,
-                                frozen_dtype=frozen_dtype(config))
+  example, new_state = state_factory(config, tx)
   place = Placement(config, new_state, example)
   data_state = None
   start = ckpt.latest_step()
