@@ -35,7 +35,7 @@ EXPECTED_SPECS = {  # (linear, path) -> spec under the default rules
     ("dense", ("layer_0", "attn", "q", "kernel")): P("fsdp", "tensor"),
     ("dense", ("embed", "embedding")): P(None, "fsdp"),  # vocab 259: odd
     ("dense", ("layer_0", "attn", "o", "kernel")): P("tensor", "fsdp"),
-    ("dense", ("layer_0", "mlp", "up", "w1")): P("tensor", None, None),
+    ("dense", ("layer_0", "mlp", "up", "w1")): P(None, "fsdp", None),
     ("dense", ("layer_0", "mlp", "gate", "lora_a")): P("fsdp", None),
     # PHM (rank-1 factors): d_ff/n = 43 is odd, so 'mlp' falls back to
     # replication; 'embed' (16) shards.

@@ -8,7 +8,7 @@ from structmat import ops
 from structmat.layers import init as sm_init
 from structmat.layers.base import StructuredLinear, require
 
-BLOCK_AXES = ("monarch_blocks", None, None)
+BLOCK_AXES = ("monarch_blocks", "monarch_rows", None)
 
 
 class Monarch(StructuredLinear):

@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from structmat.kernels import shards
 from structmat.layers import apply_to
 from structmat.models import remat
 from structmat.models.llama import LlamaConfig, _linear, attend
@@ -130,8 +131,8 @@ class GPT2(nn.Module):
     wte = emb(cfg.vocab_size, "wte", ("vocab", "embed"))
     x = wte(tokens) + emb(cfg.max_len, "wpe", (None, "embed"))(positions)
     block = remat.block_class(GPT2Block, cfg.remat)
-    for i in range(cfg.n_layers):
-      x = block(cfg, i, name=f"layer_{i}")(x)
-    x = _norm(cfg, "ln_f")(x)
+    for i in range(cfg.n_layers):   # shards.constrain: see llama._backbone
+      x = block(cfg, i, name=f"layer_{i}")(shards.constrain(x))
+    x = _norm(cfg, "ln_f")(shards.constrain(x))
     logits = wte.attend(x)
     return logits if logits_dtype is None else logits.astype(logits_dtype)

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from structmat.kernels import shards
 from structmat.layers import LINEARS, apply_to, make_linear
 from structmat.layers.adapters import CompacterAdapter
 from structmat.layers.phm import PHMRule
@@ -321,8 +322,12 @@ def _backbone(cfg: LlamaConfig, tokens, positions):
     rule = PHMRule(dict(cfg.adapters).get("n", 4),
                    param_dtype=cfg.param_dtype, name="phm_rule")
   block = remat.block_class(Block, cfg.remat)
+  # The residual stream pinned to the batch's sharding at every block
+  # boundary (shards.constrain: fsdp otherwise gathers whole batches).
   for i in range(cfg.n_layers):
-    x = block(cfg, i, rule=rule, name=f"layer_{i}")(x, positions)
+    x = block(cfg, i, rule=rule, name=f"layer_{i}")(shards.constrain(x),
+                                                    positions)
+  x = shards.constrain(x)
   return embed, rms_norm(cfg, "final_norm")(x)
 
 

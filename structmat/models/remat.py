@@ -1,10 +1,11 @@
 """Rematerialization of transformer blocks (activation checkpointing).
 
 Without it a train step keeps every block's activations for the backward
-pass: a LLaMA-1B step at 16 x 256 tokens per chip needs 17-19 GB of
-temporaries, more than a TPU v5e's 16 GiB (libtpu's compile on a v5e-16,
-``--dry_run --tpu_topology``; WORKSPACE). ``remat`` trades that memory for
-recomputing the block's forward during the backward:
+pass: a data-parallel LLaMA-1B Monarch step at 16 x 256 tokens per chip
+needs 17.6 GB of temporaries, more than a TPU v5e's 16 GiB; sharded over
+16 chips by fsdp, 12.3 GiB, and 1.9 GiB with "full" (libtpu's compiles
+for a v5e-16, ``--dry_run --tpu_topology``; WORKSPACE). ``remat`` trades
+that memory for recomputing the block's forward during the backward:
 
 - "none": keep everything (fastest where it fits);
 - "full": keep only each block's input; the whole block runs twice;
