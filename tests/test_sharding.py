@@ -112,6 +112,7 @@ import numpy as np
 import jax, jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from structmat import ops
+from structmat.layers.monarch import BLOCK_AXES
 from structmat.train import sharding
 mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), sharding.MESH_AXES)
 rules = sharding.DEFAULT_RULES
@@ -122,14 +123,13 @@ w2 = jax.random.normal(k[2], (4, 44, 16)) / 4
 g = jax.random.normal(k[3], (64, 176)) / 8
 d = jax.random.normal(k[4], (176, 64)) / 13
 def put(a, names):
-  spec = jax.sharding.PartitionSpec(*[dict(rules).get(n) for n in names])
+  spec = P(*[dict(rules).get(n) for n in names])
   return jax.device_put(a, NamedSharding(mesh, spec))
 def f(x, w1, w2, g, d):   # a SwiGLU-like MLP whose "up" is Monarch
   return (ops.monarch_matmul(x, w1, w2) * (x @ g)) @ d
 loss = lambda *a: jnp.sum(f(*a) ** 2)
 args = (x, w1, w2, g, d)
 ref = jax.value_and_grad(loss, argnums=(0, 1, 2))(*args)
-from structmat.layers.monarch import BLOCK_AXES
 placed = (put(x, ("batch",)), put(w1, BLOCK_AXES), put(w2, BLOCK_AXES),
           put(g, ("embed", "mlp")), put(d, ("mlp", "embed")))
 got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*placed)
