@@ -29,9 +29,9 @@ DEFAULT_RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     # Monarch / BTT / block-diagonal factors split by each block's rows
-    # over fsdp. Not by block over "tensor": XLA's partitioner (jax 0.10.2)
-    # then computed a wrong dx for the XLA Monarch product, 0.6 relative
-    # error (tests/test_sharding.py).
+    # over fsdp. Not by block over "tensor": XLA's partitioner (jax 0.10.2
+    # and 0.12) then computed a wrong dx for the XLA Monarch product, 0.6
+    # relative error (tests/test_sharding.py).
     ("monarch_blocks", None),
     ("monarch_rows", "fsdp"),
     ("rank", None),
