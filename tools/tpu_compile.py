@@ -60,6 +60,7 @@ from structmat.kernels import shared_trace, target  # pylint: disable=wrong-impo
 from structmat.kernels.lowering import scoped_vmem  # pylint: disable=wrong-import-position
 from structmat.kernels import sltrain as sk  # pylint: disable=wrong-import-position
 from structmat.kernels import sltrain_tpu as stk  # pylint: disable=wrong-import-position
+from structmat.train import preflight  # pylint: disable=wrong-import-position
 
 _KERNELS = flags.DEFINE_list(
     "kernels", ["monarch_tpu", "blockdiag", "gmm", "sltrain_tpu"],
@@ -270,7 +271,6 @@ def preset_rows(device, preset: str, linear: str):
   launcher's config (``preflight.compile_step``, what ``--dry_run
   --tpu_topology`` runs on a whole slice) at --batch rows x tokens."""
   from configs import pretrain  # pylint: disable=import-outside-toplevel
-  from structmat.train import preflight  # pylint: disable=import-outside-toplevel
   rows, length = map(int, _BATCH.value.split("x"))
   config = pretrain.get_config(f"model={preset},linear={linear}")
   config.update(dict(impl="pallas", compute_dtype="bfloat16",
@@ -308,17 +308,13 @@ def show(r: dict) -> str:
 
 
 def main(_):
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   unknown = set(_KERNELS.value) - set(CASES)
   if unknown:
     raise ValueError(f"--kernels: unknown {sorted(unknown)}; use {list(CASES)}")
   try:
-    device = topologies.get_topology_desc(_TOPOLOGY.value, "tpu").devices[0]
-  except Exception as e:  # pylint: disable=broad-except
-    raise SystemExit(
-        f"no TPU compiler for {_TOPOLOGY.value!r}: {first_line(e)}\nInstall "
-        "the libtpu that jax's [tpu] extra pins beside structmat (this "
-        "file's docstring) and put it on PYTHONPATH.") from e
+    device = preflight.topology_devices(_TOPOLOGY.value)[0]
+  except ValueError as e:   # no libtpu, or a name it does not know
+    raise SystemExit(str(e).replace("--tpu_topology", "--topology")) from e
   print(f"{device.device_kind} ({_TOPOLOGY.value}), jax {jax.__version__}, "
         f"VMEM {vmem_capacity(device) >> 20} MiB; kernel rows: scoped MiB "
         "as compiled here, worst case, estimate", flush=True)
