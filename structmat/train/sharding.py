@@ -4,7 +4,8 @@ The mesh has axes ("data", "fsdp", "tensor"); sizes come from the config (-1
 fills with the remaining devices). Parameters carry logical axis names from
 their layers (``nn.with_logical_partitioning``); ``config.logical_rules`` maps
 them to mesh axes. A dimension whose size the mesh axes do not divide is
-replicated instead (uneven shardings are not allowed for jit outputs). Adam's
+replicated instead (uneven shardings are not allowed for jit outputs), or,
+split over fsdp, split on another dimension that divides. Adam's
 moments follow their parameter; GaLore's projected moments and projectors,
 whose shapes differ from the parameter's, shard their larger dimension over
 "fsdp" when it divides.
@@ -78,15 +79,36 @@ def _axis_size(mesh: Mesh, axes) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
+# Mesh axes that only split storage: a parameter split over them is gathered
+# whole before use, so which of its dimensions they split changes nothing
+# but whether it divides.
+STORAGE_AXES = frozenset({"fsdp"})
+
+
 def _fit(spec: P, shape, mesh: Mesh) -> P:
-  """Replicate the dimensions whose size the mesh axes do not divide."""
-  out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    if axes is not None and dim % _axis_size(mesh, axes):
+  """Replicate the dimensions whose size the mesh axes do not divide; a
+  storage-only split (``STORAGE_AXES``) moves instead to the largest
+  unsplit dimension it divides (LLaMA-1B Monarch's up/gate w2, (4, 1366,
+  512): rows over fsdp 16 do not divide, its 512 columns do)."""
+  spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+  out = list(spec)
+  for i, (dim, axes) in enumerate(zip(shape, spec)):
+    size = _axis_size(mesh, axes)
+    if axes is None or dim % size == 0:
+      continue
+    out[i] = None
+    names = {axes} if isinstance(axes, str) else set(axes)
+    free = [j for j in range(len(shape))
+            if spec[j] is None and out[j] is None and shape[j] % size == 0]
+    if names <= STORAGE_AXES and free:
+      j = max(free, key=lambda j: shape[j])
+      out[j] = axes
+      logging.info("splitting dimension %d (%d) of %s over %s instead of "
+                   "dimension %d (%d: not divisible)", j, shape[j],
+                   tuple(shape), axes, i, dim)
+    else:
       logging.info("replicating a dimension of %d (not divisible by %s)",
                    dim, axes)
-      axes = None
-    out.append(axes)
   return P(*out)
 
 
