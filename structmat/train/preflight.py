@@ -28,21 +28,24 @@ from structmat.kernels.lowering import cross_lower, kernel_modules, scoped_vmem
 from structmat.models import build_model
 from structmat.optim import make_optimizer
 from structmat.train import steps
-from structmat.train.loop import (Placement, config_vocab, frozen_dtype,
-                                  model_config, state_factory, validate_config)
+from structmat.train.loop import (Placement, config_vocab, model_config,
+                                  state_factory, validate_config)
 from structmat.train.state import create_state
 
 
-def lower_step(model, tx, batch_shape, platform: str, **state_kwargs) -> dict:
+def lower_step(model, tx, batch_shape, platform: str, new_state=None) -> dict:
   """Lower ``steps.train_step`` of ``model`` and ``tx`` on an int32 batch of
   ``batch_shape`` (rows, length + 1) for ``platform`` ("cuda" or "tpu"),
-  the state built abstractly (``create_state``'s ``state_kwargs``):
+  the state built abstractly by ``new_state`` (model -> TrainState;
+  default ``create_state`` with seed 0 on one example row):
   {"platform", "lower_s", "module_mb", "calls", "distinct"} (kernel calls
   and distinct kernel modules by kind, ``lowering.kernel_modules``). Raises
   the ValueError of a kernel that cannot take the shapes."""
-  example = jnp.ones((1, batch_shape[1] - 1), jnp.int32)
-  state = jax.eval_shape(lambda: create_state(model, tx, example_tokens=example,
-                                              **state_kwargs))
+  if new_state is None:
+    new_state = functools.partial(
+        create_state, tx=tx, seed=0,
+        example_tokens=jnp.ones((1, batch_shape[1] - 1), jnp.int32))
+  state = jax.eval_shape(lambda: new_state(model))
   batch = jax.ShapeDtypeStruct(batch_shape, jnp.int32)
   t0 = time.perf_counter()
   text = cross_lower(functools.partial(steps.train_step, model=model, tx=tx,
@@ -52,13 +55,14 @@ def lower_step(model, tx, batch_shape, platform: str, **state_kwargs) -> dict:
 
 
 def lower_train_step(config, platform: str) -> dict:
-  """``lower_step`` of ``config``'s model, optimizer and global batch."""
+  """``lower_step`` of ``config``'s model, optimizer and global batch, the
+  state built as the train loop builds it (``loop.state_factory``)."""
   validate_config(config)
+  tx = make_optimizer(config)
+  _, new_state = state_factory(config, tx)
   return lower_step(build_model(model_config(config, config_vocab(config))),
-                    make_optimizer(config),
-                    (config.batch_size, config.seq_len + 1), platform,
-                    seed=config.seed, trainable=config.trainable,
-                    frozen_dtype=frozen_dtype(config))
+                    tx, (config.batch_size, config.seq_len + 1), platform,
+                    new_state)
 
 
 def report(config, platforms) -> bool:
