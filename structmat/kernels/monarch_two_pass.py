@@ -37,11 +37,13 @@ aligned trailing dims (TPUs have ``monarch_tpu``). Reference:
 import functools
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from structmat.kernels import monarch as mk
 from structmat.kernels import monarch_two_pass_dw as dwk
+from structmat.kernels import shards
 from structmat.kernels import triton_backend
 from structmat.kernels.portable import (LOOP_SMEM_BUDGET, TRITON_STAGES,
                                         compiler_params, launch_order, pow2)
@@ -252,7 +254,8 @@ def _vjp_fwd(x, w1, w2, block_tokens, interpret, platform, strided,
              dw_kernel):
   del dw_kernel
   y, h = _forward(x, w1, w2, block_tokens, interpret, platform, strided)
-  return y, (x, h, w1, w2)
+  # Named: kept across shards.per_shard's checkpoint, not recomputed.
+  return y, (x, checkpoint_name(h, shards.RESIDUAL), w1, w2)
 
 
 def _vjp_bwd(block_tokens, interpret, platform, strided, dw_kernel, res, dy):

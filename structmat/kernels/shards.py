@@ -9,9 +9,10 @@ time and activation memory by the number of token shards. So while a train
 step is traced for a mesh (``over``, which the train loop enters), dispatch
 runs each kernel under ``shard_map`` (``per_shard``): every device
 multiplies its own tokens; the weights enter whole (XLA gathers fsdp- or
-tensor-sharded ones, as it does for any matmul) and shard_map's transpose
-sums their gradients over the token shards. Outside ``over`` (one device,
-or a mesh whose batch axes have size 1) kernels run as they are.
+tensor-sharded ones, as it does for any matmul; what the backward keeps:
+``SAVED_POLICY``) and shard_map's transpose sums their gradients over the
+token shards. Outside ``over`` (one device, or a mesh whose batch axes
+have size 1) kernels run as they are.
 
 On TPUs this is not only speed: lowering a Mosaic kernel for a multi-device
 mesh outside a shard_map raises ("Mosaic kernels cannot be automatically
@@ -82,6 +83,23 @@ def constrain(x):
       x, jax.sharding.NamedSharding(mesh, spec))
 
 
+# What a kernel's backward keeps from its forward, across ``per_shard``.
+# Its custom_vjp saves its operands; those a kernel computes inside the
+# shard_map (x copied into a padded layout, weights cast or padded: the
+# gathered copies of fsdp-sharded weights) would be kept from forward to
+# backward by shard_map's differentiation, which forwards only untouched
+# inputs (the TPU Monarch kernel kept the padded x and the gathered, padded
+# factors: LLaMA-1B Monarch at fsdp 16, 0.67 GiB per v5e chip). Under this
+# checkpoint the saved values are per_shard's operands as the caller holds
+# them (x's shard, sharded weights) and what a kernel names ``RESIDUAL``
+# (the two-pass Monarch's stage-1 result); the backward redoes the copies
+# (and gathers), and the recomputed forward kernels, feeding nothing, are
+# dropped (a kernel saving an unnamed computed residual would run its
+# forward twice; tests/kernel_shards_check.py: residual_check).
+RESIDUAL = "kernel_residual"
+SAVED_POLICY = jax.checkpoint_policies.save_only_these_names(RESIDUAL)
+
+
 def per_shard(kernel, x, *args, **kwargs):
   """``kernel(x, *args, **kwargs)`` with x (..., n) split over the token
   shards (its leading dims flattened), every other array argument whole on
@@ -105,9 +123,10 @@ def per_shard(kernel, x, *args, **kwargs):
                   **dict(zip(keys, filled[len(args):])))
 
   x2 = x.reshape(tokens, x.shape[-1])
-  y = jax.shard_map(body, mesh=mesh,
-                    in_specs=(P(axes, None),) + (P(),) * len(arrays),
-                    out_specs=P(axes, None),
-                    # pallas_call has no replication rule (jax-ml/jax#21855)
-                    check_vma=False)(x2, *arrays)
+  call = jax.shard_map(body, mesh=mesh,
+                       in_specs=(P(axes, None),) + (P(),) * len(arrays),
+                       out_specs=P(axes, None),
+                       # pallas_call has no replication rule (jax-ml/jax#21855)
+                       check_vma=False)
+  y = jax.checkpoint(call, policy=SAVED_POLICY)(x2, *arrays)
   return y.reshape(*x.shape[:-1], y.shape[-1])
