@@ -11,7 +11,7 @@ shard's 16 (32) of the 128 tokens (no operand with 128 rows: no weight or
 support here has that size). With WORKDIR, also the train loop on the 2 x
 2 x 2 mesh, LLaMA-tiny with Monarch, SLTrain and block-diagonal MLPs:
 impl="pallas" must give impl="xla"'s losses. And what kernels' backward
-passes keep per device (``residual_check``). Prints one line per check and
+passes keep per device (``residual_check``, ``gather_check``). Prints one line per check and
 "ALL OK".
 """
 import os
@@ -106,7 +106,8 @@ def residual_check() -> int:
   sharded weights), plus the two-pass kernel's named stage-1 result, never
   copies made inside the shard_map. Before session 23 the TPU kernel's
   padded x and gathered, padded weights were kept: LLaMA-1B Monarch at
-  fsdp 16 held 0.67 GiB more per v5e chip. Returns the number of failures."""
+  fsdp 16 held 0.67 GiB more per v5e chip. Returns the number of
+  failures."""
   import functools  # pylint: disable=import-outside-toplevel
   from structmat.kernels import monarch_tpu  # pylint: disable=import-outside-toplevel
   mesh = Mesh(np.array(jax.devices()).reshape(1, 8, 1),
@@ -142,6 +143,34 @@ def residual_check() -> int:
   return failed
 
 
+def gather_check() -> int:
+  """The backward of per-shard kernels gathers fsdp-sharded weights anew,
+  as XLA's own fsdp matmuls do, instead of keeping the forward's gathered
+  copies: two Monarch layers (slices of stacked factors, tanh between) on
+  an fsdp mesh of 8 compile to 8 all-gathers (2 factors x 2 layers x
+  forward and backward). Without the barrier in ``shards.per_shard`` XLA
+  merged them into 4. Returns the number of failures."""
+  mesh = Mesh(np.array(jax.devices()).reshape(1, 8, 1),
+              ("data", "fsdp", "tensor"))
+  k = jax.random.split(jax.random.key(2), 3)
+  x = jax.device_put(jax.random.normal(k[0], (64, 256)),
+                     NamedSharding(mesh, P("fsdp")))
+  rows = NamedSharding(mesh, P(None, None, "fsdp", None))
+  w1, w2 = (jax.device_put(jax.random.normal(key, (2, 4, 64, 64)) / 8, rows)
+            for key in k[1:])
+
+  def loss(x, w1, w2):
+    for i in range(2):
+      x = jnp.tanh(ops.monarch_matmul(x, w1[i], w2[i], impl="pallas"))
+    return jnp.sum(x ** 2)
+  with shards.over(mesh, ("data", "fsdp")):
+    hlo = jax.jit(jax.grad(loss, (1, 2))).lower(x, w1, w2).compile().as_text()
+  gathers = hlo.count(" all-gather(") + hlo.count(" all-gather-start(")
+  print("weight gathers", gathers, "OK" if gathers == 8 else "FAIL",
+        flush=True)
+  return int(gathers != 8)
+
+
 def loop_check(root: str) -> int:
   """The train loop (``loop.Placement`` traces its steps in
   ``shards.over``) with impl="pallas" against impl="xla" on 2 x 2 x 2."""
@@ -163,7 +192,8 @@ def loop_check(root: str) -> int:
 
 
 def main():
-  failed = check((4, 2, 1)) + check((2, 2, 2)) + residual_check()
+  failed = (check((4, 2, 1)) + check((2, 2, 2)) + residual_check()
+            + gather_check())
   if len(sys.argv) > 1:
     failed += loop_check(sys.argv[1])
   print("ALL OK" if not failed else f"{failed} FAILED")

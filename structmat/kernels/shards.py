@@ -89,7 +89,8 @@ def constrain(x):
 # gathered copies of fsdp-sharded weights) would be kept from forward to
 # backward by shard_map's differentiation, which forwards only untouched
 # inputs (the TPU Monarch kernel kept the padded x and the gathered, padded
-# factors: LLaMA-1B Monarch at fsdp 16, 0.67 GiB per v5e chip). Under this
+# factors: LLaMA-1B Monarch at fsdp 16, 0.67 GiB per v5e chip; the
+# barrier in per_shard another 0.34). Under this
 # checkpoint the saved values are per_shard's operands as the caller holds
 # them (x's shard, sharded weights) and what a kernel names ``RESIDUAL``
 # (the two-pass Monarch's stage-1 result); the backward redoes the copies
@@ -128,5 +129,9 @@ def per_shard(kernel, x, *args, **kwargs):
                        out_specs=P(axes, None),
                        # pallas_call has no replication rule (jax-ml/jax#21855)
                        check_vma=False)
-  y = jax.checkpoint(call, policy=SAVED_POLICY)(x2, *arrays)
+  # The barrier, redone in the backward, makes its gathers new values:
+  # without it XLA merged the backward's gathers of the sharded weights
+  # with the forward's and kept the gathered copies in between.
+  fenced = lambda x2, *a: call(x2, *jax.lax.optimization_barrier(a))
+  y = jax.checkpoint(fenced, policy=SAVED_POLICY)(x2, *arrays)
   return y.reshape(*x.shape[:-1], y.shape[-1])
