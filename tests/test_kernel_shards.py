@@ -87,8 +87,10 @@ def test_train_steps_trace_on_their_mesh():
   step = loop.Placement.on_mesh(fake, lambda *a: seen.append(
       (shards.token_shards(), a)))
   step(1, 2)
-  assert seen == [(8, (1, 2))] and shards.token_shards() == 1
+  # Kernels split the tokens over every axis, "tensor" included.
+  assert seen == [(16, (1, 2))] and shards.token_shards() == 1
   assert shards.local_tokens(64) == 64
   with shards.over(fake.mesh, "data"):
-    assert shards.token_shards() == 4 and shards.local_tokens(64) == 16
+    assert shards.token_shards() == 16 and shards.local_tokens(64) == 4
+    assert shards.local_tokens(8) == 2     # not over 16: the batch's 4
     assert shards.local_tokens(66) == 66   # does not divide: all of them

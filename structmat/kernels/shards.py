@@ -8,7 +8,8 @@ automatically partitioned"), which multiplies a data-parallel step's layer
 time and activation memory by the number of token shards. So while a train
 step is traced for a mesh (``over``, which the train loop enters), dispatch
 runs each kernel under ``shard_map`` (``per_shard``): every device
-multiplies its own tokens; the weights enter whole (XLA gathers fsdp- or
+multiplies its own tokens (split over every mesh axis, "tensor" too:
+``_kernel_axes``); the weights enter whole (XLA gathers fsdp- or
 tensor-sharded ones, as it does for any matmul; what the backward keeps:
 ``SAVED_POLICY``) and shard_map's transpose sums their gradients over the
 token shards. Outside ``over`` (one device, or a mesh whose batch axes
@@ -33,34 +34,58 @@ import math
 import jax
 from jax.sharding import PartitionSpec as P
 
-_MESHES: list = []   # a stack of (mesh, token axes): ``over`` nests
+_MESHES: list = []   # a stack of (mesh, batch axes, kernel axes): nests
 
 
 @contextlib.contextmanager
 def over(mesh, axes):
   """Trace kernel calls inside to run per shard of the tokens, which the
   mesh's ``axes`` split (a name, a tuple of names or None: the "batch"
-  logical axis's mesh axes)."""
+  logical axis's mesh axes) and, for the kernels, its other axes too."""
   axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-  _MESHES.append((mesh, tuple(a for a in axes if mesh.shape[a] > 1)))
+  batch = tuple(a for a in axes if mesh.shape[a] > 1)
+  rest = tuple(a for a in mesh.shape if a not in batch and mesh.shape[a] > 1)
+  _MESHES.append((mesh, batch, batch + rest))
   try:
     yield
   finally:
     _MESHES.pop()
 
 
+def _kernel_axes(tokens: int) -> tuple:
+  """The mesh axes a kernel call on ``tokens`` rows splits them over.
+
+  Every axis of the mesh where they divide: the batch's, then the rest
+  ("tensor"), whose devices hold the same tokens (the kernels are not
+  tensor-parallel: on a data 4 x tensor 4 mesh each of 4 chips would run
+  the whole product on the same rows). Sliced there, each computes a
+  quarter, and the output leaves split over tensor too (XLA gathers it
+  where the next op wants it whole). Else the batch's axes alone, else
+  none (the call as it is)."""
+  if not _MESHES:
+    return ()
+  mesh, batch, every = _MESHES[-1]
+  for axes in (every, batch):
+    if tokens % math.prod(mesh.shape[a] for a in axes) == 0:
+      return axes
+  return ()
+
+
 def token_shards() -> int:
-  """How many token shards kernels traced here run on (1: no ``over``)."""
+  """How many token shards kernels traced here run on where the tokens
+  divide (1: no ``over``): every mesh axis of size > 1."""
   if not _MESHES:
     return 1
-  mesh, axes = _MESHES[-1]
-  return math.prod(mesh.shape[a] for a in axes)
+  mesh, _, every = _MESHES[-1]
+  return math.prod(mesh.shape[a] for a in every)
 
 
 def local_tokens(tokens: int) -> int:
-  """The tokens each kernel call sees: its shard's, where they divide."""
-  shards = token_shards()
-  return tokens // shards if tokens % shards == 0 else tokens
+  """The tokens each kernel call sees: its shard's (``_kernel_axes``)."""
+  if not _MESHES:
+    return tokens
+  mesh = _MESHES[-1][0]
+  return tokens // math.prod(mesh.shape[a] for a in _kernel_axes(tokens))
 
 
 def constrain(x):
@@ -74,10 +99,12 @@ def constrain(x):
   batches on each device: a LLaMA-60M step on 8 fsdp devices planned 6x
   the temporaries of the data-parallel one, 1B's ran a v5e-16 out of HBM
   with 109 GB per chip."""
-  shards = token_shards()
+  if not _MESHES:
+    return x
+  mesh, axes, _ = _MESHES[-1]
+  shards = math.prod(mesh.shape[a] for a in axes)
   if shards == 1 or x.shape[0] % shards:
     return x
-  mesh, axes = _MESHES[-1]
   spec = P(axes, *(None,) * (x.ndim - 1))
   return jax.lax.with_sharding_constraint(
       x, jax.sharding.NamedSharding(mesh, spec))
@@ -107,11 +134,11 @@ def per_shard(kernel, x, *args, **kwargs):
   each, and the (..., m) result split the same way. Non-array arguments
   (scales, None) are passed through. Without ``over``, or when the token
   count does not divide, the call as it is (XLA then replicates it)."""
-  shards = token_shards()
   tokens = x.size // x.shape[-1]
-  if shards == 1 or tokens % shards:
+  axes = _kernel_axes(tokens)
+  if not axes:
     return kernel(x, *args, **kwargs)
-  mesh, axes = _MESHES[-1]
+  mesh = _MESHES[-1][0]
   is_array = lambda v: hasattr(v, "shape") and hasattr(v, "dtype")
   keys = list(kwargs)
   values = list(args) + [kwargs[k] for k in keys]
