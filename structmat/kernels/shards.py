@@ -115,15 +115,15 @@ def constrain(x):
 # shard_map (x copied into a padded layout, weights cast or padded: the
 # gathered copies of fsdp-sharded weights) would be kept from forward to
 # backward by shard_map's differentiation, which forwards only untouched
-# inputs (the TPU Monarch kernel kept the padded x and the gathered, padded
-# factors: LLaMA-1B Monarch at fsdp 16, 0.67 GiB per v5e chip; the
-# barrier in per_shard another 0.34). Under this
-# checkpoint the saved values are per_shard's operands as the caller holds
-# them (x's shard, sharded weights) and what a kernel names ``RESIDUAL``
-# (the two-pass Monarch's stage-1 result); the backward redoes the copies
-# (and gathers), and the recomputed forward kernels, feeding nothing, are
-# dropped (a kernel saving an unnamed computed residual would run its
-# forward twice; tests/kernel_shards_check.py: residual_check).
+# inputs (the TPU Monarch kernel kept the padded x and the gathered,
+# padded factors: LLaMA-1B Monarch at fsdp 16, 0.67 GiB per v5e chip).
+# Under this checkpoint the saved values are per_shard's operands as the
+# caller holds them (x's shard, sharded weights) and what a kernel names
+# ``RESIDUAL`` (the two-pass Monarch's stage-1 result); the backward redoes
+# the copies (and the gathers: the barrier in per_shard, 0.34 GiB more),
+# and the recomputed forward kernels, feeding nothing, are dropped (a
+# kernel saving an unnamed computed residual would run its forward twice;
+# tests/kernel_shards_check.py: residual_check, gather_check).
 RESIDUAL = "kernel_residual"
 SAVED_POLICY = jax.checkpoint_policies.save_only_these_names(RESIDUAL)
 
