@@ -177,22 +177,27 @@ def gather_check() -> int:
 
 def loop_check(root: str) -> int:
   """The train loop (``loop.Placement`` traces its steps in
-  ``shards.over``) with impl="pallas" against impl="xla" on 2 x 2 x 2."""
+  ``shards.over``) with impl="pallas" against impl="xla" on 2 x 2 x 2, and
+  with remat="full" (block checkpoints around per_shard's own)."""
   from structmat.train import loop  # pylint: disable=import-outside-toplevel
   from tests import sharded_check  # pylint: disable=import-outside-toplevel
   out = {}
-  for impl in ("xla", "pallas"):
+  for impl, remat in (("xla", "none"), ("pallas", "none"), ("pallas", "full")):
     c = sharded_check.config(
         "dense", "adamw", "up=monarch;gate=sltrain:rank=8;down=blockdiag",
         "llama_tiny", dict(data=2, fsdp=2, tensor=2))
-    c.impl = impl
-    loop.train_and_evaluate(c, os.path.join(root, impl))
-    out[impl] = sharded_check.losses(os.path.join(root, impl))
-  ok = len(out["xla"]) == 3 and np.allclose(out["pallas"], out["xla"],
-                                            rtol=1e-4)
-  print("train loop, impl=pallas vs xla losses", out["pallas"], out["xla"],
-        "OK" if ok else "FAIL", flush=True)
-  return int(not ok)
+    c.impl, c.remat = impl, remat
+    workdir = os.path.join(root, f"{impl}_{remat}")
+    loop.train_and_evaluate(c, workdir)
+    out[impl, remat] = sharded_check.losses(workdir)
+  ref = out["xla", "none"]
+  failed = 0
+  for key in (("pallas", "none"), ("pallas", "full")):
+    ok = len(ref) == 3 and np.allclose(out[key], ref, rtol=1e-4)
+    failed += not ok
+    print(f"train loop, impl={key[0]} remat={key[1]} vs xla losses",
+          out[key], ref, "OK" if ok else "FAIL", flush=True)
+  return failed
 
 
 def main():
