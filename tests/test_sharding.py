@@ -64,6 +64,22 @@ def test_adam_moments_follow_params_and_galore_has_own_rules():
   assert gout.mu["mlp"]["up"]["kernel"].spec == P("fsdp", None)  # (16, 2)
 
 
+def test_fsdp_splits_that_do_not_divide_move():
+  """``_fit`` on an abstract data 1 x fsdp 16 x tensor 2 mesh: an fsdp split
+  that does not divide moves to the largest unsplit dimension it divides
+  (LLaMA-1B Monarch's up/gate w2 at fsdp 16); one over "tensor", which
+  decides the compute's partitioning, is replicated; with nowhere to go,
+  fsdp is replicated too."""
+  mesh = jax.sharding.AbstractMesh((1, 16, 2), sharding.MESH_AXES)
+  fit = lambda spec, shape: sharding._fit(spec, shape, mesh)
+  assert fit(P(None, "fsdp", None), (4, 1366, 512)) == P(None, None, "fsdp")
+  assert fit(P(None, "fsdp", None), (4, 512, 1366)) == P(None, "fsdp", None)
+  assert fit(P("fsdp", None, None), (1366, 7, 48)) == P(None, None, "fsdp")
+  assert fit(P("fsdp", "tensor"), (1366, 512)) == P(None, "tensor")
+  assert fit(P(None, "tensor"), (4, 1365)) == P(None, None)
+  assert fit(P(None, "fsdp"), (6, 1366)) == P(None, None)
+
+
 def _devices(n: int) -> str:
   """XLA_FLAGS for n fake CPU devices, keeping the suite's other flags."""
   return " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
