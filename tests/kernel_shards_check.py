@@ -50,13 +50,18 @@ def kernel_dims(fn, *args):
   return dims
 
 
+def _mesh(shape):
+  """A (data, fsdp, tensor) mesh of ``shape`` over the 8 fake devices."""
+  return Mesh(np.array(jax.devices()).reshape(shape),
+              ("data", "fsdp", "tensor"))
+
+
 def check(shape):
   """Every case on a (data, fsdp, tensor) mesh of ``shape``; the Monarch
   and block-diagonal factors split by block over "tensor" (rules mapping
   "monarch_blocks" to it, the default before session 22). Returns the
   number of failures."""
-  mesh = Mesh(np.array(jax.devices()).reshape(shape),
-              ("data", "fsdp", "tensor"))
+  mesh = _mesh(shape)
   per_shard = 128 // (shape[0] * shape[1] * shape[2])   # tensor too
   k = jax.random.split(jax.random.key(0), 8)
   x = jax.random.normal(k[0], (8, 16, 64))      # 128 tokens
@@ -114,8 +119,7 @@ def residual_check() -> int:
   failures."""
   import functools  # pylint: disable=import-outside-toplevel
   from structmat.kernels import monarch_tpu  # pylint: disable=import-outside-toplevel
-  mesh = Mesh(np.array(jax.devices()).reshape(1, 8, 1),
-              ("data", "fsdp", "tensor"))
+  mesh = _mesh((1, 8, 1))
   k = jax.random.split(jax.random.key(1), 3)
   rows = NamedSharding(mesh, P(None, "fsdp", None))
   tpu = functools.partial(shards.per_shard, functools.partial(
@@ -154,8 +158,7 @@ def gather_check() -> int:
   an fsdp mesh of 8 compile to 8 all-gathers (2 factors x 2 layers x
   forward and backward). Without the barrier in ``shards.per_shard`` XLA
   merged them into 4. Returns the number of failures."""
-  mesh = Mesh(np.array(jax.devices()).reshape(1, 8, 1),
-              ("data", "fsdp", "tensor"))
+  mesh = _mesh((1, 8, 1))
   k = jax.random.split(jax.random.key(2), 3)
   x = jax.device_put(jax.random.normal(k[0], (64, 256)),
                      NamedSharding(mesh, P("fsdp")))
