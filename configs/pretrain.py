@@ -105,6 +105,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.impl = "xla"                  # "auto" | "pallas": Monarch/BTT/blockdiag/SLTrain
                                   # kernels (Triton on GPUs, Mosaic on TPUs);
                                   # "pallas:two_pass": that Monarch kernel
+  c.attention = "auto"            # cuDNN (GPUs, 16-bit), the Pallas splash kernel
+                                  # (TPUs, seq_len >= 512, % 128 == 0), else XLA; or
+                                  # "xla" | "cudnn" | "tpu_flash" | "naive"
   c.remat = "none"                # "full" | "dots": recompute blocks in the
                                   # backward (models/remat.py) when a step's
                                   # activations outgrow the device

@@ -27,6 +27,7 @@ from structmat.kernels.lowering import kernel_modules
 from structmat.models import build_model
 from structmat.models.family import preset_config
 from structmat.models.flops import train_flops_per_token
+from structmat.models.llama import ATTENTION_IMPLS
 from structmat.train import steps
 from structmat.train.params import count_params
 from structmat.train.state import create_state
@@ -51,8 +52,7 @@ _IMPL = flags.DEFINE_enum(
     "impl", "xla", ["xla", "auto", "pallas", "pallas:two_pass",
                     "pallas:two_pass_dw", "pallas:fused", "pallas:mgpu"],
     "Monarch/BTT implementation (pallas:<kernel>: that Monarch kernel).")
-_ATTENTION = flags.DEFINE_enum("attention", "auto",
-                               ["auto", "naive", "xla", "cudnn"],
+_ATTENTION = flags.DEFINE_enum("attention", "auto", list(ATTENTION_IMPLS),
                                "Attention implementation (LlamaConfig).")
 _N_LAYERS = flags.DEFINE_integer(
     "n_layers", 0, "Blocks per model (0: the preset's). One block prices "

@@ -4,8 +4,8 @@
 
 Sets 8 host devices before importing jax. On data x fsdp x tensor meshes
 of 4 x 2 x 1 and 2 x 2 x 2 (factors split by block over "tensor"), every
-kernel family through ``ops`` (impl="pallas", interpreted) inside
-``shards.over``: the value and the gradients of every argument must match
+kernel family through ``ops`` (impl="pallas", interpreted) and the TPU
+flash attention inside ``shards.over``: the value and the gradients of every argument must match
 impl="xla" on the same sharded inputs, and the kernels must see their
 shard's 16 of the 128 tokens, split over "tensor" too (no operand with 128
 or 32 rows: no weight or support here has those sizes). With WORKDIR,
@@ -31,15 +31,15 @@ from structmat import ops  # noqa: E402
 from structmat.kernels import shards  # noqa: E402
 
 
-def kernel_dims(fn, *args):
-  """The set of every dimension of every pallas_call operand in fn's jaxpr
+def kernel_shapes(fn, *args):
+  """The set of the shapes of every pallas_call operand in fn's jaxpr
   (nested jaxprs included)."""
-  dims = set()
+  shapes = set()
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == "pallas_call":
-        dims.update(d for v in eqn.invars for d in v.aval.shape)
+        shapes.update(v.aval.shape for v in eqn.invars)
         continue
       for v in eqn.params.values():
         for inner in v if isinstance(v, (tuple, list)) else (v,):
@@ -47,7 +47,13 @@ def kernel_dims(fn, *args):
           if hasattr(inner, "eqns"):
             walk(inner)
   walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return dims
+  return shapes
+
+
+def kernel_dims(fn, *args):
+  """The set of every dimension of every pallas_call operand in fn's
+  jaxpr."""
+  return {d for shape in kernel_shapes(fn, *args) for d in shape}
 
 
 def _mesh(shape):
@@ -106,6 +112,36 @@ def check(shape):
     print(shape, name, "errors", [f"{e:.1e}" for e in errs],
           "kernels per shard", local, "OK" if ok else "FAIL", flush=True)
   return failed
+
+
+def attention_check(shape) -> int:
+  """The TPU flash attention kernel (interpreted) on a mesh of ``shape``,
+  with grouped KV heads: value and q/k/v gradients as XLA's attention, and
+  every kernel on its device's 2 of the 16 sequences (``shards.per_batch``:
+  split over "tensor" too). Returns the number of failures."""
+  from structmat.models.llama import attend  # pylint: disable=import-outside-toplevel
+  mesh = _mesh(shape)
+  k = jax.random.split(jax.random.key(3), 4)
+  batch = NamedSharding(mesh, P(("data", "fsdp")))
+  q = jax.device_put(jax.random.normal(k[0], (16, 128, 6, 16)), batch)
+  kv = [jax.device_put(jax.random.normal(key, (16, 128, 3, 16)), batch)
+        for key in k[1:3]]
+  g = jax.random.normal(k[3], q.shape)
+  loss = lambda impl: lambda *a: jnp.sum(attend(*a, impl) * g)
+  ref = jax.jit(jax.value_and_grad(loss("xla"), (0, 1, 2)))(q, *kv)
+  with shards.over(mesh, ("data", "fsdp")):
+    got = jax.jit(jax.value_and_grad(loss("tpu_flash"), (0, 1, 2)))(q, *kv)
+    jax.block_until_ready(got)
+    shapes = kernel_shapes(jax.value_and_grad(loss("tpu_flash"), (0, 1, 2)),
+                           q, *kv)
+  errs = [float(jnp.max(jnp.abs(p - r)) / jnp.max(jnp.abs(r)))
+          for p, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
+  # The leading dims of the kernels' q-shaped (heads-major) operands.
+  rows = {s[0] for s in shapes if s[1:] == (6, 128, 16)}
+  ok = max(errs) < 1e-4 and rows == {2}
+  print(shape, "tpu_flash attention errors", [f"{e:.1e}" for e in errs],
+        "sequences per kernel", rows, "OK" if ok else "FAIL", flush=True)
+  return int(not ok)
 
 
 def residual_check() -> int:
@@ -204,8 +240,8 @@ def loop_check(root: str) -> int:
 
 
 def main():
-  failed = (check((4, 2, 1)) + check((2, 2, 2)) + residual_check()
-            + gather_check())
+  failed = (check((4, 2, 1)) + check((2, 2, 2)) + attention_check((4, 2, 1))
+            + attention_check((2, 2, 2)) + residual_check() + gather_check())
   if len(sys.argv) > 1:
     failed += loop_check(sys.argv[1])
   print("ALL OK" if not failed else f"{failed} FAILED")

@@ -71,6 +71,13 @@ def _kernel_axes(tokens: int) -> tuple:
   return ()
 
 
+def splits(rows: int) -> bool:
+  """Whether ``per_shard`` / ``per_batch`` split ``rows`` over the mesh
+  (True outside ``over``: nothing to split). Where they cannot, a Mosaic
+  kernel meets XLA's partitioner, which refuses it."""
+  return not _MESHES or token_shards() == 1 or bool(_kernel_axes(rows))
+
+
 def token_shards() -> int:
   """How many token shards kernels traced here run on where the tokens
   divide (1: no ``over``): every mesh axis of size > 1."""
@@ -86,6 +93,23 @@ def local_tokens(tokens: int) -> int:
     return tokens
   mesh = _MESHES[-1][0]
   return tokens // math.prod(mesh.shape[a] for a in _kernel_axes(tokens))
+
+
+def per_batch(kernel, *arrays):
+  """``kernel(*arrays)`` on each device's share of their leading (batch)
+  dimension, split over the mesh axes ``_kernel_axes`` gives for it (every
+  axis where it divides), and the result split the same way; the call as it
+  is without ``over`` or where nothing divides. For kernels whose rows are
+  not independent tokens (attention: a sequence's tokens see each other).
+  Nothing is rematerialized: such a kernel's residuals (flash attention's
+  row statistics) are its own and small."""
+  axes = _kernel_axes(arrays[0].shape[0])
+  if not axes:
+    return kernel(*arrays)
+  spec = P(axes)
+  return jax.shard_map(kernel, mesh=_MESHES[-1][0],
+                       in_specs=(spec,) * len(arrays), out_specs=spec,
+                       check_vma=False)(*arrays)
 
 
 def constrain(x):

@@ -4,9 +4,10 @@ Normally the default backend. ``lowering.cross_lower`` targets hardware this
 host lacks (an abstract H100 or TPU v5e): inside ``targeting`` every choice
 that asks ``platform()`` (``impl`` dispatch, interpret mode, Mosaic GPU's
 Hopper check) is made as that hardware would make it, so a lowered train
-step holds the kernels the device would run. Attention's "auto" still asks
-the host (cuDNN is looked up while tracing, so a step cross-lowered on a
-CPU attends through XLA). Before this, the tests monkeypatched
+step holds the kernels the device would run (on a TPU target attention's
+"auto" too: the Pallas flash kernel; its GPU choice, cuDNN, still asks the
+host, which looks cuDNN up while tracing, so a step cross-lowered for a GPU
+on a CPU attends through XLA). Before this, the tests monkeypatched
 ``jax.default_backend`` to the same end.
 """
 import contextlib

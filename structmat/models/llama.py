@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from structmat.kernels import shards
+from structmat.kernels import attention_tpu, shards, target
 from structmat.layers import LINEARS, apply_to, make_linear
 from structmat.layers.adapters import CompacterAdapter
 from structmat.layers.phm import PHMRule
@@ -195,19 +195,32 @@ def rms_norm(cfg: LlamaConfig, name: str) -> nn.Module:
                         nn.initializers.ones, ("norm",)))
 
 
-ATTENTION_IMPLS = ("auto", "naive", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "naive", "xla", "cudnn", "tpu_flash")
 
 
-def attention_impl(name: str, dtype, head_dim: int) -> str:
+def attention_impl(name: str, dtype, head_dim: int, batch: int,
+                   seq_len: int) -> str:
   """Resolve "auto": cuDNN's fused (flash) attention on GPUs in 16-bit dtypes
-  with head_dim a multiple of 8 up to 128 (its constraints), XLA otherwise."""
+  with head_dim a multiple of 8 up to 128 (its constraints), the Pallas
+  flash kernel on TPUs from ``attention_tpu.AUTO_FROM`` (512) tokens where
+  the shapes fit it (seq_len a multiple of 128), XLA otherwise (and on the
+  CPU)."""
   if name not in ATTENTION_IMPLS:
     raise ValueError(f"attention={name!r}; use one of {ATTENTION_IMPLS}.")
+  platform = target.platform()
+  if name == "tpu_flash" and platform not in ("tpu", "cpu"):
+    raise ValueError(f"attention='tpu_flash' runs on TPUs (and interpreted on "
+                     f"the CPU), not on {platform}; use 'auto'.")
   if name != "auto":
     return name
+  # cuDNN is looked up while tracing: only on a GPU host (a step
+  # cross-lowered for one on a CPU attends through XLA).
   if (jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
       and head_dim % 8 == 0 and head_dim <= 128):
     return "cudnn"
+  if (platform == "tpu" and seq_len >= attention_tpu.AUTO_FROM
+      and attention_tpu.why_not(batch, seq_len) is None):
+    return "tpu_flash"
   return "xla"
 
 
@@ -216,9 +229,12 @@ def attend(q, k, v, impl: str = "auto"):
   kv_heads dividing heads (grouped KV heads) -> (b, t, heads, d).
 
   "naive" writes the float32 score matrix out (the readable reference);
-  "xla" / "cudnn" go through ``jax.nn.dot_product_attention``.
+  "xla" / "cudnn" go through ``jax.nn.dot_product_attention``; "tpu_flash"
+  is jax's Pallas TPU flash kernel (``kernels.attention_tpu``).
   """
-  impl = attention_impl(impl, q.dtype, q.shape[-1])
+  impl = attention_impl(impl, q.dtype, q.shape[-1], *q.shape[:2])
+  if impl == "tpu_flash":
+    return attention_tpu.attention(q, k, v)
   if impl != "naive":
     return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                         implementation=impl)

@@ -87,6 +87,7 @@ def model_config(config, vocab_size: int):
                       n_kv_heads=config.n_kv_heads or None,
                       tie_embeddings=config.tie_embeddings,
                       impl=config.get("impl", "xla"),
+                      attention=config.get("attention", "auto"),
                       remat=config.get("remat", "none"),
                       adapters=parse_adapters(config.get("adapters", "")),
                       overrides=overrides, **dict(config.linear_kwargs))
@@ -112,6 +113,7 @@ def _gpt2_model_config(config, vocab_size: int, overrides):
                      dict(config.linear_kwargs),
                      dtype=DTYPES[config.compute_dtype],
                      impl=config.get("impl", "xla"),
+                     attention=config.get("attention", "auto"),
                      remat=config.get("remat", "none"), overrides=overrides)
 
 
