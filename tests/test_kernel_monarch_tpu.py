@@ -20,9 +20,10 @@ SHAPES = [
     (384, 128, (4, 128, 32), (8, 64, 64)),     # 128 -> 512, three tiles
     (256, 128, (2, 128, 128), (2, 128, 128)),  # 128-wide blocks
     (256, 128, (16, 16, 8), (2, 64, 128)),     # 8-wide input blocks
-    # Feature counts off whole lanes, padded per block (padded_blocks):
-    # 128 -> 344 (s: 43 -> 48 rows, output sliced) and 344 -> 128 (p: x
-    # copied into the padded layout), as LLaMA-60M's 512 <-> 1376 MLP.
+    # Feature counts off whole lanes, padded per block in VMEM
+    # (padded_blocks): 128 -> 344 (s: 43 -> 48 rows, the pad never stored)
+    # and 344 -> 128 (p: x's blocks read at unaligned offsets), as
+    # LLaMA-60M's 512 <-> 1376 MLP.
     (256, 128, (8, 64, 16), (8, 43, 64)),
     (128, 128, (8, 64, 43), (8, 16, 64)),
 ]
@@ -56,14 +57,19 @@ def test_matches_reference(tokens, bt, s1, s2, dtype, tol, monkeypatch):
   assert set(poisoned) == {"monarch_tpu_fwd", "monarch_tpu_bwd"}
 
 
-def test_tpu_interpreter_finds_no_races():
+@pytest.mark.parametrize("tokens,s1,s2", [
+    (512, (2, 64, 64), (4, 64, 32)),
+    # p = 43 and s = 43 padded to 48 in VMEM: the pad rows of the scratch
+    # must be zeroed (0 * NaN), the unaligned blocks read and written.
+    (256, (8, 64, 43), (8, 43, 64))])
+def test_tpu_interpreter_finds_no_races(tokens, s1, s2):
   """The TPU interpreter on two cores, with NaN-filled uninitialized memory
   (scratch included) and race detection: the "parallel" forward and the
   "arbitrary" backward that accumulates the weight gradients."""
   from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
   params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2,
                                  uninitialized_memory="nan")
-  x, w1, w2, g = _inputs(512, (2, 64, 64), (4, 64, 32), jnp.float32, seed=1)
+  x, w1, w2, g = _inputs(tokens, s1, s2, jnp.float32, seed=1)
   _check(lambda *a: mt.monarch_matmul_tpu(*a, block_tokens=128,
                                           interpret=params),
          x, w1, w2, g, 1e-5)

@@ -24,11 +24,14 @@ gradients stay resident in VMEM, accumulated over tiles); it recomputes the
 stage-1 result, so nothing activation-sized is saved besides x.
 
 Feature counts that are not multiples of 128 (GaLore's MLP widths: 1376 at
-60M, 2736 at 350M, 5464 at 1B) are zero-padded per block (``padded_blocks``):
-extra output rows s of every w2 block land past the real outputs (P2 puts
-output s_idx*l + li at the end for s_idx >= s), so y is sliced; extra input
-columns p of every block need x copied into the padded layout. Gradients
-flow through the pads and slices. ``impl="auto"`` declines padded shapes
+60M, 2736 at 350M, 5464 at 1B) are zero-padded per block (``padded_blocks``)
+in VMEM only: the factors are padded in XLA (weight-sized); extra output
+rows s of every w2 block land past the real outputs (P2 puts output
+s_idx*l + li at the end for s_idx >= s), which are never stored; x's blocks
+are read at unaligned lane offsets into the padded transposed tile (zero
+rows between them), and dx written back the same way. Before session 24 x
+was copied into the padded layout and y sliced in XLA: activation-sized
+HBM copies at every layer. ``impl="auto"`` declines padded shapes
 (``padding_problem``; unmeasured), ``impl="pallas"`` runs them.
 
 Reference: ``structmat.ops.monarch_matmul``. ``structmat.kernels.monarch`` is
@@ -120,8 +123,8 @@ def padding_problem(w1_shape, w2_shape, itemsize: int) -> str | None:
   p, s = w1_shape[2], w2_shape[1]
   pp, ss = padded_blocks(w1_shape, w2_shape, itemsize)
   if (pp, ss) != (p, s):
-    return (f"blocks ({p=}, {s=}) pad to ({pp}, {ss}) for whole lanes (x "
-            "copied into the padded layout, y sliced): never timed on a TPU; "
+    return (f"blocks ({p=}, {s=}) pad to ({pp}, {ss}) for whole lanes "
+            "(unaligned block reads and writes): never timed on a TPU; "
             "impl='pallas' runs them")
   return None
 
@@ -169,21 +172,51 @@ def fit_block_tokens(tokens: int, w1_shape, w2_shape, itemsize: int,
   return LANES
 
 
-def _transpose_in(v_ref, out_ref, dtype):
+def _transpose_in(v_ref, out_ref, dtype, blocks: int = 1):
   """out[features, tokens] = v[tokens, features]^T, per 128-token chunk;
   ``out_ref`` is (features, tile) or (tile/128, features, 128): Mosaic's
   strided row accesses need a base whose last dim is exactly 128 lanes, so
   the transposed output and dy live in that chunked form.
 
+  Where out has more feature rows than v (``padded_blocks``), v's columns
+  are ``blocks`` equal blocks, each landing at the start of one of out's
+  and followed by zero rows: scratch starts undefined, and the zero
+  weights facing the pad would turn NaN garbage into NaN (0 * NaN).
+  Unaligned slices (1366 of LLaMA-1B's 5464 columns a block) cost lane
+  shifts here, not an XLA copy of x into the padded layout in HBM.
+
   Transposes run in float32 (the XLU's 32-bit path; packed 16-bit
   transposes are not supported by every Mosaic version)."""
-  bt = v_ref.shape[0]
+  bt, n = v_ref.shape
+  width, padded = n // blocks, out_ref.shape[-2] // blocks
   for c, cols in enumerate(lane_chunks(bt)):
-    t = v_ref[cols, :].astype(jnp.float32).T
-    if out_ref.ndim == 3:
-      out_ref[c] = t.astype(dtype)
-    else:
-      out_ref[:, cols] = t.astype(dtype)
+    def put(rows, value):
+      if out_ref.ndim == 3:
+        out_ref.at[c][rows, :] = value.astype(dtype)
+      else:
+        out_ref[rows, cols] = value.astype(dtype)
+    if padded == width:
+      put(slice(None), v_ref[cols, :].astype(jnp.float32).T)
+      continue
+    for b in range(blocks):
+      put(pl.ds(b * padded, width), v_ref[cols, pl.ds(b * width, width)]
+          .astype(jnp.float32).T)
+      put(pl.ds(b * padded + width, padded - width),
+          jnp.zeros((padded - width, LANES), jnp.float32))
+
+
+def _transpose_out(vt_ref, out_ref, cols, blocks: int = 1):
+  """out[cols, :] = vt[:, cols]^T, of vt's (features, tile) rows the first
+  width of each of its ``blocks`` blocks where they are padded as
+  ``_transpose_in`` pads."""
+  n = out_ref.shape[1]
+  width, padded = n // blocks, vt_ref.shape[0] // blocks
+  if padded == width:
+    out_ref[cols, :] = vt_ref[:, cols].T.astype(out_ref.dtype)
+    return
+  for b in range(blocks):
+    out_ref[cols, pl.ds(b * width, width)] = (
+        vt_ref[pl.ds(b * padded, width), cols].T.astype(out_ref.dtype))
 
 
 def _stage1(w1p_ref, xt_ref, ht_ref, k: int, p: int):
@@ -207,7 +240,7 @@ def _fwd_kernel(x_ref, w1p_ref, w2_ref, y_ref, xt_ref, ht_ref, yt_ref):
   l, s, _ = w2_ref.shape
   g = q // l
   chunks = lane_chunks(x_ref.shape[0])
-  _transpose_in(x_ref, xt_ref, xt_ref.dtype)
+  _transpose_in(x_ref, xt_ref, xt_ref.dtype, blocks=k)
   _stage1(w1p_ref, xt_ref, ht_ref, k, p)
 
   def stage2(li, carry):
@@ -216,8 +249,8 @@ def _fwd_kernel(x_ref, w1p_ref, w2_ref, y_ref, xt_ref, ht_ref, yt_ref):
       yt_ref.at[c][pl.ds(li, s, stride=l), :] = o[:, cols]
     return carry
   jax.lax.fori_loop(0, l, stage2, 0)
-  for c, cols in enumerate(chunks):
-    y_ref[cols, :] = yt_ref[c].T.astype(y_ref.dtype)
+  for c, cols in enumerate(chunks):   # padded outputs (s_idx >= s) are last
+    y_ref[cols, :] = yt_ref[c, :y_ref.shape[1], :].T.astype(y_ref.dtype)
 
 
 def _bwd_kernel(x_ref, dy_ref, w1p_ref, w1pt_ref, w2_ref, w2t_ref,
@@ -234,8 +267,8 @@ def _bwd_kernel(x_ref, dy_ref, w1p_ref, w1pt_ref, w2_ref, w2t_ref,
     dw1p_ref[...] = jnp.zeros_like(dw1p_ref)
     dw2_ref[...] = jnp.zeros_like(dw2_ref)
 
-  _transpose_in(x_ref, xt_ref, dtype)
-  _transpose_in(dy_ref, dyt_ref, jnp.float32)
+  _transpose_in(x_ref, xt_ref, dtype, blocks=k)
+  _transpose_in(dy_ref, dyt_ref, jnp.float32)      # padded outputs: last
   _stage1(w1p_ref, xt_ref, ht_ref, k, p)            # recomputed, not saved
 
   def stage2(li, carry):
@@ -256,24 +289,24 @@ def _bwd_kernel(x_ref, dy_ref, w1p_ref, w1pt_ref, w2_ref, w2t_ref,
     return carry
   jax.lax.fori_loop(0, k, stage1, 0)
   for cols in chunks:
-    dx_ref[cols, :] = dxt_ref[:, cols].T.astype(dx_ref.dtype)
+    _transpose_out(dxt_ref, dx_ref, cols, blocks=k)
 
 
-def _call_fwd(x, w1p, w2, block_tokens, interpret):
+def _call_fwd(x, w1p, w2, n_out, block_tokens, interpret):
   tokens, n_in = x.shape
-  k, q, _ = w1p.shape
-  l, s, _ = w2.shape
+  k, q, pp = w1p.shape
+  l, ss, _ = w2.shape
   bt = block_tokens
   return pl.pallas_call(
       _fwd_kernel,
-      out_shape=jax.ShapeDtypeStruct((tokens, l * s), x.dtype),
+      out_shape=jax.ShapeDtypeStruct((tokens, n_out), x.dtype),
       grid=(tokens // bt,),
       in_specs=[pl.BlockSpec((bt, n_in), lambda i: (i, 0)),
                 whole(w1p.shape), whole(w2.shape)],
-      out_specs=pl.BlockSpec((bt, l * s), lambda i: (i, 0)),
-      scratch_shapes=[pltpu.VMEM((n_in, bt), x.dtype),
+      out_specs=pl.BlockSpec((bt, n_out), lambda i: (i, 0)),
+      scratch_shapes=[pltpu.VMEM((k * pp, bt), x.dtype),
                       pltpu.VMEM((k, q, bt), x.dtype),
-                      pltpu.VMEM((bt // LANES, l * s, LANES), jnp.float32)],
+                      pltpu.VMEM((bt // LANES, l * ss, LANES), jnp.float32)],
       compiler_params=compiler_params(("parallel",), interpret),
       interpret=interpret,
       name="monarch_tpu_fwd",
@@ -282,29 +315,29 @@ def _call_fwd(x, w1p, w2, block_tokens, interpret):
 
 def _call_bwd(x, dy, w1p, w2, block_tokens, interpret):
   tokens, n_in = x.shape
-  k, q, p = w1p.shape
-  l, s, r = w2.shape
+  k, q, pp = w1p.shape
+  l, ss, r = w2.shape
   bt = block_tokens
-  w1pt = w1p.transpose(0, 2, 1)                      # (k, p, q)
-  w2t = w2.transpose(0, 2, 1)                        # (l, r, s)
+  w1pt = w1p.transpose(0, 2, 1)                      # (k, pp, q)
+  w2t = w2.transpose(0, 2, 1)                        # (l, r, ss)
   f32 = jnp.float32
   return pl.pallas_call(
       _bwd_kernel,
       out_shape=(jax.ShapeDtypeStruct((tokens, n_in), x.dtype),
-                 jax.ShapeDtypeStruct((k, q, p), f32),
-                 jax.ShapeDtypeStruct((l, s, r), f32)),
+                 jax.ShapeDtypeStruct((k, q, pp), f32),
+                 jax.ShapeDtypeStruct((l, ss, r), f32)),
       grid=(tokens // bt,),
       in_specs=[pl.BlockSpec((bt, n_in), lambda i: (i, 0)),
-                pl.BlockSpec((bt, l * s), lambda i: (i, 0)),
+                pl.BlockSpec((bt, dy.shape[1]), lambda i: (i, 0)),
                 whole(w1p.shape), whole(w1pt.shape),
                 whole(w2.shape), whole(w2t.shape)],
       out_specs=(pl.BlockSpec((bt, n_in), lambda i: (i, 0)),
-                 whole((k, q, p)), whole((l, s, r))),
-      scratch_shapes=[pltpu.VMEM((n_in, bt), x.dtype),
+                 whole((k, q, pp)), whole((l, ss, r))),
+      scratch_shapes=[pltpu.VMEM((k * pp, bt), x.dtype),
                       pltpu.VMEM((k, q, bt), x.dtype),
-                      pltpu.VMEM((bt // LANES, l * s, LANES), f32),
+                      pltpu.VMEM((bt // LANES, l * ss, LANES), f32),
                       pltpu.VMEM((k, q, bt), x.dtype),
-                      pltpu.VMEM((n_in, bt), f32)],
+                      pltpu.VMEM((k * pp, bt), f32)],
       # The weight gradients accumulate across token tiles: in order.
       compiler_params=compiler_params(("arbitrary",), interpret),
       interpret=interpret,
@@ -312,17 +345,18 @@ def _call_bwd(x, dy, w1p, w2, block_tokens, interpret):
   )(x, dy, w1p, w1pt, w2, w2t)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _monarch(x, w1, w2, block_tokens, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _monarch(x, w1, w2, n_out, block_tokens, interpret):
   w1p = permute_w1(w1, w2.shape[0])
-  return _call_fwd(x, w1p, w2, block_tokens, interpret)
+  return _call_fwd(x, w1p, w2, n_out, block_tokens, interpret)
 
 
-def _vjp_fwd(x, w1, w2, block_tokens, interpret):
-  return _monarch(x, w1, w2, block_tokens, interpret), (x, w1, w2)
+def _vjp_fwd(x, w1, w2, n_out, block_tokens, interpret):
+  return _monarch(x, w1, w2, n_out, block_tokens, interpret), (x, w1, w2)
 
 
-def _vjp_bwd(block_tokens, interpret, res, dy):
+def _vjp_bwd(n_out, block_tokens, interpret, res, dy):
+  del n_out   # dy's width
   x, w1, w2 = res
   l = w2.shape[0]
   dx, dw1p, dw2 = _call_bwd(x, dy, permute_w1(w1, l), w2, block_tokens,
@@ -331,7 +365,7 @@ def _vjp_bwd(block_tokens, interpret, res, dy):
 
 
 _monarch.defvjp(_vjp_fwd, _vjp_bwd)
-_monarch_once = traced_once(_monarch, (3, 4))
+_monarch_once = traced_once(_monarch, (3, 4, 5))
 
 
 def monarch_matmul_tpu(x, w1, w2, *, block_tokens: int = 512,
@@ -356,14 +390,14 @@ def monarch_matmul_tpu(x, w1, w2, *, block_tokens: int = 512,
                   x2.dtype.itemsize)
   if why:
     raise ValueError(f"the TPU Monarch kernel cannot run these shapes: {why}")
-  (k, _, p), (l, s, _) = w1.shape, w2.shape
+  (_, _, p), (l, s, _) = w1.shape, w2.shape
   pp, ss = padded_blocks(w1.shape, w2.shape, x2.dtype.itemsize)
   w1, w2 = w1.astype(x.dtype), w2.astype(x.dtype)
+  # x and y keep their widths: the kernel pads blocks in VMEM. The weights
+  # are padded here (weight-sized copies).
   if pp != p:   # zero columns after every input block
-    x2 = jnp.pad(x2.reshape(-1, k, p), ((0, 0), (0, 0), (0, pp - p)))
-    x2 = x2.reshape(-1, k * pp)
     w1 = jnp.pad(w1, ((0, 0), (0, 0), (0, pp - p)))
-  if ss != s:   # zero rows: outputs s_idx*l + li >= l*s, sliced off below
+  if ss != s:   # zero rows: outputs s_idx*l + li >= l*s, never stored
     w2 = jnp.pad(w2, ((0, 0), (0, ss - s), (0, 0)))
-  y = _monarch_once(x2, w1, w2, block_tokens, interpret)[:, :l * s]
+  y = _monarch_once(x2, w1, w2, l * s, block_tokens, interpret)
   return y.reshape(*x.shape[:-1], l * s)
