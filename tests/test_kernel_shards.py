@@ -19,9 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_kernels_run_per_shard_on_eight_devices(tmp_path, data_dir):
-  """Monarch (fused, two-pass), block-diagonal and SLTrain kernels on
-  meshes of 8 fake CPU devices: values and every gradient as impl="xla",
-  each kernel on its shard's tokens; then the train loop with impl="pallas"
+  """Monarch (fused, two-pass), block-diagonal and SLTrain kernels and the
+  TPU attention kernel on meshes of 8 fake CPU devices: values and every
+  gradient as impl="xla", each kernel on its shard's tokens (sequences); then the train loop with impl="pallas"
   gives impl="xla"'s losses (a subprocess: the device count is set before
   jax starts; one at a time)."""
   p = subprocess.run([sys.executable, "tests/kernel_shards_check.py",
