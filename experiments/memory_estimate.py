@@ -10,7 +10,12 @@ devices needed): a dimension is split when the rules map it to mesh axes whose
 size divides it. Activations follow Korthikanti et al. (2022) for a layer
 without recomputation, 34*s*b*h + 5*a*s^2*b bytes at 2 bytes per value, scaled
 to the compute dtype, plus the logits and their gradient in the compute dtype
-(the loss keeps no float32 copy: ``structmat.train.cross_entropy``).
+(the loss keeps no float32 copy: ``structmat.train.cross_entropy``). Where
+config.attention resolves to a fused kernel on --platform (cuDNN on GPUs, the
+splash kernel on TPUs from 512 tokens: ``models.llama.attention_impl``) no
+s^2 scores are kept: the term becomes the kernel's float32 row statistics,
+a*s*b*4 bytes (cuDNN) or 128 lanes wide, a*s*b*512 (the TPU kernel, as
+libtpu's buffer reports show).
 --measure compiles one train step on this machine (all of it on one device)
 and prints XLA's memory analysis for comparison.
 """
@@ -24,6 +29,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from structmat.models import build_model
+from structmat.models.llama import attention_impl
 from structmat.optim import make_optimizer
 from structmat.train import sharding, steps
 from structmat.train.loop import model_config
@@ -35,6 +41,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py",
                                           "Pretraining config.")
 _DEVICES = flags.DEFINE_integer("devices", 1, "Devices the mesh spans.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary (0: the config's).")
+_PLATFORM = flags.DEFINE_enum(
+    "platform", "", ["", "cpu", "gpu", "tpu"], "The platform the step runs "
+    "on, for what config.attention='auto' takes there (fused kernels keep no "
+    "seq_len^2 scores); default: this host's.")
 _MEASURE = flags.DEFINE_bool("measure", False, "Also compile a step here and "
                              "print XLA's memory analysis.")
 
@@ -56,7 +66,21 @@ def _shard_bytes(shape, dtype, names, mesh_sizes, rules) -> float:
   return size
 
 
-def estimate(config, devices: int, vocab: int) -> dict:
+def attention_bytes(cfg, b: float, s: int, platform: str) -> tuple:
+  """(impl, bytes a layer) of attention's scores-sized activations: the
+  paper's 5*a*s^2*b (at 2 bytes a value) for XLA, the row statistics for a
+  fused kernel."""
+  a = cfg.n_heads
+  impl = attention_impl(cfg.attention, cfg.dtype, cfg.head_dim,
+                        max(1, int(b)), s, platform=platform)
+  itemsize = jnp.dtype(cfg.dtype).itemsize
+  per_row = {"cudnn": 4, "tpu_flash": 128 * 4}
+  if impl in per_row:
+    return impl, a * s * b * per_row[impl]
+  return impl, 5 * a * s * s * b * itemsize / 2
+
+
+def estimate(config, devices: int, vocab: int, platform: str = "") -> dict:
   mesh_sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
       {k: config.mesh[k] for k in sharding.MESH_AXES}, devices)))
   rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v)
@@ -79,14 +103,15 @@ def estimate(config, devices: int, vocab: int) -> dict:
   grad_bytes = trainable * 4 * shard_ratio
   data_par = mesh_sizes["data"] * mesh_sizes["fsdp"]
   b = config.batch_size / data_par
-  s, h, a, L = config.seq_len, cfg.d_model, cfg.n_heads, cfg.n_layers
+  s, h, L = config.seq_len, cfg.d_model, cfg.n_layers
   itemsize = jnp.dtype(cfg.dtype).itemsize
-  act_layer = ((34 * s * b * h + 5 * a * s * s * b) * itemsize / 2
+  impl, scores = attention_bytes(cfg, b, s, platform or jax.default_backend())
+  act_layer = ((34 * s * b * h * itemsize / 2 + scores)
                / mesh_sizes["tensor"])
   logits = 2 * b * s * cfg.vocab_size * itemsize / mesh_sizes["tensor"]
   act = L * act_layer + logits
   return {"model": config.model, "linear": config.linear,
-          "optimizer": config.get("optimizer", "adamw"),
+          "optimizer": config.get("optimizer", "adamw"), "attention": impl,
           "mesh": "x".join(str(mesh_sizes[k]) for k in sharding.MESH_AXES),
           "params": n_params, "params_GB": param_bytes / GB,
           "grads_GB": grad_bytes / GB, "opt_state_GB": opt_bytes / GB,
@@ -116,7 +141,7 @@ def main(argv):
   config = _CONFIG.value
   vocab = _VOCAB.value or (config.data.vocab_size
                            if config.data.tokenizer == "sentencepiece" else 259)
-  row = estimate(config, _DEVICES.value, vocab)
+  row = estimate(config, _DEVICES.value, vocab, _PLATFORM.value)
   if _MEASURE.value:
     row.update(measure(config, vocab))
   print(format_table([row], list(row)))

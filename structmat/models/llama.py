@@ -199,23 +199,26 @@ ATTENTION_IMPLS = ("auto", "naive", "xla", "cudnn", "tpu_flash")
 
 
 def attention_impl(name: str, dtype, head_dim: int, batch: int,
-                   seq_len: int) -> str:
+                   seq_len: int, platform: str | None = None) -> str:
   """Resolve "auto": cuDNN's fused (flash) attention on GPUs in 16-bit dtypes
   with head_dim a multiple of 8 up to 128 (its constraints), the Pallas
   flash kernel on TPUs from ``attention_tpu.AUTO_FROM`` (512) tokens where
   the shapes fit it (seq_len a multiple of 128), XLA otherwise (and on the
-  CPU)."""
+  CPU). ``platform`` ("cpu", "gpu", "tpu"): the choice for it (a memory
+  estimate's); default: the traced step's (``target.platform()``; cuDNN
+  only on a GPU host)."""
   if name not in ATTENTION_IMPLS:
     raise ValueError(f"attention={name!r}; use one of {ATTENTION_IMPLS}.")
-  platform = target.platform()
+  # cuDNN is looked up while tracing: only on a GPU host (a step
+  # cross-lowered for one on a CPU attends through XLA).
+  gpu = platform == "gpu" if platform else jax.default_backend() == "gpu"
+  platform = platform or target.platform()
   if name == "tpu_flash" and platform not in ("tpu", "cpu"):
     raise ValueError(f"attention='tpu_flash' runs on TPUs (and interpreted on "
                      f"the CPU), not on {platform}; use 'auto'.")
   if name != "auto":
     return name
-  # cuDNN is looked up while tracing: only on a GPU host (a step
-  # cross-lowered for one on a CPU attends through XLA).
-  if (jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
+  if (gpu and jnp.dtype(dtype).itemsize == 2
       and head_dim % 8 == 0 and head_dim <= 128):
     return "cudnn"
   if (platform == "tpu" and seq_len >= attention_tpu.AUTO_FROM
