@@ -51,18 +51,17 @@ _MEASURE = flags.DEFINE_bool("measure", False, "Also compile a step here and "
 GB = 2**30
 
 
-def _shard_bytes(shape, dtype, names, mesh_sizes, rules) -> float:
+def _shard_bytes(shape, dtype, names, mesh, rules) -> float:
+  """Bytes of one device's shard, split as the train loop places it
+  (``sharding.fit_spec``: fsdp splits that do not divide move)."""
   size = math.prod(shape) * jnp.dtype(dtype).itemsize
   if names is None:
     return size
-  spec = nn.logical_to_mesh_axes(names, rules)
-  for dim, axes in zip(shape, tuple(spec) + (None,) * len(shape)):
-    if axes is None:
-      continue
-    axes = (axes,) if isinstance(axes, str) else axes
-    n = math.prod(mesh_sizes[a] for a in axes)
-    if dim % n == 0:
-      size /= n
+  spec = sharding.fit_spec(nn.logical_to_mesh_axes(names, rules), shape, mesh)
+  for axes in spec:
+    if axes is not None:
+      axes = (axes,) if isinstance(axes, str) else axes
+      size /= math.prod(mesh.shape[a] for a in axes)
   return size
 
 
@@ -89,8 +88,10 @@ def estimate(config, devices: int, vocab: int, platform: str = "") -> dict:
   example = jnp.ones((1, config.seq_len), jnp.int32)
   boxed = jax.eval_shape(build_model(cfg).init, jax.random.key(0), example)["params"]
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  mesh = jax.sharding.AbstractMesh(tuple(mesh_sizes.values()),
+                                   tuple(mesh_sizes))
   param_bytes = sum(_shard_bytes(l.value.shape, l.value.dtype, l.names,
-                                 mesh_sizes, rules) for l in leaves)
+                                 mesh, rules) for l in leaves)
   n_params = sum(math.prod(l.value.shape) for l in leaves)
   tx = make_optimizer(config)
   abstract = jax.eval_shape(lambda: create_state(build_model(cfg), tx, 0, example,

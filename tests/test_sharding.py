@@ -65,13 +65,13 @@ def test_adam_moments_follow_params_and_galore_has_own_rules():
 
 
 def test_fsdp_splits_that_do_not_divide_move():
-  """``_fit`` on an abstract data 1 x fsdp 16 x tensor 2 mesh: an fsdp split
+  """``fit_spec`` on an abstract data 1 x fsdp 16 x tensor 2 mesh: an fsdp split
   that does not divide moves to the largest unsplit dimension it divides
   (LLaMA-1B Monarch's up/gate w2 at fsdp 16); one over "tensor", which
   decides the compute's partitioning, is replicated; with nowhere to go,
   fsdp is replicated too."""
   mesh = jax.sharding.AbstractMesh((1, 16, 2), sharding.MESH_AXES)
-  fit = lambda spec, shape: sharding._fit(spec, shape, mesh)
+  fit = lambda spec, shape: sharding.fit_spec(spec, shape, mesh)
   assert fit(P(None, "fsdp", None), (4, 1366, 512)) == P(None, None, "fsdp")
   assert fit(P(None, "fsdp", None), (4, 512, 1366)) == P(None, "fsdp", None)
   assert fit(P("fsdp", None, None), (1366, 7, 48)) == P(None, None, "fsdp")
@@ -139,7 +139,7 @@ w2 = jax.random.normal(k[2], (4, 43, 16)) / 4   # 43 rows: not over fsdp 2
 g = jax.random.normal(k[3], (64, 172)) / 8
 d = jax.random.normal(k[4], (172, 64)) / 13
 def put(a, names):
-  spec = sharding._fit(P(*[dict(rules).get(n) for n in names]), a.shape, mesh)
+  spec = sharding.fit_spec(P(*[dict(rules).get(n) for n in names]), a.shape, mesh)
   return jax.device_put(a, NamedSharding(mesh, spec))
 def f(x, w1, w2, g, d):   # a SwiGLU-like MLP whose "up" is Monarch
   return (ops.monarch_matmul(x, w1, w2) * (x @ g)) @ d
@@ -271,6 +271,20 @@ def test_memory_estimate_drops_the_scores_for_fused_attention():
   assert me.estimate(c, 4, 50257, "tpu")["total_GB"] == rows["cpu"]["total_GB"]
   small = pretrain_config.get_config("model=llama_60m")
   assert me.estimate(small, 1, 32000, "tpu")["attention"] == "xla"
+
+
+def test_memory_estimate_places_parameters_as_the_loop_does():
+  """LLaMA-1B Monarch at fsdp 16: every factor splits 16 ways, the up/gate
+  w2 (4, 1366, 512) by its columns (``fit_spec``); the estimate counted it
+  whole on every chip before (0.61 GB of parameters a chip, not 0.14)."""
+  from configs import pretrain as pretrain_config
+  from experiments import memory_estimate as me
+  c = pretrain_config.get_config("model=llama_1b,linear=monarch")
+  c.mesh.update(dict(data=1, fsdp=16, tensor=1))
+  row = me.estimate(c, 16, 32000, "tpu")
+  # (the norms, 0.1M parameters, stay whole on every chip)
+  np.testing.assert_allclose(row["params_GB"], row["params"] * 4 / 16 / me.GB,
+                             rtol=0.005)
 
 
 def test_memory_estimate_tracks_xla_and_shards():

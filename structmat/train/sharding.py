@@ -85,11 +85,12 @@ def _axis_size(mesh: Mesh, axes) -> int:
 STORAGE_AXES = frozenset({"fsdp"})
 
 
-def _fit(spec: P, shape, mesh: Mesh) -> P:
+def fit_spec(spec: P, shape, mesh) -> P:
   """Replicate the dimensions whose size the mesh axes do not divide; a
   storage-only split (``STORAGE_AXES``) moves instead to the largest
   unsplit dimension it divides (LLaMA-1B Monarch's up/gate w2, (4, 1366,
-  512): rows over fsdp 16 do not divide, its 512 columns do)."""
+  512): rows over fsdp 16 do not divide, its 512 columns do). ``mesh``:
+  a Mesh or AbstractMesh (only its axis sizes are read)."""
   spec = tuple(spec) + (None,) * (len(shape) - len(spec))
   out = list(spec)
   for i, (dim, axes) in enumerate(zip(shape, spec)):
@@ -117,7 +118,7 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules) -> object:
   def one(leaf):
     if isinstance(leaf, nn.LogicallyPartitioned):
       spec = nn.logical_to_mesh_axes(leaf.names, rules)
-      return NamedSharding(mesh, _fit(spec, leaf.value.shape, mesh))
+      return NamedSharding(mesh, fit_spec(spec, leaf.value.shape, mesh))
     return NamedSharding(mesh, P())
   return jax.tree.map(one, boxed_tree,
                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -149,7 +150,7 @@ def follow_params(tree, param_shardings, params, mesh: Mesh):
       axis = int(np.argmax(leaf.shape))
       spec = [None] * leaf.ndim
       spec[axis] = "fsdp"
-      return NamedSharding(mesh, _fit(P(*spec), leaf.shape, mesh))
+      return NamedSharding(mesh, fit_spec(P(*spec), leaf.shape, mesh))
     return NamedSharding(mesh, P())
   return jax.tree_util.tree_map_with_path(one, tree)
 
