@@ -4,11 +4,13 @@ XLA on a TPU writes the (batch, heads, t, t) scores and keeps the softmax
 probabilities for the backward: at the presets' 256 tokens that is
 batch x heads x 256 x 256 x 2 bytes a layer, or more. The splash kernel
 (``jax.experimental.pallas.ops.tpu.splash_attention``: flash attention
-that skips the masked-out tiles, with its own backward kernels) keeps q,
-k, v, the output and a (t,) float32 logsumexp per head, and takes grouped
-KV heads as they are. (jax's older ``ops.tpu.flash_attention`` keeps its
-row statistics 128 lanes wide: LLaMA-60M's step on a v5e-4 planned 5.62
--> 6.13 GiB of temporaries with it.)
+that skips the masked-out tiles, with its own backward kernels) keeps
+heads-major q, k, v, the output and a float32 logsumexp per row, and takes
+grouped KV heads as they are. The logsumexp passes through HBM 128 lanes
+wide (f32[batch, heads, t, 128] in libtpu's plans), which is why the kernel
+only pays from 512 tokens (``AUTO_FROM``). (jax's older
+``ops.tpu.flash_attention`` keeps two such statistics: LLaMA-60M's step on
+a v5e-4 planned 5.62 -> 6.13 GiB of temporaries with it.)
 
 The kernel is a Mosaic kernel: under a multi-device ``jit`` it must run
 inside ``shard_map`` (``shards.per_batch``); on the CPU it is interpreted
