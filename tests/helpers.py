@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from structmat.kernels.lowering import DEVICE_KINDS
+
 
 def randomize(tree, seed=0, scale=0.5):
   """Replace every float leaf with fresh normals (never zeros), keep int leaves."""
@@ -143,3 +145,13 @@ def preset_step_kernels(preset: str, platform: str, n_layers: int,
   r = preflight.lower_step(build_model(cfg), optax.adamw(1e-4), (2, 129),
                            platform)
   return {"calls": r["calls"], "distinct": r["distinct"]}
+
+
+def abstract_mesh(platform: str, n: int):
+  """A data n x fsdp 1 x tensor 1 mesh of abstract ``platform`` devices
+  ("tpu": a v5e, "cuda": an H100) for cross-lowering a sharded step."""
+  ad = jax.sharding.AbstractDevice(device_kind=DEVICE_KINDS[platform],
+                                   num_cores=1, platform=platform)
+  return jax.sharding.AbstractMesh((n, 1, 1), ("data", "fsdp", "tensor"),
+                                   (jax.sharding.AxisType.Auto,) * 3,
+                                   abstract_device=ad)

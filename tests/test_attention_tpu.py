@@ -7,8 +7,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from structmat.kernels import shards, target
-from structmat.kernels.lowering import DEVICE_KINDS
 from structmat.models.llama import attend, attention_impl
+from tests.helpers import abstract_mesh
 
 
 def _qkv(b, t, heads, kv_heads, d, dtype, seed):
@@ -74,11 +74,7 @@ def test_tpu_flash_lowers_for_eight_tpus_per_sequence_shard():
   """Value and gradients lowered for 8 abstract v5e chips with the batch of
   16 sequences sharded (``shards.over``): the forward, dq and dkv kernels
   each take one chip's 2 sequences, heads-major."""
-  ad = jax.sharding.AbstractDevice(device_kind=DEVICE_KINDS["tpu"],
-                                   num_cores=1, platform="tpu")
-  mesh = jax.sharding.AbstractMesh((8, 1), ("data", "fsdp"),
-                                   (jax.sharding.AxisType.Auto,) * 2,
-                                   abstract_device=ad)
+  mesh = abstract_mesh("tpu", 8)
   f = jax.value_and_grad(
       lambda *a: jnp.sum(attend(*a, "tpu_flash").astype(jnp.float32)),
       (0, 1, 2))

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from structmat import ops
 from structmat.kernels import shards, target
-from structmat.kernels.lowering import DEVICE_KINDS
+from tests.helpers import abstract_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,14 +32,6 @@ def test_kernels_run_per_shard_on_eight_devices(tmp_path, data_dir):
                                                       + p.stderr[-3000:])
 
 
-def _abstract_mesh(platform: str, n: int):
-  ad = jax.sharding.AbstractDevice(device_kind=DEVICE_KINDS[platform],
-                                   num_cores=1, platform=platform)
-  return jax.sharding.AbstractMesh((n, 1, 1), ("data", "fsdp", "tensor"),
-                                   (jax.sharding.AxisType.Auto,) * 3,
-                                   abstract_device=ad)
-
-
 @pytest.mark.parametrize("platform,call", [("tpu", "tpu_custom_call"),
                                            ("cuda", "__gpu$xla.gpu.triton")])
 def test_a_pod_step_lowers_its_kernels_per_shard(platform, call):
@@ -48,7 +40,7 @@ def test_a_pod_step_lowers_its_kernels_per_shard(platform, call):
   tokens; outside it a TPU refuses to lower the Mosaic kernel at all
   (jax: "cannot be automatically partitioned") and a GPU's would take all
   4096 rows on every device."""
-  mesh = _abstract_mesh(platform, 8)
+  mesh = abstract_mesh(platform, 8)
   fn = lambda x, a, b: ops.monarch_matmul(x, a, b, impl="pallas")
   w = jax.ShapeDtypeStruct((2, 256, 256), jnp.bfloat16)
 
