@@ -7,15 +7,25 @@ optimizer state, activations; optionally next to XLA's measurement on CPU.
 
 Shards are computed from the config's mesh and logical rules by arithmetic (no
 devices needed): a dimension is split when the rules map it to mesh axes whose
-size divides it. Activations follow Korthikanti et al. (2022) for a layer
-without recomputation, 34*s*b*h + 5*a*s^2*b bytes at 2 bytes per value, scaled
-to the compute dtype, plus the logits and their gradient in the compute dtype
-(the loss keeps no float32 copy: ``structmat.train.cross_entropy``). Where
-config.attention resolves to a fused kernel on --platform (cuDNN on GPUs, the
-splash kernel on TPUs from 512 tokens: ``models.llama.attention_impl``) no
-s^2 scores are kept: the term becomes the kernel's float32 row statistics,
-a*s*b*4 bytes (cuDNN) or 128 lanes wide, a*s*b*512 (the TPU kernel, as
-libtpu's buffer reports show).
+size divides it. Activations follow Korthikanti et al. (2022): a layer
+without recomputation keeps 34*s*b*h + 5*a*s^2*b bytes at 2 bytes per value
+(scaled to the compute dtype; call it A). Where config.attention resolves to
+a fused kernel on --platform (cuDNN on GPUs, the splash kernel on TPUs from
+512 tokens: ``models.llama.attention_impl``) no s^2 scores are kept: the
+term becomes the kernel's float32 row statistics, a*s*b*4 bytes (cuDNN) or
+128 lanes wide, a*s*b*512 (the TPU kernel, as libtpu's buffer reports show).
+config.remat sets what each of the L layers keeps (``models.remat``): A
+("none"), its input s*b*h ("full"), or its input and the outputs of its
+matmuls without batch dimensions, counted in the abstractly traced model
+("dots"). The backward then holds one layer's activation gradients (about A
+again) and, under remat, the layer it recomputes (A). The logits and their
+gradient add 2*b*s*vocab values in the compute dtype (the loss keeps no
+float32 copy: ``structmat.train.cross_entropy``). So activations = L*kept +
+A (2A under remat) + logits. Against libtpu's plans for v5e chips
+(WORKSPACE) that is 0.95-1.06x without remat, but only 0.5-0.85x for fsdp
+with remat: XLA then keeps gathered weights (1B dense, fsdp 16, "full":
+5.85 GiB planned, 3.0 estimated), which this leaves out; read it as a
+lower bound there.
 --measure compiles one train step on this machine (all of it on one device)
 and prints XLA's memory analysis for comparison.
 """
@@ -32,7 +42,7 @@ from structmat.models import build_model
 from structmat.models.llama import attention_impl
 from structmat.optim import make_optimizer
 from structmat.train import sharding, steps
-from structmat.train.loop import model_config
+from structmat.train.loop import config_vocab, model_config
 from structmat.train.partition import partition
 from structmat.train.state import create_state
 from structmat.utils.timing import format_table
@@ -79,6 +89,47 @@ def attention_bytes(cfg, b: float, s: int, platform: str) -> tuple:
   return impl, 5 * a * s * s * b * itemsize / 2
 
 
+def _sub_jaxprs(eqn):
+  for v in eqn.params.values():
+    for j in (v if isinstance(v, (tuple, list)) else (v,)):
+      j = getattr(j, "jaxpr", j)
+      if hasattr(j, "eqns"):
+        yield j
+
+
+def _no_batch_dot_bytes(jaxpr) -> int:
+  """Bytes of the dot_general outputs without batch dimensions in
+  ``jaxpr``: what ``dots_with_no_batch_dims_saveable`` keeps. Custom-VJP
+  calls (the Pallas kernels) are recomputed whole, so not entered."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general" and not eqn.params["dimension_numbers"][1][0]:
+      aval = eqn.outvars[0].aval
+      total += math.prod(aval.shape) * aval.dtype.itemsize
+    elif not name.startswith("custom_vjp"):
+      total += sum(_no_batch_dot_bytes(j) for j in _sub_jaxprs(eqn))
+  return total
+
+
+def saved_dot_bytes(cfg, batch: int, seq_len: int) -> float:
+  """Bytes a block keeps under ``remat="dots"`` beyond its input, from the
+  traced model (abstractly): the outputs of its matmuls without batch
+  dimensions (dense projections; Monarch's block products are batched and
+  recomputed), averaged over the blocks."""
+  model = build_model(cfg)
+  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+  jaxpr = jax.make_jaxpr(model.apply)(params, tokens).jaxpr
+  # The rematerialized blocks: the eqns that carry a checkpoint policy.
+  blocks = [e for e in jaxpr.eqns if "policy" in e.params]
+  if not blocks:
+    raise ValueError("remat='dots' but the traced model has no "
+                     "rematerialized blocks; check models.remat.")
+  return sum(_no_batch_dot_bytes(j) for e in blocks
+             for j in _sub_jaxprs(e)) / len(blocks)
+
+
 def estimate(config, devices: int, vocab: int, platform: str = "") -> dict:
   mesh_sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
       {k: config.mesh[k] for k in sharding.MESH_AXES}, devices)))
@@ -107,12 +158,23 @@ def estimate(config, devices: int, vocab: int, platform: str = "") -> dict:
   s, h, L = config.seq_len, cfg.d_model, cfg.n_layers
   itemsize = jnp.dtype(cfg.dtype).itemsize
   impl, scores = attention_bytes(cfg, b, s, platform or jax.default_backend())
-  act_layer = ((34 * s * b * h * itemsize / 2 + scores)
-               / mesh_sizes["tensor"])
-  logits = 2 * b * s * cfg.vocab_size * itemsize / mesh_sizes["tensor"]
-  act = L * act_layer + logits
+  tensor = mesh_sizes["tensor"]
+  act_layer = (34 * s * b * h * itemsize / 2 + scores) / tensor
+  remat = config.get("remat", "none")
+  kept = {"none": lambda: act_layer,
+          "full": lambda: s * b * h * itemsize,
+          "dots": lambda: s * b * h * itemsize + saved_dot_bytes(
+              cfg, max(1, round(b)), s) / tensor}[remat]()
+  # The backward of a block holds the gradients of its activations (about
+  # as large again) and, under remat, the activations it recomputes.
+  working = act_layer * (1 if remat == "none" else 2)
+  # The logits and their gradient, in the compute dtype (the loss keeps no
+  # float32 copy: ``structmat.train.cross_entropy``).
+  logits = 2 * b * s * cfg.vocab_size * itemsize / tensor
+  act = L * kept + working + logits
   return {"model": config.model, "linear": config.linear,
           "optimizer": config.get("optimizer", "adamw"), "attention": impl,
+          "remat": remat,
           "mesh": "x".join(str(mesh_sizes[k]) for k in sharding.MESH_AXES),
           "params": n_params, "params_GB": param_bytes / GB,
           "grads_GB": grad_bytes / GB, "opt_state_GB": opt_bytes / GB,
@@ -140,8 +202,7 @@ def measure(config, vocab: int) -> dict:
 def main(argv):
   del argv
   config = _CONFIG.value
-  vocab = _VOCAB.value or (config.data.vocab_size
-                           if config.data.tokenizer == "sentencepiece" else 259)
+  vocab = _VOCAB.value or config_vocab(config)
   row = estimate(config, _DEVICES.value, vocab, _PLATFORM.value)
   if _MEASURE.value:
     row.update(measure(config, vocab))

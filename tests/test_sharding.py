@@ -262,15 +262,55 @@ def test_memory_estimate_drops_the_scores_for_fused_attention():
   from experiments import memory_estimate as me
   c = pretrain_config.get_config("model=gpt2_small")
   c.mesh.update(dict(data=4, fsdp=1, tensor=1))
-  rows = {p: me.estimate(c, 4, 50257, p) for p in ("cpu", "gpu", "tpu")}
+  # (the preset's vocabulary, as the dry run that libtpu planned had it)
+  rows = {p: me.estimate(c, 4, 32000, p) for p in ("cpu", "gpu", "tpu")}
   assert {p: r["attention"] for p, r in rows.items()} == {
       "cpu": "xla", "gpu": "cudnn", "tpu": "tpu_flash"}
   assert rows["tpu"]["total_GB"] < 0.6 * rows["cpu"]["total_GB"]
   assert 9.27 * 0.9 < rows["tpu"]["total_GB"] < 9.27 * 1.2
   c.attention = "xla"
-  assert me.estimate(c, 4, 50257, "tpu")["total_GB"] == rows["cpu"]["total_GB"]
+  assert me.estimate(c, 4, 32000, "tpu")["total_GB"] == rows["cpu"]["total_GB"]
   small = pretrain_config.get_config("model=llama_60m")
   assert me.estimate(small, 1, 32000, "tpu")["attention"] == "xla"
+
+
+def test_memory_estimate_counts_remat():
+  """config.remat changes what each layer keeps. libtpu planned a v5e chip
+  for LLaMA-1B at fsdp 16 with remat=full at 3.07 GiB (Monarch,
+  impl=pallas) and 5.85 (dense: gathered weights the estimate leaves out,
+  so a lower bound), 60M dense on 4 chips at 6.27 / 3.80 / 5.21 GiB
+  (none / full / dots); the estimate ignored remat before (11.2 GiB for
+  the first). "dots" keeps exactly the dense projections' outputs (q, k,
+  v, o, gate, up, down: (5h + 2f) s b values a layer) and nothing more than
+  "full" for Monarch (batched einsums)."""
+  from configs import pretrain as pretrain_config
+  from experiments import memory_estimate as me
+  from structmat.train.loop import model_config
+  rows = {}
+  for linear in ("monarch", "dense"):
+    for remat in ("none", "full", "dots"):
+      c = pretrain_config.get_config(f"model=llama_1b,linear={linear}")
+      c.mesh.update(dict(data=1, fsdp=16, tensor=1))
+      c.remat = remat
+      rows[linear, remat] = me.estimate(c, 16, 32000, "tpu")
+  assert 3.07 * 0.65 < rows["monarch", "full"]["total_GB"] < 3.07 * 1.1
+  assert 5.85 * 0.4 < rows["dense", "full"]["total_GB"] < 5.85
+  assert (rows["monarch", "full"]["activations_GB"]
+          < 0.2 * rows["monarch", "none"]["activations_GB"])
+  assert rows["monarch", "dots"] == {**rows["monarch", "full"],
+                                     "remat": "dots"}
+  assert (rows["dense", "full"]["activations_GB"]
+          < rows["dense", "dots"]["activations_GB"]
+          < rows["dense", "none"]["activations_GB"])
+  c = pretrain_config.get_config("model=llama_60m")
+  c.mesh.update(dict(data=4, fsdp=1, tensor=1))
+  for remat, libtpu in (("none", 6.27), ("full", 3.80), ("dots", 5.21)):
+    c.remat = remat
+    total = me.estimate(c, 4, 32000, "tpu")["total_GB"]
+    assert 0.9 < total / libtpu < 1.1, (remat, total)
+  cfg = model_config(c, 32000)
+  h, f = cfg.d_model, cfg.d_ff
+  assert me.saved_dot_bytes(cfg, 2, 256) == (5 * h + 2 * f) * 2 * 256 * 2
 
 
 def test_memory_estimate_places_parameters_as_the_loop_does():
