@@ -90,13 +90,17 @@ def test_stored_orders_skip_the_sort(d_in, d_out):
       (x, v), g, sk.support_orders(idx, d_in, d_out))
 
 
-def test_tpu_interpreter_finds_no_races():
+@pytest.mark.parametrize("d_in,d_out", [(128, 384), (96, 344)])
+def test_tpu_interpreter_finds_no_races(d_in, d_out):
   """Two cores, NaN-filled uninitialized memory, race detection: the
-  forward's parallel column blocks and the in-order dvalues grid."""
+  forward's parallel column blocks and the in-order dvalues grid. 96 x 344:
+  x's tiles padded in VMEM scratch (NaN until the kernel zeroes the pad
+  lanes), the last of three column blocks 88 of 128 lanes inside y and dy
+  (the rest read as NaN, never stored)."""
   from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
   params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2,
                                  uninitialized_memory="nan")
-  x, a, b, v, idx, g = _inputs(256, 128, 384, 8, 0.05, jnp.float32, seed=1)
+  x, a, b, v, idx, g = _inputs(256, d_in, d_out, 8, 0.05, jnp.float32, seed=1)
   _check(lambda x, a, b, v: stk.sltrain_matmul_tpu(
       x, a, b, v, idx, 2.0, block_tokens=128, interpret=params),
          x, a, b, v, idx, g, 1e-5)

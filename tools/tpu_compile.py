@@ -24,6 +24,8 @@ ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets two run at once.
   PYTHONPATH=/tmp/libtpu .venv/bin/python tools/tpu_compile.py \\
       --kernels=monarch_tpu --sizes=4096 --nblocks=16 --tokens=16384 \\
       --block_tokens=256                 # a tile the estimate would refuse
+  PYTHONPATH=/tmp/libtpu .venv/bin/python tools/tpu_compile.py \\
+      --kernels=sltrain_tpu --sizes=512x1376,5461x2048 --tokens=16384
   PYTHONPATH=/tmp/libtpu .venv/bin/python tools/tpu_compile.py --kernels= \\
       --presets=llama_60m,llama_130m --batch=64x256   # whole train steps
 
@@ -67,7 +69,9 @@ _KERNELS = flags.DEFINE_list(
     "Kernels to compile at the benchmark's shapes (experiments."
     "benchmark_kernels): monarch_tpu, blockdiag (the Pallas block-diagonal "
     "kernel on TPUs), gmm (megablox), sltrain_tpu.")
-_SIZES = flags.DEFINE_list("sizes", ["1024", "4096", "8192"], "Widths n.")
+_SIZES = flags.DEFINE_list(
+    "sizes", ["1024", "4096", "8192"], "Widths n; sltrain_tpu also takes "
+    "in x out (512x1376: LLaMA-60M's MLP, off whole lanes).")
 _NBLOCKS = flags.DEFINE_list("nblocks", ["4", "16", "64"], "Monarch and "
                              "block-diagonal blocks.")
 _TOKENS = flags.DEFINE_list("tokens", ["16384", "512"], "Token counts.")
@@ -200,26 +204,28 @@ def gmm_case(n, nb, tokens, dtype):
 
 
 @functools.cache
-def _support(n: int, density: float = 0.03):
-  """The benchmark's SLTrain support at n x n and its tile orders (drawn on
-  the CPU: the kernel takes them as constants here)."""
-  idx = ops.draw_support(jax.random.key(n), n, n, density)
-  return idx, sk.support_orders(idx, n, n)
+def _support(n_in: int, n_out: int, density: float = 0.03):
+  """The benchmark's SLTrain support at n_in x n_out and its tile orders
+  (drawn on the CPU: the kernel takes them as constants here)."""
+  idx = ops.draw_support(jax.random.key(n_in), n_in, n_out, density)
+  return idx, sk.support_orders(idx, n_in, n_out)
 
 
-def sltrain_case(n, nb, tokens, dtype):
+def sltrain_case(size, nb, tokens, dtype):
   del nb
+  n, n_out = size
   rank, bt = max(16, n // 32), min(_BT.value or 256, tokens)
-  idx, orders = _support(n)
-  if why := stk.supported(tokens, n, n, rank, idx.shape[0], bt,
+  idx, orders = _support(n, n_out)
+  if why := stk.supported(tokens, n, n_out, rank, idx.shape[0], bt,
                           dtype.itemsize):
     return why
-  d_in, d_out, tk, tn = stk.padded_dims(n, n)
+  d_in, d_out, tk, tn = stk.padded_dims(n, n_out)
   est = stk.vmem_estimate(d_in, d_out, rank, idx.shape[0], bt,
-                          dtype.itemsize, (tk, tn))
+                          dtype.itemsize, (tk, tn),
+                          (d_in > n, d_out > n_out))
   fn = lambda x, a, b, v: stk.sltrain_matmul_tpu(
       x, a, b, v, idx, 1.0, orders=orders, block_tokens=bt, interpret=False)
-  args = [S((tokens, n), dtype), S((n, rank), dtype), S((rank, n), dtype),
+  args = [S((tokens, n), dtype), S((n, rank), dtype), S((rank, n_out), dtype),
           S(idx.shape, dtype)]
   # One estimate, the largest of the kernels'.
   return (fn, args, (0, 1, 2, 3), {"*": est},
@@ -322,14 +328,21 @@ def main(_):
     mt.VMEM_BUDGET = stk.VMEM_BUDGET = 1 << 40
   results = []
   for name in _KERNELS.value:
-    for n in map(int, _SIZES.value):
+    for size in _SIZES.value:
+      n, _, n_out = size.partition("x")
+      n, n_out = int(n), int(n_out or n)
+      if name != "sltrain_tpu" and n_out != n:
+        raise ValueError(f"--sizes={size}: in x out sizes are for "
+                         "sltrain_tpu only; the others take a width n")
       for nb in (map(int, _NBLOCKS.value) if name != "sltrain_tpu" else [0]):
         for tokens in map(int, _TOKENS.value):
           for dtype in map(jnp.dtype, _DTYPES.value):
-            label = (f"{name} n={n}" + (f"/{nb}" if nb else "")
+            label = (f"{name} n={size}" + (f"/{nb}" if nb else "")
                      + f" t={tokens} {dtype.name}")
-            for r in kernel_rows(device, label,
-                                 CASES[name](n, nb, tokens, dtype)):
+            made = (sltrain_case((n, n_out), nb, tokens, dtype)
+                    if name == "sltrain_tpu"
+                    else CASES[name](n, nb, tokens, dtype))
+            for r in kernel_rows(device, label, made):
               r.update(case=name, n=n, nblocks=nb, tokens=tokens,
                        dtype=dtype.name)
               print(show(r), flush=True)

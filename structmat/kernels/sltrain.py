@@ -476,9 +476,9 @@ def zero_padded(x, a, b, indices, d_in: int, d_out: int, rank=None):
   ``d_out`` outputs and ``rank`` (default: r), and the support's flat
   indices into the padded (d_in, d_out) kernel (each entry keeps its row and
   column, so its tile order). The pads' and the caller's slice's gradients
-  drop the padding."""
+  drop the padding. x may be None (kernels that pad it themselves)."""
   n_in, n_out, r = a.shape[0], b.shape[1], a.shape[1]
-  pad = lambda v, axis, n: v if n == 0 else jnp.pad(
+  pad = lambda v, axis, n: v if n == 0 or v is None else jnp.pad(
       v, [(0, n if i == axis else 0) for i in range(v.ndim)])
   extra = (rank or r) - r
   return (pad(x, 1, d_in - n_in), pad(pad(a, 0, d_in - n_in), 1, extra),

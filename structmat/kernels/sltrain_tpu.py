@@ -18,6 +18,15 @@ at init, ``sltrain.support_orders``) start at a fresh 128-entry chunk row of
 (chunks, 128) arrays. That layout is a scatter computed from the stored
 order (no sort in a training step); padding slots hold value 0.
 
+Feature counts off whole lanes (LLaMA's 1376- and 5461-wide MLPs): the
+factors and the support are laid out zero-padded to whole lanes (rank x
+features, small), x and y are not. Each program copies x's tile into a
+lane-padded VMEM scratch whose pad lanes it zeroes (stale VMEM there times
+W's zero pad rows could be NaN), and the last column block of y lies
+partly past its end: Pallas stores only the lanes inside (libtpu 0.0.42
+compiles such blocks; the TPU interpreter runs them with NaN-filled memory
+in the tests).
+
 Backward: dx is the same kernel on W^T (support of W^T, its own stored
 order); the factor gradients are low-rank XLA matmuls; dvalues accumulates
 G_J = x^T dy[:, J] over token tiles in VMEM and reads off the block's
@@ -79,8 +88,8 @@ def padding_problem(in_features: int, out_features: int) -> str | None:
   d_in, d_out, _, _ = padded_dims(in_features, out_features)
   if (d_in, d_out) != (in_features, out_features):
     return (f"{in_features} -> {out_features} pads to {d_in} -> {d_out} for "
-            "whole lanes (x copied, y sliced): never timed on a TPU; "
-            "impl='pallas' runs it")
+            "whole lanes (x's tiles in VMEM, the factors in device memory): "
+            "never timed on a TPU; impl='pallas' runs it")
   return None
 
 
@@ -118,23 +127,29 @@ def _block_out(out_features: int) -> int:
 
 
 def vmem_estimate(in_features: int, out_features: int, rank: int, nnz: int,
-                  bt: int, itemsize: int, tiles=None) -> int:
+                  bt: int, itemsize: int, tiles=None,
+                  padded: tuple = (False, False)) -> int:
   """Bytes of VMEM the larger of the forward (or dx) and dvalues programs
   plans for: the W block (float32 and x's dtype), the resident a and
-  support, double-buffered tiles, one float32 tile of temporaries.
-  ``tiles``: (bk, bn), default ``tile_for`` of the dims."""
+  support, double-buffered tiles, one float32 tile of temporaries, and
+  x's (dy's) tile padded to whole lanes where ``padded`` says the in (out)
+  features are. ``tiles``: (bk, bn), default ``tile_for`` of the dims."""
   worst = 0
   bk, bn = tiles or _default_tiles(in_features, out_features)
-  for d_in, d_out, tk, tn in ((in_features, out_features, bk, bn),
-                              (out_features, in_features, bn, bk)):
+  for d_in, d_out, tk, tn, pads in (
+      (in_features, out_features, bk, bn, padded[0]),
+      (out_features, in_features, bn, bk, padded[1])):
     nb = _block_out(d_out)
     tiles = (d_in // tk) * (d_out // tn)
     support = num_chunks(nnz, tiles) * CHUNK * 12
     w = d_in * nb * (4 + itemsize)
+    x_pad = bt * d_in * itemsize if pads else 0
     fwd = (w + d_in * rank * itemsize + 2 * rank * nb * itemsize + support
-           + 2 * bt * (d_in + nb) * itemsize)
+           + 2 * bt * (d_in + nb) * itemsize + x_pad)
+    # (dvalues runs in W's orientation only: x's padded tile if in pads)
     dvals = (d_in * nb * 4 + 2 * bt * (d_in + nb) * itemsize + support
-             + bt * d_in * 4)
+             + bt * d_in * 4 + (bt * in_features * itemsize if padded[0]
+                                else 0))
     worst = max(worst, fwd, dvals)
   return worst + bt * max(in_features, out_features) * 4
 
@@ -148,7 +163,8 @@ def supported(tokens: int, in_features: int, out_features: int, rank: int,
   if tokens % bt:
     return f"tokens={tokens} is not a multiple of block_tokens {bt}"
   d_in, d_out, bk, bn = padded_dims(in_features, out_features)
-  need = vmem_estimate(d_in, d_out, rank, nnz, bt, itemsize, (bk, bn))
+  need = vmem_estimate(d_in, d_out, rank, nnz, bt, itemsize, (bk, bn),
+                       (d_in > in_features, d_out > out_features))
   if need > VMEM_BUDGET:
     fix = (f"fewer tokens per tile (>= {LANES})" if bt > LANES else
            "impl='xla' (or narrower layers): one column block of W does not "
@@ -182,8 +198,24 @@ def _for_each_tile(j, d_in: int, bk: int, bn: int, nb: int, n_tn: int, body):
   jax.lax.fori_loop(0, d_in // bk, row_tile, 0)
 
 
+def _padded_x(x_ref, xp_ref, i):
+  """x's tile, (bt, n) with n off whole lanes, in the zero-padded (bt, d)
+  VMEM scratch ``xp_ref`` (None: x_ref itself). The pad lanes are zeroed at
+  each column block's first tile (a core's first use of its scratch) and
+  never written after; x's lanes every tile."""
+  if xp_ref is None:
+    return x_ref
+  n, d = x_ref.shape[1], xp_ref.shape[1]
+
+  @pl.when(i == 0)
+  def _():
+    xp_ref[:, d - LANES:] = jnp.zeros((xp_ref.shape[0], LANES), xp_ref.dtype)
+  xp_ref[:, :n] = x_ref[...]
+  return xp_ref
+
+
 def _fwd_kernel(start_ref, count_ref, x_ref, a_ref, b_ref, rows_ref, cols_ref,
-                vals_ref, y_ref, w_ref, wd_ref, *, scale, bk, bn, n_tn):
+                vals_ref, y_ref, w_ref, wd_ref, *xp, scale, bk, bn, n_tn):
   j, i = pl.program_id(0), pl.program_id(1)
   d_in, nb = w_ref.shape
 
@@ -207,14 +239,23 @@ def _fwd_kernel(start_ref, count_ref, x_ref, a_ref, b_ref, rows_ref, cols_ref,
     _for_each_tile(j, d_in, bk, bn, nb, n_tn, tile)
     wd_ref[...] = w_ref[...].astype(wd_ref.dtype)
 
-  y_ref[...] = _mm(x_ref[...], wd_ref[...]).astype(y_ref.dtype)
+  x = _padded_x(x_ref, xp[0] if xp else None, i)
+  y_ref[...] = _mm(x[...], wd_ref[...]).astype(y_ref.dtype)
+
+
+def _x_scratch(bt: int, n: int, d: int, dtype) -> list:
+  """The VMEM scratch for x's tile padded from n to d lanes, if n < d."""
+  return [pltpu.VMEM((bt, d), dtype)] if n < d else []
 
 
 def _call_fwd(x, a, b, vals, ps: PaddedSupport, scale, bt, interpret,
-              tiles):
-  """x (tokens, d_in) @ W, W = scale a @ b + S (S given by ``ps``, ``vals``
-  laid out the same way)."""
-  tokens, d_in = x.shape
+              tiles, n_out):
+  """x (tokens, n_in) @ W[:n_in, :n_out], W = scale a @ b + S (S given by
+  ``ps``, ``vals`` laid out the same way): a (d_in, r) and b (r, d_out)
+  zero-padded to whole lanes, x and the output not (x is padded per tile in
+  VMEM; the last column block's lanes past n_out are not stored)."""
+  tokens, n_in = x.shape
+  d_in = a.shape[0]
   rank, d_out = b.shape
   bk, bn = tiles
   nb = _block_out(d_out)
@@ -222,16 +263,17 @@ def _call_fwd(x, a, b, vals, ps: PaddedSupport, scale, bt, interpret,
                              n_tn=d_out // bn)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((tokens, d_out), x.dtype),
+      out_shape=jax.ShapeDtypeStruct((tokens, n_out), x.dtype),
       grid=(d_out // nb, tokens // bt),
       in_specs=[_SMEM, _SMEM,
-                pl.BlockSpec((bt, d_in), lambda j, i: (i, 0)),
+                pl.BlockSpec((bt, n_in), lambda j, i: (i, 0)),
                 whole(a.shape),
                 pl.BlockSpec((rank, nb), lambda j, i: (0, j)),
                 whole(ps.rows.shape), whole(ps.cols.shape), whole(vals.shape)],
       out_specs=pl.BlockSpec((bt, nb), lambda j, i: (i, j)),
       scratch_shapes=[pltpu.VMEM((d_in, nb), jnp.float32),
-                      pltpu.VMEM((d_in, nb), x.dtype)],
+                      pltpu.VMEM((d_in, nb), x.dtype),
+                      *_x_scratch(bt, n_in, d_in, x.dtype)],
       compiler_params=compiler_params(("parallel", "arbitrary"), interpret),
       interpret=interpret,
       name="sltrain_tpu_fwd",
@@ -239,10 +281,20 @@ def _call_fwd(x, a, b, vals, ps: PaddedSupport, scale, bt, interpret,
 
 
 def _dvals_kernel(start_ref, count_ref, x_ref, dy_ref, rows_ref, cols_ref,
-                  dv_ref, g_ref, *, bk, bn, n_tn, n_i):
+                  dv_ref, g_ref, *xp, bk, bn, n_tn, n_i, n_out):
   j, i = pl.program_id(0), pl.program_id(1)
   d_in, nb = g_ref.shape
   bt = x_ref.shape[0]
+  x_ref = _padded_x(x_ref, xp[0] if xp else None, i)
+
+  def dy_rows(rows):
+    dy = dy_ref[rows, :]
+    if n_out % nb:
+      # The last column block reads past dy's n_out columns (undefined
+      # values): zeroed, as the read-off below contracts over G's columns.
+      col = j * nb + jax.lax.broadcasted_iota(jnp.int32, dy.shape, 1)
+      dy = jnp.where(col < n_out, dy, jnp.zeros_like(dy))
+    return dy
 
   @pl.when((j == 0) & (i == 0))
   def _():
@@ -256,7 +308,7 @@ def _dvals_kernel(start_ref, count_ref, x_ref, dy_ref, rows_ref, cols_ref,
   # left operand is not an MXU form), per 128-token chunk.
   for rows in lane_chunks(bt):
     xt = x_ref[rows, :].astype(jnp.float32).T.astype(x_ref.dtype)
-    g_ref[...] += _mm(xt, dy_ref[rows, :])
+    g_ref[...] += _mm(xt, dy_rows(rows))
 
   @pl.when(i == n_i - 1)
   def _read_off():
@@ -274,25 +326,29 @@ def _dvals_kernel(start_ref, count_ref, x_ref, dy_ref, rows_ref, cols_ref,
     _for_each_tile(j, d_in, bk, bn, nb, n_tn, tile)
 
 
-def _call_dvals(x, dy, ps: PaddedSupport, bt, interpret, tiles):
+def _call_dvals(x, dy, ps: PaddedSupport, bt, interpret, tiles, dims):
   """(chunks, 128) float32: G[row, col] for every slot of ``ps`` (padding
-  slots hold G at the tile's corner; callers drop them)."""
-  tokens, d_in = x.shape
-  d_out = dy.shape[1]
+  slots hold G at the tile's corner; callers drop them). x (tokens, n_in)
+  and dy (tokens, n_out) unpadded; ``dims``: (d_in, d_out), the padded
+  feature counts ``ps`` is laid out for."""
+  tokens, n_in = x.shape
+  n_out = dy.shape[1]
+  d_in, d_out = dims
   bk, bn = tiles
   nb = _block_out(d_out)
   kernel = functools.partial(_dvals_kernel, bk=bk, bn=bn, n_tn=d_out // bn,
-                             n_i=tokens // bt)
+                             n_i=tokens // bt, n_out=n_out)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct(ps.rows.shape, jnp.float32),
       grid=(d_out // nb, tokens // bt),
       in_specs=[_SMEM, _SMEM,
-                pl.BlockSpec((bt, d_in), lambda j, i: (i, 0)),
+                pl.BlockSpec((bt, n_in), lambda j, i: (i, 0)),
                 pl.BlockSpec((bt, nb), lambda j, i: (i, j)),
                 whole(ps.rows.shape), whole(ps.cols.shape)],
       out_specs=whole(ps.rows.shape),
-      scratch_shapes=[pltpu.VMEM((d_in, nb), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((d_in, nb), jnp.float32),
+                      *_x_scratch(bt, n_in, d_in, x.dtype)],
       # One output array for every block: the whole grid runs in order on
       # one core.
       compiler_params=compiler_params(("arbitrary", "arbitrary"), interpret),
@@ -318,12 +374,13 @@ class _Static(NamedTuple):
   bt: int
   interpret: object
   tiles: tuple   # (bk, bn) of W
+  dims: tuple    # (in, out) unpadded; the factors are padded to whole lanes
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _sltrain(x, a, b, values, fwd_ps, bwd_ps, st: _Static):
   return _call_fwd(x, a, b, _layout_values(values, fwd_ps), fwd_ps, st.scale,
-                   st.bt, st.interpret, st.tiles)
+                   st.bt, st.interpret, st.tiles, st.dims[1])
 
 
 def _vjp_fwd(x, a, b, values, fwd_ps, bwd_ps, st):
@@ -334,11 +391,16 @@ def _vjp_fwd(x, a, b, values, fwd_ps, bwd_ps, st):
 def _vjp_bwd(st, res, dy):
   x, a, b, values, fwd_ps, bwd_ps = res
   # dx = dy W^T: the same kernel on W^T = scale b^T a^T + S^T.
+  n_in, n_out = st.dims
   dx = _call_fwd(dy, b.T, a.T, _layout_values(values, bwd_ps), bwd_ps,
-                 st.scale, st.bt, st.interpret, st.tiles[::-1])
-  da, db = sk.lowrank_grads(x, dy, a, b, st.scale)
-  dv_slots = _call_dvals(x, dy, fwd_ps, st.bt, st.interpret,
-                         st.tiles).reshape(-1)
+                 st.scale, st.bt, st.interpret, st.tiles[::-1], n_in)
+  # Over the real rows of a and columns of b; zero for the pads (which the
+  # wrapper's jnp.pad then drops).
+  da, db = sk.lowrank_grads(x, dy, a[:n_in], b[:, :n_out], st.scale)
+  da = jnp.pad(da, ((0, a.shape[0] - n_in), (0, 0)))
+  db = jnp.pad(db, ((0, 0), (0, b.shape[1] - n_out)))
+  dv_slots = _call_dvals(x, dy, fwd_ps, st.bt, st.interpret, st.tiles,
+                         (a.shape[0], b.shape[1])).reshape(-1)
   dv = jnp.zeros(values.shape, jnp.float32).at[fwd_ps.order].set(
       dv_slots[fwd_ps.pos])
   zero = lambda ps: jax.tree.map(jnp.zeros_like, ps)
@@ -384,12 +446,13 @@ def sltrain_matmul_tpu(x, a, b, values, indices, scale: float, *,
   fwd_o, bwd_o = (orders[0], orders[1]) if (
       orders is not None and (bk, bn) == _default_tiles(d_in, d_out)) else (
           None, None)
-  # Feature counts off whole lanes are zero-padded.
-  x2, a, b, idx = sk.zero_padded(x2, a.astype(x.dtype), b.astype(x.dtype),
-                                 indices, d_in_p, d_out_p)
+  # Feature counts off whole lanes: the factors are zero-padded here (rank
+  # x features), x and y only in VMEM, per tile.
+  _, a, b, idx = sk.zero_padded(None, a.astype(x.dtype), b.astype(x.dtype),
+                                indices, d_in_p, d_out_p)
   fwd_ps = padded_support(idx, d_in_p, d_out_p, fwd_o, (bk, bn))
   bwd_ps = padded_support(sk.transposed_indices(idx, d_in_p, d_out_p),
                           d_out_p, d_in_p, bwd_o, (bn, bk))
-  st = _Static(float(scale), bt, interpret, (bk, bn))
+  st = _Static(float(scale), bt, interpret, (bk, bn), (d_in, d_out))
   y = _sltrain_once(x2, a, b, values.astype(x.dtype), fwd_ps, bwd_ps, st)
-  return y[:, :d_out].reshape(*x.shape[:-1], d_out)
+  return y.reshape(*x.shape[:-1], d_out)
