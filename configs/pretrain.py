@@ -108,9 +108,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.attention = "auto"            # cuDNN (GPUs, 16-bit), the Pallas splash kernel
                                   # (TPUs, seq_len >= 512, % 128 == 0), else XLA; or
                                   # "xla" | "cudnn" | "tpu_flash" | "naive"
-  c.remat = "none"                # "full" | "dots": recompute blocks in the
-                                  # backward (models/remat.py) when a step's
-                                  # activations outgrow the device
+  c.remat = "none"                # "full" | "dots" | "linears": recompute
+                                  # blocks in the backward (models/remat.py)
+                                  # when a step's activations outgrow the device
   c.seed = 0
 
   # Mesh (-1 fills with the remaining devices) and logical-axis rules.

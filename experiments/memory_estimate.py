@@ -15,17 +15,19 @@ a fused kernel on --platform (cuDNN on GPUs, the splash kernel on TPUs from
 term becomes the kernel's float32 row statistics, a*s*b*4 bytes (cuDNN) or
 128 lanes wide, a*s*b*512 (the TPU kernel, as libtpu's buffer reports show).
 config.remat sets what each of the L layers keeps (``models.remat``): A
-("none"), its input s*b*h ("full"), or its input and the outputs of its
-matmuls without batch dimensions, counted in the abstractly traced model
-("dots"). The backward then holds one layer's activation gradients (about A
-again) and, under remat, the layer it recomputes (A). The logits and their
+("none"), its input s*b*h ("full"), or its input and the outputs the
+policy keeps, counted in the abstractly traced model: matmuls without
+batch dimensions ("dots"), linear layers of any structure ("linears").
+The backward then holds one layer's activation gradients (about A again)
+and, under remat, the layer it recomputes (A). The logits and their
 gradient add 2*b*s*vocab values in the compute dtype (the loss keeps no
-float32 copy: ``structmat.train.cross_entropy``). So activations = L*kept +
-A (2A under remat) + logits. Against libtpu's plans for v5e chips
-(WORKSPACE) that is 0.95-1.06x without remat, but only 0.5-0.85x for fsdp
-with remat: XLA then keeps gathered weights (1B dense, fsdp 16, "full":
-5.85 GiB planned, 3.0 estimated), which this leaves out; read it as a
-lower bound there.
+float32 copy: ``structmat.train.cross_entropy``). So activations = L*kept
++ A (2A under remat) + logits. Against libtpu's plans for v5e chips
+(WORKSPACE) that is 0.95-1.06x without remat, with it under data
+parallelism, and with "linears" under fsdp, but only 0.5-0.85x for fsdp
+with "full" or "dots": XLA then keeps gathered weights (1B dense, fsdp 16,
+"full": 5.85 GiB planned, 3.0 estimated), which this leaves out; read it
+as a lower bound there.
 --measure compiles one train step on this machine (all of it on one device)
 and prints XLA's memory analysis for comparison.
 """
@@ -38,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from structmat.layers.base import LINEAR_OUT
 from structmat.models import build_model
 from structmat.models.llama import attention_impl
 from structmat.optim import make_optimizer
@@ -97,26 +100,35 @@ def _sub_jaxprs(eqn):
         yield j
 
 
-def _no_batch_dot_bytes(jaxpr) -> int:
-  """Bytes of the dot_general outputs without batch dimensions in
-  ``jaxpr``: what ``dots_with_no_batch_dims_saveable`` keeps. Custom-VJP
-  calls (the Pallas kernels) are recomputed whole, so not entered."""
+def _kept(eqn, remat: str) -> bool:
+  """Whether ``remat``'s policy keeps the output of ``eqn``: for "dots" a
+  matmul without batch dimensions (``dots_with_no_batch_dims_saveable``),
+  for "linears" a layer output named ``LINEAR_OUT``."""
+  if remat == "dots":
+    return (eqn.primitive.name == "dot_general"
+            and not eqn.params["dimension_numbers"][1][0])
+  return eqn.primitive.name == "name" and eqn.params["name"] == LINEAR_OUT
+
+
+def _kept_bytes(jaxpr, remat: str) -> int:
+  """Bytes of the outputs in ``jaxpr`` that ``remat`` keeps. Custom-VJP
+  calls (the Pallas kernels) run whole, so they are not entered."""
   total = 0
   for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general" and not eqn.params["dimension_numbers"][1][0]:
+    if _kept(eqn, remat):
       aval = eqn.outvars[0].aval
       total += math.prod(aval.shape) * aval.dtype.itemsize
-    elif not name.startswith("custom_vjp"):
-      total += sum(_no_batch_dot_bytes(j) for j in _sub_jaxprs(eqn))
+    elif not eqn.primitive.name.startswith("custom_vjp"):
+      total += sum(_kept_bytes(j, remat) for j in _sub_jaxprs(eqn))
   return total
 
 
-def saved_dot_bytes(cfg, batch: int, seq_len: int) -> float:
-  """Bytes a block keeps under ``remat="dots"`` beyond its input, from the
-  traced model (abstractly): the outputs of its matmuls without batch
-  dimensions (dense projections; Monarch's block products are batched and
-  recomputed), averaged over the blocks."""
+def saved_bytes(cfg, batch: int, seq_len: int) -> float:
+  """Bytes a block keeps under ``cfg.remat`` "dots" or "linears" beyond
+  its input, from the traced model (abstractly), averaged over the blocks:
+  the outputs of its matmuls without batch dimensions (dense projections;
+  Monarch's block products are batched and recomputed), or of its linear
+  layers, whatever their structure."""
   model = build_model(cfg)
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
   params = jax.eval_shape(model.init, jax.random.key(0), tokens)
@@ -124,9 +136,9 @@ def saved_dot_bytes(cfg, batch: int, seq_len: int) -> float:
   # The rematerialized blocks: the eqns that carry a checkpoint policy.
   blocks = [e for e in jaxpr.eqns if "policy" in e.params]
   if not blocks:
-    raise ValueError("remat='dots' but the traced model has no "
+    raise ValueError(f"remat={cfg.remat!r} but the traced model has no "
                      "rematerialized blocks; check models.remat.")
-  return sum(_no_batch_dot_bytes(j) for e in blocks
+  return sum(_kept_bytes(j, cfg.remat) for e in blocks
              for j in _sub_jaxprs(e)) / len(blocks)
 
 
@@ -161,10 +173,10 @@ def estimate(config, devices: int, vocab: int, platform: str = "") -> dict:
   tensor = mesh_sizes["tensor"]
   act_layer = (34 * s * b * h * itemsize / 2 + scores) / tensor
   remat = config.get("remat", "none")
-  kept = {"none": lambda: act_layer,
-          "full": lambda: s * b * h * itemsize,
-          "dots": lambda: s * b * h * itemsize + saved_dot_bytes(
-              cfg, max(1, round(b)), s) / tensor}[remat]()
+  kept = act_layer    # a layer's, and under remat its input and what the
+  if remat != "none":  # policy keeps ("dots", "linears")
+    kept = s * b * h * itemsize + (
+        0 if remat == "full" else saved_bytes(cfg, max(1, round(b)), s) / tensor)
   # The backward of a block holds the gradients of its activations (about
   # as large again) and, under remat, the activations it recomputes.
   working = act_layer * (1 if remat == "none" else 2)

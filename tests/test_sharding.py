@@ -282,13 +282,14 @@ def test_memory_estimate_counts_remat():
   (none / full / dots); the estimate ignored remat before (11.2 GiB for
   the first). "dots" keeps exactly the dense projections' outputs (q, k,
   v, o, gate, up, down: (5h + 2f) s b values a layer) and nothing more than
-  "full" for Monarch (batched einsums)."""
+  "full" for Monarch (batched einsums); "linears" keeps those outputs for
+  either structure."""
   from configs import pretrain as pretrain_config
   from experiments import memory_estimate as me
   from structmat.train.loop import model_config
   rows = {}
   for linear in ("monarch", "dense"):
-    for remat in ("none", "full", "dots"):
+    for remat in ("none", "full", "dots", "linears"):
       c = pretrain_config.get_config(f"model=llama_1b,linear={linear}")
       c.mesh.update(dict(data=1, fsdp=16, tensor=1))
       c.remat = remat
@@ -302,15 +303,23 @@ def test_memory_estimate_counts_remat():
   assert (rows["dense", "full"]["activations_GB"]
           < rows["dense", "dots"]["activations_GB"]
           < rows["dense", "none"]["activations_GB"])
+  for linear in ("monarch", "dense"):
+    assert (rows[linear, "linears"]["activations_GB"]
+            == rows["dense", "dots"]["activations_GB"])
   c = pretrain_config.get_config("model=llama_60m")
   c.mesh.update(dict(data=4, fsdp=1, tensor=1))
   for remat, libtpu in (("none", 6.27), ("full", 3.80), ("dots", 5.21)):
     c.remat = remat
     total = me.estimate(c, 4, 32000, "tpu")["total_GB"]
     assert 0.9 < total / libtpu < 1.1, (remat, total)
-  cfg = model_config(c, 32000)
-  h, f = cfg.d_model, cfg.d_ff
-  assert me.saved_dot_bytes(cfg, 2, 256) == (5 * h + 2 * f) * 2 * 256 * 2
+  for linear in ("dense", "monarch"):
+    c = pretrain_config.get_config(f"model=llama_60m,linear={linear}")
+    c.remat = "linears"
+    cfg = model_config(c, 32000)
+    h, f = cfg.d_model, cfg.d_ff
+    assert me.saved_bytes(cfg, 2, 256) == (5 * h + 2 * f) * 2 * 256 * 2
+  c.remat = "dots"
+  assert me.saved_bytes(model_config(c, 32000), 2, 256) == 0
 
 
 def test_memory_estimate_places_parameters_as_the_loop_does():

@@ -17,12 +17,16 @@ from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from structmat.layers import init as sm_init
 
 Array = jax.Array
 INIT_SCHEMES = ("reference", "mup")
+# The checkpoint_name of every layer's output: remat="linears" keeps these
+# (structmat.models.remat).
+LINEAR_OUT = "structmat_linear_out"
 
 
 class Elementwise(NamedTuple):
@@ -146,7 +150,8 @@ class StructuredLinear(nn.Module):
     else:
       y = self.compute_with_bias(x.reshape(-1, in_features).astype(dtype), p,
                                  bias)
-    return y.reshape(*batch_shape, y.shape[-1])
+    # (an identity unless a remat policy keeps it: models.remat)
+    return checkpoint_name(y.reshape(*batch_shape, y.shape[-1]), LINEAR_OUT)
 
   def compute_with_bias(self, x: Array, p: dict[str, Array],
                         bias: Array | None) -> Array:

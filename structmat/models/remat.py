@@ -13,7 +13,14 @@ that memory for recomputing the block's forward during the backward:
   dense projections; ``jax.checkpoint_policies.
   dots_with_no_batch_dims_saveable``): attention scores, norms,
   activations, batched einsums (Monarch's block products) and Pallas
-  kernels are recomputed.
+  kernels are recomputed;
+- "linears": also keep every linear layer's output, whatever its structure
+  (q, k, v, o, gate, up, down: the outputs ``StructuredLinear`` names
+  ``LINEAR_OUT``): what "dots" keeps for dense layers, and for Monarch,
+  SLTrain or the Pallas kernels too. The backward then recomputes norms,
+  rotary embeddings, attention and activations but no layer's forward
+  product (XLA's Monarch still rebuilds its stage-1 intermediate, which
+  its backward needs; the kernels' backward passes do that anyway).
 
 Parameters keep their paths (``nn.remat`` lifts the module under the same
 name), so checkpoints move between settings.
@@ -21,13 +28,16 @@ name), so checkpoints move between settings.
 import flax.linen as nn
 import jax
 
-REMAT = ("none", "full", "dots")
+from structmat.layers.base import LINEAR_OUT
+
+REMAT = ("none", "full", "dots", "linears")
 
 
 def check(remat: str) -> None:
   if remat not in REMAT:
-    raise ValueError(f"remat={remat!r}; use one of {REMAT} ('full' or "
-                     "'dots' when a step's activations outgrow the device).")
+    raise ValueError(f"remat={remat!r}; use one of {REMAT} ('full', 'dots' "
+                     "or 'linears' when a step's activations outgrow the "
+                     "device).")
 
 
 def block_class(cls, remat: str):
@@ -35,6 +45,8 @@ def block_class(cls, remat: str):
   check(remat)
   if remat == "none":
     return cls
-  policy = (None if remat == "full"
-            else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  policies = jax.checkpoint_policies
+  policy = {"full": None,
+            "dots": policies.dots_with_no_batch_dims_saveable,
+            "linears": policies.save_only_these_names(LINEAR_OUT)}[remat]
   return nn.remat(cls, policy=policy)
