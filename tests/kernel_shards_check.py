@@ -114,17 +114,20 @@ def check(shape):
   return failed
 
 
-def attention_check(shape) -> int:
+def attention_check(shape, kv_heads: int, expect: tuple) -> int:
   """The TPU flash attention kernel (interpreted) on a mesh of ``shape``,
-  with grouped KV heads: value and q/k/v gradients as XLA's attention, and
-  every kernel on its device's 2 of the 16 sequences (``shards.per_batch``:
-  split over "tensor" too). Returns the number of failures."""
+  6 query heads over ``kv_heads`` grouped KV heads: value and q/k/v
+  gradients as XLA's attention, and every kernel on ``expect`` = (its
+  device's sequences of the 16, query heads): with a "tensor" axis that
+  divides the KV heads, its batch shard's sequences and tensor shard's
+  heads (``shards.per_batch(heads=True)``), else the batch split over
+  every axis. Returns the number of failures."""
   from structmat.models.llama import attend  # pylint: disable=import-outside-toplevel
   mesh = _mesh(shape)
   k = jax.random.split(jax.random.key(3), 4)
   batch = NamedSharding(mesh, P(("data", "fsdp")))
   q = jax.device_put(jax.random.normal(k[0], (16, 128, 6, 16)), batch)
-  kv = [jax.device_put(jax.random.normal(key, (16, 128, 3, 16)), batch)
+  kv = [jax.device_put(jax.random.normal(key, (16, 128, kv_heads, 16)), batch)
         for key in k[1:3]]
   g = jax.random.normal(k[3], q.shape)
   loss = lambda impl: lambda *a: jnp.sum(attend(*a, impl) * g)
@@ -136,11 +139,14 @@ def attention_check(shape) -> int:
                            q, *kv)
   errs = [float(jnp.max(jnp.abs(p - r)) / jnp.max(jnp.abs(r)))
           for p, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
-  # The leading dims of the kernels' q-shaped (heads-major) operands.
-  rows = {s[0] for s in shapes if s[1:] == (6, 128, 16)}
-  ok = max(errs) < 1e-4 and rows == {2}
-  print(shape, "tpu_flash attention errors", [f"{e:.1e}" for e in errs],
-        "sequences per kernel", rows, "OK" if ok else "FAIL", flush=True)
+  # The (sequences, heads) of the kernels' (heads-major) q- and k-shaped
+  # operands: expect's, and its KV heads.
+  seen = {s[:2] for s in shapes if s[2:] == (128, 16)}
+  want = {expect, (expect[0], expect[1] * kv_heads // 6)}
+  ok = max(errs) < 1e-4 and seen == want
+  print(shape, f"{kv_heads} kv heads: tpu_flash attention errors",
+        [f"{e:.1e}" for e in errs], "(sequences, heads) per kernel", seen,
+        "OK" if ok else "FAIL", flush=True)
   return int(not ok)
 
 
@@ -240,8 +246,11 @@ def loop_check(root: str) -> int:
 
 
 def main():
-  failed = (check((4, 2, 1)) + check((2, 2, 2)) + attention_check((4, 2, 1))
-            + attention_check((2, 2, 2)) + residual_check() + gather_check())
+  failed = (check((4, 2, 1)) + check((2, 2, 2))
+            + attention_check((4, 2, 1), 2, (2, 6))
+            + attention_check((2, 2, 2), 2, (4, 3))   # heads over tensor
+            + attention_check((2, 2, 2), 3, (2, 6))   # 3 do not split
+            + residual_check() + gather_check())
   if len(sys.argv) > 1:
     failed += loop_check(sys.argv[1])
   print("ALL OK" if not failed else f"{failed} FAILED")

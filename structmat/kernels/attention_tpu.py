@@ -14,7 +14,10 @@ a v5e-4 planned 5.62 -> 6.13 GiB of temporaries with it.)
 
 The kernel is a Mosaic kernel: under a multi-device ``jit`` it must run
 inside ``shard_map`` (``shards.per_batch``); on the CPU it is interpreted
-(for tests).
+(for tests). On a mesh with a "tensor" axis each device takes its batch
+shard's sequences and its tensor shard's heads, where the rules put q, k
+and v already (before session 25 the batch was split over "tensor" too,
+and XLA moved q, k and v between the two layouts around every call).
 """
 import jax
 from jax.experimental.pallas.ops.tpu.splash_attention import (
@@ -58,10 +61,14 @@ def attention(q, k, v):
   if reason:
     raise ValueError(f"attention='tpu_flash': {reason}; attention='auto' "
                      "runs XLA there.")
-  kernel = splash.make_splash_mha(   # grouped KV heads as they are
-      masks.MultiHeadMask([masks.CausalMask((t, t))] * q.shape[2]),
-      head_shards=1, q_seq_shards=1, interpret=target.platform() == "cpu")
+  interpret = target.platform() == "cpu"
+
+  def kernel(q, k, v):   # (b, heads, t, d): built for the heads it sees
+    mha = splash.make_splash_mha(   # grouped KV heads as they are
+        masks.MultiHeadMask([masks.CausalMask((t, t))] * q.shape[1]),
+        head_shards=1, q_seq_shards=1, interpret=interpret)
+    return jax.vmap(mha)(q, k, v)
   heads_major = lambda a: a.transpose(0, 2, 1, 3)
   q = q * (d ** -0.5)   # the kernel takes no scale
-  out = shards.per_batch(jax.vmap(kernel), *map(heads_major, (q, k, v)))
+  out = shards.per_batch(kernel, *map(heads_major, (q, k, v)), heads=True)
   return heads_major(out)

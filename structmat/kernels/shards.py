@@ -95,18 +95,39 @@ def local_tokens(tokens: int) -> int:
   return tokens // math.prod(mesh.shape[a] for a in _kernel_axes(tokens))
 
 
-def per_batch(kernel, *arrays):
+def _heads_spec(arrays):
+  """P(batch axes, other axes) for (batch, heads, ...) arrays whose batch
+  divides over the batch's mesh axes and every array's heads over the
+  others ("tensor", which the rules shard heads over); else None."""
+  if not _MESHES:
+    return None
+  mesh, batch, every = _MESHES[-1]
+  rest = tuple(a for a in every if a not in batch)
+  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+  if (not rest or arrays[0].shape[0] % size(batch)
+      or any(a.shape[1] % size(rest) for a in arrays)):
+    return None
+  return P(batch or None, rest)
+
+
+def per_batch(kernel, *arrays, heads: bool = False):
   """``kernel(*arrays)`` on each device's share of their leading (batch)
   dimension, split over the mesh axes ``_kernel_axes`` gives for it (every
   axis where it divides), and the result split the same way; the call as it
   is without ``over`` or where nothing divides. For kernels whose rows are
   not independent tokens (attention: a sequence's tokens see each other).
+  ``heads``: the arrays are (batch, heads, ...) with independent heads;
+  on a mesh with a "tensor" axis their heads split over it (as the rules
+  shard q, k and v there already, so XLA moves nothing) and the batch over
+  the batch's axes, where both divide (the kernel then sees fewer heads).
   Nothing is rematerialized: such a kernel's residuals (flash attention's
   row statistics) are its own and small."""
-  axes = _kernel_axes(arrays[0].shape[0])
-  if not axes:
-    return kernel(*arrays)
-  spec = P(axes)
+  spec = _heads_spec(arrays) if heads else None
+  if spec is None:
+    axes = _kernel_axes(arrays[0].shape[0])
+    if not axes:
+      return kernel(*arrays)
+    spec = P(axes)
   return jax.shard_map(kernel, mesh=_MESHES[-1][0],
                        in_specs=(spec,) * len(arrays), out_specs=spec,
                        check_vma=False)(*arrays)
