@@ -223,11 +223,14 @@ def gather_check() -> int:
 def loop_check(root: str) -> int:
   """The train loop (``loop.Placement`` traces its steps in
   ``shards.over``) with impl="pallas" against impl="xla" on 2 x 2 x 2, and
-  with remat="full" (block checkpoints around per_shard's own)."""
+  with remat="full" and "linears" (block checkpoints around per_shard's
+  own; "linears" keeps the layers' outputs)."""
   from structmat.train import loop  # pylint: disable=import-outside-toplevel
   from tests import sharded_check  # pylint: disable=import-outside-toplevel
   out = {}
-  for impl, remat in (("xla", "none"), ("pallas", "none"), ("pallas", "full")):
+  runs = (("xla", "none"), ("pallas", "none"), ("pallas", "full"),
+          ("pallas", "linears"))
+  for impl, remat in runs:
     c = sharded_check.config(
         "dense", "adamw", "up=monarch;gate=sltrain:rank=8;down=blockdiag",
         "llama_tiny", dict(data=2, fsdp=2, tensor=2))
@@ -237,7 +240,7 @@ def loop_check(root: str) -> int:
     out[impl, remat] = sharded_check.losses(workdir)
   ref = out["xla", "none"]
   failed = 0
-  for key in (("pallas", "none"), ("pallas", "full")):
+  for key in runs[1:]:
     ok = len(ref) == 3 and np.allclose(out[key], ref, rtol=1e-4)
     failed += not ok
     print(f"train loop, impl={key[0]} remat={key[1]} vs xla losses",
