@@ -28,6 +28,7 @@ from structmat.models import build_model
 from structmat.models.family import preset_config
 from structmat.models.flops import train_flops_per_token
 from structmat.models.llama import ATTENTION_IMPLS
+from structmat.models.remat import REMAT
 from structmat.train import steps
 from structmat.train.params import count_params
 from structmat.train.state import create_state
@@ -57,18 +58,23 @@ _ATTENTION = flags.DEFINE_enum("attention", "auto", list(ATTENTION_IMPLS),
 _N_LAYERS = flags.DEFINE_integer(
     "n_layers", 0, "Blocks per model (0: the preset's). One block prices "
     "what each costs to lower and compile.")
+_REMAT = flags.DEFINE_enum(
+    "remat", "none", list(REMAT), "Blocks recomputed in the backward "
+    "(models.remat): what each setting costs in step time and saves in "
+    "memory.")
 _KERNEL_BLOCK = flags.DEFINE_integer(
     "kernel_block", 0, "SLTrain rows: build W this many columns (rows) at a "
     "time, keeping none for the backward (0: whole W).")
 
 
 def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
-          impl="xla", attention="auto", kernel_block=0, n_layers=0):
+          impl="xla", attention="auto", kernel_block=0, n_layers=0,
+          remat="none"):
   kwargs = ({"kernel_block": kernel_block}
             if linear == "sltrain" and kernel_block else None)
   cfg = preset_config(preset, linear, linear_kwargs=kwargs, vocab_size=vocab,
                       max_len=seq, dtype=jnp.dtype(dtype), impl=impl,
-                      attention=attention)
+                      attention=attention, remat=remat)
   if n_layers:
     cfg = dataclasses.replace(cfg, n_layers=n_layers)
   model = build_model(cfg)
@@ -130,7 +136,7 @@ def bench(preset, linear, batch, seq, vocab, dtype, repeats, peak_tflops,
          "losses": [float(v) for v in losses],
          # As the built model has them (not the flags).
          "kernel_block": dict(cfg.linear_kwargs).get("kernel_block", 0),
-         "n_layers": cfg.n_layers}
+         "n_layers": cfg.n_layers, "remat": cfg.remat}
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     row["peak_memory_mb"] = stats["peak_bytes_in_use"] / 2**20
@@ -144,14 +150,15 @@ def main(argv):
           "jax": jax.__version__, "dtype": _DTYPE.value, "batch": _BATCH.value,
           "seq_len": _SEQ.value, "vocab": _VOCAB.value, "impl": _IMPL.value,
           "attention": _ATTENTION.value, "kernel_block": _KERNEL_BLOCK.value,
-          "n_layers": _N_LAYERS.value}
+          "n_layers": _N_LAYERS.value, "remat": _REMAT.value}
   os.makedirs(os.path.dirname(_OUTPUT.value) or ".", exist_ok=True)
   for preset in _PRESETS.value:
     for linear in _LINEARS.value:
       logging.info("%s %s", preset, linear)
       row = bench(preset, linear, _BATCH.value, _SEQ.value, _VOCAB.value,
                   _DTYPE.value, _REPEATS.value, _PEAK.value, _IMPL.value,
-                  _ATTENTION.value, _KERNEL_BLOCK.value, _N_LAYERS.value)
+                  _ATTENTION.value, _KERNEL_BLOCK.value, _N_LAYERS.value,
+                  _REMAT.value)
       dense = next((r for r in rows if r["preset"] == preset
                     and r["linear"] == "dense"), None)
       row["step_vs_dense"] = row["step_ms"] / dense["step_ms"] if dense else 1.0
