@@ -14,6 +14,9 @@ a fused kernel on --platform (cuDNN on GPUs, the splash kernel on TPUs from
 512 tokens: ``models.llama.attention_impl``) no s^2 scores are kept: the
 term becomes the kernel's float32 row statistics, a*s*b*4 bytes (cuDNN) or
 128 lanes wide, a*s*b*512 (the TPU kernel, as libtpu's buffer reports show).
+Structured layers add what they keep beyond dense ones, from the traced
+model's residuals (``structure_bytes``: XLA's Monarch keeps its stage-1
+intermediate; the kernels keep nothing more).
 config.remat sets what each of the L layers keeps (``models.remat``): A
 ("none"), its input s*b*h ("full"), or its input and the outputs the
 policy keeps, counted in the abstractly traced model: matmuls without
@@ -31,6 +34,7 @@ as a lower bound there.
 --measure compiles one train step on this machine (all of it on one device)
 and prints XLA's memory analysis for comparison.
 """
+import dataclasses
 import functools
 import math
 
@@ -142,6 +146,39 @@ def saved_bytes(cfg, batch: int, seq_len: int) -> float:
              for j in _sub_jaxprs(e)) / len(blocks)
 
 
+def _residual_bytes(cfg, batch: int, seq_len: int) -> int:
+  """Bytes of what the model's VJP keeps for its backward, as traced
+  (abstractly; before XLA fuses anything)."""
+  model = build_model(cfg)
+  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+
+  def residuals(p, t):
+    return jax.tree.leaves(jax.vjp(lambda p: model.apply(p, t), p)[1])
+  return sum(math.prod(r.shape) * r.dtype.itemsize
+             for r in jax.eval_shape(residuals, params, tokens))
+
+
+def structure_bytes(cfg, batch: float, seq_len: int) -> float:
+  """Bytes a layer's linear structures keep for the backward beyond dense
+  layers of the same shapes (which Korthikanti's A counts): XLA's Monarch
+  product keeps its stage-1 intermediate, which the kernels recompute,
+  say. The traced residuals' growth from one sequence to two (what the
+  weights' casts add does not grow), structure minus dense, times
+  ``batch``, averaged over the layers; without remat."""
+  plain = dataclasses.replace(cfg, remat="none")
+  return _extra_per_sequence(plain, seq_len) * batch / cfg.n_layers
+
+
+@functools.lru_cache(maxsize=64)
+def _extra_per_sequence(cfg, seq_len: int) -> int:
+  dense = dataclasses.replace(cfg, linear="dense", linear_kwargs=(),
+                              overrides=())
+  grow = lambda c: (_residual_bytes(c, 2, seq_len)
+                    - _residual_bytes(c, 1, seq_len))
+  return grow(cfg) - grow(dense)
+
+
 def estimate(config, devices: int, vocab: int, platform: str = "") -> dict:
   mesh_sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
       {k: config.mesh[k] for k in sharding.MESH_AXES}, devices)))
@@ -171,7 +208,8 @@ def estimate(config, devices: int, vocab: int, platform: str = "") -> dict:
   itemsize = jnp.dtype(cfg.dtype).itemsize
   impl, scores = attention_bytes(cfg, b, s, platform or jax.default_backend())
   tensor = mesh_sizes["tensor"]
-  act_layer = (34 * s * b * h * itemsize / 2 + scores) / tensor
+  act_layer = (34 * s * b * h * itemsize / 2 + scores
+               + structure_bytes(cfg, b, s)) / tensor
   remat = config.get("remat", "none")
   kept = act_layer    # a layer's, and under remat its input and what the
   if remat != "none":  # policy keeps ("dots", "linears")
