@@ -127,15 +127,20 @@ def _kept_bytes(jaxpr, remat: str) -> int:
   return total
 
 
+def _abstract(cfg, batch: int, seq_len: int):
+  """(model, abstract variables, abstract tokens) of ``cfg``."""
+  model = build_model(cfg)
+  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+  return model, jax.eval_shape(model.init, jax.random.key(0), tokens), tokens
+
+
 def saved_bytes(cfg, batch: int, seq_len: int) -> float:
   """Bytes a block keeps under ``cfg.remat`` "dots" or "linears" beyond
   its input, from the traced model (abstractly), averaged over the blocks:
   the outputs of its matmuls without batch dimensions (dense projections;
   Monarch's block products are batched and recomputed), or of its linear
   layers, whatever their structure."""
-  model = build_model(cfg)
-  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-  params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+  model, params, tokens = _abstract(cfg, batch, seq_len)
   jaxpr = jax.make_jaxpr(model.apply)(params, tokens).jaxpr
   # The rematerialized blocks: the eqns that carry a checkpoint policy.
   blocks = [e for e in jaxpr.eqns if "policy" in e.params]
@@ -149,9 +154,7 @@ def saved_bytes(cfg, batch: int, seq_len: int) -> float:
 def _residual_bytes(cfg, batch: int, seq_len: int) -> int:
   """Bytes of what the model's VJP keeps for its backward, as traced
   (abstractly; before XLA fuses anything)."""
-  model = build_model(cfg)
-  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-  params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+  model, params, tokens = _abstract(cfg, batch, seq_len)
 
   def residuals(p, t):
     return jax.tree.leaves(jax.vjp(lambda p: model.apply(p, t), p)[1])
@@ -174,6 +177,8 @@ def structure_bytes(cfg, batch: float, seq_len: int) -> float:
 def _extra_per_sequence(cfg, seq_len: int) -> int:
   dense = dataclasses.replace(cfg, linear="dense", linear_kwargs=(),
                               overrides=())
+  if dense == cfg:
+    return 0
   grow = lambda c: (_residual_bytes(c, 2, seq_len)
                     - _residual_bytes(c, 1, seq_len))
   return grow(cfg) - grow(dense)
