@@ -16,8 +16,10 @@ def test_there_are_notebooks():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path):
+  # TMPDIR: notebooks make their work folders with tempfile (Colab's /tmp);
+  # here they go under the test's folder, which pytest cleans.
   env = dict(os.environ, STRUCTMAT_NOTEBOOK_SMALL="1", MPLBACKEND="Agg",
-             STRUCTMAT_NOTEBOOK_OUT=str(tmp_path))
+             STRUCTMAT_NOTEBOOK_OUT=str(tmp_path), TMPDIR=str(tmp_path))
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "tests", "run_notebook.py"), path],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
