@@ -216,6 +216,12 @@ def rows_for(n, tokens, dtype, nb, repeats, interpret, n_out=None):
     tpu_bt = mt.fit_block_tokens(tokens, w1.shape, w2.shape, itemsize)
     cases.append(("monarch tpu", lambda x, a, b: mt.monarch_matmul_tpu(
         x, a, b, block_tokens=tpu_bt, interpret=interpret or None), (w1, w2)))
+    if mt.backward_form(tpu_bt, w1.shape, w2.shape, itemsize) == "fused":
+      # The three-kernel backward the kernel takes where the fused one does
+      # not fit VMEM, at the same tile: what splitting costs.
+      cases.append(("monarch tpu split", lambda x, a, b: mt.monarch_matmul_tpu(
+          x, a, b, block_tokens=tpu_bt, backward="split",
+          interpret=interpret or None), (w1, w2)))
     cases.append(("sltrain tpu", lambda x, a, b, v: stk.sltrain_matmul_tpu(
         x, a, b, v, sidx(), 1.0, orders=sl()[2], block_tokens=min(256, tokens),
         interpret=interpret or None), lambda: sl()[0]))

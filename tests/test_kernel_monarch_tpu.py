@@ -57,20 +57,43 @@ def test_matches_reference(tokens, bt, s1, s2, dtype, tol, monkeypatch):
   assert set(poisoned) == {"monarch_tpu_fwd", "monarch_tpu_bwd"}
 
 
+SPLIT = {"monarch_tpu_fwd", "monarch_tpu_dx", "monarch_tpu_dw1",
+         "monarch_tpu_dw2"}
+
+
+@pytest.mark.parametrize("tokens,bt,s1,s2,dtype,tol",
+                         [(*c, jnp.float32, 1e-5) for c in SHAPES]
+                         + [CASES[-1], CASES[-3]])
+def test_split_backward_matches_reference(tokens, bt, s1, s2, dtype, tol,
+                                          monkeypatch):
+  """The three-kernel backward (for factors whose fused backward exceeds
+  VMEM), forced at small shapes: dw1 reads its own block of x where blocks
+  are whole lanes ((2, 128, 128)), every block otherwise."""
+  poisoned = poison_pallas_outputs(monkeypatch)
+  x, w1, w2, g = _inputs(tokens, s1, s2, dtype, seed=2)
+  _check(lambda *a: mt.monarch_matmul_tpu(*a, block_tokens=bt,
+                                          backward="split", interpret=True),
+         x, w1, w2, g, tol)
+  assert set(poisoned) == SPLIT
+
+
+@pytest.mark.parametrize("backward", ["fused", "split"])
 @pytest.mark.parametrize("tokens,s1,s2", [
     (512, (2, 64, 64), (4, 64, 32)),
     # p = 43 and s = 43 padded to 48 in VMEM: the pad rows of the scratch
     # must be zeroed (0 * NaN), the unaligned blocks read and written.
     (256, (8, 64, 43), (8, 43, 64))])
-def test_tpu_interpreter_finds_no_races(tokens, s1, s2):
+def test_tpu_interpreter_finds_no_races(tokens, s1, s2, backward):
   """The TPU interpreter on two cores, with NaN-filled uninitialized memory
-  (scratch included) and race detection: the "parallel" forward and the
-  "arbitrary" backward that accumulates the weight gradients."""
+  (scratch included) and race detection: the "parallel" forward, the
+  "arbitrary" backward that accumulates the weight gradients, and the split
+  backward's (block "parallel", token tile "arbitrary") weight gradients."""
   from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
   params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2,
                                  uninitialized_memory="nan")
   x, w1, w2, g = _inputs(tokens, s1, s2, jnp.float32, seed=1)
   _check(lambda *a: mt.monarch_matmul_tpu(*a, block_tokens=128,
+                                          backward=backward,
                                           interpret=params),
          x, w1, w2, g, 1e-5)
   assert ipc.races is not None and not ipc.races.races_found
@@ -109,6 +132,48 @@ def test_cross_lowering_for_tpu(tokens, s1, s2, bt, dtype, grad):
   assert ("monarch_tpu_bwd" if grad else "monarch_tpu_fwd") in text
 
 
+# LLaMA-7B's Monarch factors (4 blocks of 1024; the MLP's 2752-row w2 and
+# 2752-wide w1 blocks): the fused backward needs 71-142 MiB of VMEM.
+SEVEN_B = [((4, 1024, 1024), (4, 1024, 1024)),
+           ((4, 1024, 1024), (4, 2752, 1024)),
+           ((4, 1024, 2752), (4, 1024, 1024))]
+
+
+@pytest.mark.parametrize("s1,s2", SEVEN_B)
+def test_cross_lowering_the_split_backward_for_tpu(s1, s2):
+  bt = mt.fit_block_tokens(16384, s1, s2, 2)
+  assert mt.backward_form(bt, s1, s2, 2) == "split"
+  text = _lower(2 * bt, s1, s2, bt, True)
+  assert text.count("tpu_custom_call") == 3
+  assert all(n in text for n in SPLIT - {"monarch_tpu_fwd"})
+
+
+def test_backward_form():
+  """Factors take the fused backward wherever some tile fits it, the split
+  one only where none does (7B), and then still bound every kernel."""
+  for s1, s2 in SEVEN_B:
+    bt = mt.fit_block_tokens(16384, s1, s2, 2)
+    assert mt.supported(16384, s1, s2, bt, 2) is None
+    assert mt.backward_form(bt, s1, s2, 2) == "split"
+    assert mt.vmem_estimate(bt, s1, s2, 2, True) > mt.VMEM_BUDGET
+    assert max(mt.split_vmem_estimates(bt, s1, s2, 2).values()) <= (
+        mt.VMEM_BUDGET)
+  # The issue's 16 blocks of 256: the fused backward fits at 256 tokens in
+  # bfloat16 (128 in float32), and the tile stays there, though the split
+  # one would take 512 (256).
+  sixteen = ((16, 256, 256), (16, 256, 256))
+  for itemsize, bt in ((2, 256), (4, 128)):
+    assert mt.fit_block_tokens(16384, *sixteen, itemsize) == bt
+    assert mt.backward_form(bt, *sixteen, itemsize) == "fused"
+    assert mt.backward_form(2 * bt, *sixteen, itemsize) == "split"
+  # n = 8192 in 16 blocks of 512 runs only split (refused before).
+  assert mt.backward_form(128, (16, 512, 512), (16, 512, 512), 2) == "split"
+  with pytest.raises(ValueError, match="backward='both'"):
+    mt.monarch_matmul_tpu(jnp.ones((128, 128)), jnp.ones((4, 32, 32)),
+                          jnp.ones((4, 32, 32)), block_tokens=128,
+                          backward="both", interpret=True)
+
+
 def test_supported_names_the_constraint():
   assert "multiples of 128" in mt.supported(256, (4, 64, 32), (8, 16, 32), 64)
   # Feature counts off whole lanes are padded per block, q/l is not.
@@ -127,8 +192,8 @@ def test_supported_names_the_constraint():
                                         256)
   assert "16-bit" in mt.supported(16384, (16, 512, 512), (16, 512, 512), 128,
                                   4)
-  assert "use smaller blocks" in mt.supported(16384, (16, 512, 512),
-                                              (16, 512, 512), 128, 2)
+  assert "use smaller blocks" in mt.supported(16384, (4, 2048, 2048),
+                                              (4, 2048, 2048), 128, 2)
   with pytest.raises(ValueError, match="cannot run"):
     mt.monarch_matmul_tpu(jnp.ones((100, 128)), jnp.ones((4, 64, 32)),
                           jnp.ones((8, 16, 32)), interpret=True)
@@ -146,17 +211,19 @@ def test_fit_block_tokens():
 # Scoped VMEM (MiB) libtpu 0.0.42 allocated compiling each kernel for a TPU
 # v5e with every operand left in HBM, its worst case (tools/tpu_compile.py
 # --kernels=monarch_tpu --sizes=2048,4096 --nblocks=4,16 --tokens=16384
-# --block_tokens=BT, session 21): (n, nblocks, block_tokens, itemsize) ->
+# --block_tokens=BT --monarch_backward=fused; forward: session 21, backward:
+# session 26, after it stopped copying in w2, which it never read: one w2
+# less than session 21's): (n, nblocks, block_tokens, itemsize) ->
 # (forward, backward).
 LIBTPU_VMEM_MIB = {
-    (2048, 4, 128, 2): (8.00, 22.50), (2048, 4, 128, 4): (15.00, 35.00),
-    (2048, 4, 256, 2): (12.49, 29.49), (2048, 4, 256, 4): (22.00, 46.00),
-    (2048, 4, 512, 2): (20.58, 42.58), (2048, 4, 512, 4): (36.00, 68.00),
-    (4096, 4, 128, 2): (24.34, 77.34), (4096, 4, 128, 4): (46.31, 118.32),
-    (4096, 4, 256, 2): (34.41, 92.41), (4096, 4, 512, 2): (50.85, 118.85),
-    (4096, 16, 128, 2): (12.00, 29.00), (4096, 16, 128, 4): (22.00, 46.00),
-    (4096, 16, 256, 2): (20.00, 42.00), (4096, 16, 256, 4): (36.00, 68.00),
-    (4096, 16, 512, 2): (36.00, 68.07),
+    (2048, 4, 128, 2): (8.00, 20.50), (2048, 4, 128, 4): (15.00, 31.00),
+    (2048, 4, 256, 2): (12.49, 27.49), (2048, 4, 256, 4): (22.00, 42.00),
+    (2048, 4, 512, 2): (20.58, 40.58), (2048, 4, 512, 4): (36.00, 64.00),
+    (4096, 4, 128, 2): (24.34, 69.34), (4096, 4, 128, 4): (46.31, 102.32),
+    (4096, 4, 256, 2): (34.41, 84.41), (4096, 4, 512, 2): (50.85, 110.85),
+    (4096, 16, 128, 2): (12.00, 27.00), (4096, 16, 128, 4): (22.00, 42.00),
+    (4096, 16, 256, 2): (20.00, 40.00), (4096, 16, 256, 4): (36.00, 64.00),
+    (4096, 16, 512, 2): (36.00, 66.07),
 }
 
 
@@ -171,6 +238,46 @@ def test_vmem_estimate_bounds_what_libtpu_allocated(key):
   for backward, allocated in zip((False, True), LIBTPU_VMEM_MIB[key]):
     est = mt.vmem_estimate(bt, w1, w2, itemsize, backward) / 2**20
     assert allocated <= est <= allocated + 3, (backward, est, allocated)
+
+
+# The split backward's kernels as libtpu 0.0.42 compiled them (session 26,
+# as above with --monarch_backward=split, and LLaMA-7B's layers at the
+# tiles the kernel picks: --sizes=4096,4096x11008,11008x4096 --nblocks=4
+# --dtypes=bfloat16): (in, out, nblocks, block_tokens, itemsize) ->
+# {kernel: (MiB at the kernels' own limit, worst case)}. At its own limit
+# libtpu gave the float32 2048 / 4 dw kernels up to 4 MiB more than in the
+# worst case; the 8 MiB between the budget and the limit covers that.
+LIBTPU_SPLIT_VMEM_MIB = {
+    (4096, 4096, 4, 512, 2): {"dx": (46.36, 54.36), "dw1": (32.84, 32.84),
+                              "dw2": (41.67, 41.67)},
+    (4096, 11008, 4, 128, 2): {"dx": (24.11, 46.11), "dw1": (30.75, 30.75),
+                               "dw2": (26.49, 39.99)},
+    (11008, 4096, 4, 128, 2): {"dx": (16.92, 46.42), "dw1": (16.31, 38.31),
+                               "dw2": (23.38, 31.38)},
+    (2048, 2048, 4, 128, 4): {"dx": (11.00, 15.00), "dw1": (10.00, 8.00),
+                              "dw2": (14.25, 10.25)},
+    (2048, 2048, 4, 512, 4): {"dx": (32.00, 36.00), "dw1": (22.05, 20.05),
+                              "dw2": (33.05, 29.05)},
+    (4096, 4096, 4, 128, 4): {"dx": (14.31, 46.31), "dw1": (16.00, 24.00),
+                              "dw2": (28.50, 28.50)},
+    (4096, 4096, 16, 256, 2): {"dx": (20.00, 22.00), "dw1": (10.75, 9.25),
+                               "dw2": (16.38, 14.88)},
+    (4096, 4096, 16, 512, 4): {"dx": (56.04, 64.04), "dw1": (26.50, 27.00),
+                               "dw2": (49.50, 49.50)},
+}
+
+
+@pytest.mark.parametrize("key", sorted(LIBTPU_SPLIT_VMEM_MIB))
+def test_split_vmem_estimates_bound_what_libtpu_allocated(key):
+  """Each split kernel's estimate bounds its worst case (within 7 MiB: the
+  7B MLP's 2752-wide blocks are 5.5-6.5 MiB over) and its allocation at its
+  own limit within the budget's 8 MiB headroom."""
+  n_in, n_out, nb, bt, itemsize = key
+  w1, w2, _, _ = ops.monarch_shapes(n_in, n_out, nb)
+  est = mt.split_vmem_estimates(bt, w1, w2, itemsize)
+  for kernel, (own, worst) in LIBTPU_SPLIT_VMEM_MIB[key].items():
+    e = est["monarch_tpu_" + kernel] / 2**20
+    assert worst <= e <= worst + 7 and own <= e + 4, (kernel, e, own, worst)
 
 
 def test_auto_takes_the_tpu_kernel_on_tpus(monkeypatch):

@@ -810,6 +810,7 @@ def test_benchmark_kernels_smoke(tmp_path):
                                        "monarch two-pass p2 xla",
                                        "monarch two-pass dwk",
                                        "blockdiag gmm", "monarch tpu",
+                                       "monarch tpu split",
                                        "sltrain tpu",
                                        "monarch xla", "monarch materialized",
                                        "dense"}

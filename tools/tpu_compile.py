@@ -24,6 +24,9 @@ ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets two run at once.
   PYTHONPATH=/tmp/libtpu .venv/bin/python tools/tpu_compile.py \\
       --kernels=monarch_tpu --sizes=4096 --nblocks=16 --tokens=16384 \\
       --block_tokens=256                 # a tile the estimate would refuse
+  PYTHONPATH=/tmp/libtpu .venv/bin/python tools/tpu_compile.py \
+      --kernels=monarch_tpu --sizes=4096,4096x11008 --nblocks=4 \
+      --tokens=16384 --dtypes=bfloat16   # LLaMA-7B: the split backward
   PYTHONPATH=/tmp/libtpu .venv/bin/python tools/tpu_compile.py \\
       --kernels=sltrain_tpu --sizes=512x1376,5461x2048 --tokens=16384
   PYTHONPATH=/tmp/libtpu .venv/bin/python tools/tpu_compile.py --kernels= \\
@@ -70,8 +73,9 @@ _KERNELS = flags.DEFINE_list(
     "benchmark_kernels): monarch_tpu, blockdiag (the Pallas block-diagonal "
     "kernel on TPUs), gmm (megablox), sltrain_tpu.")
 _SIZES = flags.DEFINE_list(
-    "sizes", ["1024", "4096", "8192"], "Widths n; sltrain_tpu also takes "
-    "in x out (512x1376: LLaMA-60M's MLP, off whole lanes).")
+    "sizes", ["1024", "4096", "8192"], "Widths n; monarch_tpu and "
+    "sltrain_tpu also take in x out (512x1376: LLaMA-60M's MLP, off whole "
+    "lanes).")
 _NBLOCKS = flags.DEFINE_list("nblocks", ["4", "16", "64"], "Monarch and "
                              "block-diagonal blocks.")
 _TOKENS = flags.DEFINE_list("tokens", ["16384", "512"], "Token counts.")
@@ -91,6 +95,9 @@ _BT = flags.DEFINE_integer(
     "block_tokens", 0, "monarch_tpu, sltrain_tpu: this token tile whatever "
     "their VMEM estimates say (0: the tile they pick), to see what libtpu "
     "asks for (calibration).")
+_BACKWARD = flags.DEFINE_enum(
+    "monarch_backward", "", ["", "fused", "split"], "monarch_tpu: this "
+    "backward form (empty: the one the kernel picks for the tile).")
 _PROBE = flags.DEFINE_bool("probe", True, "Also compile every case with "
                            "the kernels' limits near the chip's VMEM, for "
                            "their worst case.")
@@ -161,21 +168,23 @@ def grad_of(fn, argnums):
                   argnums=argnums)
 
 
-def monarch_case(n, nb, tokens, dtype):
+def monarch_case(size, nb, tokens, dtype):
   """(fn, args, grad argnums, {kernel: estimate bytes}, note) or a refusal."""
-  w1, w2, _, _ = ops.monarch_shapes(n, n, nb)
+  w1, w2, n_in, _ = ops.monarch_shapes(*size, nb)
   it = dtype.itemsize
   bt = _BT.value or mt.fit_block_tokens(tokens, w1, w2, it)
   if why := mt.supported(tokens, w1, w2, bt, it):
     return why
   pp, ss = mt.padded_blocks(w1, w2, it)   # as ``supported`` plans them
   pw1, pw2 = (*w1[:2], pp), (w2[0], ss, w2[2])
+  backward = _BACKWARD.value or mt.backward_form(bt, pw1, pw2, it)
   est = {"monarch_tpu_fwd": mt.vmem_estimate(bt, pw1, pw2, it, False),
-         "monarch_tpu_bwd": mt.vmem_estimate(bt, pw1, pw2, it, True)}
+         "monarch_tpu_bwd": mt.vmem_estimate(bt, pw1, pw2, it, True),
+         **mt.split_vmem_estimates(bt, pw1, pw2, it)}
   fn = functools.partial(mt.monarch_matmul_tpu, block_tokens=bt,
-                         interpret=False)
-  return (fn, [S((tokens, n), dtype), S(w1, dtype), S(w2, dtype)],
-          (0, 1, 2), est, f"bt {bt}")
+                         backward=backward, interpret=False)
+  return (fn, [S((tokens, n_in), dtype), S(w1, dtype), S(w2, dtype)],
+          (0, 1, 2), est, f"bt {bt}, {backward} backward")
 
 
 def blockdiag_case(n, nb, tokens, dtype):
@@ -331,16 +340,17 @@ def main(_):
     for size in _SIZES.value:
       n, _, n_out = size.partition("x")
       n, n_out = int(n), int(n_out or n)
-      if name != "sltrain_tpu" and n_out != n:
+      if name not in ("sltrain_tpu", "monarch_tpu") and n_out != n:
         raise ValueError(f"--sizes={size}: in x out sizes are for "
-                         "sltrain_tpu only; the others take a width n")
+                         "monarch_tpu and sltrain_tpu; the others take a "
+                         "width n")
       for nb in (map(int, _NBLOCKS.value) if name != "sltrain_tpu" else [0]):
         for tokens in map(int, _TOKENS.value):
           for dtype in map(jnp.dtype, _DTYPES.value):
             label = (f"{name} n={size}" + (f"/{nb}" if nb else "")
                      + f" t={tokens} {dtype.name}")
-            made = (sltrain_case((n, n_out), nb, tokens, dtype)
-                    if name == "sltrain_tpu"
+            made = (CASES[name]((n, n_out), nb, tokens, dtype)
+                    if name in ("sltrain_tpu", "monarch_tpu")
                     else CASES[name](n, nb, tokens, dtype))
             for r in kernel_rows(device, label, made):
               r.update(case=name, n=n, nblocks=nb, tokens=tokens,
