@@ -298,6 +298,8 @@ def test_auto_takes_the_tpu_kernel_on_tpus(monkeypatch):
   assert kernel_names(100, *sixteen) == set()        # tokens not tiled
   # LLaMA-60M's MLP (344-wide blocks): padded, unmeasured, so XLA.
   assert kernel_names(16384, (4, 128, 128), (4, 344, 128)) == set()
+  # LLaMA-7B's 1024-wide blocks: the split backward (XLA before session 26).
+  assert kernel_names(16384, *SEVEN_B[1]) == {"monarch_tpu_fwd"}
 
 
 def test_pallas_train_step_lowers_each_kernel_once_for_tpus():
