@@ -9,6 +9,7 @@ import pytest
 
 from structmat import ops
 from structmat.kernels import monarch_tpu as mt
+from structmat.kernels import mosaic_tpu
 from structmat.kernels.lowering import cross_lower
 from tests.helpers import (check_kernel, poison_pallas_outputs,
                            preset_step_kernels)
@@ -155,9 +156,9 @@ def test_backward_form():
     bt = mt.fit_block_tokens(16384, s1, s2, 2)
     assert mt.supported(16384, s1, s2, bt, 2) is None
     assert mt.backward_form(bt, s1, s2, 2) == "split"
-    assert mt.vmem_estimate(bt, s1, s2, 2, True) > mt.VMEM_BUDGET
+    assert mt.vmem_estimate(bt, s1, s2, 2, True) > mosaic_tpu.vmem_budget()
     assert max(mt.split_vmem_estimates(bt, s1, s2, 2).values()) <= (
-        mt.VMEM_BUDGET)
+        mosaic_tpu.vmem_budget())
   # The issue's 16 blocks of 256: the fused backward fits at 256 tokens in
   # bfloat16 (128 in float32), and the tile stays there, though the split
   # one would take 512 (256).
@@ -172,6 +173,48 @@ def test_backward_form():
     mt.monarch_matmul_tpu(jnp.ones((128, 128)), jnp.ones((4, 32, 32)),
                           jnp.ones((4, 32, 32)), block_tokens=128,
                           backward="both", interpret=True)
+
+
+def _on_chip(kind: str):
+  """Build kernels as for a chip of ``kind`` (an abstract TPU device)."""
+  ad = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1,
+                                   platform="tpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",),
+                                   (jax.sharding.AxisType.Explicit,),
+                                   abstract_device=ad)
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
+def test_vmem_budget_follows_the_chip():
+  """A TPU v4 core has 16 MiB of VMEM (libtpu's v4 compile of the
+  reference shape failed: "Used 20.00M of 16.00M vmem"), a v5p's 64, a
+  v5e's and v6e's 128: the limit is min(64 MiB, VMEM) and the budget an
+  eighth (at least 4 MiB) under it, so on v4 the tile shrinks or the
+  kernel is refused, naming the budget."""
+  expect = {"TPU v4": (16, 12), "TPU v5": (64, 56), "TPU v5 lite": (64, 56),
+            "TPU v6 lite": (64, 56)}
+  for kind, (limit, budget) in expect.items():
+    with _on_chip(kind):
+      assert mosaic_tpu.vmem_capacity() >= limit << 20
+      assert (mosaic_tpu.vmem_limit(), mosaic_tpu.vmem_budget()) == (
+          limit << 20, budget << 20), kind
+  # Off TPUs (interpret mode) the kernels plan as for a v5e.
+  assert mosaic_tpu.vmem_budget() == 56 << 20
+  sixteen = ((16, 256, 256), (16, 256, 256))
+  assert mt.fit_block_tokens(16384, *sixteen, 2) == 256
+  with _on_chip("TPU v4"):
+    assert "budget 12 MiB" in mt.supported(16384, *sixteen, 128, 2)
+    # n = 1024 in 4 blocks: 512-token tiles on a v5e, 256 on a v4; 2048 in
+    # 4 blocks: 512 and the fused backward, 128 and the split one.
+    four = ((4, 256, 256), (4, 256, 256))
+    assert mt.fit_block_tokens(16384, *four, 2) == 256
+    assert mt.backward_form(256, *four, 2) == "fused"
+    wide = ((4, 512, 512), (4, 512, 512))
+    assert mt.fit_block_tokens(16384, *wide, 2) == 128
+    assert mt.backward_form(128, *wide, 2) == "split"
+  assert mt.fit_block_tokens(16384, *four, 2) == 512
+  assert mt.fit_block_tokens(16384, *wide, 2) == 512
+  assert mt.backward_form(512, *wide, 2) == "fused"
 
 
 def test_supported_names_the_constraint():

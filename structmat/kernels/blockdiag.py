@@ -96,9 +96,9 @@ TPU_TILE = 512   # widest output (and weight-gradient) tile on TPUs
 def tpu_tile(size: int, vmem=lambda tile: 0) -> int:
   """The widest tile of ``size`` (a multiple of 128, as ``supported``
   requires on TPUs) that divides it, is at most TPU_TILE and whose
-  ``vmem(tile)`` fits ``mosaic_tpu.VMEM_BUDGET``; 128 at least."""
+  ``vmem(tile)`` fits ``mosaic_tpu.vmem_budget()``; 128 at least."""
   for tile in range(min(size, TPU_TILE) // 128 * 128, 128, -128):
-    if size % tile == 0 and vmem(tile) <= mosaic_tpu.VMEM_BUDGET:
+    if size % tile == 0 and vmem(tile) <= mosaic_tpu.vmem_budget():
       return tile
   return min(size, 128)
 
@@ -151,10 +151,10 @@ def supported(batch: int, w_shape, block_tokens: int, platform: str,
               f"128 and block_tokens={block_tokens} a multiple of 8")
     need = max(vmem_estimate(block_tokens, 128, max(p, q), itemsize),
                dw_vmem_estimate(block_tokens, 128, 128, itemsize))
-    if need > mosaic_tpu.VMEM_BUDGET:
+    if need > (budget := mosaic_tpu.vmem_budget()):
       return (f"block_tokens={block_tokens} with {max(p, q)}-wide blocks needs "
               f"~{need >> 20} MiB of VMEM even in 128-wide tiles (budget "
-              f"{mosaic_tpu.VMEM_BUDGET >> 20} MiB): use fewer tokens per "
+              f"{budget >> 20} MiB): use fewer tokens per "
               "tile or more, narrower blocks")
   return None
 

@@ -58,8 +58,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 from structmat.kernels import target
 from structmat.kernels.monarch import layout_problem
-from structmat.kernels.mosaic_tpu import (LANES, VMEM_BUDGET, compiler_params,
-                                          lane_chunks, matmul as _mm, whole)
+from structmat.kernels.mosaic_tpu import (LANES, compiler_params,
+                                          lane_chunks, matmul as _mm,
+                                          vmem_budget, whole)
 from structmat.kernels.shared_trace import traced_once
 
 
@@ -146,11 +147,12 @@ def backward_form(block_tokens: int, w1_shape, w2_shape,
   "split" where the three kernels each do, else None (the factors' shapes;
   estimated as the kernels run them, ``padded_blocks`` applied)."""
   w1_shape, w2_shape = _padded(w1_shape, w2_shape, itemsize)
+  budget = vmem_budget()
   if vmem_estimate(block_tokens, w1_shape, w2_shape, itemsize,
-                   True) <= VMEM_BUDGET:
+                   True) <= budget:
     return "fused"
   split = split_vmem_estimates(block_tokens, w1_shape, w2_shape, itemsize)
-  return "split" if max(split.values()) <= VMEM_BUDGET else None
+  return "split" if max(split.values()) <= budget else None
 
 
 def padded_blocks(w1_shape, w2_shape, itemsize: int) -> tuple[int, int]:
@@ -198,7 +200,8 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
             f"tile for {itemsize}-byte elements; p and s are padded, q is not)")
   pw1, pw2 = _padded(w1_shape, w2_shape, itemsize)
   fwd = vmem_estimate(block_tokens, pw1, pw2, itemsize, False)
-  if fwd > VMEM_BUDGET or not backward_form(block_tokens, w1_shape,
+  budget = vmem_budget()
+  if fwd > budget or not backward_form(block_tokens, w1_shape,
                                             w2_shape, itemsize):
     need = max(fwd, min(
         vmem_estimate(block_tokens, pw1, pw2, itemsize, True),
@@ -206,7 +209,7 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
     fix = (f"fewer tokens per tile (>= {LANES}) or " if block_tokens > LANES
            else "16-bit activations or " if itemsize > 2 else "")
     return (f"block_tokens={block_tokens} needs ~{need >> 20} MiB of VMEM "
-            f"(budget {VMEM_BUDGET >> 20} MiB): use {fix}smaller blocks "
+            f"(budget {budget >> 20} MiB): use {fix}smaller blocks "
             "(more of them)")
   return None
 

@@ -44,8 +44,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 from structmat.kernels import sltrain as sk
 from structmat.kernels import target
-from structmat.kernels.mosaic_tpu import (LANES, VMEM_BUDGET, compiler_params,
-                                          lane_chunks, matmul as _mm, whole)
+from structmat.kernels.mosaic_tpu import (LANES, compiler_params,
+                                          lane_chunks, matmul as _mm,
+                                          vmem_budget, whole)
 from structmat.kernels.shared_trace import traced_once
 
 CHUNK = 128          # entries per one-hot placement step: one lane row
@@ -165,11 +166,12 @@ def supported(tokens: int, in_features: int, out_features: int, rank: int,
   d_in, d_out, bk, bn = padded_dims(in_features, out_features)
   need = vmem_estimate(d_in, d_out, rank, nnz, bt, itemsize, (bk, bn),
                        (d_in > in_features, d_out > out_features))
-  if need > VMEM_BUDGET:
+  budget = vmem_budget()
+  if need > budget:
     fix = (f"fewer tokens per tile (>= {LANES})" if bt > LANES else
            "impl='xla' (or narrower layers): one column block of W does not "
            "fit even with the smallest tile")
-    return (f"needs ~{need >> 20} MiB of VMEM (budget {VMEM_BUDGET >> 20} "
+    return (f"needs ~{need >> 20} MiB of VMEM (budget {budget >> 20} "
             f"MiB): use {fix}")
   return None
 

@@ -37,3 +37,18 @@ def targeting(name: str):
     yield
   finally:
     _TARGET.pop()
+
+
+def device_kind() -> str:
+  """The kind of chip kernels are built for ("TPU v5 lite", ...): the
+  abstract mesh's device while cross-lowering (``lowering.cross_lower``),
+  else the default device (a slice's chip in a ``--tpu_topology`` dry run,
+  which sets it), else this host's first device."""
+  abstract_device = getattr(jax.sharding.get_abstract_mesh(),
+                            "abstract_device", None)
+  if abstract_device is not None:
+    return abstract_device.device_kind
+  default = jax.config.jax_default_device
+  if hasattr(default, "device_kind"):
+    return default.device_kind
+  return jax.devices()[0].device_kind
