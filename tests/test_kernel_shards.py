@@ -66,6 +66,37 @@ def test_a_pod_step_lowers_its_kernels_per_shard(platform, call):
     assert all("tensor<4096x512xbf16>" in l for l in kernel_lines(lower(False)))
 
 
+def _eqns(jaxpr):
+  """Every equation of ``jaxpr`` and of the jaxprs nested in it."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for v in eqn.params.values():
+      for inner in v if isinstance(v, (tuple, list)) else (v,):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          yield from _eqns(inner)
+
+
+def test_weights_are_gathered_after_the_layer_input():
+  """per_shard fences the activation with the weights, so the gathers of
+  fsdp-sharded weights (after the fence) cannot start before the layer's
+  input exists. Fenced alone, libtpu's scheduler gathered every layer's
+  weights at the start of the step: 7B Monarch on a v5e-32 (fsdp 32,
+  remat=full, 8 layers) planned 2.12 GiB of temporaries a chip, 0.85 with
+  x in the fence."""
+  mesh = abstract_mesh("tpu", 8)
+  fn = lambda x, a, b: ops.monarch_matmul(x, a, b, impl="pallas")
+  w = jax.ShapeDtypeStruct((2, 256, 256), jnp.bfloat16)
+  with jax.sharding.use_abstract_mesh(mesh), target.targeting("tpu"):
+    x = jax.ShapeDtypeStruct((64, 64, 512), jnp.bfloat16,
+                             sharding=NamedSharding(mesh, P("data")))
+    with shards.over(mesh, ("data", "fsdp")):
+      jaxpr = jax.make_jaxpr(fn)(x, w, w).jaxpr
+  fences = [[v.aval.shape for v in e.invars] for e in _eqns(jaxpr)
+            if e.primitive.name == "optimization_barrier"]
+  assert [(4096, 512), (2, 256, 256), (2, 256, 256)] in fences, fences
+
+
 def test_train_steps_trace_on_their_mesh():
   """``Placement.on_mesh``: the train loop's jitted steps are traced inside
   ``shards.over`` with the batch's mesh axes; outside, one shard."""

@@ -276,9 +276,10 @@ def test_memory_estimate_drops_the_scores_for_fused_attention():
 
 def test_memory_estimate_counts_remat():
   """config.remat changes what each layer keeps. libtpu planned a v5e chip
-  for LLaMA-1B at fsdp 16 with remat=full at 3.07 GiB (Monarch,
-  impl=pallas) and 5.85 (dense: gathered weights the estimate leaves out,
-  so a lower bound), 60M dense on 4 chips at 6.27 / 3.80 / 5.21 GiB
+  for LLaMA-1B at fsdp 16 with remat=full at 2.03 GiB (Monarch,
+  impl=pallas; 3.07 before session 26 fenced the kernels' weight gathers
+  behind the layer input) and 5.85 (dense: gathered weights the estimate
+  leaves out, so a lower bound), 60M dense on 4 chips at 6.27 / 3.80 / 5.21 GiB
   (none / full / dots); the estimate ignored remat before (11.2 GiB for
   the first). "dots" keeps exactly the dense projections' outputs (q, k,
   v, o, gate, up, down: (5h + 2f) s b values a layer) and nothing more than
@@ -294,7 +295,7 @@ def test_memory_estimate_counts_remat():
       c.mesh.update(dict(data=1, fsdp=16, tensor=1))
       c.remat, c.impl = remat, "pallas"   # as libtpu's plans had them
       rows[linear, remat] = me.estimate(c, 16, 32000, "tpu")
-  assert 3.07 * 0.65 < rows["monarch", "full"]["total_GB"] < 3.07 * 1.1
+  assert 2.03 * 0.9 < rows["monarch", "full"]["total_GB"] < 2.03 * 1.2
   assert 5.85 * 0.4 < rows["dense", "full"]["total_GB"] < 5.85
   assert (rows["monarch", "full"]["activations_GB"]
           < 0.2 * rows["monarch", "none"]["activations_GB"])
