@@ -193,3 +193,28 @@ def test_auto_takes_the_tpu_kernel_on_tpus(monkeypatch):
   assert "pads to 128 -> 256" in stk.padding_problem(96, 256)
   assert stk.padding_problem(128, 256) is None
   assert kernel_names(100, 128, 256) == set()    # tokens not tiled
+
+
+def test_tile_shrinks_to_fit_the_chip(monkeypatch):
+  """Dispatch takes 256-token tiles where they fit the chip's VMEM budget,
+  else 128: a TPU v4 core (12 MiB budget) runs a 2048-wide float32 layer
+  at 128 (256 needs ~14 MiB), a v5e at 256."""
+  from structmat.kernels import dispatch, target
+  from tests.test_kernel_monarch_tpu import _on_chip
+  seen = []
+
+  def fake(x, a, b, v, i, scale, *, block_tokens, orders=None):
+    del a, v, i, scale, orders
+    seen.append(block_tokens)
+    return jnp.zeros((*x.shape[:-1], b.shape[1]), x.dtype)
+  monkeypatch.setattr(stk, "sltrain_matmul_tpu", fake)
+  s = jax.ShapeDtypeStruct
+  n, nnz = 2048, 2048 * 2048 * 3 // 100
+  args = [s((16384, n), jnp.float32), s((n, 64), jnp.float32),
+          s((64, n), jnp.float32), s((nnz,), jnp.float32),
+          s((nnz,), jnp.int32)]
+  call = lambda *a: dispatch.sltrain(*a[:4], a[4], 1.0, "pallas")
+  for kind in ("TPU v4", "TPU v5 lite"):
+    with _on_chip(kind), target.targeting("tpu"):
+      jax.make_jaxpr(call)(*args)
+  assert seen == [128, 256]

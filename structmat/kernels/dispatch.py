@@ -207,11 +207,12 @@ def sltrain(x, a, b, values, indices, scale, impl: str, orders=None,
   tokens = shards.local_tokens(x.size // x.shape[-1])
   d_in, d_out = a.shape[0], b.shape[1]
   if target.platform() == "tpu":
-    bt = 256 if tokens % 256 == 0 else 128
-    why_not = lambda plat: (
-        stk.supported(tokens, d_in, d_out, a.shape[1], indices.shape[0], bt,
-                      x.dtype.itemsize)
-        or stk.padding_problem(d_in, d_out))
+    problem = lambda bt: stk.supported(tokens, d_in, d_out, a.shape[1],
+                                       indices.shape[0], bt, x.dtype.itemsize)
+    # 256-token tiles where they fit the chip's VMEM, else 128 (a v4 core).
+    bt = next((bt for bt in (256, 128) if problem(bt) is None),
+              256 if tokens % 256 == 0 else 128)
+    why_not = lambda plat: problem(bt) or stk.padding_problem(d_in, d_out)
     kernel = functools.partial(stk.sltrain_matmul_tpu, block_tokens=bt)
   else:
     bt = min(block_tokens, tokens)
