@@ -147,11 +147,18 @@ def preset_step_kernels(preset: str, platform: str, n_layers: int,
   return {"calls": r["calls"], "distinct": r["distinct"]}
 
 
-def abstract_mesh(platform: str, n: int):
+def abstract_mesh(platform: str, n: int, kind: str | None = None):
   """A data n x fsdp 1 x tensor 1 mesh of abstract ``platform`` devices
-  ("tpu": a v5e, "cuda": an H100) for cross-lowering a sharded step."""
-  ad = jax.sharding.AbstractDevice(device_kind=DEVICE_KINDS[platform],
+  ("tpu": a v5e, "cuda": an H100; or that platform's ``kind``, "TPU v4"
+  say) for cross-lowering a sharded step."""
+  ad = jax.sharding.AbstractDevice(device_kind=kind or DEVICE_KINDS[platform],
                                    num_cores=1, platform=platform)
   return jax.sharding.AbstractMesh((n, 1, 1), ("data", "fsdp", "tensor"),
                                    (jax.sharding.AxisType.Auto,) * 3,
                                    abstract_device=ad)
+
+
+def on_tpu(kind: str):
+  """Inside, kernels are planned for a TPU of ``kind`` ("TPU v4", ...):
+  ``target.device_kind`` reads the abstract mesh's device."""
+  return jax.sharding.use_abstract_mesh(abstract_mesh("tpu", 1, kind))

@@ -11,7 +11,7 @@ from structmat import ops
 from structmat.kernels import monarch_tpu as mt
 from structmat.kernels import mosaic_tpu
 from structmat.kernels.lowering import cross_lower
-from tests.helpers import (check_kernel, poison_pallas_outputs,
+from tests.helpers import (check_kernel, on_tpu, poison_pallas_outputs,
                            preset_step_kernels)
 
 # (tokens, block_tokens, w1 (k, q, p), w2 (l, s, r))
@@ -175,16 +175,6 @@ def test_backward_form():
                           backward="both", interpret=True)
 
 
-def _on_chip(kind: str):
-  """Build kernels as for a chip of ``kind`` (an abstract TPU device)."""
-  ad = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1,
-                                   platform="tpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",),
-                                   (jax.sharding.AxisType.Explicit,),
-                                   abstract_device=ad)
-  return jax.sharding.use_abstract_mesh(mesh)
-
-
 def test_vmem_budget_follows_the_chip():
   """A TPU v4 core has 16 MiB of VMEM (libtpu's v4 compile of the
   reference shape failed: "Used 20.00M of 16.00M vmem"), a v5p's 64, a
@@ -194,7 +184,7 @@ def test_vmem_budget_follows_the_chip():
   expect = {"TPU v4": (16, 12), "TPU v5": (64, 56), "TPU v5 lite": (64, 56),
             "TPU v6 lite": (64, 56)}
   for kind, (limit, budget) in expect.items():
-    with _on_chip(kind):
+    with on_tpu(kind):
       assert mosaic_tpu.vmem_capacity() >= limit << 20
       assert (mosaic_tpu.vmem_limit(), mosaic_tpu.vmem_budget()) == (
           limit << 20, budget << 20), kind
@@ -202,7 +192,7 @@ def test_vmem_budget_follows_the_chip():
   assert mosaic_tpu.vmem_budget() == 56 << 20
   sixteen = ((16, 256, 256), (16, 256, 256))
   assert mt.fit_block_tokens(16384, *sixteen, 2) == 256
-  with _on_chip("TPU v4"):
+  with on_tpu("TPU v4"):
     assert "budget 12 MiB" in mt.supported(16384, *sixteen, 128, 2)
     # n = 1024 in 4 blocks: 512-token tiles on a v5e, 256 on a v4; 2048 in
     # 4 blocks: 512 and the fused backward, 128 and the split one.

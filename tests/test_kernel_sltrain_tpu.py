@@ -12,7 +12,7 @@ from structmat import ops
 from structmat.kernels import sltrain as sk
 from structmat.kernels import sltrain_tpu as stk
 from structmat.kernels.lowering import cross_lower
-from tests.helpers import (check_kernel, check_orders_skip_the_sort,
+from tests.helpers import (check_kernel, check_orders_skip_the_sort, on_tpu,
                            poison_pallas_outputs, sltrain_inputs as _inputs)
 
 # (tokens, in, out, rank, density, block_tokens)
@@ -200,7 +200,6 @@ def test_tile_shrinks_to_fit_the_chip(monkeypatch):
   else 128: a TPU v4 core (12 MiB budget) runs a 2048-wide float32 layer
   at 128 (256 needs ~14 MiB), a v5e at 256."""
   from structmat.kernels import dispatch, target
-  from tests.test_kernel_monarch_tpu import _on_chip
   seen = []
 
   def fake(x, a, b, v, i, scale, *, block_tokens, orders=None):
@@ -215,6 +214,6 @@ def test_tile_shrinks_to_fit_the_chip(monkeypatch):
           s((nnz,), jnp.int32)]
   call = lambda *a: dispatch.sltrain(*a[:4], a[4], 1.0, "pallas")
   for kind in ("TPU v4", "TPU v5 lite"):
-    with _on_chip(kind), target.targeting("tpu"):
+    with on_tpu(kind), target.targeting("tpu"):
       jax.make_jaxpr(call)(*args)
   assert seen == [128, 256]
