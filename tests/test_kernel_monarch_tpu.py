@@ -64,7 +64,11 @@ SPLIT = {"monarch_tpu_fwd", "monarch_tpu_dx", "monarch_tpu_dw1",
 
 @pytest.mark.parametrize("tokens,bt,s1,s2,dtype,tol",
                          [(*c, jnp.float32, 1e-5) for c in SHAPES]
-                         + [CASES[-1], CASES[-3]])
+                         + [CASES[-1], CASES[-3],
+                            # p = 120 padded to a whole 128 lanes: x's
+                            # blocks are not lane-aligned, dw1 reads all x.
+                            (256, 128, (1, 64, 120), (4, 16, 16),
+                             jnp.float32, 1e-5)])
 def test_split_backward_matches_reference(tokens, bt, s1, s2, dtype, tol,
                                           monkeypatch):
   """The three-kernel backward (for factors whose fused backward exceeds

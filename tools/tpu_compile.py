@@ -181,7 +181,7 @@ def monarch_case(size, nb, tokens, dtype):
   backward = _BACKWARD.value or mt.backward_form(bt, pw1, pw2, it)
   est = {"monarch_tpu_fwd": mt.vmem_estimate(bt, pw1, pw2, it, False),
          "monarch_tpu_bwd": mt.vmem_estimate(bt, pw1, pw2, it, True),
-         **mt.split_vmem_estimates(bt, pw1, pw2, it)}
+         **mt.split_vmem_estimates(bt, pw1, pw2, it, pp != w1[2])}
   fn = functools.partial(mt.monarch_matmul_tpu, block_tokens=bt,
                          backward=backward, interpret=False)
   return (fn, [S((tokens, n_in), dtype), S(w1, dtype), S(w2, dtype)],

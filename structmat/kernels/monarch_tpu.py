@@ -117,15 +117,18 @@ def vmem_estimate(block_tokens: int, w1_shape, w2_shape, itemsize: int,
 
 
 def split_vmem_estimates(block_tokens: int, w1_shape, w2_shape,
-                         itemsize: int) -> dict[str, int]:
+                         itemsize: int, padded: bool = False
+                         ) -> dict[str, int]:
   """``vmem_estimate``'s worst case for each kernel of the split backward,
-  by kernel name. The weight blocks and gradient blocks of dw1 / dw2 move
-  with the grid's first axis, so the pipeline double-buffers them."""
+  by kernel name (``padded``: p was padded, so dw1 reads all of x). The
+  weight blocks and gradient blocks of dw1 / dw2 move with the grid's
+  first axis, so the pipeline double-buffers them."""
   k, q, p = w1_shape
   l, s, r = w2_shape
   n_in, n_mid, n_out = k * p, k * q, l * s
   bt, it, g = block_tokens, itemsize, q // l
-  x_cols = p if p % LANES == 0 else n_in     # dw1 reads its block, or all
+  own = p % LANES == 0 and not padded
+  x_cols = p if own else n_in                # dw1 reads its block, or all
   temps = (LANES * max(n_in, n_out) + bt * max(p, s)) * 4
   dyt = bt * n_out * 4
   return {
@@ -146,12 +149,12 @@ def backward_form(block_tokens: int, w1_shape, w2_shape,
   """"fused" where the one-kernel backward fits the VMEM budget, else
   "split" where the three kernels each do, else None (the factors' shapes;
   estimated as the kernels run them, ``padded_blocks`` applied)."""
-  w1_shape, w2_shape = _padded(w1_shape, w2_shape, itemsize)
+  padded = _padded(w1_shape, w2_shape, itemsize)
   budget = vmem_budget()
-  if vmem_estimate(block_tokens, w1_shape, w2_shape, itemsize,
-                   True) <= budget:
+  if vmem_estimate(block_tokens, *padded, itemsize, True) <= budget:
     return "fused"
-  split = split_vmem_estimates(block_tokens, w1_shape, w2_shape, itemsize)
+  split = split_vmem_estimates(block_tokens, *padded, itemsize,
+                               padded[0] != tuple(w1_shape))
   return "split" if max(split.values()) <= budget else None
 
 
@@ -205,7 +208,8 @@ def supported(tokens: int, w1_shape, w2_shape, block_tokens: int,
                                             w2_shape, itemsize):
     need = max(fwd, min(
         vmem_estimate(block_tokens, pw1, pw2, itemsize, True),
-        max(split_vmem_estimates(block_tokens, pw1, pw2, itemsize).values())))
+        max(split_vmem_estimates(block_tokens, pw1, pw2, itemsize,
+                                 pw1 != tuple(w1_shape)).values())))
     fix = (f"fewer tokens per tile (>= {LANES}) or " if block_tokens > LANES
            else "16-bit activations or " if itemsize > 2 else "")
     return (f"block_tokens={block_tokens} needs ~{need >> 20} MiB of VMEM "
