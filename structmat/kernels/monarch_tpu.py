@@ -395,7 +395,7 @@ def _dw2_kernel(x_ref, dy_ref, w1p_ref, dw2_ref, xt_ref, ht_ref, dyt_ref):
   """dw2[li] over the token tiles, li = program_id(0): w1p_ref holds rows
   li*g..(li+1)*g of every permuted w1 block (k, g, p), so ``_stage1`` gives
   just block li's input (k, g, tile), i.e. (r, tile)."""
-  k, g, pp = w1p_ref.shape
+  k, _, pp = w1p_ref.shape
   _, ss, r = dw2_ref.shape
   l = dyt_ref.shape[1] // ss
   li = pl.program_id(0)
@@ -415,7 +415,7 @@ def _dw1_kernel(x_ref, dy_ref, w2t_ref, dw1p_ref, xt_ref, dyt_ref, dht_ref):
   give block ki's stage-1 gradient (q, tile), l-major as ``ht``. x_ref is
   block ki's columns where they are whole lanes, else every block's."""
   l, g, ss = w2t_ref.shape
-  _, q, pp = dw1p_ref.shape
+  pp = dw1p_ref.shape[2]
   dtype = x_ref.dtype
   ki = pl.program_id(0)
   chunks = lane_chunks(x_ref.shape[0])
